@@ -1,0 +1,39 @@
+# labelpipe: `make demo` and `make test` are the whole set-up on a fresh clone with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the builds that install from this machine's local wheel files.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/labelpipe run stages/demo.yaml --run runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/pseudolabel.py --quick
+	$(BIN)/python benchmarks/contrastive_loss.py
+
+lint: install
+	$(BIN)/ruff check labelpipe tests benchmarks
+	$(BIN)/ruff format --check labelpipe tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from labelpipe.cli import main
+
+main()

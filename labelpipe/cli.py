@@ -1,0 +1,203 @@
+"""The command line: parses options, resolves the config, calls a stage. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from labelpipe.errors import LabelpipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Label-efficient semantic segmentation: pretrain, predict, pseudolabel, selftrain, evaluate.")
+data_app = typer.Typer(no_args_is_help=True, help="Build, look at and check data sets.")
+app.add_typer(data_app, name="data")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Size(str, Enum):
+    tiny = "tiny"
+    default = "default"
+
+
+class Blend(str, Enum):
+    alpha = "alpha"
+    diff = "diff"
+
+
+class Method(str, Enum):
+    threshold = "threshold"
+    cbst = "cbst"
+    dars = "dars"
+    entropy = "entropy"
+    variance = "variance"
+
+
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run directory.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+DeviceOpt = Annotated[Device | None, typer.Option("--device", help="auto, cpu or cuda.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A YAML recipe (see stages/).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config value: KEY.PATH=VALUE.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
+ProtocolOpt = Annotated[str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")]
+DEFAULT_RUN = Path("runs/default")
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v.value if isinstance(v, Enum) else v
+    return out
+
+
+def _resolve(run: Path, config: Path | None, sets: list[str] | None, **overrides: Any):
+    from labelpipe.config import resolve_config
+    from labelpipe.runtime import setup
+
+    cfg = resolve_config(run, config, _drop_none(overrides), sets)
+    return cfg, setup(cfg.device)
+
+
+@app.command()
+def pretrain(
+    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="resnet18/34/50/101 or mobilenet_v3_large.")] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(help="A torchvision state dict for the backbone.")] = None,
+) -> None:
+    """Supervised training on the labeled (or source) split."""
+    from labelpipe.stages.pretrain import run_pretrain
+
+    cfg, rt = _resolve(run, config, set_, seed=seed, device=device,
+                       data={"root": data, "protocol": protocol},
+                       train={"steps": steps, "batch_size": batch_size},
+                       model={"backbone": backbone, "backbone_weights": backbone_weights})
+    run_pretrain(cfg, run, rt, force=force)
+
+
+@app.command()
+def evaluate(
+    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None, protocol: ProtocolOpt = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")] = None,
+    model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
+) -> None:
+    """mIoU, per-class IoU, calibration and plots of a run's model."""
+    from labelpipe.stages.evaluate import run_evaluate
+
+    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
+                       evaluate={"split": split, "model": model})
+    run_evaluate(cfg, run, rt)
+
+
+@app.command()
+def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN) -> None:
+    """What each stage of a run has done, from its manifests."""
+    from labelpipe.stages.status import show_status
+
+    show_status(run)
+
+
+@app.command(name="run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe from stages/.")],
+    run: RunOpt = DEFAULT_RUN, device: DeviceOpt = None, seed: SeedOpt = None, set_: SetOpt = None,
+) -> None:
+    """Run a whole recipe (its `pipeline:` list), skipping stages that are up to date."""
+    from labelpipe.stages.pipeline import run_pipeline
+
+    cfg, rt = _resolve(run, recipe, set_, seed=seed, device=device)
+    run_pipeline(cfg, run, rt)
+
+
+@data_app.command("build")
+def data_build(
+    name: Annotated[str, typer.Argument(help="Only 'digitscapes' is built in.")] = "digitscapes",
+    root: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache).")] = None,
+    seed: int = 0, size: Size = Size.default, blend: Blend = Blend.alpha,
+) -> None:
+    """Build the embedded DigitScapes data set (real digits on real photos)."""
+    if name != "digitscapes":
+        raise LabelpipeError(f"data build {name}: unknown data set; only 'digitscapes' can be built")
+    from labelpipe.config import DataConfig
+    from labelpipe.data.digitscapes import build_digitscapes
+
+    if root is None:
+        root = DataConfig(digitscapes={"seed": seed, "size": size.value, "blend": blend.value}).resolved_root()
+    out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value)
+    print(f"DigitScapes ({size.value}, blend={blend.value}, seed={seed}) at {out}")
+
+
+@data_app.command("show")
+def data_show(
+    root: Annotated[Path, typer.Argument(help="Data set root.")],
+    split: Annotated[str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: ROOT/montage-<split>.png).")] = None,
+    n: int = 16, kind: Annotated[str | None, typer.Option(help="Data set kind (default: detected).")] = None,
+) -> None:
+    """Write a montage PNG of images next to their masks."""
+    from labelpipe.data.montage import write_montage
+    from labelpipe.data.registry import open_dataset
+
+    source = open_dataset(root, kind)
+    split = split or source.protocol(None)["labeled"]
+    path = write_montage(source, split, out or root / f"montage-{split}.png", n=n)
+    print(f"wrote {path}")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Data set root.")],
+    kind: Annotated[str | None, typer.Option(help="folder, cityscapes, voc, gta5, synthia (default: detected).")] = None,
+) -> None:
+    """Counts, class histogram and problems of a data set, in one pass."""
+    from labelpipe.data.registry import open_dataset
+    from labelpipe.stages.data_report import print_check
+
+    print_check(open_dataset(root, kind))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors on stderr, exit 2 for bad input or usage (``--debug``: traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="labelpipe", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        hint = f" (see labelpipe {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "labelpipe" else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except LabelpipeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

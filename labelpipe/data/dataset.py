@@ -1,0 +1,129 @@
+"""torch Datasets over :class:`~labelpipe.data.base.SampleRef` lists, and the step sampler.
+
+Training is counted in steps, not epochs. :class:`StepBatchSampler` maps a global step to the
+batch it trains on: sample position ``k = step * batch + j`` falls in epoch ``k // n``, whose
+order is a permutation seeded by (seed, epoch). Each item carries its own augmentation seed.
+A resumed run therefore sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+
+from labelpipe.data.base import DatasetSource, SampleRef, read_pair
+from labelpipe.data.transforms import to_model_input
+
+MIX = 0x9E3779B1
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    return (seed * 1_000_003 + epoch * MIX + position * 7919) % (2**63 - 1)
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for steps ``start .. total-1``, a batch of ``(dataset_index, augmentation_seed)``.
+
+    Under DDP each rank takes its ``rank::world`` share of every global batch.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.total, self.rank, self.world = start, total, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                item_seed(self.seed, epoch, 0)))}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        out = []
+        for j in range(self.rank, self.batch_size, self.world):
+            k = step * self.batch_size + j
+            epoch, pos = divmod(k, self.n)
+            out.append((int(self._perm(epoch)[pos]), item_seed(self.seed, epoch, pos)))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+class SegmentationDataset(Dataset):
+    """Image (normalised float32, 3 x H x W), mask (int64, H x W, 255 ignore) and id.
+
+    ``transform`` is a ``transforms.v2`` pipeline over ``(tv_tensors.Image, tv_tensors.Mask)``;
+    ``photometric`` (optional) is applied to the image only, after it. Items are keyed by an
+    int (no augmentation) or ``(index, seed)`` (augmentation seeded per sample).
+    """
+
+    def __init__(
+        self,
+        source: DatasetSource,
+        samples: list[SampleRef],
+        transform: Callable | None = None,
+        photometric: Callable | None = None,
+        require_masks: bool = True,
+        masks: Callable[[int], np.ndarray | None] | None = None,
+    ) -> None:
+        self.source, self.samples = source, samples
+        self.transform, self.photometric = transform, photometric
+        self.require_masks = require_masks
+        self.masks = masks  # overrides the on-disk masks (pseudo-labels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        sample = self.samples[index]
+        image, mask = read_pair(sample, self.source.num_classes, self.source.decode_mask, self.source.ignore_index)
+        if self.masks is not None:
+            mask = self.masks(index)
+        if mask is None:
+            if self.require_masks:
+                from labelpipe.errors import LabelpipeError
+
+                raise LabelpipeError(f"{sample.image}: no mask for this image; a labeled split needs masks")
+            mask = np.full(image.shape[:2], 255, np.uint8)
+        return (
+            tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))),
+        )
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = (key, None) if isinstance(key, int) else key
+        image, mask = self.load(index)
+        if seed is not None and (self.transform is not None or self.photometric is not None):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if self.transform is not None:
+                    image, mask = self.transform(image, mask)
+                if self.photometric is not None:
+                    image = self.photometric(image)
+        return {
+            "image": to_model_input(image.as_subclass(torch.Tensor)),
+            "mask": mask.as_subclass(torch.Tensor).long(),
+            "index": index,
+            "id": self.samples[index].id,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack same-size items; keep lists where sizes differ (sliding-window eval handles those)."""
+    out: dict = {"index": torch.tensor([it["index"] for it in items]), "id": [it["id"] for it in items]}
+    for key in ("image", "mask"):
+        tensors = [it[key] for it in items]
+        same = all(t.shape == tensors[0].shape for t in tensors)
+        out[key] = torch.stack(tensors) if same else tensors
+    return out

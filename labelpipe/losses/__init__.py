@@ -1,0 +1,32 @@
+"""Training losses: pure torch, tensors in, scalar tensors out (ALGORITHMS.md section 3)."""
+
+from labelpipe.losses.contrastive import (
+    MemoryBank,
+    PrototypeBank,
+    anchor_masks,
+    batch_prototypes,
+    class_ranks,
+    contrastive_loss,
+    denoise_pseudo_labels,
+    negative_masks,
+    u2pl_contrastive,
+)
+from labelpipe.losses.rectified import prediction_variance, rectified_loss
+from labelpipe.losses.sce import masked_ce, symmetric_ce, unsupervised_ce_weight
+
+__all__ = [
+    "MemoryBank",
+    "PrototypeBank",
+    "anchor_masks",
+    "batch_prototypes",
+    "class_ranks",
+    "contrastive_loss",
+    "denoise_pseudo_labels",
+    "masked_ce",
+    "negative_masks",
+    "prediction_variance",
+    "rectified_loss",
+    "symmetric_ce",
+    "u2pl_contrastive",
+    "unsupervised_ce_weight",
+]

@@ -1,0 +1,398 @@
+"""U2PL / U2PL+ pixel contrastive loss with per-class negative queues (U2PL+ Eq. 10, 15-28, Algorithm 1).
+
+All pixel tensors are flattened: features (P, D), teacher probabilities (P, C), labels (P,) long,
+flags (P,) bool. The caller resizes labels to the feature resolution and flattens labeled and
+unlabeled images into one pixel axis, with ``is_labeled`` telling them apart. ``labels`` holds the
+ground truth on labeled pixels and the (denoised) pseudo-label on unlabeled pixels; ``reliable``
+(the entropy split, Eq. 12) only matters on unlabeled pixels.
+
+- anchors of class c (student features, with gradient; Eq. 21-23): labeled pixels with ``y = c`` and
+  teacher ``p_c > 0.3``; unlabeled reliable pixels with pseudo-label c and ``p_c > 0.3``.
+- positive key (Eq. 24): the class prototype, the momentum mean of teacher features (Eq. 15-18).
+- negative keys of class c (teacher features, no gradient; Eq. 25-28), with ``rank`` the position of c
+  in the pixel's classes sorted by descending probability (0 = most probable):
+  labeled pixels with ``y != c`` (and not ignored) and ``rank < r_l``;
+  unlabeled *unreliable* pixels with ``r_l <= rank < min(r_h, C)``, whatever their pseudo-label.
+  They are pushed into class c's own FIFO queue, from which N keys per anchor are drawn.
+- ``loss_c = CE([<a, z+>, <a, z-_1..N>] / tau, target 0)`` with cosine similarities, averaged over
+  anchors and classes (Eq. 10).
+
+Unlike the authors' code: one-hot labels cover every image of the batch; the labeled-negative rule
+only asks ``y != c``; the unlabeled-negative rule does not ask for pseudo-label c; and the negatives of
+class c always come from class c's own queue (a class without a queue or prototype is skipped).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype=None
+) -> Tensor:
+    """Uniform [0, 1) draws from ``generator`` (on its own device), moved to ``device``."""
+    draw_device = generator.device if generator is not None else device
+    dtype = dtype or torch.float32
+    return torch.rand(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+    """(..., M) InfoNCE of unit vectors.
+
+    anchors (..., M, D), positive broadcastable to anchors, negatives (..., M, N, D).
+    """
+    positive_sim = (anchors * positive).sum(dim=-1, keepdim=True)
+    negative_sim = torch.matmul(negatives, anchors.unsqueeze(-1)).squeeze(-1)
+    logits = torch.cat([positive_sim, negative_sim], dim=-1) / temperature
+    return torch.logsumexp(logits, dim=-1) - logits[..., 0]
+
+
+def contrastive_loss(
+    anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.5
+) -> Tensor:
+    """Scalar InfoNCE (U2PL+ Eq. 10) with cosine similarities, the positive at index 0, mean over anchors.
+
+    anchors (M, D), positive (D,) or (M, D), negatives (M, N, D). Every input is L2-normalised here;
+    gradient flows into whichever inputs require it (callers detach the keys). 0 when M = 0.
+    """
+    if anchors.shape[0] == 0:
+        return anchors.sum() * 0.0
+    a = F.normalize(anchors.float(), dim=-1)
+    pos = F.normalize(positive.float(), dim=-1)
+    neg = F.normalize(negatives.float(), dim=-1)
+    return _info_nce_per_anchor(a, pos, neg, temperature).mean()
+
+
+class MemoryBank:
+    """Per-class FIFO queues of features in one preallocated ring buffer.
+
+    ``feats`` (C, capacity, D), ``ptr`` (C,) next write slot, ``count`` (C,) filled slots; all on
+    ``device``. Slots ``[0, count)`` are always the filled ones. Memory: C * capacity * D * 4 bytes in
+    float32 (19 x 30,000 x 256 = 584 MB); pass ``dtype=torch.float16`` to halve it.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        capacity: int = 30000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.capacity = capacity
+        self.feats = torch.zeros(num_classes, capacity, dim, device=device, dtype=dtype)
+        self.ptr = torch.zeros(num_classes, dtype=torch.long, device=self.feats.device)
+        self.count = torch.zeros(num_classes, dtype=torch.long, device=self.feats.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.feats.device
+
+    def push(self, class_ids: int | Tensor, feats: Tensor) -> None:
+        """Append feats (K, D) to the queue of ``class_ids`` (an int, or (K,) one class per row).
+
+        Rows of one class keep their order; the newest overwrite the oldest, and when a class gets
+        more than ``capacity`` rows only its last ``capacity`` are kept. Stored detached.
+        """
+        feats = feats.detach().to(device=self.device, dtype=self.feats.dtype)
+        n = feats.shape[0]
+        if isinstance(class_ids, int):
+            class_ids = torch.full((n,), class_ids, dtype=torch.long, device=self.device)
+        class_ids = class_ids.to(device=self.device, dtype=torch.long).reshape(-1)
+        if class_ids.shape[0] != n or feats.dim() != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"push needs feats (K, {self.dim}) and K class ids; got {tuple(feats.shape)}")
+        if n == 0:
+            return
+        if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes:
+            raise ValueError(f"class ids must lie in [0, {self.num_classes})")
+        order = torch.argsort(class_ids, stable=True)
+        classes, feats = class_ids[order], feats[order]
+        per_class = torch.bincount(classes, minlength=self.num_classes)
+        group_start = torch.cumsum(per_class, 0) - per_class
+        rank_in_class = torch.arange(n, device=self.device) - group_start[classes]
+        keep = rank_in_class >= (per_class - self.capacity)[classes]
+        # The kept rows of a class are at most `capacity` consecutive ranks: distinct slots mod capacity.
+        slots = (self.ptr[classes] + rank_in_class) % self.capacity
+        self.feats[classes[keep], slots[keep]] = feats[keep]
+        self.ptr = (self.ptr + per_class) % self.capacity
+        self.count = torch.clamp(self.count + per_class, max=self.capacity)
+
+    def size(self, class_id: int) -> int:
+        return int(self.count[class_id])
+
+    def get(self, class_id: int) -> Tensor:
+        """(size, D) the queue of ``class_id`` from oldest to newest."""
+        count = self.count[class_id]
+        idx = (self.ptr[class_id] - count + torch.arange(int(count), device=self.device)) % self.capacity
+        return self.feats[class_id, idx]
+
+    def sample(self, class_id: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n, D) drawn uniformly with replacement from the queue of ``class_id`` (must be non-empty)."""
+        count = self.size(class_id)
+        if count == 0:
+            raise ValueError(f"the queue of class {class_id} is empty")
+        return self.sample_many(torch.tensor([class_id], device=self.device), n, generator)[0]
+
+    def sample_many(self, classes: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(K, n, D): n draws with replacement from each queue of ``classes`` (K,); zeros for empty queues."""
+        classes = classes.to(device=self.device, dtype=torch.long)
+        count = self.count[classes]
+        # float64 draws: floor(u * count) is uniform on [0, count) up to 2^-53.
+        u = _rand((classes.shape[0], n), generator, self.device, torch.float64)
+        idx = torch.minimum((u * count[:, None]).long(), (count - 1).clamp_min(0)[:, None])
+        out = self.feats[classes[:, None], idx]
+        return out * (count > 0)[:, None, None].to(out.dtype)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Only the filled prefix of the buffer is saved (slots past every class's count are zeros)."""
+        filled = int(self.count.max()) if self.num_classes else 0
+        return {"feats": self.feats[:, :filled].clone(), "ptr": self.ptr.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        feats = state["feats"]
+        if feats.shape[0] != self.num_classes or feats.shape[2] != self.dim or feats.shape[1] > self.capacity:
+            raise ValueError(
+                f"memory bank state {tuple(feats.shape)} does not fit ({self.num_classes}, "
+                f"{self.capacity}, {self.dim})"
+            )
+        self.feats.zero_()
+        self.feats[:, : feats.shape[1]] = feats.to(device=self.device, dtype=self.feats.dtype)
+        self.ptr.copy_(state["ptr"])
+        self.count.copy_(state["count"])
+
+
+def batch_prototypes(
+    feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255
+) -> tuple[Tensor, Tensor]:
+    """Per-class means of feats (P, D) over labels (P,) (Eq. 15): ((C, D) float32, (C,) bool present)."""
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    weights = valid.to(torch.float32)
+    sums = torch.zeros(num_classes, feats.shape[1], device=feats.device, dtype=torch.float32)
+    sums.index_add_(0, safe_labels, feats.detach().float() * weights[:, None])
+    counts = torch.zeros(num_classes, device=feats.device, dtype=torch.float32)
+    counts.index_add_(0, safe_labels, weights)
+    return sums / counts.clamp_min(1)[:, None], counts > 0
+
+
+class PrototypeBank:
+    """Class prototypes ``z_c`` (C, D) float32, momentum-updated (U2PL+ Eq. 18), with a ``seen`` flag.
+
+    ``z_c <- m z_c + (1 - m) mean_batch(c)`` for classes in the batch; a class's first batch mean
+    initialises it. ``momentum=0`` gives U2PL's batch-mean prototypes.
+    """
+
+    def __init__(
+        self, num_classes: int, dim: int, momentum: float = 0.999, device: torch.device | str | None = None
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.prototypes = torch.zeros(num_classes, dim, device=device, dtype=torch.float32)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=self.prototypes.device)
+
+    @torch.no_grad()
+    def update(self, feats: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+        """Fold in the batch means of feats (P, D) per label (P,); returns the (C,) classes present."""
+        means, present = batch_prototypes(feats, labels.to(feats.device), self.num_classes, ignore_index)
+        blended = self.momentum * self.prototypes + (1.0 - self.momentum) * means
+        updated = torch.where(self.seen[:, None], blended, means)
+        self.prototypes = torch.where(present[:, None], updated, self.prototypes)
+        self.seen = self.seen | present
+        return present
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"prototypes": self.prototypes.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state["prototypes"].shape != self.prototypes.shape:
+            raise ValueError(
+                f"prototype state {tuple(state['prototypes'].shape)} != {tuple(self.prototypes.shape)}"
+            )
+        self.prototypes = state["prototypes"].to(self.prototypes.device, torch.float32).clone()
+        self.seen = state["seen"].to(self.seen.device, torch.bool).clone()
+
+
+def class_ranks(probs: Tensor) -> Tensor:
+    """(P, C) long: rank[p, c] = position of class c in pixel p's descending probabilities (0 = top).
+
+    Ties keep the lower class index first (stable sort).
+    """
+    order = torch.argsort(probs, dim=1, descending=True, stable=True)
+    positions = torch.arange(probs.shape[1], device=probs.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def negative_masks(
+    probs: Tensor,
+    labels: Tensor,
+    is_labeled: Tensor,
+    reliable: Tensor,
+    r_l: int = 3,
+    r_h: int = 20,
+    ignore_index: int = 255,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """(C, P) bool: pixel p is a negative key of class c (U2PL+ Eq. 25-27), ``r_h`` clipped to C.
+
+    probs (P, C) teacher probabilities; labels (P,); is_labeled, reliable, valid (P,) bool
+    (``valid`` = False removes a pixel, e.g. crop padding; default all valid).
+    """
+    num_classes = probs.shape[1]
+    r_h = min(r_h, num_classes)
+    rank = class_ranks(probs)
+    classes = torch.arange(num_classes, device=probs.device)
+    annotated = is_labeled & (labels != ignore_index)
+    labeled_neg = annotated[:, None] & (labels[:, None] != classes[None, :]) & (rank < r_l)
+    unlabeled_neg = (~is_labeled & ~reliable)[:, None] & (rank >= r_l) & (rank < r_h)
+    negatives = labeled_neg | unlabeled_neg
+    if valid is not None:
+        negatives = negatives & valid[:, None]
+    return negatives.T
+
+
+def anchor_masks(
+    probs: Tensor,
+    labels: Tensor,
+    is_labeled: Tensor,
+    reliable: Tensor,
+    pseudo: Tensor,
+    threshold: float = 0.3,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """(C, P) bool: pixel p is an anchor candidate of class c (U2PL+ Eq. 21-23).
+
+    Labeled pixels with ``labels = c`` and ``probs[:, c] > threshold``; unlabeled reliable pixels with
+    ``pseudo = c`` and ``probs[:, c] > threshold``. probs (P, C); labels, pseudo (P,); flags (P,) bool.
+    """
+    num_classes = probs.shape[1]
+    target = torch.where(is_labeled, labels, torch.where(reliable, pseudo, torch.full_like(pseudo, -1)))
+    if valid is not None:
+        target = torch.where(valid, target, torch.full_like(target, -1))
+    classes = torch.arange(num_classes, device=probs.device)
+    return ((target[:, None] == classes[None, :]) & (probs > threshold)).T
+
+
+def _sample_anchor_indices(candidates: Tensor, num_anchors: int, generator: torch.Generator | None) -> Tensor:
+    """(K, M) pixel indices from candidates (K, P) bool (each row non-empty).
+
+    Without replacement where a row has at least M candidates, with replacement otherwise.
+    """
+    k_rows, num_pixels = candidates.shape
+    device = candidates.device
+    keys = _rand((k_rows, num_pixels), generator, device).masked_fill(~candidates, 2.0)
+    # The candidates of a row, in random order, come first; a row with < M candidates has all of them here.
+    shuffled = keys.topk(min(num_anchors, num_pixels), dim=1, largest=False).indices
+    counts = candidates.sum(dim=1)
+    u = _rand((k_rows, num_anchors), generator, device, torch.float64)
+    with_replacement = torch.minimum((u * counts[:, None]).long(), (counts - 1)[:, None])
+    first_m = torch.arange(num_anchors, device=device).expand(k_rows, num_anchors)
+    positions = torch.where(counts[:, None] >= num_anchors, first_m, with_replacement)
+    return shuffled.gather(1, positions.clamp_max(shuffled.shape[1] - 1))
+
+
+def u2pl_contrastive(
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    teacher_probs: Tensor,
+    labels: Tensor,
+    is_labeled: Tensor,
+    reliable: Tensor,
+    memory: MemoryBank,
+    prototypes: PrototypeBank,
+    num_anchors: int = 256,
+    num_negatives: int = 50,
+    temperature: float = 0.5,
+    r_l: int = 3,
+    r_h: int = 20,
+    generator: torch.Generator | None = None,
+    anchor_threshold: float = 0.3,
+    update_prototypes: bool = True,
+    valid: Tensor | None = None,
+    ignore_index: int = 255,
+) -> tuple[Tensor, dict[str, int]]:
+    """The U2PL+ contrastive loss of one batch (Algorithm 1); see the module docstring.
+
+    student_feats (P, D) with gradient; teacher_feats (P, D) and teacher_probs (P, C) are detached
+    here; labels (P,) long (ground truth on labeled pixels, pseudo-label on unlabeled ones);
+    is_labeled, reliable (P,) bool. Steps: (1) with ``update_prototypes``, fold the batch means of the
+    teacher features of labeled and reliable pixels into ``prototypes`` (Eq. 15-18); (2) push every
+    class's negatives (unit-normalised teacher features) into its own queue of ``memory``; (3) for each
+    class with anchors, a non-empty queue and a prototype, sample M anchors, draw N negatives per
+    anchor from that class's queue, and take the prototype as the positive; (4) average the InfoNCE
+    over anchors and classes. Returns (loss, stats); loss is a grad-safe 0 when no class qualifies.
+    """
+    device = student_feats.device
+    t_feats = teacher_feats.detach()
+    probs = teacher_probs.detach().float()
+    labels = labels.to(device=device, dtype=torch.long)
+    is_labeled = is_labeled.to(device=device, dtype=torch.bool)
+    reliable = reliable.to(device=device, dtype=torch.bool)
+
+    if update_prototypes:
+        keep = is_labeled | reliable
+        if valid is not None:
+            keep = keep & valid
+        prototypes.update(
+            t_feats, torch.where(keep, labels, torch.full_like(labels, ignore_index)), ignore_index
+        )
+
+    negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
+    neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
+    memory.push(neg_class, F.normalize(t_feats[neg_pixel].float(), dim=1))
+
+    anchors = anchor_masks(probs, labels, is_labeled, reliable, labels, anchor_threshold, valid)
+    candidates_per_class = anchors.sum(dim=1)
+    usable = (candidates_per_class > 0) & (memory.count > 0) & prototypes.seen.to(device)
+    classes = usable.nonzero().squeeze(1)
+    stats = {
+        "classes": int(classes.numel()),
+        "anchor_candidates": int(candidates_per_class.sum()),
+        "negatives_pushed": int(neg_class.numel()),
+    }
+    if classes.numel() == 0 or num_anchors == 0:
+        return student_feats.sum() * 0.0, stats
+
+    k = classes.numel()
+    anchor_pixels = _sample_anchor_indices(anchors[classes], num_anchors, generator)
+    anchor_feats = F.normalize(student_feats[anchor_pixels].float(), dim=-1)
+    positive = F.normalize(prototypes.prototypes.to(device)[classes], dim=-1)[:, None, :]
+    # The queues hold unit vectors (pushed normalised above): no second normalisation of K*M*N keys.
+    negative_keys = memory.sample_many(classes, num_anchors * num_negatives, generator).float()
+    negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
+    loss = _info_nce_per_anchor(anchor_feats, positive, negative_keys, temperature).mean()
+    return loss, stats
+
+
+def denoise_pseudo_labels(probs: Tensor, feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:
+    """U2PL+ prototypical denoising (Eq. 19-20): ``argmax_c w_c p_c``, ``w = softmax_c(-||z - z_c||)``.
+
+    probs (P, C) and feats (P, D), or (B, C, H, W) and (B, D, H, W) at the same resolution; returns
+    (P,) or (B, H, W) long. Features and prototypes are L2-normalised first, so distances lie in
+    [0, 2]. A class without a prototype (``seen`` False) gets the distance sqrt(2) of an orthogonal
+    one: neither favoured nor excluded.
+    """
+    if isinstance(prototypes, PrototypeBank):
+        centers, seen = prototypes.prototypes, prototypes.seen
+    else:
+        centers = prototypes
+        seen = torch.ones(centers.shape[0], dtype=torch.bool, device=centers.device)
+    spatial = probs.dim() == 4
+    if spatial:
+        b, c, h, w = probs.shape
+        probs = probs.permute(0, 2, 3, 1).reshape(-1, c)
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    z = F.normalize(feats.detach().float(), dim=1)
+    zc = F.normalize(centers.to(z.device).float(), dim=1)
+    distance = (2.0 - 2.0 * z @ zc.T).clamp_min(0.0).sqrt()
+    distance = torch.where(seen.to(z.device)[None, :], distance, torch.full_like(distance, 2.0**0.5))
+    weights = torch.softmax(-distance, dim=1)
+    labels = (weights * probs.detach().float()).argmax(dim=1)
+    return labels.view(b, h, w) if spatial else labels

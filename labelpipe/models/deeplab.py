@@ -1,0 +1,97 @@
+"""DeepLabv3+ with the three heads labelpipe's losses need.
+
+``forward`` returns a :class:`SegmentationOutput`:
+- ``main`` (B, C, H, W) logits at the input size, from the decoder (the prediction);
+- ``aux`` (B, C, H, W) logits at the input size, from the stride-16 backbone features: the
+  second classifier whose disagreement with ``main`` is the prediction variance (seed 000);
+- ``rep`` (B, D, H/4, W/4) representation for the contrastive loss (U2PL+).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labelpipe.models.backbones import build_backbone
+
+
+class SegmentationOutput(NamedTuple):
+    main: torch.Tensor
+    aux: torch.Tensor
+    rep: torch.Tensor
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3, and image pooling branches."""
+
+    def __init__(self, cin: int, cout: int, rates: tuple[int, ...]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
+        )
+        # No BatchNorm on the pooled branch: a 1x1 map has one value per channel, which breaks
+        # BN's training statistics at batch size 1.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
+        return self.project(torch.cat(outs, dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        output_stride: int = 16,
+        aspp_rates: tuple[int, ...] = (6, 12, 18),
+        decoder_channels: int = 256,
+        rep_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = build_backbone(backbone, output_stride)
+        ch = self.backbone.channels
+        self.aspp = ASPP(ch["high"], decoder_channels, tuple(aspp_rates))
+        self.reduce_low = conv_bn_relu(ch["low"], 48, 1)
+        self.fuse = nn.Sequential(
+            conv_bn_relu(decoder_channels + 48, decoder_channels),
+            conv_bn_relu(decoder_channels, decoder_channels),
+        )
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        self.aux_classifier = nn.Sequential(
+            conv_bn_relu(ch["mid"], 256), nn.Dropout(0.1), nn.Conv2d(256, num_classes, 1)
+        )
+        self.representation = nn.Sequential(
+            conv_bn_relu(decoder_channels, 256), conv_bn_relu(256, rep_dim, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> SegmentationOutput:
+        size = x.shape[-2:]
+        feats = self.backbone(x)
+        low = self.reduce_low(feats["low"])
+        high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        decoded = self.fuse(torch.cat([high, low], dim=1))
+        main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
+        return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded))
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, decoder and head parameters): the latter train at 10x the LR."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]

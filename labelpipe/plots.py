@@ -1,0 +1,109 @@
+"""matplotlib (Agg) figures for reports: written atomically, never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from labelpipe.store.atomic import atomic_path  # noqa: E402
+
+
+def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8; ignored pixels white."""
+    lut = np.full((256, 3), 255, np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)
+    lut[ignore_index] = (255, 255, 255)
+    return lut[mask]
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def per_class_bars(values: dict[str, float | None], path: Path, title: str, ylabel: str = "IoU") -> Path:
+    names = list(values)
+    heights = [v if v is not None else 0.0 for v in values.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 3.5))
+    ax.bar(range(len(names)), heights, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return save(fig, path)
+
+
+def confusion(conf: np.ndarray, names: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrix (rows: ground truth)."""
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 2, 0.45 * len(names) + 1.5))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return save(fig, path)
+
+
+def image_grid(rows: list[list[np.ndarray]], titles: list[str], path: Path, row_labels: list[str] | None = None) -> Path:
+    """A grid of RGB images: one row per sample, one column per title."""
+    n_rows, n_cols = len(rows), len(titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.8 * n_cols, 1.8 * n_rows), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+            if c == 0 and row_labels:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+    return save(fig, path)
+
+
+def reliability(bin_conf: list[float], bin_acc: list[float], bin_count: list[int], path: Path, title: str) -> Path:
+    n = len(bin_conf)
+    centers = (np.arange(n) + 0.5) / n
+    fig, ax = plt.subplots(figsize=(3.8, 3.6))
+    has = np.asarray(bin_count) > 0
+    ax.bar(centers[has], np.asarray(bin_acc)[has], width=1 / n, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def histograms(series: dict[str, np.ndarray], path: Path, bins: int = 50) -> Path:
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], series.items()):
+        ax.hist(values.astype(np.float32), bins=bins, color="tab:gray")
+        ax.set_title(name)
+        ax.set_yscale("log")
+    return save(fig, path)
+
+
+def class_distributions(dists: dict[str, np.ndarray], names: list[str], path: Path, title: str) -> Path:
+    """Side-by-side bars of class distributions (DARS Figure 1: prior vs pseudo-labels vs truth)."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
+    width = 0.8 / len(dists)
+    x = np.arange(len(names))
+    for i, (label, d) in enumerate(dists.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, d, width=width, label=label)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("fraction of pixels")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save(fig, path)

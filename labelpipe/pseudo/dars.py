@@ -1,0 +1,149 @@
+"""DARS: distribution alignment and random sampling (seed 002, Algorithm 1; ALGORITHMS.md section 2).
+
+Algorithm 1, line 2 (distribution alignment, Eq. 3-4): with P unlabeled pixels, labeled class prior
+``r_c`` and labeling ratio ``alpha``, the target count of class c is ``n_c = floor(alpha * r_c * P)``
+and its threshold ``t_c`` is the ``n_c``-th largest confidence among the pixels predicted c (the smallest
+of them when fewer than ``n_c`` are predicted c, so that all are kept). This closed form is the argmin of
+the paper's KL objective under the labeling ratio; no optimiser is needed.
+
+Line 3: the candidates of class c are the pixels predicted c with ``conf >= t_c``; there are
+``m_c >= n_c`` of them when confidences tie at ``t_c`` (float16 saturates near 1.0).
+
+Lines 5-6 (random sampling): ``s_c = min(1, n_c / m_c)``, and each candidate is kept with probability
+``s_c``, so that ``n_c`` pixels of class c are kept in expectation whenever ``m_c >= n_c``.
+
+Degenerate classes (no pixel predicted c, or ``n_c = 0``) get ``t_c = 1.0`` and ``s_c = 0``: nothing kept.
+
+Randomness contract (so that streaming equals in-memory): :func:`dars_pseudo_labels` draws
+``u = rng.random(N)`` for *every* pixel in order, candidates or not, and keeps a candidate where
+``u < s_c``. Since ``Generator.random(n1)`` then ``random(n2)`` equals ``random(n1 + n2)``, labelling
+images one by one with one generator gives the labels of a single call on their concatenation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.validation import (
+    IGNORE_LABEL,
+    class_prior,
+    flat_float16,
+    flat_labels,
+    labeling_ratio,
+    labels_below,
+    same_length,
+)
+
+DEGENERATE_THRESHOLD = 1.0
+
+
+def dars_target_counts(prior: np.ndarray, alpha: float, n_pixels: int) -> np.ndarray:
+    """(C,) int64 target counts ``n_c = floor(alpha * r_c * P)`` (Algorithm 1, line 2)."""
+    prior = class_prior(prior)
+    alpha = labeling_ratio(alpha)
+    if n_pixels < 0:
+        raise ValueError(f"n_pixels must be >= 0, got {n_pixels}")
+    return np.floor(alpha * prior * float(n_pixels)).astype(np.int64)
+
+
+def _align_and_sample(
+    target: int,
+    class_count: int,
+    kth_largest: Callable[[int], float],
+    count_at_least: Callable[[float], int],
+) -> tuple[float, float]:
+    """Threshold and sampling ratio of one class, from its order statistics (shared by both paths)."""
+    if class_count == 0 or target == 0:
+        return DEGENERATE_THRESHOLD, 0.0
+    threshold = kth_largest(min(target, class_count))
+    candidates = count_at_least(threshold)
+    return threshold, min(1.0, target / candidates)
+
+
+def dars_thresholds(
+    label: np.ndarray, conf: np.ndarray, prior: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """DARS thresholds from the predictions in memory.
+
+    label: (N,) uint8 predicted classes (< C); conf: (N,) float16 confidences; prior: (C,) labeled class
+    fractions summing to 1; alpha: labeling ratio in (0, 1]. Returns ``(thresholds, sampling_ratio)``,
+    both (C,) float64 (thresholds are float16 values).
+    """
+    label = flat_labels(label)
+    conf = flat_float16(conf, "conf")
+    same_length(label, conf, "label", "conf")
+    targets = dars_target_counts(prior, alpha, label.size)
+    num_classes = targets.size
+    labels_below(label, num_classes)
+    thresholds = np.empty(num_classes)
+    sampling_ratio = np.empty(num_classes)
+    for c in range(num_classes):
+        class_conf = conf[label == c]
+
+        def kth_largest(k: int, values: np.ndarray = class_conf) -> float:
+            return float(np.partition(values, values.size - k)[values.size - k])
+
+        def count_at_least(t: float, values: np.ndarray = class_conf) -> int:
+            return int(np.count_nonzero(values >= np.float64(t)))
+
+        thresholds[c], sampling_ratio[c] = _align_and_sample(
+            int(targets[c]), class_conf.size, kth_largest, count_at_least
+        )
+    return thresholds, sampling_ratio
+
+
+def dars_thresholds_from_histogram(
+    hist: Float16Histogram, prior: np.ndarray, alpha: float, n_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same ``(thresholds, sampling_ratio)`` as :func:`dars_thresholds`, from a per-class histogram
+    of the confidences (one streaming pass). ``n_pixels`` is P, normally ``hist.total()``."""
+    targets = dars_target_counts(prior, alpha, n_pixels)
+    if targets.size != hist.num_classes:
+        raise ValueError(f"prior has {targets.size} classes but the histogram has {hist.num_classes}")
+    thresholds = np.empty(hist.num_classes)
+    sampling_ratio = np.empty(hist.num_classes)
+    for c, class_count in enumerate(hist.class_counts()):
+        thresholds[c], sampling_ratio[c] = _align_and_sample(
+            int(targets[c]),
+            int(class_count),
+            lambda k, c=c: hist.kth_largest(c, k),
+            lambda t, c=c: hist.count_at_least(c, t),
+        )
+    return thresholds, sampling_ratio
+
+
+def dars_pseudo_labels(
+    label: np.ndarray,
+    conf: np.ndarray,
+    thresholds: np.ndarray,
+    sampling_ratio: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Algorithm 1, lines 3 and 6: keep a pixel predicted c when ``conf >= t_c`` and ``u < s_c``, with
+    ``u = rng.random(N)`` drawn for every pixel in C order (see the module's randomness contract).
+
+    label: (N,) or any shape, uint8; conf: same size, float16; thresholds, sampling_ratio: (C,).
+    Returns labels (255 where not kept) in ``label``'s shape and dtype.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    shape = np.shape(label)
+    label = flat_labels(label)
+    conf = flat_float16(conf, "conf")
+    same_length(label, conf, "label", "conf")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
+    if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
+        raise ValueError(
+            "thresholds and sampling_ratio must both be (C,), "
+            f"got {thresholds.shape} and {sampling_ratio.shape}"
+        )
+    if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
+        raise ValueError("sampling_ratio must lie in [0, 1]")
+    labels_below(label, thresholds.size)
+    u = rng.random(label.size)
+    keep = (conf >= thresholds[label]) & (u < sampling_ratio[label])
+    return np.where(keep, label, np.asarray(IGNORE_LABEL, dtype=label.dtype)).reshape(shape)

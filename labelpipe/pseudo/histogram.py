@@ -1,0 +1,177 @@
+"""Exact order statistics of float16 values in one streaming pass (ALGORITHMS.md section 1).
+
+For values >= 0, float16 is monotone in its 16-bit pattern, so a histogram over the 65,536 bit patterns
+(one row per predicted class) answers "the k-th largest confidence of class c" or "the 80th percentile
+of the entropy" *exactly* for the stored values, with memory independent of the number of pixels:
+C x 65,536 int64 counts (10 MB for 19 classes) plus a fixed index buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from labelpipe.pseudo.validation import (
+    FLOAT16_POSITIVE_INFINITY_BITS,
+    flat_float16,
+    flat_labels,
+    labels_below,
+    nonnegative_float16_bits,
+    same_length,
+)
+
+NUM_BITS_PATTERNS = 65536
+DEFAULT_BUFFER_SIZE = 1 << 22  # pixels batched per np.bincount call: 32 MB of int64 indices
+
+
+def _bits_to_value(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def _first_bits_at_least(threshold: float) -> int:
+    """The smallest non-negative float16 bit pattern whose value is >= ``threshold``."""
+    if math.isnan(threshold):
+        raise ValueError("threshold must be a number, got NaN")
+    if threshold <= 0.0:
+        return 0
+    with np.errstate(over="ignore"):
+        rounded = np.float16(threshold)  # nearest float16; may round down, or overflow to +inf
+    bits = int(np.array([rounded]).view(np.uint16)[0])
+    if float(rounded) < threshold:
+        bits += 1
+    return bits
+
+
+class Float16Histogram:
+    """Per-class histogram of the bit patterns of non-negative float16 values.
+
+    ``counts[c, b]`` is the number of pixels predicted ``c`` whose value has bit pattern ``b``
+    (``values.view(np.uint16)``): shape (C, 65536), int64. -0.0 is counted as +0.0; negative values and
+    NaN are rejected. All order statistics below are exact for the float16 values that were added.
+
+    ``update`` batches indices ``label * 65536 + bits`` in a fixed buffer and counts them with one
+    ``np.bincount`` per ``buffer_size`` pixels, so many small updates cost no more than one large one.
+    """
+
+    def __init__(self, num_classes: int, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        self.num_classes = int(num_classes)
+        self._counts = np.zeros((self.num_classes, NUM_BITS_PATTERNS), dtype=np.int64)
+        self._buffer_size = int(buffer_size)
+        self._buffer: np.ndarray | None = None  # allocated on first update
+        self._buffered = 0
+
+    # ----------------------------------------------------------------------------------------- updates
+    def update(self, label: np.ndarray, values: np.ndarray) -> None:
+        """Add pixels: ``label`` (N,) or any shape, class ids < C; ``values`` same size, float16 >= 0."""
+        label = flat_labels(label)
+        values = flat_float16(values, "values")
+        same_length(label, values, "label", "values")
+        labels_below(label, self.num_classes)
+        bits = nonnegative_float16_bits(values, "values")
+        if self._buffer is None:
+            self._buffer = np.empty(self._buffer_size, dtype=np.int64)
+        for start in range(0, label.size, self._buffer_size):
+            piece = slice(start, min(start + self._buffer_size, label.size))
+            size = piece.stop - piece.start
+            if self._buffered + size > self._buffer_size:
+                self._flush()
+            target = self._buffer[self._buffered : self._buffered + size]
+            target[:] = label[piece]
+            target <<= 16
+            target |= bits[piece]
+            self._buffered += size
+
+    def _flush(self) -> None:
+        if self._buffered:
+            assert self._buffer is not None
+            flat = self._counts.reshape(-1)
+            flat += np.bincount(self._buffer[: self._buffered], minlength=flat.size)
+            self._buffered = 0
+
+    def merge(self, other: Float16Histogram) -> Float16Histogram:
+        """Add the counts of ``other`` (same number of classes) into this histogram; returns self."""
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge histograms of {other.num_classes} and {self.num_classes} classes")
+        self._counts += other.counts
+        return self
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(C, 65536) int64 counts per class and float16 bit pattern."""
+        self._flush()
+        return self._counts
+
+    # ----------------------------------------------------------------------------------- per class
+    def _class_row(self, c: int) -> np.ndarray:
+        if not 0 <= c < self.num_classes:
+            raise ValueError(f"class {c} out of range [0, {self.num_classes})")
+        return self.counts[c]
+
+    def count(self, c: int) -> int:
+        """Number of pixels of class ``c``."""
+        return int(self._class_row(c).sum())
+
+    def class_counts(self) -> np.ndarray:
+        """(C,) int64 number of pixels per class."""
+        return self.counts.sum(axis=1)
+
+    def total(self) -> int:
+        """Number of pixels over all classes."""
+        return int(self.counts.sum())
+
+    def kth_largest(self, c: int, k: int) -> float:
+        """The ``k``-th largest value (1-based, ties counted with multiplicity) among class ``c``."""
+        return _kth_largest(self._class_row(c), k, f"class {c}")
+
+    def count_at_least(self, c: int, threshold: float) -> int:
+        """Number of pixels of class ``c`` with value >= ``threshold``."""
+        return int(self._class_row(c)[_first_bits_at_least(threshold) :].sum())
+
+    # ------------------------------------------------------------------------------- all classes
+    def overall(self) -> np.ndarray:
+        """(65536,) counts summed over classes."""
+        return self.counts.sum(axis=0)
+
+    def kth_largest_overall(self, k: int) -> float:
+        """The ``k``-th largest value over all classes (1-based)."""
+        return _kth_largest(self.overall(), k, "all classes")
+
+    def kth_smallest_overall(self, k: int) -> float:
+        """The ``k``-th smallest value over all classes (1-based)."""
+        return _kth_smallest(self.overall(), k, "all classes")
+
+    def count_below_overall(self, threshold: float) -> int:
+        """Number of pixels (all classes) with value < ``threshold``."""
+        return int(self.overall()[: _first_bits_at_least(threshold)].sum())
+
+    def quantile_overall(self, q: float) -> float:
+        """The ``q``-quantile over all classes as an order statistic: the value at rank
+        ``max(1, ceil(q * N))`` ascending, i.e. the smallest value x with ``#(values <= x) >= q * N``
+        (``np.quantile(values, q, method="inverted_cdf")``)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {q}")
+        total = self.total()
+        return self.kth_smallest_overall(max(1, math.ceil(q * total)))
+
+
+def _kth_largest(row: np.ndarray, k: int, what: str) -> float:
+    available = int(row.sum())
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for {what}, got {k}")
+    from_top = np.cumsum(row[::-1])
+    position = int(np.searchsorted(from_top, k, side="left"))  # first position with >= k values above
+    return _bits_to_value(NUM_BITS_PATTERNS - 1 - position)
+
+
+def _kth_smallest(row: np.ndarray, k: int, what: str) -> float:
+    available = int(row.sum())
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] for {what}, got {k}")
+    position = int(np.searchsorted(np.cumsum(row), k, side="left"))
+    assert position <= FLOAT16_POSITIVE_INFINITY_BITS
+    return _bits_to_value(position)

@@ -1,0 +1,122 @@
+"""What every stage shares: opening the data set, the run directory, models by name, the class prior."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelpipe.config import RunConfig, config_to_yaml
+from labelpipe.data import DatasetSource, open_source, read_mask
+from labelpipe.errors import LabelpipeError
+from labelpipe.models import DeepLabV3Plus, build_model
+from labelpipe.runtime import Runtime
+from labelpipe.store.atomic import atomic_write_json, atomic_write_text, sha256_json
+from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    run_dir: Path
+    runtime: Runtime
+    source: DatasetSource
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def split_ids_fingerprint(self, split: str) -> str:
+        return sha256_json([s.id for s in self.source.split(split)])
+
+
+def open_context(config: RunConfig, run_dir: Path, runtime: Runtime) -> StageContext:
+    data = config.data
+    source = open_source(
+        data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root()
+    )
+    roles = source.protocol(data.protocol)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
+    return StageContext(config=config, run_dir=run_dir, runtime=runtime, source=source, roles=roles)
+
+
+def model_from_config(config: RunConfig, num_classes: int, with_backbone_weights: bool = True) -> DeepLabV3Plus:
+    m = config.model
+    return build_model(
+        num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim,
+        m.backbone_weights if with_backbone_weights else None,
+    )
+
+
+def model_path(run_dir: Path, name: str) -> Path:
+    """``pretrain`` -> pretrain/model.safetensors; ``round-K`` -> selftrain/round-K/train/model.safetensors."""
+    if name == "pretrain":
+        return run_dir / "pretrain" / "model.safetensors"
+    if name.startswith("round-"):
+        return run_dir / "selftrain" / name / "train" / "model.safetensors"
+    raise LabelpipeError(f"--model {name}: unknown model; use pretrain or round-K (e.g. round-2)")
+
+
+def latest_model_name(run_dir: Path) -> str:
+    rounds = sorted(
+        (int(p.parent.parent.name.split("-")[1]), p.parent.parent.name)
+        for p in run_dir.glob("selftrain/round-*/train/model.safetensors")
+    )
+    if rounds:
+        return rounds[-1][1]
+    if (run_dir / "pretrain" / "model.safetensors").is_file():
+        return "pretrain"
+    raise LabelpipeError(f"{run_dir}: no trained model in this run; run `labelpipe pretrain --run {run_dir}` first")
+
+
+def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLabV3Plus, Path]:
+    name = name or latest_model_name(ctx.run_dir)
+    path = model_path(ctx.run_dir, name)
+    meta = read_model_metadata(path)
+    if meta.get("num_classes") not in (None, ctx.source.num_classes):
+        raise LabelpipeError(
+            f"{path}: model has {meta['num_classes']} classes but the data set has {ctx.source.num_classes}; "
+            "use the data set the model was trained on"
+        )
+    model = model_from_config(ctx.config, ctx.source.num_classes, with_backbone_weights=False)
+    if "model" in meta:  # the architecture the weights were trained with wins over the current config
+        m = meta["model"]
+        model = build_model(ctx.source.num_classes, m["backbone"], m["output_stride"], tuple(m["aspp_rates"]),
+                            m["rep_dim"])
+    load_model_weights(path, model)
+    return name, model.to(ctx.runtime.device).eval(), path
+
+
+def class_prior(ctx: StageContext, split: str) -> np.ndarray:
+    """Fraction of labeled pixels of each class (255 excluded), from the split's masks; cached in the run."""
+    cache = ctx.run_dir / "class_prior.json"
+    key = f"{split}:{ctx.split_ids_fingerprint(split)}"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if key in stored:
+            return np.asarray(stored[key], np.float64)
+    else:
+        stored = {}
+    counts = np.zeros(ctx.source.num_classes, np.int64)
+    for sample in ctx.source.split(split):
+        if sample.mask is None:
+            raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; the class prior needs masks")
+        mask = read_mask(sample.mask, ctx.source.num_classes, ctx.source.decode_mask, ctx.source.ignore_index)
+        counts += np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=ctx.source.num_classes)
+    if counts.sum() == 0:
+        raise LabelpipeError(f"split '{split}': masks contain no labeled pixels; the class prior is undefined")
+    prior = counts / counts.sum()
+    stored[key] = prior.tolist()
+    if ctx.runtime.is_main:
+        atomic_write_json(cache, stored)
+    return prior
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op on CPU."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)

@@ -1,0 +1,125 @@
+"""``labelpipe evaluate``: one global confusion matrix, per-class IoU, calibration, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from labelpipe import plots
+from labelpipe.config import RunConfig
+from labelpipe.data import SampleRef
+from labelpipe.data.transforms import denormalize
+from labelpipe.metrics import CalibrationAccumulator, ConfusionMatrix, summarize
+from labelpipe.runtime import Runtime
+from labelpipe.stages.common import StageContext, class_prior, load_trained_model, open_context
+from labelpipe.stages.inference_loop import iterate_predictions
+from labelpipe.store.atomic import atomic_write_json
+from labelpipe.store.manifest import StageDir
+
+
+def shard(samples: list[SampleRef], runtime: Runtime) -> list[SampleRef]:
+    return samples[runtime.rank :: runtime.world]
+
+
+def measure(
+    ctx: StageContext, model: torch.nn.Module, samples: list[SampleRef], batch_size: int, num_samples: int = 0
+) -> tuple[ConfusionMatrix, CalibrationAccumulator, list[list[np.ndarray]]]:
+    """Confusion matrix and calibration over ``samples`` (this rank's share under DDP), plus sample rows."""
+    source, rt = ctx.source, ctx.runtime
+    cm = ConfusionMatrix(source.num_classes, source.ignore_index, rt.device)
+    cal = CalibrationAccumulator()
+    rows: list[list[np.ndarray]] = []
+    for batch in iterate_predictions(model, source, shard(samples, rt), rt.device, ctx.config.train.crop_size,
+                                     batch_size, amp=ctx.config.train.amp, require_masks=True):
+        for image, mask, main in zip(batch.images, batch.masks, batch.main):
+            prob = torch.softmax(main, 0)
+            conf, pred = prob.max(0)
+            cm.update(mask, pred)
+            valid = mask != source.ignore_index
+            cal.update(conf[valid], (pred == mask)[valid])
+            if len(rows) < num_samples:
+                rgb = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+                rows.append([
+                    rgb,
+                    plots.colorize(mask.cpu().numpy().astype(np.uint8), source.palette),
+                    plots.colorize(pred.cpu().numpy().astype(np.uint8), source.palette),
+                ])
+    cm.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for arr in (cal.count, cal.conf_sum, cal.correct_sum):
+            t = torch.from_numpy(arr.astype(np.float64))
+            torch.distributed.all_reduce(t)
+            arr[:] = t.numpy()
+    return cm, cal, rows
+
+
+def print_table(metrics: dict, title: str, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    tail = set(metrics.get("tail_classes", []))
+    for name, iou in metrics["per_class_iou"].items():
+        table.add_row(name + (" (tail)" if name in tail else ""), "-" if iou is None else f"{100 * iou:.1f}")
+    table.add_section()
+    table.add_row("mIoU", f"{100 * metrics['miou']:.1f}")
+    if metrics.get("tail_miou") is not None:
+        table.add_row("tail mIoU", f"{100 * metrics['tail_miou']:.1f}")
+    table.add_row("pixel accuracy", f"{100 * metrics['pixel_accuracy']:.1f}")
+    table.add_row("ECE", f"{100 * metrics['ece']:.2f}")
+    console.print(table)
+
+
+def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
+    ctx = open_context(config, run_dir, runtime)
+    split = config.evaluate.split or ctx.roles["test"]
+    samples = ctx.source.split(split)
+    name, model, weights = load_trained_model(ctx, config.evaluate.model)
+    out_dir = run_dir / "evaluate" / name
+    stage = StageDir(out_dir)
+    if runtime.is_main:
+        stage.begin("evaluate", "", {"model": str(weights), "split": split})
+    cm, cal, rows = measure(ctx, model, samples, config.evaluate.batch_size, config.evaluate.num_samples)
+    prior = class_prior(ctx, ctx.roles["labeled"])
+    metrics = summarize(cm.numpy(), ctx.source.classes, prior, cal.ece(), ctx.source.class_subsets)
+    metrics.update(model=name, split=split, images=len(samples), reliability=cal.reliability())
+    if not runtime.is_main:
+        return metrics
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    plots.per_class_bars(metrics["per_class_iou"], out_dir / "per_class.png", f"{name} on {split}: per-class IoU")
+    plots.confusion(cm.numpy(), ctx.source.classes, out_dir / "confusion.png")
+    rel = cal.reliability()
+    plots.reliability(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"], out_dir / "reliability.png",
+                      f"{name}: ECE {metrics['ece']:.3f}")
+    if rows:
+        plots.image_grid(rows, ["image", "ground truth", "prediction"], out_dir / "samples.png")
+    print_table(metrics, f"{name} on {split} ({len(samples)} images)")
+    stage.finish(["metrics.json", "per_class.png", "confusion.png"], {"miou": metrics["miou"]})
+    return metrics
+
+
+def print_comparison(before: dict, after: dict, console: Console | None = None) -> None:
+    """Before/after table of two evaluations of the same split (e.g. pretrain vs the last round)."""
+    console = console or Console()
+    table = Table(title=f"{before['model']} -> {after['model']} on {after['split']}")
+    table.add_column("class")
+    table.add_column(before["model"], justify="right")
+    table.add_column(after["model"], justify="right")
+    table.add_column("change", justify="right")
+
+    def fmt(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for name in after["per_class_iou"]:
+        b, a = before["per_class_iou"].get(name), after["per_class_iou"][name]
+        delta = "" if a is None or b is None else f"{100 * (a - b):+.1f}"
+        table.add_row(name, fmt(b), fmt(a), delta)
+    table.add_section()
+    for key, label in (("miou", "mIoU"), ("tail_miou", "tail mIoU"), ("pixel_accuracy", "pixel acc")):
+        b, a = before.get(key), after.get(key)
+        table.add_row(label, fmt(b), fmt(a), "" if a is None or b is None else f"{100 * (a - b):+.1f}")
+    console.print(table)

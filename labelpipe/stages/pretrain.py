@@ -1,0 +1,131 @@
+"""``labelpipe pretrain``: supervised training on the labeled (or source) split.
+
+Loss: CE on the main head + ``aux_weight`` x CE on the auxiliary head (ignore 255).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from labelpipe.config import RunConfig
+from labelpipe.data.dataset import SegmentationDataset, StepBatchSampler, collate
+from labelpipe.data.transforms import weak_transform
+from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
+from labelpipe.runtime import Runtime, seed_everything
+from labelpipe.stages.common import StageContext, model_from_config, open_context
+from labelpipe.stages.evaluate import measure
+from labelpipe.stages.training import TrainJob, train
+from labelpipe.store.atomic import atomic_write_json, sha256_json
+from labelpipe.store.checkpoint import save_model
+from labelpipe.store.manifest import StageDir
+
+
+def num_workers(config: RunConfig, device: torch.device) -> int:
+    if config.train.num_workers is not None:
+        return config.train.num_workers
+    return 4 if device.type == "cuda" else 0
+
+
+def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: int):
+    """start step -> iterator of batches, rank-sharded, deterministic in (seed, step)."""
+    rt = ctx.runtime
+
+    def batches(start: int):
+        sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total, rt.rank, rt.world)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=num_workers(ctx.config, rt.device), pin_memory=rt.device.type == "cuda",
+                            generator=torch.Generator())  # keeps the global RNG (dropout) untouched
+        return iter(loader)
+
+    return batches
+
+
+def make_validator(ctx: StageContext):
+    cfg = ctx.config.train
+    samples = ctx.source.split(ctx.roles["val"])
+    if cfg.val_limit is not None:
+        samples = samples[: cfg.val_limit]
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        module = model.module if hasattr(model, "module") else model
+        cm, cal, _ = measure(ctx, module, samples, ctx.config.evaluate.batch_size)
+        conf = cm.numpy()
+        return {"miou": mean_iou(iou_per_class(conf)), "pixel_accuracy": pixel_accuracy(conf), "ece": cal.ece()}
+
+    return validate
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    if not rt.distributed:
+        return model
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+def model_metadata(config: RunConfig, ctx: StageContext, stage: str) -> dict:
+    return {"stage": stage, "num_classes": ctx.source.num_classes, "classes": ctx.source.classes,
+            "model": config.model.model_dump(mode="json"), "seed": config.seed}
+
+
+def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
+    ctx = open_context(config, run_dir, runtime)
+    cfg = config.train
+    labeled = ctx.roles["labeled"]
+    samples = ctx.source.split(labeled)
+    stage = StageDir(run_dir / "pretrain")
+    inputs = {
+        "seed": config.seed, "data": config.data.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers",
+                                                       "val_limit"}),
+        "split": labeled, "split_ids": ctx.split_ids_fingerprint(labeled),
+    }
+    fingerprint = sha256_json(inputs)
+    if not force and stage.is_up_to_date(fingerprint):
+        if runtime.is_main:
+            print(f"pretrain: up to date ({stage.path}); use --force to redo")
+        return stage.manifest().get("summary", {})
+    if force and runtime.is_main and stage.path.exists():
+        shutil.rmtree(stage.path)
+    if runtime.is_main:
+        stage.begin("pretrain", fingerprint, inputs)
+
+    seed_everything(config.seed)
+    model = model_from_config(config, ctx.source.num_classes).to(runtime.device)
+    if runtime.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = wrap_ddp(model, runtime)
+    dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
+    ignore = ctx.source.ignore_index
+
+    def objective(batch: dict, step: int):
+        images = batch["image"].to(runtime.device, non_blocking=True)
+        masks = batch["mask"].to(runtime.device, non_blocking=True)
+        out = net(images)
+        loss_main = F.cross_entropy(out.main.float(), masks, ignore_index=ignore)
+        loss_aux = F.cross_entropy(out.aux.float(), masks, ignore_index=ignore)
+        loss = loss_main + cfg.aux_weight * loss_aux
+        return loss, {"loss_main": float(loss_main.detach()), "loss_aux": float(loss_aux.detach()),
+                      "images": images.shape[0] * runtime.world}
+
+    try:
+        last_val = train(TrainJob(
+            stage_dir=stage.path, model=net, total_steps=cfg.steps,
+            batches=step_loader(ctx, dataset, cfg.batch_size, config.seed, cfg.steps),
+            objective=objective, cfg=cfg, runtime=runtime, fingerprint=fingerprint,
+            validate=make_validator(ctx), description="pretrain",
+        ))
+    except BaseException as exc:
+        if runtime.is_main and not isinstance(exc, KeyboardInterrupt):
+            stage.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    if runtime.is_main:
+        save_model(stage.path / "model.safetensors", model, model_metadata(config, ctx, "pretrain"))
+        atomic_write_json(stage.path / "metrics.json", last_val)
+        stage.finish(["model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl"], last_val)
+    return last_val

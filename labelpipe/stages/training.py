@@ -1,0 +1,175 @@
+"""The one training loop that ``pretrain`` and ``selftrain`` share.
+
+A stage passes in what differs: where batches come from, the objective (a function from a batch
+to a loss), extra stateful components (EMA teacher, memory banks, prototypes) and a hook after
+each optimizer step. The loop owns the optimizer, the poly LR schedule, AMP, checkpoints,
+resume, logging and validation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from labelpipe.config import TrainConfig
+from labelpipe.runtime import Runtime
+from labelpipe.stages.common import autocast
+from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with the backbone at ``lr`` and the decoder and heads at ``decoder_lr_mult * lr``."""
+    module = model.module if hasattr(model, "module") else model
+    backbone, head = module.parameter_groups()
+    return torch.optim.SGD(
+        [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.decoder_lr_mult}],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr = lr_0 (1 - it / total) ** power`` (ALGORITHMS.md section 4)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total) ** power)
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs; see :func:`train`."""
+
+    stage_dir: Path
+    model: torch.nn.Module
+    total_steps: int
+    batches: Callable[[int], Iterator[Any]]  # start step -> iterator of per-step batches
+    objective: Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
+    cfg: TrainConfig
+    runtime: Runtime
+    fingerprint: str
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    extras: dict[str, Stateful] = field(default_factory=dict)
+    after_step: Callable[[int], None] | None = None
+    description: str = "train"
+
+
+def _read_log(path: Path, until_step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= until_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+    return keep
+
+
+def _tensorboard(stage_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(stage_dir / "tensorboard"))
+
+
+def train(job: TrainJob) -> dict[str, Any]:
+    """Run (or resume) training to ``total_steps``; returns the last validation metrics."""
+    cfg, rt, model = job.cfg, job.runtime, job.model
+    ckpt_path = job.stage_dir / "checkpoint.pt"
+    optimizer = build_optimizer(model, cfg)
+    scheduler = poly_schedule(optimizer, job.total_steps, cfg.poly_power)
+    use_amp = cfg.amp and rt.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+
+    start, last_val = 0, {}
+    state = load_checkpoint(ckpt_path)
+    if state is not None and state.get("fingerprint") == job.fingerprint:
+        module = model.module if hasattr(model, "module") else model
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        for name, component in job.extras.items():
+            component.load_state_dict(state["extras"][name])
+        set_rng_state(state["rng"])
+        start, last_val = state["step"], state.get("last_val", {})
+        if rt.is_main and start < job.total_steps:
+            print(f"resuming {job.description} from step {start} ({ckpt_path})")
+
+    log_path = job.stage_dir / "log.jsonl"
+    log_lines = _read_log(log_path, start)
+    writer = _tensorboard(job.stage_dir, rt.is_main)
+
+    def checkpoint(step: int) -> None:
+        if not rt.is_main:
+            return
+        module = model.module if hasattr(model, "module") else model
+        save_checkpoint(ckpt_path, {
+            "fingerprint": job.fingerprint, "step": step, "model": module.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "extras": {k: v.state_dict() for k, v in job.extras.items()},
+            "rng": rng_state(), "last_val": last_val,
+        })
+        log_path.write_text("".join(line + "\n" for line in log_lines))
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        disable=not rt.is_main,
+    )
+    model.train()
+    t_last, n_images = time.time(), 0
+    with progress:
+        task = progress.add_task(job.description, total=job.total_steps, completed=start, info="")
+        for step, batch in zip(range(start, job.total_steps), job.batches(start), strict=False):
+            with autocast(rt.device, use_amp):
+                loss, logs = job.objective(batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if job.after_step is not None:
+                job.after_step(step)
+            n_images += logs.pop("images", 0)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == job.total_steps:
+                elapsed = time.time() - t_last
+                record = {"step": done, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                          "images_per_s": round(n_images / max(elapsed, 1e-9), 2), **logs}
+                t_last, n_images = time.time(), 0
+                log_lines.append(json.dumps(record))
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            writer.add_scalar(f"train/{key}", value, done)
+                progress.update(task, info=f"loss {record['loss']:.3f}")
+            if job.validate is not None and (done % cfg.val_every == 0 or done == job.total_steps):
+                last_val = job.validate(model)
+                model.train()
+                log_lines.append(json.dumps({"step": done, **{f"val_{k}": v for k, v in last_val.items()}}))
+                if writer is not None:
+                    for key, value in last_val.items():
+                        writer.add_scalar(f"val/{key}", value, done)
+                progress.update(task, info=f"loss {float(loss.detach()):.3f} val mIoU {last_val.get('miou', 0):.3f}")
+            if done % cfg.checkpoint_every == 0 or done == job.total_steps:
+                checkpoint(done)
+            progress.update(task, completed=done)
+    if start >= job.total_steps and rt.is_main:
+        log_path.write_text("".join(line + "\n" for line in log_lines))
+    if writer is not None:
+        writer.close()
+    return last_val

@@ -1,0 +1,74 @@
+"""Training checkpoints (full state, pickle) and shareable model weights (safetensors).
+
+A checkpoint holds everything a resumed run needs to continue the same trajectory: model,
+optimizer, LR schedule, AMP scaler, extra components (EMA teacher, memory banks, prototypes),
+the step and every RNG state. Weights for users go to ``model.safetensors`` with the model's
+config and class names in its metadata, so the file describes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from labelpipe.errors import LabelpipeError
+from labelpipe.store.atomic import atomic_path
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise LabelpipeError(f"{path}: checkpoint is unreadable ({exc}); delete it or rerun with --force") from exc
+
+
+def save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"labelpipe": json.dumps(metadata, default=str)})
+
+
+def read_model_metadata(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LabelpipeError(f"{path}: model file not found; run `labelpipe pretrain` for this run first")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return json.loads(meta.get("labelpipe", "{}"))
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LabelpipeError(
+            f"{path}: weights do not fit the configured model (missing {missing[:2]}, unexpected {unexpected[:2]}); "
+            "evaluate with the model config the weights were trained with"
+        )

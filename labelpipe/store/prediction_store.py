@@ -1,0 +1,227 @@
+"""The HDF5 prediction store: per-pixel columns of ALGORITHMS.md section 1, keyed by image id.
+
+Layout of ``predictions.h5``::
+
+    attrs   classes (JSON), num_classes, columns (JSON), temperature, model_sha256, labelpipe_version, ...
+    index/  ids (str), height, width       # store order = the split's order
+    images/<escaped id>/  label uint8 (H, W), conf / entropy / variance float16 (H, W),
+                          [topk_prob float16 (k, H, W), topk_class uint8 (k, H, W)]
+
+Writing is crash-safe: images go to numbered part files, each written under a temporary name and
+renamed when complete (:class:`PartWriter`); :func:`merge_parts` joins the parts (of one or many
+ranks) into the store with HDF5 object copies, so a killed ``predict`` resumes after the last
+complete part and ends with the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from labelpipe.errors import LabelpipeError
+
+DEFAULT_COLUMNS = ("label", "conf", "entropy", "variance")
+COLUMN_DTYPES = {"label": np.uint8, "conf": np.float16, "entropy": np.float16, "variance": np.float16,
+                 "topk_prob": np.float16, "topk_class": np.uint8, "weight": np.float16}
+
+
+def escape_id(image_id: str) -> str:
+    """HDF5 names may not contain '/'; ids like Cityscapes' ``city/stem`` do."""
+    return image_id.replace("%", "%25").replace("/", "%2F")
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(min(s, 256) for s in shape)
+
+
+def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf") -> None:
+    g = group.create_group(escape_id(image_id))
+    for name, array in columns.items():
+        dtype = COLUMN_DTYPES.get(name, array.dtype)
+        if name in ("label", "topk_class") and array.max(initial=0) > 255:
+            dtype = np.uint16  # C > 255
+        g.create_dataset(name, data=array.astype(dtype, copy=False), chunks=_chunks(array.shape),
+                         compression=compression)
+
+
+class PartWriter:
+    """Writes images to ``parts_dir/part-<rank>-<n>.h5`` in a background thread.
+
+    A part holds ``images_per_part`` consecutive images of this rank's list and becomes visible
+    (renamed into place) only once complete; ``done_ids()`` lists what earlier attempts finished.
+    """
+
+    def __init__(self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf") -> None:
+        self.dir, self.rank, self.per_part, self.compression = parts_dir, rank, images_per_part, compression
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.buffer: list[tuple[str, dict[str, np.ndarray]]] = []
+        self.next_part = len(self.parts())
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob(f"part-{self.rank:03d}-*.h5"))
+
+    def done_ids(self) -> list[str]:
+        ids: list[str] = []
+        for part in self.parts():
+            with h5py.File(part, "r") as fh:
+                ids.extend(s.decode() if isinstance(s, bytes) else s for s in fh["index/ids"][()])
+        return ids
+
+    def add(self, image_id: str, columns: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.buffer.append((image_id, columns))
+        if len(self.buffer) >= self.per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.queue.put((self.next_part, self.buffer))
+            self.next_part += 1
+            self.buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            number, images = item
+            path = self.dir / f"part-{self.rank:03d}-{number:06d}.h5"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                with h5py.File(tmp, "w") as fh:
+                    grp = fh.create_group("images")
+                    for image_id, columns in images:
+                        write_image(grp, image_id, columns, self.compression)
+                    _write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
+                os.replace(tmp, path)
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
+                self.error = exc
+                tmp.unlink(missing_ok=True)
+
+
+def _write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) -> None:
+    idx = fh.require_group("index")
+    idx.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+    idx.create_dataset("height", data=np.array([s[-2] for s in shapes], np.int32))
+    idx.create_dataset("width", data=np.array([s[-1] for s in shapes], np.int32))
+
+
+def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict[str, Any]) -> None:
+    """Join part files into one store at ``out`` (atomically), images in ``order``."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    where: dict[str, Path] = {}
+    for part in part_files:
+        with h5py.File(part, "r") as fh:
+            for s in fh["index/ids"][()]:
+                where[s.decode() if isinstance(s, bytes) else s] = part
+    missing = [i for i in order if i not in where]
+    if missing:
+        raise LabelpipeError(f"{part_files[0].parent}: parts lack {len(missing)} images (e.g. {missing[0]}); "
+                             "rerun predict to finish them")
+    handles = {p: h5py.File(p, "r") for p in part_files}
+    try:
+        with h5py.File(tmp, "w") as dst:
+            grp = dst.create_group("images")
+            shapes = []
+            for image_id in order:
+                src = handles[where[image_id]]["images"][escape_id(image_id)]
+                src.file.copy(src, grp, name=escape_id(image_id))
+                shapes.append(src["label"].shape)
+            _write_index(dst, order, shapes)
+            for key, value in attrs.items():
+                dst.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        os.replace(tmp, out)
+    finally:
+        for h in handles.values():
+            h.close()
+        tmp.unlink(missing_ok=True)
+
+
+class PredictionStore:
+    """Read access to a prediction (or label) store, usable without the CLI.
+
+    ``store.ids``; ``store[id]`` -> dict of arrays; ``store.attrs``; ``store.iter_chunks()``.
+    """
+
+    def __init__(self, path: Path, num_classes: int | None = None, require: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LabelpipeError(f"{self.path}: prediction store not found; run `labelpipe predict` first")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise LabelpipeError(f"{self.path}: not a readable HDF5 store ({exc}); rerun predict with --force") from exc
+        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        self.ids = [s.decode() if isinstance(s, bytes) else s for s in self.file["index/ids"][()]]
+        self.columns = list(self.attrs.get("columns", []))
+        if num_classes is not None and self.attrs.get("num_classes") != num_classes:
+            raise LabelpipeError(
+                f"{self.path}: store has {self.attrs.get('num_classes')} classes but the data set has {num_classes}; "
+                "predict again with this data set's model"
+            )
+        missing = [c for c in require if c not in self.columns]
+        if missing:
+            raise LabelpipeError(f"{self.path}: store lacks column(s) {', '.join(missing)}; "
+                                 f"rerun predict (it writes {', '.join(DEFAULT_COLUMNS)})")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
+        grp = self.file["images"][escape_id(image_id)]
+        return {name: grp[name][()] for name in grp}
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return list(zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist()))
+
+    def iter_chunks(self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64) -> Iterator[dict]:
+        """Yields ``{"ids": [...], "shapes": [...], column: flat concatenated array, ...}``."""
+        columns = columns or tuple(c for c in self.columns if not c.startswith("topk"))
+        for start in range(0, len(self.ids), images_per_chunk):
+            ids = self.ids[start : start + images_per_chunk]
+            arrays = [self[i] for i in ids]
+            chunk: dict[str, Any] = {"ids": ids, "shapes": [a["label"].shape for a in arrays]}
+            for c in columns:
+                chunk[c] = np.concatenate([a[c].ravel() for a in arrays])
+            yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> PredictionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,143 @@
+"""Rectified loss (seed 000): by hand, against a loop, its options, and gradients into both heads."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelpipe.losses.rectified import prediction_variance, rectified_loss
+
+
+def kl(p, q):
+    return sum(float(pi) * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
+
+
+def loop_rectified(main, aux, target, direction="main||aux", mean_over="valid", aux_weight=0.0):
+    """The equation pixel by pixel: mean(exp(-var) CE) + mean(var), plus the aux-head term."""
+
+    def one_head(self_logits, other_logits):
+        b, c, h, w = self_logits.shape
+        weighted, var_sum, n_valid, n_all = 0.0, 0.0, 0, 0
+        for i in range(b):
+            for y in range(h):
+                for x in range(w):
+                    ps = torch.softmax(self_logits[i, :, y, x].double(), 0).tolist()
+                    po = torch.softmax(other_logits[i, :, y, x].double(), 0).tolist()
+                    var = kl(ps, po) if direction == "main||aux" else kl(po, ps)
+                    t = int(target[i, y, x])
+                    n_all += 1
+                    if t == 255:
+                        if mean_over == "all":
+                            var_sum += var
+                        continue
+                    n_valid += 1
+                    weighted += math.exp(-var) * -math.log(ps[t])
+                    var_sum += var
+        denominator = n_valid if mean_over == "valid" else n_all
+        return (weighted + var_sum) / max(denominator, 1)
+
+    loss = one_head(main, aux)
+    if aux_weight:
+        loss += aux_weight * one_head(aux, main)
+    return loss
+
+
+def random_inputs(seed=0, b=2, c=4, h=3, w=3):
+    g = torch.Generator().manual_seed(seed)
+    main = torch.randn(b, c, h, w, generator=g) * 2
+    aux = torch.randn(b, c, h, w, generator=g) * 2
+    target = torch.randint(0, c, (b, h, w), generator=g)
+    target[0, 0] = 255
+    return main, aux, target
+
+
+def test_hand_value_one_pixel():
+    # p_main = (0.75, 0.25), p_aux = (0.5, 0.5), y = 0
+    main = torch.tensor([math.log(3.0), 0.0]).view(1, 2, 1, 1)
+    aux = torch.zeros(1, 2, 1, 1)
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    var = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    expected = math.exp(-var) * -math.log(0.75) + var
+    assert float(prediction_variance(main, aux)) == pytest.approx(var, rel=1e-5)
+    assert float(rectified_loss(main, aux, target)) == pytest.approx(expected, rel=1e-5)
+    # the other direction: KL(aux || main)
+    var_rev = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    expected_rev = math.exp(-var_rev) * -math.log(0.75) + var_rev
+    got_rev = rectified_loss(main, aux, target, kl_direction="aux||main")
+    assert float(got_rev) == pytest.approx(expected_rev, rel=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["main||aux", "aux||main"])
+@pytest.mark.parametrize("mean_over", ["valid", "all"])
+@pytest.mark.parametrize("aux_weight", [0.0, 0.5])
+def test_matches_loop(direction, mean_over, aux_weight):
+    main, aux, target = random_inputs()
+    got = rectified_loss(
+        main, aux, target, kl_direction=direction, mean_over=mean_over, aux_weight=aux_weight
+    )
+    assert float(got) == pytest.approx(
+        loop_rectified(main, aux, target, direction, mean_over, aux_weight), rel=1e-5
+    )
+
+
+def test_options_change_the_value():
+    main, aux, target = random_inputs(seed=3)
+    paper = float(rectified_loss(main, aux, target))
+    assert float(rectified_loss(main, aux, target, kl_direction="aux||main")) != pytest.approx(paper)
+    assert float(rectified_loss(main, aux, target, mean_over="all")) != pytest.approx(paper)
+    assert float(rectified_loss(main, aux, target, aux_weight=0.5)) > paper
+
+
+def test_authors_configuration_equals_their_formula():
+    """KLDivLoss(log_softmax(a), softmax(b)) is KL(b || a); each head's CE uses the other head as b."""
+    main, aux, target = random_inputs(seed=4)
+
+    def authors_term(pred1, pred2):
+        ce = F.cross_entropy(pred1, target, ignore_index=255, reduction="none")
+        kl_map = F.kl_div(F.log_softmax(pred1, 1), F.softmax(pred2, 1), reduction="none").sum(1)
+        return torch.mean(ce * torch.exp(-kl_map)) + torch.mean(kl_map)
+
+    expected = authors_term(main, aux) + 0.5 * authors_term(aux, main)
+    got = rectified_loss(main, aux, target, kl_direction="aux||main", mean_over="all", aux_weight=0.5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_gradients_reach_both_heads():
+    main, aux, target = random_inputs(seed=5)
+    main.requires_grad_(True)
+    aux.requires_grad_(True)
+    rectified_loss(main, aux, target).backward()
+    assert main.grad.abs().sum() > 0
+    assert aux.grad.abs().sum() > 0
+
+
+def test_identical_heads_give_plain_cross_entropy():
+    main, _, target = random_inputs(seed=6)
+    assert torch.allclose(prediction_variance(main, main), torch.zeros(2, 3, 3), atol=1e-6)
+    expected = F.cross_entropy(main, target, ignore_index=255)
+    assert torch.allclose(rectified_loss(main, main.clone(), target), expected, atol=1e-5)
+
+
+def test_variance_is_nonnegative_and_matches_loop():
+    main, aux, _ = random_inputs(seed=7)
+    var = prediction_variance(main, aux)
+    assert (var >= -1e-6).all()
+    p = torch.softmax(main[1, :, 2, 1].double(), 0).tolist()
+    q = torch.softmax(aux[1, :, 2, 1].double(), 0).tolist()
+    assert float(var[1, 2, 1]) == pytest.approx(kl(p, q), rel=1e-5)
+
+
+def test_aux_of_another_size_is_upsampled_bilinearly():
+    main, _, target = random_inputs(seed=8, h=4, w=4)
+    small_aux = torch.randn(2, 4, 2, 2)
+    upsampled = F.interpolate(small_aux, size=(4, 4), mode="bilinear", align_corners=False)
+    assert torch.allclose(rectified_loss(main, small_aux, target), rectified_loss(main, upsampled, target))
+
+
+def test_unknown_option_is_rejected():
+    main, aux, target = random_inputs()
+    with pytest.raises(ValueError):
+        rectified_loss(main, aux, target, kl_direction="sym")
+    with pytest.raises(ValueError):
+        rectified_loss(main, aux, target, mean_over="image")
