@@ -8,8 +8,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click import exceptions as click_exceptions
 
 from labelpipe.errors import LabelpipeError
 
@@ -182,15 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         app(args=args, prog_name="labelpipe", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.UsageError as exc:
+    except click_exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
+            sys.exit(0)
         if debug:
             traceback.print_exc()
         hint = f" (see labelpipe {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "labelpipe" else ""
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except LabelpipeError as exc:

@@ -75,6 +75,9 @@ class CalibrationAccumulator:
         self.conf_sum += torch.bincount(idx, weights=conf, minlength=self.bins).double().cpu().numpy()
         self.correct_sum += torch.bincount(idx, weights=correct, minlength=self.bins).double().cpu().numpy()
 
+    def update_numpy(self, conf: np.ndarray, correct: np.ndarray) -> None:
+        self.update(torch.from_numpy(np.asarray(conf, np.float32)), torch.from_numpy(np.asarray(correct)))
+
     def ece(self) -> float:
         total = self.count.sum()
         if total == 0:

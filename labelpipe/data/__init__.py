@@ -20,6 +20,10 @@ def open_source(root: Path | None, kind: str | None = None, digitscapes: dict | 
         root = build_digitscapes(default_root, seed=params.get("seed", 0), size=params.get("size", "default"),
                                  blend=params.get("blend", "alpha"))
         kind = "folder"
+    if kind in (None, "folder") and (Path(root) / "dataset.yaml").is_file():
+        from labelpipe.data.folder import load_folder_dataset
+
+        return load_folder_dataset(Path(root))
     from labelpipe.data.registry import open_dataset
 
     return open_dataset(Path(root), kind)

@@ -146,3 +146,32 @@ def read_split_file(path: Path) -> list[str]:
         if line:
             ids.append(line)
     return ids
+
+
+def preflight(samples: list[SampleRef], with_masks: bool = True) -> None:
+    """Cheap checks of a whole split before hours of training: files exist, image and mask sizes agree.
+
+    Reads only file headers (PIL opens lazily); pixel values are checked when masks are read.
+    """
+    for sample in samples:
+        if not sample.image.is_file():
+            raise LabelpipeError(f"{sample.image}: image file is missing; restore it or remove its id from the split list")
+        if not with_masks or sample.mask is None:
+            continue
+        if not sample.mask.is_file():
+            raise LabelpipeError(f"{sample.mask}: mask file is missing; restore it or remove its id from the split list")
+        try:
+            with Image.open(sample.image) as im:
+                image_size = im.size
+        except (OSError, ValueError) as exc:
+            raise LabelpipeError(f"{sample.image}: cannot read image ({exc}); replace the file or drop its id") from exc
+        try:
+            with Image.open(sample.mask) as im:
+                mask_size = im.size
+        except (OSError, ValueError) as exc:
+            raise LabelpipeError(f"{sample.mask}: cannot read mask ({exc}); replace the file") from exc
+        if image_size != mask_size:
+            raise LabelpipeError(
+                f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but image {sample.image.name} is "
+                f"{image_size[0]}x{image_size[1]}; masks must match their image's size"
+            )

@@ -147,10 +147,12 @@ def load_cityscapes(root: Path) -> DatasetSource:
     root = Path(root)
     if not (root / "leftImg8bit").is_dir():
         raise LabelpipeError(
-            f"{root}: no leftImg8bit/ folder; point at the Cityscapes folder that holds leftImg8bit/ and gtFine/"
+            f"{root}: no leftImg8bit/ folder; point at the Cityscapes folder holding leftImg8bit/ and gtFine/"
         )
     if not (root / "gtFine").is_dir():
-        raise LabelpipeError(f"{root}: no gtFine/ folder; unpack gtFine_trainvaltest.zip next to leftImg8bit/")
+        raise LabelpipeError(
+            f"{root}: no gtFine/ folder; unpack gtFine_trainvaltest.zip next to leftImg8bit/"
+        )
     splits = {split: _scan_split(root, split) for split in SPLITS}
     if not any(splits.values()):
         raise LabelpipeError(

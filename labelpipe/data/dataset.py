@@ -97,8 +97,8 @@ class SegmentationDataset(Dataset):
                 raise LabelpipeError(f"{sample.image}: no mask for this image; a labeled split needs masks")
             mask = np.full(image.shape[:2], 255, np.uint8)
         return (
-            tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)),
-            tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))),
+            tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(np.array(mask))),
         )
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:

@@ -132,16 +132,28 @@ def load_voc(root: Path) -> DatasetSource:
             splits[set_file.stem] = [all_samples[i] if i in all_samples else sample(i) for i in ids]
     if AUGMENTED_TRAIN not in splits and aug_masks:
         val_ids = {s.id for s in splits.get("val", [])}
-        splits[AUGMENTED_TRAIN] = [all_samples.get(i) or sample(i) for i in sorted(aug_masks) if i not in val_ids]
+        splits[AUGMENTED_TRAIN] = [
+            all_samples.get(i) or sample(i) for i in sorted(aug_masks) if i not in val_ids
+        ]
     protocols: dict[str, dict[str, str]] = {}
     if LABELED_TRAIN in splits and AUGMENTED_TRAIN in splits:
         labeled_ids = {s.id for s in splits[LABELED_TRAIN]}
         splits[UNLABELED_POOL] = [s for s in splits[AUGMENTED_TRAIN] if s.id not in labeled_ids]
     val = "val" if "val" in splits else LABELED_TRAIN
     if LABELED_TRAIN in splits and UNLABELED_POOL in splits and "val" in splits:
-        protocols["semi-1464"] = {"labeled": LABELED_TRAIN, "unlabeled": UNLABELED_POOL, "val": val, "test": val}
+        protocols["semi-1464"] = {
+            "labeled": LABELED_TRAIN,
+            "unlabeled": UNLABELED_POOL,
+            "val": val,
+            "test": val,
+        }
     if LABELED_TRAIN in splits:
-        protocols["semi-full"] = {"labeled": LABELED_TRAIN, "unlabeled": LABELED_TRAIN, "val": val, "test": val}
+        protocols["semi-full"] = {
+            "labeled": LABELED_TRAIN,
+            "unlabeled": LABELED_TRAIN,
+            "val": val,
+            "test": val,
+        }
 
     pool = AUGMENTED_TRAIN if AUGMENTED_TRAIN in splits else LABELED_TRAIN
     user_splits, user_protocols = load_user_splits(root, index, pool=pool, val=val, builtin=splits)

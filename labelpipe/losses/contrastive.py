@@ -119,7 +119,8 @@ class MemoryBank:
         keep = rank_in_class >= (per_class - self.capacity)[classes]
         # The kept rows of a class are at most `capacity` consecutive ranks: distinct slots mod capacity.
         slots = (self.ptr[classes] + rank_in_class) % self.capacity
-        self.feats[classes[keep], slots[keep]] = feats[keep]
+        flat_slots = classes[keep] * self.capacity + slots[keep]
+        self.feats.view(-1, self.dim).index_copy_(0, flat_slots, feats[keep])
         self.ptr = (self.ptr + per_class) % self.capacity
         self.count = torch.clamp(self.count + per_class, max=self.capacity)
 
@@ -146,8 +147,11 @@ class MemoryBank:
         # float64 draws: floor(u * count) is uniform on [0, count) up to 2^-53.
         u = _rand((classes.shape[0], n), generator, self.device, torch.float64)
         idx = torch.minimum((u * count[:, None]).long(), (count - 1).clamp_min(0)[:, None])
-        out = self.feats[classes[:, None], idx]
-        return out * (count > 0)[:, None, None].to(out.dtype)
+        # An empty queue was never written (load_state_dict zeroes too): its slot 0 holds zeros.
+        flat = (classes * self.capacity)[:, None] + idx
+        return (
+            self.feats.view(-1, self.dim).index_select(0, flat.view(-1)).view(classes.shape[0], n, self.dim)
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         """Only the filled prefix of the buffer is saved (slots past every class's count are zeros)."""
@@ -346,7 +350,8 @@ def u2pl_contrastive(
 
     negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
-    memory.push(neg_class, F.normalize(t_feats[neg_pixel].float(), dim=1))
+    # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
+    memory.push(neg_class, F.normalize(t_feats.float(), dim=1)[neg_pixel])
 
     anchors = anchor_masks(probs, labels, is_labeled, reliable, labels, anchor_threshold, valid)
     candidates_per_class = anchors.sum(dim=1)

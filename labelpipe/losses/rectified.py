@@ -67,7 +67,7 @@ def _rectified_term(
     if mean_over == "valid":
         n_valid = valid.sum().clamp_min(1)
         return weighted_ce.sum() / n_valid + torch.where(valid, var, zeros).sum() / n_valid
-    return weighted_ce.mean() + torch.where(valid, var, zeros).mean()
+    return weighted_ce.mean() + var.mean()
 
 
 def rectified_loss(

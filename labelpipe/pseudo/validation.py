@@ -47,8 +47,10 @@ def nonnegative_float16_bits(values: np.ndarray, name: str) -> np.ndarray:
 def clamp_nonnegative(values: np.ndarray) -> np.ndarray:
     """Clamp a float16 array of a quantity that is >= 0 in exact arithmetic (entropy, KL) at 0:
     negative entries are rounding error. NaN is kept (and rejected by the histogram)."""
-    if values.size and values.min() < 0:
-        return np.maximum(values, np.float16(0))
+    # Checked on the bit patterns: a float16 min() is ~30x slower than a uint16 max().
+    bits = values.view(np.uint16)
+    if bits.size and bits.max() > FLOAT16_POSITIVE_INFINITY_BITS:  # negative values or NaN present
+        return np.where((bits > FLOAT16_NEGATIVE_ZERO_BITS) & ~np.isnan(values), np.float16(0), values)
     return values
 
 

@@ -17,7 +17,8 @@ from labelpipe.data.dataset import SegmentationDataset, StepBatchSampler, collat
 from labelpipe.data.transforms import weak_transform
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
 from labelpipe.runtime import Runtime, seed_everything
-from labelpipe.stages.common import StageContext, model_from_config, open_context
+from labelpipe.data.base import preflight
+from labelpipe.stages.common import StageContext, class_prior, model_from_config, open_context
 from labelpipe.stages.evaluate import measure
 from labelpipe.stages.training import TrainJob, train
 from labelpipe.store.atomic import atomic_write_json, sha256_json
@@ -92,6 +93,9 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         return stage.manifest().get("summary", {})
     if force and runtime.is_main and stage.path.exists():
         shutil.rmtree(stage.path)
+    preflight(samples)
+    preflight(ctx.source.split(ctx.roles["val"]))
+    class_prior(ctx, labeled)  # reads every labeled mask once: bad values fail here, not at step 5,000
     if runtime.is_main:
         stage.begin("pretrain", fingerprint, inputs)
 

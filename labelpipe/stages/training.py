@@ -110,8 +110,16 @@ def train(job: TrainJob) -> dict[str, Any]:
             print(f"resuming {job.description} from step {start} ({ckpt_path})")
 
     log_path = job.stage_dir / "log.jsonl"
-    log_lines = _read_log(log_path, start)
+    log_file = None
+    if rt.is_main:  # drop records past the checkpoint we resume from, then append live
+        kept = _read_log(log_path, start)
+        log_path.write_text("".join(line + "\n" for line in kept))
+        log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed below
     writer = _tensorboard(job.stage_dir, rt.is_main)
+
+    def log(record: dict[str, Any]) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
 
     def checkpoint(step: int) -> None:
         if not rt.is_main:
@@ -123,7 +131,6 @@ def train(job: TrainJob) -> dict[str, Any]:
             "scaler": scaler.state_dict(), "extras": {k: v.state_dict() for k, v in job.extras.items()},
             "rng": rng_state(), "last_val": last_val,
         })
-        log_path.write_text("".join(line + "\n" for line in log_lines))
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -151,7 +158,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                 record = {"step": done, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
                           "images_per_s": round(n_images / max(elapsed, 1e-9), 2), **logs}
                 t_last, n_images = time.time(), 0
-                log_lines.append(json.dumps(record))
+                log(record)
                 if writer is not None:
                     for key, value in record.items():
                         if key != "step" and isinstance(value, (int, float)):
@@ -160,7 +167,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             if job.validate is not None and (done % cfg.val_every == 0 or done == job.total_steps):
                 last_val = job.validate(model)
                 model.train()
-                log_lines.append(json.dumps({"step": done, **{f"val_{k}": v for k, v in last_val.items()}}))
+                log({"step": done, **{f"val_{k}": v for k, v in last_val.items()}})
                 if writer is not None:
                     for key, value in last_val.items():
                         writer.add_scalar(f"val/{key}", value, done)
@@ -168,8 +175,8 @@ def train(job: TrainJob) -> dict[str, Any]:
             if done % cfg.checkpoint_every == 0 or done == job.total_steps:
                 checkpoint(done)
             progress.update(task, completed=done)
-    if start >= job.total_steps and rt.is_main:
-        log_path.write_text("".join(line + "\n" for line in log_lines))
+    if log_file is not None:
+        log_file.close()
     if writer is not None:
         writer.close()
     return last_val

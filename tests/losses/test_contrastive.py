@@ -503,3 +503,12 @@ def test_u2pl_is_reproducible_with_a_seeded_generator():
         results.append(loss.item())
         assert math.isfinite(results[-1]) and stats["classes"] > 5
     assert results[0] == results[1]
+
+
+def test_denoising_treats_a_class_without_prototype_as_orthogonal():
+    bank = PrototypeBank(num_classes=3, dim=2, momentum=0.0)
+    bank.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))  # class 2 never seen
+    probs = torch.tensor([[0.3, 0.4, 0.3]])
+    feats = torch.tensor([[-1.0, 0.0]])  # distances: 2 to class 0, sqrt 2 to class 1
+    # class 2 gets the same weight as the orthogonal class 1, so p decides between them: class 1
+    assert denoise_pseudo_labels(probs, feats, bank).tolist() == [1]

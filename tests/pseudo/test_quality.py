@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+
+from labelpipe.pseudo.quality import PseudoQualityAccumulator, pseudo_label_quality, uncertainty_gap
+
+from .synthetic import random_predictions
+
+GT = np.array([0, 0, 1, 1, 2, 255], dtype=np.uint8)
+PSEUDO = np.array([0, 255, 1, 0, 255, 2], dtype=np.uint8)
+PRIOR = np.array([0.25, 0.25, 0.5])
+
+
+def test_hand_computed_quality():
+    # confusion rows gt 0, 1, 2; columns pseudo 0, 1, 2, not kept. The gt-255 pixel is ignored.
+    quality = pseudo_label_quality(PSEUDO, GT, PRIOR, 3)
+    np.testing.assert_array_equal(quality["confusion"], [[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(quality["precision"], [0.5, 1.0, np.nan])
+    np.testing.assert_allclose(quality["coverage"], [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(quality["recall"], [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(quality["iou"], [1 / 3, 1 / 2, 0.0])  # a missed pixel is a false negative
+    assert quality["miou"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    np.testing.assert_allclose(quality["iou_kept"], [1 / 2, 1 / 2, np.nan])
+    assert quality["miou_kept"] == pytest.approx(0.5)
+    assert quality["kept_fraction"] == pytest.approx(4 / 6)
+    np.testing.assert_allclose(quality["pseudo_distribution"], [0.5, 0.25, 0.25])
+    # KL(r || r_pseudo) = .25 ln(.25/.5) + .25 ln(1) + .5 ln(.5/.25) = 0.25 ln 2
+    assert quality["kl_prior_pseudo"] == pytest.approx(0.25 * math.log(2), abs=1e-6)
+    assert math.isnan(quality["uncertainty_gap"])
+
+
+def test_kl_is_zero_when_pseudo_distribution_matches_prior_and_finite_when_a_class_is_missing():
+    quality = pseudo_label_quality(PSEUDO, GT, np.array([0.5, 0.25, 0.25]), 3)
+    assert quality["kl_prior_pseudo"] == pytest.approx(0.0, abs=1e-6)
+    none_kept = pseudo_label_quality(np.full(6, 255, np.uint8), GT, PRIOR, 3)
+    assert math.isfinite(none_kept["kl_prior_pseudo"]) and none_kept["kl_prior_pseudo"] > 10
+
+
+def test_uncertainty_gap_by_hand():
+    certainty = np.array([0.9, 0.3, 0.8, 0.5, 0.7, 0.1])
+    pred = np.array([0, 1, 1, 0, 2, 2], dtype=np.uint8)
+    # right: pixels 0, 2, 4 (mean 0.8); wrong: 1, 3 (mean 0.4); pixel 5 has no ground truth.
+    quality = pseudo_label_quality(PSEUDO, GT, PRIOR, 3, certainty=certainty, pred=pred)
+    assert quality["uncertainty_gap"] == pytest.approx(0.4)
+    correct = np.array([True, False, True, False, True])
+    assert uncertainty_gap(certainty[:5], correct) == pytest.approx(0.4)
+    assert math.isnan(uncertainty_gap(certainty[:2], np.array([True, True])))
+
+
+def test_gap_defaults_to_the_kept_pseudo_labels():
+    certainty = np.array([0.9, 0.3, 0.8, 0.5, 0.7, 0.1])
+    # kept with gt: pixel 0 right (0.9), 2 right (0.8), 3 wrong (0.5)
+    quality = pseudo_label_quality(PSEUDO, GT, PRIOR, 3, certainty=certainty)
+    assert quality["uncertainty_gap"] == pytest.approx(0.85 - 0.5)
+
+
+def test_streaming_accumulation_equals_one_shot():
+    label, conf = random_predictions(2, 3000, 4)
+    gt = np.where(np.random.default_rng(3).random(3000) < 0.8, label, np.uint8(1)).astype(np.uint8)
+    gt[::17] = 255
+    pseudo = np.where(conf > 0.9, label, 255).astype(np.uint8)
+    prior = np.array([0.1, 0.2, 0.3, 0.4])
+    whole = pseudo_label_quality(pseudo, gt, prior, 4, certainty=conf, pred=label)
+    accumulator = PseudoQualityAccumulator(4, prior)
+    for start in range(0, 3000, 700):
+        piece = slice(start, start + 700)
+        accumulator.update(pseudo[piece], gt[piece], certainty=conf[piece], pred=label[piece])
+    streamed = accumulator.result()
+    for key, value in whole.items():
+        np.testing.assert_allclose(streamed[key], value, rtol=1e-12, err_msg=key)
+
+
+def test_invalid_inputs_raise():
+    with pytest.raises(ValueError, match="class ids >= 3"):
+        pseudo_label_quality(np.array([3], np.uint8), np.array([0], np.uint8), PRIOR, 3)
+    with pytest.raises(ValueError, match="same number of pixels"):
+        pseudo_label_quality(PSEUDO[:2], GT, PRIOR, 3)
+    with pytest.raises(ValueError, match="prior has 3 classes"):
+        PseudoQualityAccumulator(4, PRIOR)
+    with pytest.raises(ValueError, match="sum to 1"):
+        PseudoQualityAccumulator(3, np.array([0.5, 0.5, 0.5]))
