@@ -49,6 +49,10 @@ class DatasetSource:
     decode_mask: Callable[[np.ndarray], np.ndarray] | None = None
     # Classes the evaluation also averages over separately, e.g. SYNTHIA's 13-class mean.
     class_subsets: dict[str, list[int]] = field(default_factory=dict)
+    # Reads the raw mask array when PIL's default decoding loses information (SYNTHIA's 16-bit PNGs).
+    read_raw_mask: Callable[[Path], np.ndarray] | None = None
+    # What an adapter skipped while scanning the tree (one line each), for `labelpipe data check`.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +68,13 @@ class DatasetSource:
         if not samples:
             raise LabelpipeError(f"{self.root}: split '{name}' is empty; list one image id per line")
         return samples
+
+    def read_mask(self, path: Path) -> np.ndarray:
+        """(H, W) uint8 class ids of a mask of this data set, decoded and validated."""
+        return read_mask(path, self.num_classes, self.decode_mask, self.ignore_index, self.read_raw_mask)
+
+    def read_pair(self, sample: SampleRef) -> tuple[np.ndarray, np.ndarray | None]:
+        return read_pair(sample, self.num_classes, self.decode_mask, self.ignore_index, self.read_raw_mask)
 
     def protocol(self, name: str | None) -> dict[str, str]:
         name = name or self.default_protocol
@@ -89,6 +100,7 @@ def read_mask(
     num_classes: int,
     decode: Callable[[np.ndarray], np.ndarray] | None = None,
     ignore_index: int = IGNORE_INDEX,
+    read_raw: Callable[[Path], np.ndarray] | None = None,
 ) -> np.ndarray:
     """(H, W) uint8 class ids with ``ignore_index`` for ignored pixels, validated.
 
@@ -98,12 +110,20 @@ def read_mask(
     if not path.is_file():
         raise LabelpipeError(f"{path}: mask file is missing; restore it or remove its id from the split list")
     try:
-        with Image.open(path) as im:
-            raw = np.asarray(im)
+        if read_raw is not None:
+            raw = read_raw(path)
+        else:
+            with Image.open(path) as im:
+                raw = np.asarray(im)
+    except LabelpipeError:
+        raise
     except (OSError, ValueError) as exc:
         raise LabelpipeError(f"{path}: cannot read mask ({exc}); replace the file") from exc
     if decode is not None:
-        mask = decode(raw)
+        try:
+            mask = decode(raw)
+        except LabelpipeError as exc:
+            raise LabelpipeError(f"{path}: {exc}") from exc
     else:
         if raw.ndim != 2:
             raise LabelpipeError(
@@ -121,13 +141,13 @@ def read_mask(
 
 
 def read_pair(
-    sample: SampleRef, num_classes: int, decode=None, ignore_index: int = IGNORE_INDEX
+    sample: SampleRef, num_classes: int, decode=None, ignore_index: int = IGNORE_INDEX, read_raw=None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Image and mask of one sample, checked to have the same height and width."""
     image = read_image(sample.image)
     if sample.mask is None:
         return image, None
-    mask = read_mask(sample.mask, num_classes, decode, ignore_index)
+    mask = read_mask(sample.mask, num_classes, decode, ignore_index, read_raw)
     if mask.shape != image.shape[:2]:
         raise LabelpipeError(
             f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.image.name} is "

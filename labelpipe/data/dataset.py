@@ -76,18 +76,20 @@ class SegmentationDataset(Dataset):
         photometric: Callable | None = None,
         require_masks: bool = True,
         masks: Callable[[int], np.ndarray | None] | None = None,
+        weights: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         self.source, self.samples = source, samples
         self.transform, self.photometric = transform, photometric
         self.require_masks = require_masks
         self.masks = masks  # overrides the on-disk masks (pseudo-labels)
+        self.weights = weights  # optional per-pixel weights, transformed with the mask
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         sample = self.samples[index]
-        image, mask = read_pair(sample, self.source.num_classes, self.source.decode_mask, self.source.ignore_index)
+        image, mask = self.source.read_pair(sample)
         if self.masks is not None:
             mask = self.masks(index)
         if mask is None:
@@ -104,25 +106,36 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = (key, None) if isinstance(key, int) else key
         image, mask = self.load(index)
+        weight = None
+        if self.weights is not None:
+            weight = tv_tensors.Mask(torch.from_numpy(np.asarray(self.weights(index), np.float32)))
         if seed is not None and (self.transform is not None or self.photometric is not None):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 if self.transform is not None:
-                    image, mask = self.transform(image, mask)
+                    if weight is None:
+                        image, mask = self.transform(image, mask)
+                    else:
+                        image, mask, weight = self.transform(image, mask, weight)
                 if self.photometric is not None:
                     image = self.photometric(image)
-        return {
+        item = {
             "image": to_model_input(image.as_subclass(torch.Tensor)),
             "mask": mask.as_subclass(torch.Tensor).long(),
             "index": index,
             "id": self.samples[index].id,
         }
+        if weight is not None:
+            item["weight"] = weight.as_subclass(torch.Tensor).float()
+        return item
 
 
 def collate(items: list[dict]) -> dict:
     """Stack same-size items; keep lists where sizes differ (sliding-window eval handles those)."""
     out: dict = {"index": torch.tensor([it["index"] for it in items]), "id": [it["id"] for it in items]}
-    for key in ("image", "mask"):
+    for key in ("image", "mask", "weight"):
+        if key not in items[0]:
+            continue
         tensors = [it[key] for it in items]
         same = all(t.shape == tensors[0].shape for t in tensors)
         out[key] = torch.stack(tensors) if same else tensors

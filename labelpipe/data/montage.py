@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelpipe.data.base import DatasetSource, read_pair
+from labelpipe.data.base import DatasetSource
 
 IGNORE_COLOUR = (255, 255, 255)
 # Mask values that are neither a class nor ignore cannot occur after read_mask's validation;
@@ -45,7 +45,7 @@ def write_montage(source: DatasetSource, split: str, out_png: Path, n: int = 16,
         axis.set_axis_off()
     for slot, sample_index in enumerate(chosen):
         sample = samples[sample_index]
-        image, mask = read_pair(sample, source.num_classes, source.decode_mask, source.ignore_index)
+        image, mask = source.read_pair(sample)
         image_axis = axes[slot // pairs_per_row, 2 * (slot % pairs_per_row)]
         mask_axis = axes[slot // pairs_per_row, 2 * (slot % pairs_per_row) + 1]
         image_axis.imshow(image, interpolation="nearest")

@@ -42,6 +42,7 @@ KINDS: dict[str, Callable[[Path], DatasetSource]] = {
 }
 
 TARGET_LINK = "target"
+ADAPTATION_SOURCES = ("gta5", "synthia")  # kinds whose ROOT/target link is picked up
 ADAPT_PROTOCOL = "adapt"
 
 
@@ -76,8 +77,9 @@ def _unknown_tree_message(root: Path) -> str:
 def open_dataset(root: Path, kind: str | None = None, target_root: Path | None = None) -> DatasetSource:
     """The data set at ``root`` as a :class:`DatasetSource`; ``kind`` is detected when None.
 
-    ``target_root`` (default: ``root/target`` when it exists) adds a domain-adaptation target, see
-    :func:`with_target`. Raises a one-line :class:`LabelpipeError` naming the root and the fix.
+    ``target_root`` (default for gta5 / synthia: ``root/target`` when it exists) adds a
+    domain-adaptation target, see :func:`with_target`. Raises a one-line :class:`LabelpipeError`
+    naming the root and the fix.
     """
     root = Path(root)
     if not root.is_dir():
@@ -90,7 +92,7 @@ def open_dataset(root: Path, kind: str | None = None, target_root: Path | None =
     elif kind not in KINDS:
         raise LabelpipeError(f"{root}: unknown data set kind '{kind}'; use --kind {{{', '.join(KINDS)}}}")
     source = KINDS[kind](root)
-    if target_root is None and (root / TARGET_LINK).is_dir() and kind != "folder":
+    if target_root is None and kind in ADAPTATION_SOURCES and (root / TARGET_LINK).is_dir():
         target_root = root / TARGET_LINK
     if target_root is not None:
         source = with_target(source, open_dataset(Path(target_root)))

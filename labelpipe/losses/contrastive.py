@@ -69,8 +69,9 @@ class MemoryBank:
     """Per-class FIFO queues of features in one preallocated ring buffer.
 
     ``feats`` (C, capacity, D), ``ptr`` (C,) next write slot, ``count`` (C,) filled slots; all on
-    ``device``. Slots ``[0, count)`` are always the filled ones. Memory: C * capacity * D * 4 bytes in
-    float32 (19 x 30,000 x 256 = 584 MB); pass ``dtype=torch.float16`` to halve it.
+    ``device``. Slots ``[0, count)`` are always the filled ones, and slots never written are zeros.
+    Memory: C * capacity * D * 4 bytes in float32 (19 x 30,000 x 256 = 584 MB); pass
+    ``dtype=torch.float16`` to halve it. :func:`u2pl_contrastive` stores unit vectors in it.
     """
 
     def __init__(
@@ -111,16 +112,20 @@ class MemoryBank:
             return
         if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes:
             raise ValueError(f"class ids must lie in [0, {self.num_classes})")
+        # Rank of each row among the rows of its class (stable sort keeps their order), computed on
+        # the ids only: the (K, D) rows are copied once, straight into the buffer.
         order = torch.argsort(class_ids, stable=True)
-        classes, feats = class_ids[order], feats[order]
-        per_class = torch.bincount(classes, minlength=self.num_classes)
+        per_class = torch.bincount(class_ids, minlength=self.num_classes)
         group_start = torch.cumsum(per_class, 0) - per_class
-        rank_in_class = torch.arange(n, device=self.device) - group_start[classes]
-        keep = rank_in_class >= (per_class - self.capacity)[classes]
+        sorted_classes = class_ids[order]
+        rank_in_class = torch.empty_like(order)
+        rank_in_class[order] = torch.arange(n, device=self.device) - group_start[sorted_classes]
         # The kept rows of a class are at most `capacity` consecutive ranks: distinct slots mod capacity.
-        slots = (self.ptr[classes] + rank_in_class) % self.capacity
-        flat_slots = classes[keep] * self.capacity + slots[keep]
-        self.feats.view(-1, self.dim).index_copy_(0, flat_slots, feats[keep])
+        flat_slots = class_ids * self.capacity + (self.ptr[class_ids] + rank_in_class) % self.capacity
+        if int(per_class.max()) > self.capacity:
+            keep = rank_in_class >= (per_class - self.capacity)[class_ids]
+            flat_slots, feats = flat_slots[keep], feats[keep]
+        self.feats.view(-1, self.dim).index_copy_(0, flat_slots, feats)
         self.ptr = (self.ptr + per_class) % self.capacity
         self.count = torch.clamp(self.count + per_class, max=self.capacity)
 
@@ -332,6 +337,8 @@ def u2pl_contrastive(
     class with anchors, a non-empty queue and a prototype, sample M anchors, draw N negatives per
     anchor from that class's queue, and take the prototype as the positive; (4) average the InfoNCE
     over anchors and classes. Returns (loss, stats); loss is a grad-safe 0 when no class qualifies.
+    stats (ints): ``classes`` (classes in the loss), ``anchor_candidates``, ``negatives_pushed``.
+    ``memory`` and ``prototypes`` must live on the features' device.
     """
     device = student_feats.device
     t_feats = teacher_feats.detach()

@@ -103,7 +103,7 @@ def class_prior(ctx: StageContext, split: str) -> np.ndarray:
     for sample in ctx.source.split(split):
         if sample.mask is None:
             raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; the class prior needs masks")
-        mask = read_mask(sample.mask, ctx.source.num_classes, ctx.source.decode_mask, ctx.source.ignore_index)
+        mask = ctx.source.read_mask(sample.mask)
         counts += np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=ctx.source.num_classes)
     if counts.sum() == 0:
         raise LabelpipeError(f"split '{split}': masks contain no labeled pixels; the class prior is undefined")

@@ -168,7 +168,7 @@ def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, meth
                     im.save(export_dir / f"{image_id.replace('/', '__')}.png")
                 gt = None
                 if has_gt and by_id[image_id].mask is not None:
-                    gt = read_mask(by_id[image_id].mask, C, source.decode_mask, source.ignore_index)
+                    gt = source.read_mask(by_id[image_id].mask)
                     if gt.shape != lab.shape:
                         raise LabelpipeError(f"{by_id[image_id].mask}: mask size differs from the prediction's")
                     gt_counts += np.bincount(gt[gt != 255].ravel(), minlength=C)[:C]

@@ -1,0 +1,320 @@
+"""``labelpipe selftrain --rounds K``: rounds of predict -> pseudolabel -> retrain.
+
+Round k (``selftrain/round-k/``): ``predict/`` with the current model, ``pseudolabel/`` with the
+method and the round's labeling ratio ``alphas[k-1]``, then ``train/``: starting from the previous
+round's weights, on equal batches of labeled (or source) images and pseudo-labeled unlabeled images.
+
+One training step (all losses from ``labelpipe.losses``; ALGORITHMS.md sections 3-4):
+
+    sup     = CE(main, y) + aux_weight * CE(aux, y)                      labeled batch
+    target  = stored pseudo-labels | teacher's online labels (entropy split, alpha_t schedule)
+              [--denoise: argmax(w * p) with prototype weights w]
+    unsup   = lambda_u * CE|SCE(main_u, target) [* exp(-variance) weights]  (Eq. 14)
+              or, with --rectified, rectified_loss(main_u, aux_u, target)   (seed 000)
+    contra  = lambda_c * u2pl_contrastive(student rep, teacher rep, ...)    (U2PL+ Eq. 21-28)
+    loss    = sup + unsup + contra
+
+The EMA teacher, memory bank and prototypes are in the checkpoint; the per-step randomness
+(CutMix boxes, anchor / negative sampling) is seeded by (seed, round, step), so a killed round
+resumes on the same trajectory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labelpipe.config import RunConfig
+from labelpipe.data.base import preflight
+from labelpipe.data.dataset import SegmentationDataset, item_seed
+from labelpipe.data.transforms import strong_photometric, weak_transform
+from labelpipe.losses import (
+    MemoryBank,
+    PrototypeBank,
+    denoise_pseudo_labels,
+    masked_ce,
+    rectified_loss,
+    symmetric_ce,
+    u2pl_contrastive,
+    unsupervised_ce_weight,
+)
+from labelpipe.pseudo import alpha_schedule, entropy_split_torch
+from labelpipe.runtime import Runtime, barrier, seed_everything
+from labelpipe.stages.common import StageContext, class_prior, model_path, open_context
+from labelpipe.stages.predict import run_predict
+from labelpipe.stages.pretrain import make_validator, model_metadata, step_loader, wrap_ddp
+from labelpipe.stages.pseudolabel import run_pseudolabel
+from labelpipe.stages.training import TrainJob, train
+from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
+from labelpipe.store.checkpoint import load_model_weights, save_model
+from labelpipe.store.manifest import StageDir
+from labelpipe.store.prediction_store import escape_id
+from labelpipe.teacher import EMATeacher
+
+
+class LabelStoreReader:
+    """Pseudo-labels (and weights) of ``labels.h5`` by dataset index; opens lazily per process."""
+
+    def __init__(self, path: Path, ids: list[str]) -> None:
+        self.path, self.ids = path, ids
+        self._file: h5py.File | None = None
+        self._pid = -1
+
+    def _images(self) -> h5py.Group:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file["images"]
+
+    def label(self, index: int) -> np.ndarray:
+        return self._images()[escape_id(self.ids[index])]["label"][()]
+
+    def weight(self, index: int) -> np.ndarray:
+        return self._images()[escape_id(self.ids[index])]["weight"][()].astype(np.float32)
+
+    def has_weights(self) -> bool:
+        return len(self.ids) > 0 and "weight" in self._images()[escape_id(self.ids[0])]
+
+
+def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.Generator, p: float = 0.5):
+    """Paste one random box from the next image of the batch into each image (probability ``p``).
+
+    ``targets`` (labels, weights, ...) are mixed with the same boxes. Returns the mixed tensors.
+    """
+    b, _, h, w = images.shape
+    if b < 2:
+        return images, targets
+    apply = torch.rand(b, generator=generator) < p
+    area = 0.02 + (0.4 - 0.02) * torch.rand(b, generator=generator)
+    ratio = torch.exp((torch.rand(b, generator=generator) - 0.5) * np.log(3.0))
+    bh = (torch.sqrt(area * ratio) * h).clamp(1, h).long()
+    bw = (torch.sqrt(area / ratio) * w).clamp(1, w).long()
+    top = (torch.rand(b, generator=generator) * (h - bh + 1)).long()
+    left = (torch.rand(b, generator=generator) * (w - bw + 1)).long()
+    rows = torch.arange(h)[None, :, None]
+    cols = torch.arange(w)[None, None, :]
+    box = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
+           & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]) & apply[:, None, None])
+    box = box.to(images.device)
+    donor = torch.roll(torch.arange(b), -1).to(images.device)
+    images = torch.where(box[:, None], images[donor], images)
+    targets = [torch.where(box, t[donor], t) for t in targets]
+    return images, targets
+
+
+class RoundObjective:
+    """The loss of one self-training step; the stateful parts are exposed for checkpoints."""
+
+    def __init__(self, ctx: StageContext, net: torch.nn.Module, teacher: EMATeacher | None, round_index: int,
+                 total_steps: int) -> None:
+        self.ctx, self.net, self.teacher = ctx, net, teacher
+        self.cfg, self.st = ctx.config.train, ctx.config.selftrain
+        self.round_index, self.total_steps = round_index, total_steps
+        self.ignore = ctx.source.ignore_index
+        c, d = ctx.source.num_classes, ctx.config.model.rep_dim
+        device = ctx.runtime.device
+        self.memory = MemoryBank(c, d, capacity=30000 if device.type == "cuda" else 5000, device=device)
+        self.prototypes = PrototypeBank(c, d, momentum=0.999, device=device)
+
+    def extras(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"memory": self.memory, "prototypes": self.prototypes}
+        if self.teacher is not None:
+            out["teacher"] = self.teacher
+        return out
+
+    def __call__(self, batch: tuple[dict, dict], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        labeled, unlabeled = batch
+        dev = self.ctx.runtime.device
+        st, ignore = self.st, self.ignore
+        gen = torch.Generator().manual_seed(item_seed(self.ctx.config.seed, 1000 + self.round_index, step))
+        x_l = labeled["image"].to(dev, non_blocking=True)
+        y_l = labeled["mask"].to(dev, non_blocking=True)
+        x_u = unlabeled["image"].to(dev, non_blocking=True)
+        x_u_weak = unlabeled.get("image_weak", unlabeled["image"]).to(dev, non_blocking=True)
+        y_u = unlabeled["mask"].to(dev, non_blocking=True)
+        w_u = unlabeled["weight"].to(dev) if "weight" in unlabeled else None
+
+        need_teacher = self.teacher is not None and (
+            st.pseudo_source == "teacher" or st.contrastive or st.denoise)
+        t_out = None
+        if need_teacher:
+            t_l, t_u = self.teacher(x_l), self.teacher(x_u_weak)
+            t_out = (t_l, t_u)
+            probs_u = torch.softmax(t_u.main.float(), 1)
+            if st.pseudo_source == "teacher":
+                # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels unreliable.
+                alpha_t = alpha_schedule(self.ctx.config.pseudolabel.alpha_t, step, self.total_steps)
+                entropy = -(probs_u * torch.log(probs_u.clamp_min(1e-12))).sum(1)
+                reliable = entropy_split_torch(entropy, alpha_t)
+                y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
+            if st.denoise:
+                rep = F.interpolate(t_u.rep.float(), size=y_u.shape[-2:], mode="bilinear", align_corners=False)
+                denoised = denoise_pseudo_labels(probs_u, rep, self.prototypes)
+                y_u = torch.where(y_u != ignore, denoised, y_u)
+
+        if st.strong_aug:
+            mixed = [y_u] + ([w_u] if w_u is not None else [])
+            x_u, mixed = cutmix(x_u, mixed, gen)
+            y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
+
+        out = self.net(torch.cat([x_l, x_u]))
+        b = x_l.shape[0]
+        main_l, main_u = out.main[:b].float(), out.main[b:].float()
+        aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
+        sup = F.cross_entropy(main_l, y_l, ignore_index=ignore) + self.cfg.aux_weight * F.cross_entropy(
+            aux_l, y_l, ignore_index=ignore)
+        if st.rectified:
+            unsup = rectified_loss(main_u, aux_u, y_u, ignore_index=ignore)
+        else:
+            lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
+            if st.loss == "sce":
+                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], ignore)
+            else:
+                unsup = lam * masked_ce(main_u, y_u, ignore, weight=w_u)
+        loss = sup + unsup
+        logs = {"loss_sup": float(sup.detach()), "loss_unsup": float(unsup.detach()),
+                "kept": float((y_u != ignore).float().mean()), "images": 2 * b * self.ctx.runtime.world}
+        if st.contrastive and t_out is not None:
+            contra, stats = self.contrastive(out.rep, t_out, y_l, y_u, x_l.shape[0], gen)
+            loss = loss + st.lambda_contrastive * contra
+            logs["loss_contrastive"] = float(contra.detach())
+            logs["contrastive_classes"] = stats["classes"]
+        return loss, logs
+
+    def contrastive(self, rep: torch.Tensor, t_out, y_l, y_u, b: int, gen: torch.Generator):
+        """U2PL+ contrastive term on the representation map (labels downsampled by nearest)."""
+        t_l, t_u = t_out
+        size = rep.shape[-2:]
+        t_rep = torch.cat([t_l.rep, t_u.rep]).float()
+        t_probs = torch.softmax(F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear",
+                                              align_corners=False), 1)
+        labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        is_labeled = torch.zeros_like(labels, dtype=torch.bool)
+        is_labeled[:b] = True
+        reliable = (~is_labeled) & (labels != self.ignore)
+        # Unreliable: unlabeled pixels without a pseudo-label; their "label" is the teacher's argmax.
+        labels = torch.where((~is_labeled) & (labels == self.ignore), t_probs.argmax(1), labels)
+        valid = is_labeled & (labels != self.ignore) | ~is_labeled
+        d = rep.shape[1]
+        return u2pl_contrastive(
+            rep.permute(0, 2, 3, 1).reshape(-1, d), t_rep.permute(0, 2, 3, 1).reshape(-1, d),
+            t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]), labels.reshape(-1),
+            is_labeled.reshape(-1), reliable.reshape(-1), self.memory, self.prototypes,
+            num_anchors=256, num_negatives=50, temperature=0.5, generator=gen, valid=valid.reshape(-1),
+            ignore_index=self.ignore,
+        )
+
+
+def _zip_batches(a, b):
+    def batches(start: int):
+        return zip(a(start), b(start), strict=False)
+
+    return batches
+
+
+def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, out: StageDir) -> dict:
+    config, rt = ctx.config, ctx.runtime
+    cfg, st = config.train, config.selftrain
+    steps = st.steps or cfg.steps
+    labeled = ctx.source.split(ctx.roles["labeled"])
+    unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
+    inputs = {"round": k, "init": sha256_file(init_model), "labels": sha256_file(labels_path),
+              "selftrain": st.model_dump(mode="json", exclude={"rounds"}), "seed": config.seed,
+              "train": cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_every", "log_every",
+                                                            "num_workers", "val_limit"})}
+    fingerprint = sha256_json(inputs)
+    if out.is_up_to_date(fingerprint):
+        if rt.is_main:
+            print(f"round {k} train: up to date ({out.path})")
+        return out.manifest().get("summary", {})
+    if rt.is_main:
+        out.begin("selftrain-train", fingerprint, inputs)
+
+    seed_everything(config.seed + k)
+    from labelpipe.stages.common import model_from_config
+
+    model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
+    load_model_weights(init_model, model)
+    model.to(rt.device)
+    net = wrap_ddp(model, rt)
+    teacher = EMATeacher(model, st.ema_momentum).to(rt.device) if (
+        st.pseudo_source == "teacher" or st.contrastive or st.denoise) else None
+
+    strength = 1.0 + 0.5 * (k - 1)  # DARS IT: stronger augmentation in later rounds
+    weak = weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip)
+    reader = LabelStoreReader(labels_path, [s.id for s in unlabeled])
+    labeled_ds = SegmentationDataset(ctx.source, labeled, weak)
+    unlabeled_ds = SegmentationDataset(
+        ctx.source, unlabeled, weak, photometric=strong_photometric(strength) if st.strong_aug else None,
+        require_masks=False, masks=reader.label, weights=reader.weight if reader.has_weights() else None)
+    # The teacher sees the weak view: the same geometry without the photometric part.
+    unlabeled_weak_ds = SegmentationDataset(ctx.source, unlabeled, weak, require_masks=False, masks=reader.label)
+    objective = RoundObjective(ctx, net, teacher, k, steps)
+
+    lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, config.seed + 7919 * k, steps)
+    unl_batches = step_loader(ctx, unlabeled_ds, cfg.batch_size, config.seed + 104729 * k, steps)
+    if teacher is not None and st.strong_aug:
+        weak_batches = step_loader(ctx, unlabeled_weak_ds, cfg.batch_size, config.seed + 104729 * k, steps)
+
+        def unl_with_weak(start: int):
+            for strong, weak_batch in zip(unl_batches(start), weak_batches(start), strict=False):
+                strong["image_weak"] = weak_batch["image"]
+                yield strong
+
+        batches = _zip_batches(lab_batches, unl_with_weak)
+    else:
+        batches = _zip_batches(lab_batches, unl_batches)
+
+    def after_step(step: int) -> None:
+        if teacher is not None:
+            teacher.update(net, step)
+
+    try:
+        last_val = train(TrainJob(
+            stage_dir=out.path, model=net, total_steps=steps, batches=batches, objective=objective, cfg=cfg,
+            runtime=rt, fingerprint=fingerprint, validate=make_validator(ctx), extras=objective.extras(),
+            after_step=after_step, description=f"round {k}",
+        ))
+    except BaseException as exc:
+        if rt.is_main and not isinstance(exc, KeyboardInterrupt):
+            out.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    if rt.is_main:
+        save_model(out.path / "model.safetensors", model, model_metadata(config, ctx, f"round-{k}"))
+        atomic_write_json(out.path / "metrics.json", last_val)
+        out.finish(["model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl"], last_val)
+    barrier()
+    return last_val
+
+
+def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
+    ctx = open_context(config, run_dir, runtime)
+    st = config.selftrain
+    if not model_path(run_dir, "pretrain").is_file():
+        from labelpipe.errors import LabelpipeError
+
+        raise LabelpipeError(f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first")
+    if force and runtime.is_main and (run_dir / "selftrain").exists():
+        shutil.rmtree(run_dir / "selftrain")
+    preflight(ctx.source.split(ctx.roles["labeled"]))
+    class_prior(ctx, ctx.roles["labeled"])
+    rounds: dict[str, Any] = {}
+    previous = "pretrain"
+    pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
+    for k in range(1, st.rounds + 1):
+        round_dir = run_dir / "selftrain" / f"round-{k}"
+        alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
+        store = run_predict(config, run_dir, runtime, model_name=previous, out_dir=round_dir / "predict")
+        labels = run_pseudolabel(pl_config, run_dir, runtime, store_path=store, out_dir=round_dir / "pseudolabel",
+                                 alpha=alpha, quiet=not runtime.is_main)
+        barrier()
+        rounds[f"round-{k}"] = train_round(ctx, k, model_path(run_dir, previous), labels,
+                                           StageDir(round_dir / "train"))
+        previous = f"round-{k}"
+    return rounds
