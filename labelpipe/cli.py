@@ -113,6 +113,74 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")] = None,
+    temperature: Annotated[str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")] = None,
+    topk: Annotated[int | None, typer.Option(help="Also store the k largest probabilities and classes.")] = None,
+) -> None:
+    """Teacher probabilities -> predictions.h5 (label, conf, entropy, variance per pixel)."""
+    from labelpipe.stages.predict import run_predict
+
+    temp: Any = temperature
+    if temperature is not None and temperature != "auto":
+        try:
+            temp = float(temperature)
+        except ValueError as exc:
+            raise LabelpipeError(f"--temperature {temperature}: expected a number or 'auto'") from exc
+    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
+                       predict={"split": split, "temperature": temp, "topk": topk})
+    run_predict(cfg, run, rt, force=force, model_name=model)
+
+
+@app.command()
+def pseudolabel(
+    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    method: Annotated[Method | None, typer.Option(help="threshold, cbst, dars, entropy or variance.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Labeling ratio (cbst, dars).")] = None,
+    tau: Annotated[float | None, typer.Option(help="Confidence threshold (threshold).")] = None,
+    prior_from: Annotated[str | None, typer.Option(help="Split whose masks give the class prior.")] = None,
+    export: Annotated[str | None, typer.Option(help="'png': also write palette PNGs and a list file.")] = None,
+) -> None:
+    """Pseudo-labels from predictions.h5 -> labels.h5, report.json and plots."""
+    from labelpipe.stages.pseudolabel import run_pseudolabel
+
+    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
+                       pseudolabel={"method": method, "alpha": alpha, "tau": tau, "prior_from": prior_from,
+                                    "export": export})
+    run_pseudolabel(cfg, run, rt, force=force)
+
+
+@app.command()
+def selftrain(
+    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds of predict -> pseudolabel -> train.")] = None,
+    method: Annotated[Method | None, typer.Option(help="Pseudo-label method.")] = None,
+    alpha: Annotated[list[float] | None, typer.Option(help="Labeling ratio per round (repeat).")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce or sce.")] = None,
+    contrastive: Annotated[bool | None, typer.Option("--contrastive/--no-contrastive")] = None,
+    rectified: Annotated[bool | None, typer.Option("--rectified/--no-rectified")] = None,
+    denoise: Annotated[bool | None, typer.Option("--denoise/--no-denoise")] = None,
+    strong_aug: Annotated[bool | None, typer.Option("--strong-aug/--no-strong-aug")] = None,
+    pseudo_source: Annotated[str | None, typer.Option(help="stored or teacher.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per round.")] = None,
+) -> None:
+    """Rounds of predict -> pseudolabel -> retraining (CE/SCE, contrastive, rectified)."""
+    from labelpipe.stages.selftrain import run_selftrain
+
+    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
+                       selftrain={"rounds": rounds, "method": method, "alphas": tuple(alpha) if alpha else None,
+                                  "loss": loss, "contrastive": contrastive, "rectified": rectified,
+                                  "denoise": denoise, "strong_aug": strong_aug, "pseudo_source": pseudo_source,
+                                  "steps": steps})
+    run_selftrain(cfg, run, rt, force=force)
+
+
+@app.command()
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN) -> None:
     """What each stage of a run has done, from its manifests."""
     from labelpipe.stages.status import show_status

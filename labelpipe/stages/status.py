@@ -40,8 +40,9 @@ def show_status(run_dir: Path) -> None:
         raise LabelpipeError(f"{run_dir}: no such run directory; pass the --run of an earlier command")
     rows = collect(run_dir)
     table = Table(title=f"run {run_dir}")
-    for col in ("stage", "status", "wall", "finished", "summary", "note"):
-        table.add_column(col)
+    table.add_column("stage", no_wrap=True)
+    for col in ("status", "wall", "finished", "summary", "note"):
+        table.add_column(col, no_wrap=col != "note")
     for r in rows:
         finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["finished"])) if r["finished"] else ""
         wall = f"{r['wall_s']:.0f}s" if r["wall_s"] is not None else ""

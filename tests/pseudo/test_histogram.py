@@ -40,14 +40,16 @@ def test_hand_computed_order_statistics():
     assert hist.count_below_overall(0.75) == 3
 
 
-def test_many_small_updates_equal_one_large_update():
+def test_many_small_updates_equal_one_large_update_and_bincount():
     label, conf = random_predictions(3, 1000, 5)
-    small = Float16Histogram(5, buffer_size=7)
+    small = Float16Histogram(5, piece_size=7)
     for start in range(0, 1000, 33):
         small.update(label[start : start + 33], conf[start : start + 33])
     large = Float16Histogram(5)
     large.update(label, conf)
     np.testing.assert_array_equal(small.counts, large.counts)
+    index = label.astype(np.int64) * 65536 + conf.view(np.uint16)
+    np.testing.assert_array_equal(large.counts.ravel(), np.bincount(index, minlength=5 * 65536))
 
 
 def test_merge_equals_update_on_the_concatenation():
@@ -100,7 +102,7 @@ def test_invalid_inputs_are_rejected():
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 3000), num_classes=st.integers(1, 6))
 def test_order_statistics_equal_sorting(seed, n, num_classes):
     label, conf = random_predictions(seed, n, num_classes)
-    hist = Float16Histogram(num_classes, buffer_size=257)
+    hist = Float16Histogram(num_classes, piece_size=257)
     hist.update(label, conf)
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
