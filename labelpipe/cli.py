@@ -181,6 +181,20 @@ def selftrain(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN,
+    format_: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "torchscript",
+    model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: RUN/export/MODEL.pt|onnx).")] = None,
+    device: Annotated[Device, typer.Option("--device", help="Device to trace and check on.")] = Device.cpu,
+) -> None:
+    """The main head of a run's model as TorchScript or ONNX, checked against PyTorch."""
+    from labelpipe.stages.export import run_export
+
+    run_export(run, format_, model, out, device.value)
+
+
+@app.command()
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN) -> None:
     """What each stage of a run has done, from its manifests."""
     from labelpipe.stages.status import show_status

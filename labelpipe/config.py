@@ -76,6 +76,8 @@ class PredictConfig(Section):
     topk: int = Field(0, ge=0)
     batch_size: int = 32
     split: str | None = None  # default: the protocol's unlabeled split
+    # Images per part file (the unit a killed predict resumes from); rounded up to a multiple of batch_size.
+    images_per_part: int = Field(32, ge=1)
 
 
 class PseudolabelConfig(Section):

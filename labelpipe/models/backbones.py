@@ -1,7 +1,8 @@
 """torchvision backbones returning the three feature maps DeepLabv3+ needs.
 
-``low`` (stride 4) feeds the decoder's skip connection, ``mid`` (stride 16) the auxiliary
-classifier, ``high`` (stride 8 or 16, dilated) the ASPP.
+``low`` (stride 4) feeds the decoder's skip connection, ``mid`` (the layer3 / stride-16 stage,
+dilated to stride 8 at output stride 8) the auxiliary classifier, ``high`` (stride 8 or 16,
+dilated) the ASPP.
 """
 
 from __future__ import annotations

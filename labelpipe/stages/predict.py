@@ -7,6 +7,7 @@ CUDA); HDF5 writes run in a writer thread; a killed run resumes after its last c
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def run_predict(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool 
         temperature = float(pcfg.temperature)
 
     parts_dir = stage.path / "parts"
-    writer = PartWriter(parts_dir, rank=runtime.rank, images_per_part=max(pcfg.batch_size, 32))
+    # Whole batches per part: a resumed run then sees the same batches as an uninterrupted one, so its
+    # logits (and the store) are identical to the last bit.
+    per_part = pcfg.batch_size * math.ceil(pcfg.images_per_part / pcfg.batch_size)
+    writer = PartWriter(parts_dir, rank=runtime.rank, images_per_part=per_part)
     done = set(writer.done_ids())
     mine = [s for s in samples[runtime.rank :: runtime.world] if s.id not in done]
     from rich.progress import Progress

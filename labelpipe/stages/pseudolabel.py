@@ -8,6 +8,7 @@ float16 weight for ``variance``), ``report.json``, plots, optional palette PNGs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,7 +30,7 @@ from labelpipe.runtime import Runtime
 from labelpipe.stages.common import StageContext, class_prior, open_context
 from labelpipe.store.atomic import atomic_path, atomic_write_json, sha256_file, sha256_json
 from labelpipe.store.manifest import StageDir
-from labelpipe.store.prediction_store import PredictionStore, _write_index, write_image
+from labelpipe.store.prediction_store import LIBVER, PredictionStore, _write_index, write_image
 
 HIST_BINS = 64
 
@@ -48,14 +49,17 @@ def _split_chunk(array: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.nd
 
 
 def _jsonable(value: Any) -> Any:
+    """numpy -> JSON types; NaN and +-inf (an empty class's threshold) -> null, since JSON has neither."""
     if isinstance(value, np.ndarray):
-        return [None if isinstance(v, float) and np.isnan(v) else v for v in value.tolist()]
+        return [_jsonable(v) for v in value.tolist()]
     if isinstance(value, (np.floating, float)):
-        return None if np.isnan(value) else float(value)
+        return float(value) if np.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -136,61 +140,65 @@ def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, meth
     gap_variance = PseudoQualityAccumulator(C, prior) if "variance" in store.columns else None
     rows: list[list[np.ndarray]] = []
     export_dir = out / "export"
+    shutil.rmtree(export_dir, ignore_errors=True)  # PNGs of an earlier run are not this run's labels
+    shutil.rmtree(out / "plots", ignore_errors=True)
     if pcfg.export == "png":
-        shutil.rmtree(export_dir, ignore_errors=True)
         export_dir.mkdir(parents=True)
     tmp = out / f".labels.h5.tmp-{os.getpid()}"
-    with h5py.File(tmp, "w") as fh:
-        grp = fh.create_group("images")
-        ids_written: list[str] = []
-        shapes_written: list[tuple[int, int]] = []
-        for chunk, labels, weights in stream:
-            n_pixels += labels.size
-            kept = labels != 255
-            kept_counts += np.bincount(labels[kept], minlength=C)[:C]
-            pred_counts += np.bincount(chunk["label"], minlength=C)[:C]
-            for k in hists:
-                hists[k] += np.histogram(chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k])[0]
-            per_label = _split_chunk(labels, chunk["shapes"])
-            per_weight = _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
-            per_pred = _split_chunk(chunk["label"], chunk["shapes"])
-            per_conf = _split_chunk(chunk["conf"], chunk["shapes"]) if "conf" in chunk else [None] * len(per_label)
-            per_var = _split_chunk(chunk["variance"], chunk["shapes"]) if "variance" in chunk else [None] * len(per_label)
-            for image_id, lab, wt, pred, conf, var in zip(chunk["ids"], per_label, per_weight, per_pred, per_conf,
-                                                           per_var):
-                columns = {"label": lab} if wt is None else {"label": lab, "weight": wt}
-                write_image(grp, image_id, columns)
-                ids_written.append(image_id)
-                shapes_written.append(lab.shape)
-                if pcfg.export == "png":
-                    im = Image.fromarray(lab, mode="P")
-                    im.putpalette([v for rgb in source.palette for v in rgb] + [255] * 3 * (256 - C))
-                    im.save(export_dir / f"{image_id.replace('/', '__')}.png")
-                gt = None
-                if has_gt and by_id[image_id].mask is not None:
-                    gt = source.read_mask(by_id[image_id].mask)
-                    if gt.shape != lab.shape:
-                        raise LabelpipeError(f"{by_id[image_id].mask}: mask size differs from the prediction's")
-                    gt_counts += np.bincount(gt[gt != 255].ravel(), minlength=C)[:C]
-                    quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
-                    if gap_variance is not None:
-                        gap_variance.update(lab, gt, certainty=np.exp(-var.astype(np.float32)), pred=pred)
-                    if conf is not None:
-                        valid = gt != 255
-                        calib.update_numpy(conf[valid].astype(np.float32), (pred == gt)[valid])
-                if len(rows) < 6 and image_id in by_id:
-                    rgb = read_image(by_id[image_id].image)
-                    row = [rgb, plots.colorize(pred, source.palette), plots.colorize(lab, source.palette)]
-                    if gt is not None:
-                        row.insert(1, plots.colorize(gt, source.palette))
-                    rows.append(row)
-        _write_index(fh, ids_written, shapes_written)
-        fh.attrs["classes"] = __import__("json").dumps(source.classes)
-        fh.attrs["num_classes"] = C
-        fh.attrs["columns"] = __import__("json").dumps(["label"] + (["weight"] if method == "variance" else []))
-        fh.attrs["method"] = method
-    with atomic_path(out / "labels.h5") as final:
-        os.replace(tmp, final)
+    try:
+        with h5py.File(tmp, "w", libver=LIBVER) as fh:
+            grp = fh.create_group("images")
+            ids_written: list[str] = []
+            shapes_written: list[tuple[int, int]] = []
+            for chunk, labels, weights in stream:
+                n_pixels += labels.size
+                kept = labels != 255
+                kept_counts += np.bincount(labels[kept], minlength=C)[:C]
+                pred_counts += np.bincount(chunk["label"], minlength=C)[:C]
+                for k in hists:
+                    hists[k] += np.histogram(chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k])[0]
+                per_label = _split_chunk(labels, chunk["shapes"])
+                per_weight = _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
+                per_pred = _split_chunk(chunk["label"], chunk["shapes"])
+                per_conf = _split_chunk(chunk["conf"], chunk["shapes"]) if "conf" in chunk else [None] * len(per_label)
+                per_var = _split_chunk(chunk["variance"], chunk["shapes"]) if "variance" in chunk else [None] * len(per_label)
+                for image_id, lab, wt, pred, conf, var in zip(chunk["ids"], per_label, per_weight, per_pred, per_conf,
+                                                               per_var):
+                    columns = {"label": lab} if wt is None else {"label": lab, "weight": wt}
+                    write_image(grp, image_id, columns)
+                    ids_written.append(image_id)
+                    shapes_written.append(lab.shape)
+                    if pcfg.export == "png":
+                        im = Image.fromarray(lab, mode="P")
+                        im.putpalette([v for rgb in source.palette for v in rgb] + [255] * 3 * (256 - C))
+                        im.save(export_dir / f"{image_id.replace('/', '__')}.png")
+                    gt = None
+                    if has_gt and by_id[image_id].mask is not None:
+                        gt = source.read_mask(by_id[image_id].mask)
+                        if gt.shape != lab.shape:
+                            raise LabelpipeError(f"{by_id[image_id].mask}: mask size differs from the prediction's")
+                        gt_counts += np.bincount(gt[gt != 255].ravel(), minlength=C)[:C]
+                        quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
+                        if gap_variance is not None:
+                            gap_variance.update(lab, gt, certainty=np.exp(-var.astype(np.float32)), pred=pred)
+                        if conf is not None:
+                            valid = gt != 255
+                            calib.update_numpy(conf[valid].astype(np.float32), (pred == gt)[valid])
+                    if len(rows) < 6 and image_id in by_id:
+                        rgb = read_image(by_id[image_id].image)
+                        row = [rgb, plots.colorize(pred, source.palette), plots.colorize(lab, source.palette)]
+                        if gt is not None:
+                            row.insert(1, plots.colorize(gt, source.palette))
+                        rows.append(row)
+            _write_index(fh, ids_written, shapes_written)
+            fh.attrs["classes"] = json.dumps(source.classes)
+            fh.attrs["num_classes"] = C
+            fh.attrs["columns"] = json.dumps(["label"] + (["weight"] if method == "variance" else []))
+            fh.attrs["method"] = method
+        with atomic_path(out / "labels.h5") as final:
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed run leaves no half-written file
     if pcfg.export == "png":
         (export_dir / "list.txt").write_text("".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in ids_written))
 

@@ -38,8 +38,30 @@ def escape_id(image_id: str) -> str:
     return image_id.replace("%", "%25").replace("/", "%2F")
 
 
+# HDF5 >= 1.10 file format: its chunk indexes and compact groups cost ~100 bytes an image instead of the
+# ~9 KB of the 1.8 B-trees (a 32 x 32 DigitScapes store: 16 -> 4 bytes a pixel). Readable by HDF5 1.10+.
+LIBVER = ("v110", "latest")
+
+
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(s, 256) for s in shape)
+
+
+def compression_options(compression: str, dtype: np.dtype) -> dict[str, Any]:
+    """``"lzf"``, ``"gzip-N"`` (N = 1..9) or ``"none"`` -> h5py ``create_dataset`` keywords.
+
+    Multi-byte columns (float16) get the byte-shuffle filter: it groups the sign/exponent bytes,
+    which are nearly constant, and makes them compress (lzf: -20% on a DigitScapes store).
+    """
+    if compression == "none":
+        return {}
+    if compression == "lzf":
+        options: dict[str, Any] = {"compression": "lzf"}
+    elif compression.startswith("gzip-") and compression[5:] in tuple("123456789"):
+        options = {"compression": "gzip", "compression_opts": int(compression[5:])}
+    else:
+        raise LabelpipeError(f"compression {compression!r}: expected lzf, gzip-1 ... gzip-9 or none")
+    return {**options, "shuffle": np.dtype(dtype).itemsize > 1}
 
 
 def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf") -> None:
@@ -49,7 +71,7 @@ def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray]
         if name in ("label", "topk_class") and array.max(initial=0) > 255:
             dtype = np.uint16  # C > 255
         g.create_dataset(name, data=array.astype(dtype, copy=False), chunks=_chunks(array.shape),
-                         compression=compression)
+                         **compression_options(compression, dtype))
 
 
 class PartWriter:
@@ -60,12 +82,15 @@ class PartWriter:
     """
 
     def __init__(self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf") -> None:
+        compression_options(compression, np.float16)  # fail here, not in the writer thread
         self.dir, self.rank, self.per_part, self.compression = parts_dir, rank, images_per_part, compression
         self.dir.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.buffer: list[tuple[str, dict[str, np.ndarray]]] = []
-        self.next_part = len(self.parts())
+        # After the last part on disk, never len(parts): a resume after a partial clean-up would
+        # overwrite a complete part with other images and lose them.
+        self.next_part = max((int(p.stem.rsplit("-", 1)[1]) for p in self.parts()), default=-1) + 1
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -107,7 +132,7 @@ class PartWriter:
             path = self.dir / f"part-{self.rank:03d}-{number:06d}.h5"
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
-                with h5py.File(tmp, "w") as fh:
+                with h5py.File(tmp, "w", libver=LIBVER) as fh:
                     grp = fh.create_group("images")
                     for image_id, columns in images:
                         write_image(grp, image_id, columns, self.compression)
@@ -135,11 +160,12 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
                 where[s.decode() if isinstance(s, bytes) else s] = part
     missing = [i for i in order if i not in where]
     if missing:
-        raise LabelpipeError(f"{part_files[0].parent}: parts lack {len(missing)} images (e.g. {missing[0]}); "
+        where_parts = part_files[0].parent if part_files else out.parent
+        raise LabelpipeError(f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); "
                              "rerun predict to finish them")
     handles = {p: h5py.File(p, "r") for p in part_files}
     try:
-        with h5py.File(tmp, "w") as dst:
+        with h5py.File(tmp, "w", libver=LIBVER) as dst:
             grp = dst.create_group("images")
             shapes = []
             for image_id in order:

@@ -1,0 +1,162 @@
+"""``labelpipe export RUN --format {torchscript,onnx}``: a run's model as one deployable file.
+
+Only the main head is exported: the file maps a normalised image batch (B, 3, H, W) float32 to
+(B, C, H, W) logits at the input size (argmax over C is the prediction). Batch, height and width
+are dynamic. Before the file is renamed into place it is loaded back and run on random samples
+(torch.jit.load, or onnxruntime where installed) and compared with eager PyTorch; the largest
+absolute difference is recorded in a JSON next to it, with the class names and the input
+normalisation (ImageNet mean / std of RGB in [0, 1]).
+
+    RUN/export/<model>.pt | <model>.onnx    the model
+    RUN/export/<model>.json                 classes, normalisation, the check
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from labelpipe.errors import LabelpipeError
+from labelpipe.models import build_model
+from labelpipe.runtime import select_device
+from labelpipe.stages.common import latest_model_name, model_path
+from labelpipe.store.atomic import atomic_path, atomic_write_json
+from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
+
+FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
+TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}  # CUDA convolutions may run in TF32
+DEFAULT_SAMPLE_SIZE = 64
+
+
+class MainHead(nn.Module):
+    """``model(x).main``: (B, 3, H, W) normalised images -> (B, C, H, W) logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image).main
+
+
+def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dict[str, Any]]:
+    """(name, eval-mode model on CPU, metadata) from the weights file alone (no data set needed)."""
+    if not run_dir.is_dir():
+        raise LabelpipeError(f"{run_dir}: no such run directory; pass the run of a `labelpipe pretrain`")
+    name = name or latest_model_name(run_dir)
+    path = model_path(run_dir, name)
+    meta = read_model_metadata(path)
+    if "model" not in meta or "num_classes" not in meta:
+        raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
+    m = meta["model"]
+    model = build_model(meta["num_classes"], m["backbone"], m["output_stride"], tuple(m["aspp_rates"]),
+                        m["rep_dim"])
+    load_model_weights(path, model)
+    return name, model.eval(), meta
+
+
+def sample_shapes(run_dir: Path) -> list[tuple[int, int, int, int]]:
+    """The run's training crop (from config.yaml, else 64) and a smaller non-square batch of 2.
+
+    The second shape proves the file is not frozen to the size it was exported at.
+    """
+    size = DEFAULT_SAMPLE_SIZE
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        from labelpipe.config import load_yaml
+
+        size = int(load_yaml(config).get("train", {}).get("crop_size", size))
+    small = max(32, size // 2)
+    return [(1, 3, size, size), (2, 3, small, small + 16)]
+
+
+def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
+    a = torch.as_tensor(a).float().cpu()
+    b = b.float().cpu()
+    if a.shape != b.shape:
+        raise LabelpipeError(f"exported model gives shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}; "
+                             "report this as a bug")
+    return float((a - b).abs().max())
+
+
+def _export_torchscript(wrapper: nn.Module, tmp: Path, shapes, device: torch.device) -> tuple[float, str]:
+    example = torch.randn(shapes[0], device=device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic is traced as ops
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is what was asked for.
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        traced = torch.jit.trace(wrapper, example)
+        torch.jit.save(traced, str(tmp))
+        loaded = torch.jit.load(str(tmp), map_location=device)
+    diff = 0.0
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape, device=device)
+            diff = max(diff, _max_abs_diff(loaded(x), wrapper(x)))
+    return diff, "torch.jit.load"
+
+
+def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device
+                 ) -> tuple[float | None, str | None]:
+    example = torch.randn(shapes[0], device=device)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    try:
+        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                          dynamic_shapes={"image": dims}, dynamo=True, external_data=False, verbose=False)
+    except ImportError as exc:
+        raise LabelpipeError(f"--format onnx needs the onnx and onnxscript packages ({exc}); "
+                             "pip install 'labelpipe[export]'") from exc
+    try:
+        import onnxruntime
+    except ImportError:
+        print("export: onnxruntime is not installed; the ONNX file was NOT run to check it "
+              "(pip install onnxruntime to check)")
+        return None, None
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    diff = 0.0
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape, device=device)
+            (out,) = session.run(None, {input_name: x.cpu().numpy()})
+            diff = max(diff, _max_abs_diff(out, wrapper(x)))
+    return diff, f"onnxruntime {onnxruntime.__version__}"
+
+
+def run_export(run_dir: Path, fmt: str, model_name: str | None, out: Path | None,
+               device: torch.device | str = "cpu") -> Path:
+    """Export the main head of a run's model; returns the written file (a JSON sits next to it)."""
+    if fmt not in FORMATS:
+        raise LabelpipeError(f"--format {fmt}: unknown format; use {' or '.join(FORMATS)}")
+    device = device if isinstance(device, torch.device) else select_device(device)
+    name, model, meta = load_run_model(Path(run_dir), model_name)
+    wrapper = MainHead(model).to(device).eval()
+    out = Path(out) if out is not None else Path(run_dir) / "export" / f"{name}{FORMATS[fmt]}"
+    shapes = sample_shapes(Path(run_dir))
+    tolerance = TOLERANCE[device.type]
+    exporter = _export_torchscript if fmt == "torchscript" else _export_onnx
+    with atomic_path(out) as tmp:  # checked on the temp file; a failed check leaves nothing behind
+        diff, checked_with = exporter(wrapper, tmp, shapes, device)
+        if diff is not None and diff > tolerance:
+            raise LabelpipeError(f"{out}: exported model differs from PyTorch by {diff:.3g} "
+                                 f"(> {tolerance:g}); not written; report this as a bug")
+    atomic_write_json(out.with_suffix(".json"), {
+        "model": name, "format": fmt, "file": out.name, "source": str(model_path(Path(run_dir), name)),
+        "architecture": meta["model"], "classes": meta.get("classes"), "num_classes": meta["num_classes"],
+        "input": {"name": "image", "shape": ["batch", 3, "height", "width"], "dtype": "float32",
+                  "normalisation": "RGB scaled to [0, 1], then (x - mean) / std per channel",
+                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "output": {"name": "logits", "shape": ["batch", "num_classes", "height", "width"],
+                   "meaning": "main-head logits at the input size; argmax over classes is the prediction"},
+        "check": {"against": "eager PyTorch", "runtime": checked_with, "device": str(device),
+                  "sample_shapes": [list(s) for s in shapes], "max_abs_diff": diff, "tolerance": tolerance},
+    })
+    where = f"max |diff| {diff:.2g} vs PyTorch ({checked_with})" if diff is not None else "not run-checked"
+    print(f"export: {fmt} of {name} -> {out} ({where})")
+    return out

@@ -1,0 +1,48 @@
+"""Config precedence: defaults < run's config.yaml < recipe < command line (--set last)."""
+
+from __future__ import annotations
+
+import pytest
+
+from labelpipe.config import resolve_config
+from labelpipe.errors import LabelpipeError
+
+
+def test_precedence(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {steps: 11, lr: 0.5}\nseed: 3\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train: {steps: 22}\n")
+    cfg = resolve_config(run, recipe, {"train": {"batch_size": 3}}, ["train.lr=0.25"])
+    assert cfg.train.steps == 22  # recipe over the run's config
+    assert cfg.train.lr == 0.25  # --set over everything
+    assert cfg.train.batch_size == 3
+    assert cfg.seed == 3  # kept from the run
+
+
+def test_defaults_without_files(tmp_path):
+    cfg = resolve_config(tmp_path / "missing")
+    assert cfg.model.backbone == "resnet18" and cfg.pseudolabel.method == "dars"
+
+
+def test_unknown_key_in_recipe_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {stpes: 3}\n")
+    with pytest.raises(LabelpipeError, match="r.yaml.*train.stpes"):
+        resolve_config(None, recipe)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(LabelpipeError, match="invalid YAML"):
+        resolve_config(None, recipe)
+
+
+@pytest.mark.parametrize("recipe", ["demo", "tiny", "cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes",
+                                    "synthia_to_cityscapes"])
+def test_shipped_recipes_validate(recipe):
+    from tests.conftest import REPO
+
+    resolve_config(None, REPO / "stages" / f"{recipe}.yaml")
