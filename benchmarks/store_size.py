@@ -38,9 +38,16 @@ COMPRESSIONS = ("lzf", "gzip-1", "none")
 TOPK = 3
 
 
-def smooth_logits(gen: torch.Generator, classes: int, grid: tuple[int, int], mid: tuple[int, int],
-                  size: tuple[int, int], sharpen: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(C, H, W) logits: a coarse random field, upsampled, plus fine noise, upsampled again, times ``sharpen``."""
+def smooth_logits(
+    gen: torch.Generator,
+    classes: int,
+    grid: tuple[int, int],
+    mid: tuple[int, int],
+    size: tuple[int, int],
+    sharpen: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(C, H, W) logits: a coarse random field, upsampled, plus fine noise, upsampled again, sharpened."""
     coarse = torch.randn(1, classes, *grid, generator=gen) * 3
     field = F.interpolate(coarse, size=mid, mode="bilinear", align_corners=False)
     field = field + 0.5 * torch.randn(1, classes, *mid, generator=gen)
@@ -67,8 +74,9 @@ def make_maps(kind: str, n: int, seed: int) -> list[tuple[str, dict[str, np.ndar
     return out
 
 
-def store_size(maps: list[tuple[str, dict[str, np.ndarray]]], compression: str, topk: bool,
-               images_per_part: int) -> tuple[float, float]:
+def store_size(
+    maps: list[tuple[str, dict[str, np.ndarray]]], compression: str, topk: bool, images_per_part: int
+) -> tuple[float, float]:
     """(file bytes / pixel, seconds to write the parts and merge them)."""
     keep = ("label", "conf", "entropy", "variance") + (("topk_prob", "topk_class") if topk else ())
     pixels = sum(columns["label"].size for _, columns in maps)
@@ -79,22 +87,30 @@ def store_size(maps: list[tuple[str, dict[str, np.ndarray]]], compression: str, 
         for image_id, columns in maps:
             writer.add(image_id, {k: columns[k] for k in keep})
         writer.close()
-        merge_parts(sorted(parts.glob("part-*.h5")), store, [i for i, _ in maps],
-                    {"classes": ["c"] * 19, "columns": list(keep), "temperature": 1.0})
+        merge_parts(
+            sorted(parts.glob("part-*.h5")),
+            store,
+            [i for i, _ in maps],
+            {"classes": ["c"] * 19, "columns": list(keep), "temperature": 1.0},
+        )
         seconds = time.perf_counter() - t0
         return store.stat().st_size / pixels, seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cityscapes-maps", type=int, default=3)
     parser.add_argument("--digitscapes-maps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cases = [("cityscapes", args.cityscapes_maps, 1), ("digitscapes", args.digitscapes_maps, 32)]
-    print(f"{'data set':<12} {'maps':>5} {'mean conf':>9} {'conf>0.9':>8} {'top-k':>5} {'raw':>6} "
-          + " ".join(f"{c:>14}" for c in COMPRESSIONS))
+    print(
+        f"{'data set':<12} {'maps':>5} {'mean conf':>9} {'conf>0.9':>8} {'top-k':>5} {'raw':>6} "
+        + " ".join(f"{c:>14}" for c in COMPRESSIONS)
+    )
     for kind, n, per_part in cases:
         if n == 0:
             continue
@@ -106,8 +122,10 @@ def main() -> None:
             for compression in COMPRESSIONS:
                 size, seconds = store_size(maps, compression, topk, per_part)
                 cells.append(f"{size:6.2f} B {seconds:5.1f}s")
-            print(f"{kind:<12} {n:>5} {conf.mean():9.3f} {(conf > 0.9).mean():8.1%} {TOPK if topk else 0:>5} "
-                  f"{raw:>4} B " + " ".join(f"{c:>14}" for c in cells))
+            print(
+                f"{kind:<12} {n:>5} {conf.mean():9.3f} {(conf > 0.9).mean():8.1%} {TOPK if topk else 0:>5} "
+                f"{raw:>4} B " + " ".join(f"{c:>14}" for c in cells)
+            )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,25 @@ def ece(logits: torch.Tensor, target: torch.Tensor, temperature: float, bins: in
     return acc.ece()
 
 
-def fit_temperature(logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> dict:
+def fit_temperature(
+    logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)
+) -> dict:
     """Fit T on (N, C) float logits and (N,) int targets; returns T and NLL / ECE before and after."""
     logits, target = logits.float(), target.long()
-    result = minimize_scalar(lambda log_t: nll(logits, target, float(np.exp(log_t))),
-                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
-                             options={"xatol": 1e-4})
+    if target.numel() == 0:
+        raise ValueError("fit_temperature needs at least one labeled pixel")
+    result = minimize_scalar(
+        lambda log_t: nll(logits, target, float(np.exp(log_t))),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     t = float(np.exp(result.x))
-    return {"temperature": t, "nll_before": nll(logits, target, 1.0), "nll_after": nll(logits, target, t),
-            "ece_before": ece(logits, target, 1.0), "ece_after": ece(logits, target, t), "pixels": int(target.numel())}
+    return {
+        "temperature": t,
+        "nll_before": nll(logits, target, 1.0),
+        "nll_after": nll(logits, target, t),
+        "ece_before": ece(logits, target, 1.0),
+        "ece_after": ece(logits, target, t),
+        "pixels": int(target.numel()),
+    }

@@ -1,6 +1,7 @@
 """One source of defaults: a pydantic model per stage, composed into :class:`RunConfig`.
 
-Precedence, lowest first: these defaults < the run's saved ``config.yaml`` < a recipe from
+Precedence, lowest first: these defaults < the run's saved ``config.yaml`` (its seed, data, model
+and train sections) < a recipe from
 ``stages/`` (``--config``) < command-line options (including ``--set key.path=value``).
 The resolved config is written next to every stage's outputs.
 """
@@ -97,8 +98,16 @@ class SelftrainConfig(Section):
     loss: Literal["ce", "sce"] = "ce"
     sce_xi: tuple[float, float] = (1.0, 0.1)
     contrastive: bool = False
-    lambda_contrastive: float = 0.1
+    lambda_contrastive: float = 0.1  # the paper's text; the authors' config uses 1.0
+    contrastive_anchors: int = 256  # M per class
+    contrastive_negatives: int = 50  # N per anchor
+    contrastive_temperature: float = 0.5
+    memory_capacity: int = 30000  # per-class queue of negative keys
+    prototype_momentum: float = 0.999  # U2PL+; 0 gives U2PL's batch-mean prototypes
     rectified: bool = False
+    rectified_kl_direction: Literal["main||aux", "aux||main"] = "main||aux"  # the paper; authors: aux||main
+    rectified_mean_over: Literal["valid", "all"] = "valid"  # the paper; authors: all
+    rectified_aux_weight: float = 0.0  # authors: 0.5
     denoise: bool = False
     pseudo_source: Literal["stored", "teacher"] = "stored"
     strong_aug: bool = True
@@ -138,6 +147,9 @@ class RunConfig(Section):
         if v < 0:
             raise ValueError("seed must be >= 0")
         return v
+
+
+RUN_DEFINING = ("seed", "data", "model", "train")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +204,10 @@ def resolve_config(
 ) -> RunConfig:
     raw: dict[str, Any] = {}
     if run_dir is not None and (run_dir / "config.yaml").is_file():
-        raw = deep_merge(raw, load_yaml(run_dir / "config.yaml"))
+        # What defines the run (data, model, training) carries over to later commands; the options of
+        # one command (which model to evaluate, a method to try) do not stick.
+        saved = load_yaml(run_dir / "config.yaml")
+        raw = deep_merge(raw, {k: v for k, v in saved.items() if k in RUN_DEFINING})
     if recipe is not None:
         recipe_raw = load_yaml(recipe)
         recipe_raw.pop("name", None)

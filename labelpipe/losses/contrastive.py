@@ -38,6 +38,12 @@ def _rand(
     return torch.rand(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def _info_nce_from_similarities(positive_sim: Tensor, negative_sim: Tensor, temperature: float) -> Tensor:
+    """(..., M) InfoNCE from similarities: positive_sim (..., M, 1), negative_sim (..., M, N)."""
+    logits = torch.cat([positive_sim, negative_sim], dim=-1) / temperature
+    return torch.logsumexp(logits, dim=-1) - logits[..., 0]
+
+
 def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float) -> Tensor:
     """(..., M) InfoNCE of unit vectors.
 
@@ -45,8 +51,41 @@ def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, t
     """
     positive_sim = (anchors * positive).sum(dim=-1, keepdim=True)
     negative_sim = torch.matmul(negatives, anchors.unsqueeze(-1)).squeeze(-1)
-    logits = torch.cat([positive_sim, negative_sim], dim=-1) / temperature
-    return torch.logsumexp(logits, dim=-1) - logits[..., 0]
+    return _info_nce_from_similarities(positive_sim, negative_sim, temperature)
+
+
+class _GatheredSimilarity(torch.autograd.Function):
+    """(K, M, N) dot products ``<table[index[k, m, n]], anchors[k, m]>``, gradient to ``anchors`` only.
+
+    The same numbers as gathering the (K, M, N, D) keys and a batched mat-vec, without keeping them:
+    at the U2PL+ scale (19 x 256 x 50 x 256) they are 249 MB, freshly allocated (page faults) and saved
+    for the backward. Here the forward gathers one row of ``index`` at a time into a reused buffer and
+    the backward is ``embedding_bag(index, table, per_sample_weights=grad)``, a fused gather-and-sum.
+    anchors (K, M, D) float32, table (R, D) float32 (the memory bank's buffer; saved, so a push before
+    the backward raises autograd's in-place error instead of giving wrong gradients), index (K, M, N) long.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, table: Tensor, index: Tensor) -> Tensor:
+        k, m, n = index.shape
+        out = anchors.new_empty(k, m, n)
+        buffer = anchors.new_empty(m * n, table.shape[1])
+        for row in range(k):
+            torch.index_select(table, 0, index[row].reshape(-1), out=buffer)
+            out[row] = torch.bmm(buffer.view(m, n, -1), anchors[row].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(table, index)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        table, index = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        k, m, n = index.shape
+        grad = F.embedding_bag(index.reshape(k * m, n), table, mode="sum",
+                               per_sample_weights=grad_out.reshape(k * m, n).to(table.dtype))
+        return grad.view(k, m, -1), None, None
 
 
 def contrastive_loss(
@@ -145,18 +184,27 @@ class MemoryBank:
             raise ValueError(f"the queue of class {class_id} is empty")
         return self.sample_many(torch.tensor([class_id], device=self.device), n, generator)[0]
 
-    def sample_many(self, classes: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """(K, n, D): n draws with replacement from each queue of ``classes`` (K,); zeros for empty queues."""
+    def sample_rows(self, classes: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(K, n) long rows of :attr:`table`: n draws with replacement from each queue of ``classes`` (K,).
+
+        An empty queue gives its slot 0, which holds zeros (never written; load_state_dict zeroes too).
+        """
         classes = classes.to(device=self.device, dtype=torch.long)
         count = self.count[classes]
         # float64 draws: floor(u * count) is uniform on [0, count) up to 2^-53.
         u = _rand((classes.shape[0], n), generator, self.device, torch.float64)
         idx = torch.minimum((u * count[:, None]).long(), (count - 1).clamp_min(0)[:, None])
-        # An empty queue was never written (load_state_dict zeroes too): its slot 0 holds zeros.
-        flat = (classes * self.capacity)[:, None] + idx
-        return (
-            self.feats.view(-1, self.dim).index_select(0, flat.view(-1)).view(classes.shape[0], n, self.dim)
-        )
+        return (classes * self.capacity)[:, None] + idx
+
+    @property
+    def table(self) -> Tensor:
+        """(C * capacity, D) view of the buffer: row ``c * capacity + slot``."""
+        return self.feats.view(-1, self.dim)
+
+    def sample_many(self, classes: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(K, n, D): n draws with replacement from each queue of ``classes`` (K,); zeros for empty queues."""
+        rows = self.sample_rows(classes, n, generator)
+        return self.table.index_select(0, rows.view(-1)).view(rows.shape[0], n, self.dim)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Only the filled prefix of the buffer is saved (slots past every class's count are zeros)."""
@@ -232,11 +280,21 @@ class PrototypeBank:
 def class_ranks(probs: Tensor) -> Tensor:
     """(P, C) long: rank[p, c] = position of class c in pixel p's descending probabilities (0 = top).
 
-    Ties keep the lower class index first (stable sort).
+    Ties keep the lower class index first (as a stable sort would). Counted rather than sorted (a P x C
+    sort is slow on CPU): rank[p, c] = #{c' : p_c' > p_c} + #{c' < c : p_c' = p_c}, in blocks of pixels
+    to bound the (block, C, C) comparison.
     """
-    order = torch.argsort(probs, dim=1, descending=True, stable=True)
-    positions = torch.arange(probs.shape[1], device=probs.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    num_pixels, num_classes = probs.shape
+    classes = torch.arange(num_classes, device=probs.device)
+    lower_index = classes[None, :] < classes[:, None]  # [c, c'] = c' < c
+    ranks = torch.empty(probs.shape, dtype=torch.long, device=probs.device)
+    block = max(1, (1 << 24) // max(1, num_classes * num_classes))
+    for start in range(0, num_pixels, block):
+        p = probs[start : start + block]
+        mine, other = p[:, :, None], p[:, None, :]
+        above = (other > mine) | ((other == mine) & lower_index)
+        ranks[start : start + block] = above.sum(dim=2)
+    return ranks
 
 
 def negative_masks(
@@ -377,9 +435,15 @@ def u2pl_contrastive(
     anchor_feats = F.normalize(student_feats[anchor_pixels].float(), dim=-1)
     positive = F.normalize(prototypes.prototypes.to(device)[classes], dim=-1)[:, None, :]
     # The queues hold unit vectors (pushed normalised above): no second normalisation of K*M*N keys.
-    negative_keys = memory.sample_many(classes, num_anchors * num_negatives, generator).float()
-    negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
-    loss = _info_nce_per_anchor(anchor_feats, positive, negative_keys, temperature).mean()
+    rows = memory.sample_rows(classes, num_anchors * num_negatives, generator)
+    positive_sim = (anchor_feats * positive).sum(dim=-1, keepdim=True)
+    if memory.table.dtype == torch.float32:  # similarities without materialising the K*M*N keys
+        negative_sim = _GatheredSimilarity.apply(anchor_feats, memory.table, rows.view(k, num_anchors, -1))
+    else:
+        negative_keys = memory.table.index_select(0, rows.view(-1)).float()
+        negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
+        negative_sim = torch.matmul(negative_keys, anchor_feats.unsqueeze(-1)).squeeze(-1)
+    loss = _info_nce_from_similarities(positive_sim, negative_sim, temperature).mean()
     return loss, stats
 
 

@@ -17,6 +17,7 @@ import torch
 from labelpipe import __version__
 from labelpipe.calibration import fit_temperature
 from labelpipe.config import RunConfig
+from labelpipe.errors import LabelpipeError
 from labelpipe.runtime import Runtime, barrier
 from labelpipe.stages.common import StageContext, load_trained_model, open_context
 from labelpipe.stages.inference_loop import iterate_predictions
@@ -25,7 +26,9 @@ from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import DEFAULT_COLUMNS, PartWriter, merge_parts
 
 
-def pixel_columns(main: torch.Tensor, aux: torch.Tensor, temperature: float, topk: int = 0) -> dict[str, torch.Tensor]:
+def pixel_columns(
+    main: torch.Tensor, aux: torch.Tensor, temperature: float, topk: int = 0
+) -> dict[str, torch.Tensor]:
     """(C, H, W) main / aux logits -> the per-pixel columns as (H, W) tensors (``topk_*``: (k, H, W))."""
     logp = torch.log_softmax(main.float() / temperature, 0)
     logp_aux = torch.log_softmax(aux.float() / temperature, 0)
@@ -34,7 +37,7 @@ def pixel_columns(main: torch.Tensor, aux: torch.Tensor, temperature: float, top
     out = {
         "label": label,
         "conf": conf,
-        "entropy": -(p * logp).sum(0).clamp_min(0),
+        "entropy": (-(p * logp).sum(0)).clamp_min(0),  # not -(...).clamp_min(0): that is -0 everywhere
         "variance": (p * (logp - logp_aux)).sum(0).clamp_min(0),
     }
     if topk:
@@ -57,37 +60,73 @@ def calibrate(ctx: StageContext, model: torch.nn.Module, max_pixels: int = 500_0
     """Fit T on the labeled validation pixels (a seeded subsample of at most ``max_pixels``)."""
     samples = ctx.source.split(ctx.roles["val"])
     logits, targets = [], []
-    for batch in iterate_predictions(model, ctx.source, samples, ctx.runtime.device, ctx.config.train.crop_size,
-                                     ctx.config.predict.batch_size, require_masks=True):
-        for mask, main in zip(batch.masks, batch.main):
+    for batch in iterate_predictions(
+        model,
+        ctx.source,
+        samples,
+        ctx.runtime.device,
+        ctx.config.train.crop_size,
+        ctx.config.predict.batch_size,
+        require_masks=True,
+    ):
+        for mask, main in zip(batch.masks, batch.main, strict=True):
             valid = mask != ctx.source.ignore_index
             logits.append(main.permute(1, 2, 0)[valid].cpu())
             targets.append(mask[valid].cpu())
+    if not logits:
+        raise LabelpipeError(
+            f"split '{ctx.roles['val']}' has no labeled pixels to fit the temperature on; "
+            "use --temperature NUMBER"
+        )
     z, y = torch.cat(logits), torch.cat(targets)
     if y.numel() > max_pixels:
-        pick = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(ctx.config.seed))[:max_pixels]
+        pick = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(ctx.config.seed))[
+            :max_pixels
+        ]
         z, y = z[pick], y[pick]
     return fit_temperature(z, y)
 
 
-def run_predict(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False,
-                model_name: str | None = None, out_dir: Path | None = None) -> Path:
-    ctx = open_context(config, run_dir, runtime)
+def run_predict(
+    config: RunConfig,
+    run_dir: Path,
+    runtime: Runtime,
+    force: bool = False,
+    model_name: str | None = None,
+    out_dir: Path | None = None,
+) -> Path:
     pcfg = config.predict
+    if pcfg.batch_size < 1:  # PredictConfig does not bound it
+        raise LabelpipeError(f"predict.batch_size={pcfg.batch_size}: must be >= 1")
+    ctx = open_context(config, run_dir, runtime)
+    if pcfg.topk > ctx.source.num_classes:
+        raise LabelpipeError(f"--topk {pcfg.topk}: the data set has only {ctx.source.num_classes} classes")
+    if pcfg.temperature != "auto" and not pcfg.temperature > 0:
+        raise LabelpipeError(f"--temperature {pcfg.temperature}: must be > 0 (or 'auto')")
     split = pcfg.split or ctx.roles["unlabeled"]
     samples = ctx.source.split(split)
     name, model, weights = load_trained_model(ctx, model_name)
     stage = StageDir(out_dir or run_dir / "predict")
     store_path = stage.path / "predictions.h5"
-    inputs = {"model": name, "weights_sha256": sha256_file(weights), "split": split,
-              "split_ids": ctx.split_ids_fingerprint(split), "temperature": pcfg.temperature, "topk": pcfg.topk}
+    inputs = {
+        "model": name,
+        "weights_sha256": sha256_file(weights),
+        "split": split,
+        "split_ids": ctx.split_ids_fingerprint(split),
+        "temperature": pcfg.temperature,
+        "topk": pcfg.topk,
+    }
     fingerprint = sha256_json(inputs)
     if not force and stage.is_up_to_date(fingerprint):
         if runtime.is_main:
             print(f"predict: up to date ({store_path}); use --force to redo")
         return store_path
     previous = stage.manifest()
-    if runtime.is_main and stage.path.exists() and (force or (previous and previous.get("fingerprint") != fingerprint)):
+    if (
+        runtime.is_main
+        and stage.path.exists()
+        and (force or (previous and previous.get("fingerprint") != fingerprint))
+    ):
         shutil.rmtree(stage.path)  # other inputs: the parts on disk belong to another prediction
     barrier()
     if runtime.is_main:
@@ -99,8 +138,11 @@ def run_predict(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool 
         calibration = calibrate(ctx, model)
         temperature = calibration["temperature"]
         if runtime.is_main:
-            print(f"temperature {temperature:.3f}: NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}, "
-                  f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
+            print(
+                f"temperature {temperature:.3f}: "
+                f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}, "
+                f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
+            )
     else:
         temperature = float(pcfg.temperature)
 
@@ -111,14 +153,23 @@ def run_predict(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool 
     writer = PartWriter(parts_dir, rank=runtime.rank, images_per_part=per_part)
     done = set(writer.done_ids())
     mine = [s for s in samples[runtime.rank :: runtime.world] if s.id not in done]
+    if done and runtime.is_main:
+        print(f"resuming predict: {len(done)} images already in {parts_dir}")
     from rich.progress import Progress
 
     with Progress(disable=not runtime.is_main) as progress:
         task = progress.add_task("predict", total=len(samples) // runtime.world, completed=len(done))
         try:
-            for batch in iterate_predictions(model, ctx.source, mine, runtime.device, config.train.crop_size,
-                                             pcfg.batch_size, amp=config.train.amp):
-                for image_id, main, aux in zip(batch.ids, batch.main, batch.aux):
+            for batch in iterate_predictions(
+                model,
+                ctx.source,
+                mine,
+                runtime.device,
+                config.train.crop_size,
+                pcfg.batch_size,
+                amp=config.train.amp,
+            ):
+                for image_id, main, aux in zip(batch.ids, batch.main, batch.aux, strict=True):
                     writer.add(image_id, _to_numpy(pixel_columns(main, aux, temperature, pcfg.topk)))
                 progress.advance(task, len(batch.ids))
         finally:
@@ -126,9 +177,17 @@ def run_predict(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool 
     barrier()
     if runtime.is_main:
         columns = list(DEFAULT_COLUMNS) + (["topk_prob", "topk_class"] if pcfg.topk else [])
-        attrs = {"classes": ctx.source.classes, "num_classes": ctx.source.num_classes, "columns": columns,
-                 "temperature": temperature, "model": name, "model_sha256": inputs["weights_sha256"],
-                 "labelpipe_version": __version__, "split": split, "calibration": calibration}
+        attrs = {
+            "classes": ctx.source.classes,
+            "num_classes": ctx.source.num_classes,
+            "columns": columns,
+            "temperature": temperature,
+            "model": name,
+            "model_sha256": inputs["weights_sha256"],
+            "labelpipe_version": __version__,
+            "split": split,
+            "calibration": calibration,
+        }
         merge_parts(sorted(parts_dir.glob("part-*.h5")), store_path, [s.id for s in samples], attrs)
         shutil.rmtree(parts_dir)
         stage.finish(["predictions.h5"], {"images": len(samples), "temperature": temperature, **calibration})

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from labelpipe import plots
 from labelpipe.config import RunConfig
-from labelpipe.data import read_image, read_mask
+from labelpipe.data import read_image
 from labelpipe.errors import LabelpipeError
 from labelpipe.metrics import CalibrationAccumulator
 from labelpipe.pseudo import PASS1_KEYS, PASS2_KEYS, PseudoQualityAccumulator, apply, fit_thresholds
@@ -64,17 +64,33 @@ def _jsonable(value: Any) -> Any:
 
 
 def generate(
-    store: PredictionStore, method: str, num_classes: int, prior: np.ndarray, alpha: float, tau: float,
-    alpha_t: float, percentile: float | None, seed: int,
+    store: PredictionStore,
+    method: str,
+    num_classes: int,
+    prior: np.ndarray,
+    alpha: float,
+    tau: float,
+    alpha_t: float,
+    percentile: float | None,
+    seed: int,
 ):
     """Pass 1 (fit) then a generator of (ids, shapes, chunk, labels, weights) for pass 2."""
     params = fit_thresholds(
-        method, store.iter_chunks(PASS1_KEYS[method] + ("label",) if PASS1_KEYS[method] else ("label",)),
-        num_classes, prior=prior, alpha=alpha, tau=tau, alpha_t=alpha_t, percentile=percentile,
+        method,
+        store.iter_chunks(PASS1_KEYS[method] + ("label",) if PASS1_KEYS[method] else ("label",)),
+        num_classes,
+        prior=prior,
+        alpha=alpha,
+        tau=tau,
+        alpha_t=alpha_t,
+        percentile=percentile,
     )
     rng = np.random.default_rng(seed)
-    wanted = tuple(dict.fromkeys(PASS2_KEYS[method] + tuple(c for c in ("conf", "entropy", "variance")
-                                                               if c in store.columns)))
+    wanted = tuple(
+        dict.fromkeys(
+            PASS2_KEYS[method] + tuple(c for c in ("conf", "entropy", "variance") if c in store.columns)
+        )
+    )
 
     def labels():
         for chunk in store.iter_chunks(wanted):
@@ -85,8 +101,13 @@ def generate(
 
 
 def run_pseudolabel(
-    config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False,
-    store_path: Path | None = None, out_dir: Path | None = None, alpha: float | None = None,
+    config: RunConfig,
+    run_dir: Path,
+    runtime: Runtime,
+    force: bool = False,
+    store_path: Path | None = None,
+    out_dir: Path | None = None,
+    alpha: float | None = None,
     quiet: bool = False,
 ) -> Path:
     ctx = open_context(config, run_dir, runtime)
@@ -99,10 +120,18 @@ def run_pseudolabel(
         return stage.path / "labels.h5"
     prior_split = pcfg.prior_from or ctx.roles["labeled"]
     with PredictionStore(store_path, ctx.source.num_classes, require=PASS2_KEYS[method]) as store:
-        inputs = {"method": method, "alpha": alpha, "tau": pcfg.tau, "alpha_t": pcfg.alpha_t,
-                  "variance_percentile": pcfg.variance_percentile, "seed": config.seed, "prior_from": prior_split,
-                  "prior_ids": ctx.split_ids_fingerprint(prior_split), "store": _store_hash(store_path),
-                  "export": pcfg.export}
+        inputs = {
+            "method": method,
+            "alpha": alpha,
+            "tau": pcfg.tau,
+            "alpha_t": pcfg.alpha_t,
+            "variance_percentile": pcfg.variance_percentile,
+            "seed": config.seed,
+            "prior_from": prior_split,
+            "prior_ids": ctx.split_ids_fingerprint(prior_split),
+            "store": _store_hash(store_path),
+            "export": pcfg.export,
+        }
         fingerprint = sha256_json(inputs)
         if not force and stage.is_up_to_date(fingerprint):
             if not quiet:
@@ -114,21 +143,36 @@ def run_pseudolabel(
         report = _label_and_report(ctx, store, stage.path, method, prior, alpha, config.seed)
     atomic_write_json(stage.path / "report.json", report)
     outputs = ["labels.h5", "report.json"] + (["export/list.txt"] if pcfg.export == "png" else [])
-    summary = {k: report[k] for k in ("kept_fraction", "kl_prior_pseudo", "pseudo_miou") if report.get(k) is not None}
+    summary = {
+        k: report[k] for k in ("kept_fraction", "kl_prior_pseudo", "pseudo_miou") if report.get(k) is not None
+    }
     stage.finish(outputs, summary)
     if not quiet:
         print_report(report, ctx.source.classes)
     return stage.path / "labels.h5"
 
 
-def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, method: str, prior: np.ndarray,
-                      alpha: float, seed: int) -> dict:
+def _label_and_report(
+    ctx: StageContext,
+    store: PredictionStore,
+    out: Path,
+    method: str,
+    prior: np.ndarray,
+    alpha: float,
+    seed: int,
+) -> dict:
     pcfg = ctx.config.pseudolabel
     source, C = ctx.source, ctx.source.num_classes
-    by_id = {s.id: s for s in source.split(store.attrs.get("split", ctx.roles["unlabeled"]))} if (
-        store.attrs.get("split") in source.splits) else {}
-    has_gt = bool(by_id) and all(by_id.get(i) is not None and by_id[i].mask is not None for i in store.ids[:1])
-    params, stream = generate(store, method, C, prior, alpha, pcfg.tau, pcfg.alpha_t, pcfg.variance_percentile, seed)
+    by_id = (
+        {s.id: s for s in source.split(store.attrs.get("split", ctx.roles["unlabeled"]))}
+        if (store.attrs.get("split") in source.splits)
+        else {}
+    )
+    # Ground truth only where every image of the store has a mask (research splits such as DigitScapes').
+    has_gt = bool(by_id) and all(i in by_id and by_id[i].mask is not None for i in store.ids)
+    params, stream = generate(
+        store, method, C, prior, alpha, pcfg.tau, pcfg.alpha_t, pcfg.variance_percentile, seed
+    )
     quality = PseudoQualityAccumulator(C, prior)
     calib = CalibrationAccumulator()
     kept_counts = np.zeros(C, np.int64)
@@ -156,14 +200,27 @@ def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, meth
                 kept_counts += np.bincount(labels[kept], minlength=C)[:C]
                 pred_counts += np.bincount(chunk["label"], minlength=C)[:C]
                 for k in hists:
-                    hists[k] += np.histogram(chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k])[0]
+                    hists[k] += np.histogram(
+                        chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k]
+                    )[0]
                 per_label = _split_chunk(labels, chunk["shapes"])
-                per_weight = _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
+                per_weight = (
+                    _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
+                )
                 per_pred = _split_chunk(chunk["label"], chunk["shapes"])
-                per_conf = _split_chunk(chunk["conf"], chunk["shapes"]) if "conf" in chunk else [None] * len(per_label)
-                per_var = _split_chunk(chunk["variance"], chunk["shapes"]) if "variance" in chunk else [None] * len(per_label)
-                for image_id, lab, wt, pred, conf, var in zip(chunk["ids"], per_label, per_weight, per_pred, per_conf,
-                                                               per_var):
+                per_conf = (
+                    _split_chunk(chunk["conf"], chunk["shapes"])
+                    if "conf" in chunk
+                    else [None] * len(per_label)
+                )
+                per_var = (
+                    _split_chunk(chunk["variance"], chunk["shapes"])
+                    if "variance" in chunk
+                    else [None] * len(per_label)
+                )
+                for image_id, lab, wt, pred, conf, var in zip(
+                    chunk["ids"], per_label, per_weight, per_pred, per_conf, per_var, strict=True
+                ):
                     columns = {"label": lab} if wt is None else {"label": lab, "weight": wt}
                     write_image(grp, image_id, columns)
                     ids_written.append(image_id)
@@ -173,10 +230,12 @@ def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, meth
                         im.putpalette([v for rgb in source.palette for v in rgb] + [255] * 3 * (256 - C))
                         im.save(export_dir / f"{image_id.replace('/', '__')}.png")
                     gt = None
-                    if has_gt and by_id[image_id].mask is not None:
+                    if has_gt:
                         gt = source.read_mask(by_id[image_id].mask)
                         if gt.shape != lab.shape:
-                            raise LabelpipeError(f"{by_id[image_id].mask}: mask size differs from the prediction's")
+                            raise LabelpipeError(
+                                f"{by_id[image_id].mask}: mask size differs from the prediction's"
+                            )
                         gt_counts += np.bincount(gt[gt != 255].ravel(), minlength=C)[:C]
                         quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
                         if gap_variance is not None:
@@ -200,38 +259,65 @@ def _label_and_report(ctx: StageContext, store: PredictionStore, out: Path, meth
     finally:
         tmp.unlink(missing_ok=True)  # a failed run leaves no half-written file
     if pcfg.export == "png":
-        (export_dir / "list.txt").write_text("".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in ids_written))
+        (export_dir / "list.txt").write_text(
+            "".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in ids_written)
+        )
 
     pseudo_dist = kept_counts / max(kept_counts.sum(), 1)
     present = prior > 0
     kl = float(np.sum(prior[present] * (np.log(prior[present]) - np.log(pseudo_dist[present] + 1e-8))))
     report: dict[str, Any] = {
-        "method": method, "alpha": alpha, "images": len(ids_written), "pixels": n_pixels,
-        "kept_fraction": float(kept_counts.sum() / max(n_pixels, 1)), "kl_prior_pseudo": kl,
+        "method": method,
+        "alpha": alpha,
+        "images": len(ids_written),
+        "pixels": n_pixels,
+        "kept_fraction": float(kept_counts.sum() / max(n_pixels, 1)),
+        "kl_prior_pseudo": kl,
         "params": _jsonable({k: v for k, v in params.items() if k != "method"}),
-        "per_class": {name: {"kept": int(kept_counts[c]), "predicted": int(pred_counts[c]),
-                             "kept_of_predicted": float(kept_counts[c] / pred_counts[c]) if pred_counts[c] else None,
-                             "prior": float(prior[c])}
-                      for c, name in enumerate(source.classes)},
-        "temperature": store.attrs.get("temperature"), "has_ground_truth": has_gt,
+        "per_class": {
+            name: {
+                "kept": int(kept_counts[c]),
+                "predicted": int(pred_counts[c]),
+                "kept_of_predicted": float(kept_counts[c] / pred_counts[c]) if pred_counts[c] else None,
+                "prior": float(prior[c]),
+            }
+            for c, name in enumerate(source.classes)
+        },
+        "temperature": store.attrs.get("temperature"),
+        "has_ground_truth": has_gt,
     }
     plots_dir = out / "plots"
     dists = {"labeled prior": prior, "pseudo-labels": pseudo_dist}
     if has_gt:
         q = quality.result()
-        report.update(pseudo_miou=q["miou"], pseudo_miou_kept=q["miou_kept"],
-                      uncertainty_gap_conf=q["uncertainty_gap"],
-                      uncertainty_gap_variance=gap_variance.result()["uncertainty_gap"] if gap_variance else None,
-                      ece=calib.ece())
+        report.update(
+            pseudo_miou=q["miou"],
+            pseudo_miou_kept=q["miou_kept"],
+            uncertainty_gap_conf=q["uncertainty_gap"],
+            uncertainty_gap_variance=gap_variance.result()["uncertainty_gap"] if gap_variance else None,
+            ece=calib.ece(),
+        )
         for c, name in enumerate(source.classes):
-            report["per_class"][name].update(precision=_jsonable(q["precision"][c]), coverage=_jsonable(q["coverage"][c]),
-                                             iou=_jsonable(q["iou"][c]))
+            report["per_class"][name].update(
+                precision=_jsonable(q["precision"][c]),
+                coverage=_jsonable(q["coverage"][c]),
+                iou=_jsonable(q["iou"][c]),
+            )
         dists["ground truth"] = gt_counts / max(gt_counts.sum(), 1)
         rel = calib.reliability()
-        plots.reliability(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"], plots_dir / "reliability.png",
-                          f"teacher on unlabeled: ECE {report['ece']:.3f}")
-    plots.class_distributions(dists, source.classes, plots_dir / "class_distribution.png",
-                              f"{method}: KL(prior || pseudo) = {kl:.3f}")
+        plots.reliability(
+            rel["bin_confidence"],
+            rel["bin_accuracy"],
+            rel["bin_count"],
+            plots_dir / "reliability.png",
+            f"teacher on unlabeled: ECE {report['ece']:.3f}",
+        )
+    plots.class_distributions(
+        dists,
+        source.classes,
+        plots_dir / "class_distribution.png",
+        f"{method}: KL(prior || pseudo) = {kl:.3f}",
+    )
     if hists:
         _plot_hists(hists, hist_range, plots_dir / "histograms.png")
     if rows:
@@ -244,7 +330,7 @@ def _plot_hists(hists: dict[str, np.ndarray], ranges: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(hists), figsize=(3.6 * len(hists), 3), squeeze=False)
-    for ax, (name, counts) in zip(axes[0], hists.items()):
+    for ax, (name, counts) in zip(axes[0], hists.items(), strict=True):
         lo, hi = ranges[name]
         edges = np.linspace(lo, hi, len(counts) + 1)
         ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="tab:gray")
@@ -255,8 +341,10 @@ def _plot_hists(hists: dict[str, np.ndarray], ranges: dict, path: Path) -> None:
 
 def print_report(report: dict, classes: list[str], console: Console | None = None) -> None:
     console = console or Console()
-    t = Table(title=f"pseudo-labels: {report['method']} (kept {100 * report['kept_fraction']:.1f}%, "
-                    f"KL(prior||pseudo) {report['kl_prior_pseudo']:.3f})")
+    t = Table(
+        title=f"pseudo-labels: {report['method']} (kept {100 * report['kept_fraction']:.1f}%, "
+        f"KL(prior||pseudo) {report['kl_prior_pseudo']:.3f})"
+    )
     for col in ("class", "prior %", "kept %", "threshold", "precision", "coverage"):
         t.add_column(col, justify="right" if col != "class" else "left")
     thresholds = report["params"].get("thresholds")
@@ -267,10 +355,17 @@ def print_report(report: dict, classes: list[str], console: Console | None = Non
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f}"
 
-        t.add_row(name, f"{100 * pc['prior']:.2f}", f"{100 * pc['kept'] / total_kept:.2f}",
-                  "-" if thresholds is None or thresholds[c] is None else f"{thresholds[c]:.4f}",
-                  pct(pc.get("precision")), pct(pc.get("coverage")))
+        t.add_row(
+            name,
+            f"{100 * pc['prior']:.2f}",
+            f"{100 * pc['kept'] / total_kept:.2f}",
+            "-" if thresholds is None or thresholds[c] is None else f"{thresholds[c]:.4f}",
+            pct(pc.get("precision")),
+            pct(pc.get("coverage")),
+        )
     console.print(t)
     if report.get("pseudo_miou") is not None:
-        console.print(f"pseudo-label mIoU {100 * report['pseudo_miou']:.1f}  "
-                      f"uncertainty gap (conf) {report['uncertainty_gap_conf']:.3f}")
+        console.print(
+            f"pseudo-label mIoU {100 * report['pseudo_miou']:.1f}  "
+            f"uncertainty gap (conf) {report['uncertainty_gap_conf']:.3f}"
+        )

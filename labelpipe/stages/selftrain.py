@@ -119,8 +119,8 @@ class RoundObjective:
         self.ignore = ctx.source.ignore_index
         c, d = ctx.source.num_classes, ctx.config.model.rep_dim
         device = ctx.runtime.device
-        self.memory = MemoryBank(c, d, capacity=30000 if device.type == "cuda" else 5000, device=device)
-        self.prototypes = PrototypeBank(c, d, momentum=0.999, device=device)
+        self.memory = MemoryBank(c, d, capacity=self.st.memory_capacity, device=device)
+        self.prototypes = PrototypeBank(c, d, momentum=self.st.prototype_momentum, device=device)
 
     def extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {"memory": self.memory, "prototypes": self.prototypes}
@@ -170,7 +170,8 @@ class RoundObjective:
         sup = F.cross_entropy(main_l, y_l, ignore_index=ignore) + self.cfg.aux_weight * F.cross_entropy(
             aux_l, y_l, ignore_index=ignore)
         if st.rectified:
-            unsup = rectified_loss(main_u, aux_u, y_u, ignore_index=ignore)
+            unsup = rectified_loss(main_u, aux_u, y_u, ignore_index=ignore, kl_direction=st.rectified_kl_direction,
+                                   mean_over=st.rectified_mean_over, aux_weight=st.rectified_aux_weight)
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
             if st.loss == "sce":
@@ -206,7 +207,8 @@ class RoundObjective:
             rep.permute(0, 2, 3, 1).reshape(-1, d), t_rep.permute(0, 2, 3, 1).reshape(-1, d),
             t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]), labels.reshape(-1),
             is_labeled.reshape(-1), reliable.reshape(-1), self.memory, self.prototypes,
-            num_anchors=256, num_negatives=50, temperature=0.5, generator=gen, valid=valid.reshape(-1),
+            num_anchors=self.st.contrastive_anchors, num_negatives=self.st.contrastive_negatives,
+            temperature=self.st.contrastive_temperature, generator=gen, valid=valid.reshape(-1),
             ignore_index=self.ignore,
         )
 

@@ -29,8 +29,15 @@ import numpy as np
 from labelpipe.errors import LabelpipeError
 
 DEFAULT_COLUMNS = ("label", "conf", "entropy", "variance")
-COLUMN_DTYPES = {"label": np.uint8, "conf": np.float16, "entropy": np.float16, "variance": np.float16,
-                 "topk_prob": np.float16, "topk_class": np.uint8, "weight": np.float16}
+COLUMN_DTYPES = {
+    "label": np.uint8,
+    "conf": np.float16,
+    "entropy": np.float16,
+    "variance": np.float16,
+    "topk_prob": np.float16,
+    "topk_class": np.uint8,
+    "weight": np.float16,
+}
 
 
 def escape_id(image_id: str) -> str:
@@ -64,14 +71,20 @@ def compression_options(compression: str, dtype: np.dtype) -> dict[str, Any]:
     return {**options, "shuffle": np.dtype(dtype).itemsize > 1}
 
 
-def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf") -> None:
+def write_image(
+    group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf"
+) -> None:
     g = group.create_group(escape_id(image_id))
     for name, array in columns.items():
         dtype = COLUMN_DTYPES.get(name, array.dtype)
         if name in ("label", "topk_class") and array.max(initial=0) > 255:
             dtype = np.uint16  # C > 255
-        g.create_dataset(name, data=array.astype(dtype, copy=False), chunks=_chunks(array.shape),
-                         **compression_options(compression, dtype))
+        g.create_dataset(
+            name,
+            data=array.astype(dtype, copy=False),
+            chunks=_chunks(array.shape),
+            **compression_options(compression, dtype),
+        )
 
 
 class PartWriter:
@@ -81,7 +94,9 @@ class PartWriter:
     (renamed into place) only once complete; ``done_ids()`` lists what earlier attempts finished.
     """
 
-    def __init__(self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf") -> None:
+    def __init__(
+        self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf"
+    ) -> None:
         compression_options(compression, np.float16)  # fail here, not in the writer thread
         self.dir, self.rank, self.per_part, self.compression = parts_dir, rank, images_per_part, compression
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +176,10 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
     missing = [i for i in order if i not in where]
     if missing:
         where_parts = part_files[0].parent if part_files else out.parent
-        raise LabelpipeError(f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); "
-                             "rerun predict to finish them")
+        raise LabelpipeError(
+            f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); "
+            "rerun predict to finish them"
+        )
     handles = {p: h5py.File(p, "r") for p in part_files}
     try:
         with h5py.File(tmp, "w", libver=LIBVER) as dst:
@@ -195,37 +212,51 @@ class PredictionStore:
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise LabelpipeError(f"{self.path}: not a readable HDF5 store ({exc}); rerun predict with --force") from exc
+            raise LabelpipeError(
+                f"{self.path}: not a readable HDF5 store ({exc}); rerun predict with --force"
+            ) from exc
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
         self.ids = [s.decode() if isinstance(s, bytes) else s for s in self.file["index/ids"][()]]
         self.columns = list(self.attrs.get("columns", []))
         if num_classes is not None and self.attrs.get("num_classes") != num_classes:
             raise LabelpipeError(
-                f"{self.path}: store has {self.attrs.get('num_classes')} classes but the data set has {num_classes}; "
+                f"{self.path}: store has {self.attrs.get('num_classes')} classes "
+                f"but the data set has {num_classes}; "
                 "predict again with this data set's model"
             )
         missing = [c for c in require if c not in self.columns]
         if missing:
-            raise LabelpipeError(f"{self.path}: store lacks column(s) {', '.join(missing)}; "
-                                 f"rerun predict (it writes {', '.join(DEFAULT_COLUMNS)})")
+            raise LabelpipeError(
+                f"{self.path}: store lacks column(s) {', '.join(missing)}; "
+                f"rerun predict (it writes {', '.join(DEFAULT_COLUMNS)})"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
+        return self.read(image_id)
+
+    def read(self, image_id: str, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of one image: every column, or only ``columns`` (the others are not read)."""
         grp = self.file["images"][escape_id(image_id)]
-        return {name: grp[name][()] for name in grp}
+        return {name: grp[name][()] for name in (grp if columns is None else columns)}
 
     def shapes(self) -> list[tuple[int, int]]:
-        return list(zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist()))
+        return list(
+            zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist(), strict=True)
+        )
 
-    def iter_chunks(self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64) -> Iterator[dict]:
+    def iter_chunks(
+        self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64
+    ) -> Iterator[dict]:
         """Yields ``{"ids": [...], "shapes": [...], column: flat concatenated array, ...}``."""
         columns = columns or tuple(c for c in self.columns if not c.startswith("topk"))
+        shapes = self.shapes()
         for start in range(0, len(self.ids), images_per_chunk):
             ids = self.ids[start : start + images_per_chunk]
-            arrays = [self[i] for i in ids]
-            chunk: dict[str, Any] = {"ids": ids, "shapes": [a["label"].shape for a in arrays]}
+            arrays = [self.read(i, columns) for i in ids]
+            chunk: dict[str, Any] = {"ids": ids, "shapes": shapes[start : start + images_per_chunk]}
             for c in columns:
                 chunk[c] = np.concatenate([a[c].ravel() for a in arrays])
             yield chunk

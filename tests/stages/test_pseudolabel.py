@@ -1,0 +1,370 @@
+"""pseudolabel: for each method, the stage (streaming over the store) gives the labels of the in-memory
+generators on the concatenated store; report, plots, PNG export, seeds; one-line errors for bad stores."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from labelpipe.pseudo import (
+    cbst_pseudo_labels,
+    cbst_thresholds,
+    dars_pseudo_labels,
+    dars_thresholds,
+    entropy_pseudo_labels,
+    entropy_threshold,
+    threshold_pseudo_labels,
+    variance_pseudo_labels,
+)
+from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
+from tests.conftest import TINY_RECIPE
+
+METHODS = ("threshold", "cbst", "dars", "entropy", "variance")
+ALPHA, ALPHA_T = 0.2, 0.2
+PLOTS = ("class_distribution.png", "histograms.png", "samples.png", "reliability.png")
+
+
+def labelpipe(args: list[str]) -> int:
+    from labelpipe.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return 0 if exc.code is None else int(exc.code)
+    return 0
+
+
+def pseudolabel(run: Path, method: str, *extra: str, tau: float = 0.9, seed: int = 0) -> Path:
+    """Every option the test relies on is explicit: the run's config.yaml keeps the previous call's values."""
+    code = labelpipe(
+        [
+            "pseudolabel",
+            "--config",
+            str(TINY_RECIPE),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+            "--method",
+            method,
+            "--alpha",
+            str(ALPHA),
+            "--tau",
+            str(tau),
+            "--seed",
+            str(seed),
+            "--set",
+            f"pseudolabel.alpha_t={ALPHA_T}",
+            "--export",
+            "none",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return run / "pseudolabel" / method
+
+
+@pytest.fixture()
+def no_png_rendering(monkeypatch):
+    """Plots are drawn by matplotlib in seconds a run: here they only touch their files (the stage still
+    computes what they show); ``test_plots_are_rendered`` draws them."""
+    from labelpipe import plots
+    from labelpipe.stages import pseudolabel as stage
+
+    def touch(*args, **kwargs) -> Path:
+        path = next(a for a in (*args, *kwargs.values()) if isinstance(a, Path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return path
+
+    for name in ("class_distributions", "image_grid", "reliability"):
+        monkeypatch.setattr(plots, name, touch)
+    monkeypatch.setattr(stage, "_plot_hists", touch)
+
+
+def open_data(run: Path):
+    from labelpipe.config import resolve_config
+    from labelpipe.data import open_source
+
+    data = resolve_config(run, TINY_RECIPE).data
+    source = open_source(
+        data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root()
+    )
+    return source, source.protocol(data.protocol)
+
+
+def labeled_prior(run: Path) -> np.ndarray:
+    """The class prior from the labeled masks, computed here independently of the stage."""
+    source, roles = open_data(run)
+    counts = np.zeros(source.num_classes, np.int64)
+    for sample in source.split(roles["labeled"]):
+        mask = source.read_mask(sample.mask)
+        counts += np.bincount(mask[mask != 255], minlength=source.num_classes)
+    return counts / counts.sum()
+
+
+def concatenated(store_path: Path, columns: tuple[str, ...]) -> tuple[list[str], dict[str, np.ndarray]]:
+    with PredictionStore(store_path) as store:
+        images = [store.read(i, columns) for i in store.ids]
+        return store.ids, {c: np.concatenate([a[c].ravel() for a in images]) for c in columns}
+
+
+def in_memory(method: str, pred: dict[str, np.ndarray], prior: np.ndarray, C: int, tau: float, seed: int):
+    """(labels, weights or None, thresholds or None) of the in-memory generator of ``method``."""
+    label, conf = pred["label"], pred["conf"]
+    if method == "threshold":
+        return threshold_pseudo_labels(label, conf, tau), None, None
+    if method == "cbst":
+        t = cbst_thresholds(label, conf, ALPHA, C)
+        return cbst_pseudo_labels(label, conf, t), None, t
+    if method == "dars":
+        t, s = dars_thresholds(label, conf, prior, ALPHA)
+        return dars_pseudo_labels(label, conf, t, s, np.random.default_rng(seed)), None, t
+    if method == "entropy":
+        return (
+            entropy_pseudo_labels(label, pred["entropy"], entropy_threshold(pred["entropy"], ALPHA_T))[0],
+            None,
+            None,
+        )
+    labels, weights = variance_pseudo_labels(label, pred["variance"])
+    return labels, weights, None
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def write_store(run: Path, arrays: dict[str, dict[str, np.ndarray]], attrs: dict) -> Path:
+    out = run / "predict" / "predictions.h5"
+    writer = PartWriter(run / "predict" / "parts", images_per_part=64)
+    for image_id, columns in arrays.items():
+        writer.add(image_id, columns)
+    writer.close()
+    merge_parts(sorted((run / "predict" / "parts").glob("part-*.h5")), out, list(arrays), attrs)
+    shutil.rmtree(run / "predict" / "parts")
+    return out
+
+
+@pytest.fixture(scope="module")
+def predicted(pretrained_run, tmp_path_factory) -> Path:
+    """A copy of the pretrained run with its predictions.h5."""
+    run = tmp_path_factory.mktemp("pseudolabel") / "run"
+    shutil.copytree(pretrained_run, run)
+    assert labelpipe(["predict", "--config", str(TINY_RECIPE), "--run", str(run), "--device", "cpu"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def synthetic(data_cache, tmp_path_factory) -> Path:
+    """A run whose store is built from the ground truth of the unlabeled images: every class present, 25% of
+    labels wrong, and confidences that tie at 1.0 (as float16 saturates), so per-class thresholds and DARS's
+    random sampling all matter (the 6-step model of ``predicted`` predicts background nearly everywhere)."""
+    run = tmp_path_factory.mktemp("pseudolabel-synthetic") / "run"
+    source, roles = open_data(run)
+    C = source.num_classes
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for sample in source.split(roles["unlabeled"]):
+        gt = source.read_mask(sample.mask)
+        label = np.where((gt == 255) | (rng.random(gt.shape) < 0.25), rng.integers(0, C, gt.shape), gt)
+        arrays[sample.id] = {
+            "label": label.astype(np.uint8),
+            "conf": np.clip(rng.beta(4, 1, gt.shape) * 1.15, 1 / C, 1).astype(np.float16),
+            "entropy": (rng.random(gt.shape) * np.log(C)).astype(np.float16),
+            "variance": rng.exponential(0.2, gt.shape).astype(np.float16),
+        }
+    write_store(
+        run,
+        arrays,
+        {
+            "classes": source.classes,
+            "num_classes": C,
+            "split": roles["unlabeled"],
+            "columns": ["label", "conf", "entropy", "variance"],
+            "temperature": 1.0,
+        },
+    )
+    return run
+
+
+def check_stage_equals_in_memory(run: Path, method: str, tau: float) -> dict:
+    out = pseudolabel(run, method, tau=tau)
+    source, _ = open_data(run)
+    C = source.num_classes
+    ids, pred = concatenated(run / "predict" / "predictions.h5", ("label", "conf", "entropy", "variance"))
+    prior = labeled_prior(run)
+    expected, expected_weights, thresholds = in_memory(method, pred, prior, C, tau, seed=0)
+
+    with PredictionStore(out / "labels.h5", C) as labels_store:
+        assert labels_store.ids == ids
+        got = np.concatenate([labels_store[i]["label"].ravel() for i in ids])
+        assert got.dtype == np.uint8 and np.all((got == 255) | (got < C))
+        np.testing.assert_array_equal(got, expected, err_msg=f"{method}: stage != in-memory")
+        if expected_weights is not None:
+            weights = np.concatenate([labels_store[i]["weight"].ravel() for i in ids])
+            np.testing.assert_array_equal(weights, expected_weights)
+        else:
+            assert "weight" not in labels_store[ids[0]]
+
+    report = strict_json(out / "report.json")
+    assert report["images"] == len(ids) and report["pixels"] == got.size
+    assert report["kept_fraction"] == pytest.approx(np.mean(got != 255))
+    if thresholds is not None:
+        assert report["params"]["thresholds"] == [float(t) if math.isfinite(t) else None for t in thresholds]
+    kept = np.bincount(got[got != 255], minlength=C)[:C]
+    dist = kept / max(kept.sum(), 1)
+    present = prior > 0
+    kl = np.sum(prior[present] * (np.log(prior[present]) - np.log(dist[present] + 1e-8)))
+    assert report["kl_prior_pseudo"] == pytest.approx(kl)
+    for c, name in enumerate(source.classes):
+        assert report["per_class"][name]["kept"] == kept[c]
+        assert report["per_class"][name]["prior"] == pytest.approx(prior[c])
+        assert "coverage" in report["per_class"][name] and "precision" in report["per_class"][name]
+
+    gt = np.concatenate(
+        [source.read_mask(s.mask).ravel() for s in source.split(open_data(run)[1]["unlabeled"])]
+    )
+    valid = gt != 255
+    ious = []
+    for c in range(C):
+        tp = np.sum((got == c) & (gt == c))
+        union = np.sum((got == c) & valid) + np.sum(gt == c) - tp
+        if union:
+            ious.append(tp / union)
+    assert report["has_ground_truth"] is True
+    assert report["pseudo_miou"] == pytest.approx(np.mean(ious))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and set(manifest["outputs"]) == {"labels.h5", "report.json"}
+    return report
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stage_labels_equal_the_in_memory_generator_on_the_predicted_store(
+    predicted, method, no_png_rendering
+):
+    _, pred = concatenated(predicted / "predict" / "predictions.h5", ("conf",))
+    tau = float(np.median(pred["conf"].astype(np.float32)))  # the 6-step model is never 0.9 confident
+    report = check_stage_equals_in_memory(predicted, method, tau)
+    assert 0 < report["kept_fraction"] <= 1
+    for name in PLOTS:
+        assert (predicted / "pseudolabel" / method / "plots" / name).is_file(), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stage_labels_equal_the_in_memory_generator_on_many_classes(synthetic, method, no_png_rendering):
+    report = check_stage_equals_in_memory(synthetic, method, tau=0.9)
+    if method in ("cbst", "dars"):
+        kept = [v["kept"] for v in report["per_class"].values()]
+        assert sum(k > 0 for k in kept) >= 8, "every class present should keep pixels"
+    if method == "dars":
+        sampling = report["params"]["sampling_ratio"]
+        assert any(0 < s < 1 for s in sampling), "the ties at 1.0 should make DARS sample"
+
+
+def test_plots_are_rendered(predicted):
+    out = pseudolabel(predicted, "dars", "--force")
+    for name in PLOTS:
+        with Image.open(out / "plots" / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100, name
+
+
+def test_dars_is_reproducible_by_seed(synthetic, no_png_rendering):
+    def dars_labels(seed: int) -> np.ndarray:
+        out = pseudolabel(synthetic, "dars", "--force", seed=seed)
+        with PredictionStore(out / "labels.h5") as store:
+            return np.concatenate([store[i]["label"].ravel() for i in store.ids])
+
+    first, again, other = dars_labels(0), dars_labels(0), dars_labels(1)
+    np.testing.assert_array_equal(first, again)
+    assert np.any(first != other)
+    assert abs(int(np.sum(first != 255)) - int(np.sum(other != 255))) < 0.05 * np.sum(first != 255)
+
+
+def test_png_export_writes_palette_images_and_a_list(synthetic, no_png_rendering):
+    out = pseudolabel(synthetic, "cbst", "--export", "png")
+    source, roles = open_data(synthetic)
+    lines = (out / "export" / "list.txt").read_text().splitlines()
+    with PredictionStore(out / "labels.h5") as store:
+        assert [line.split("\t")[0] for line in lines] == store.ids
+        for line in lines[:5]:
+            image_id, name = line.split("\t")
+            with Image.open(out / "export" / name) as im:
+                assert im.mode == "P"
+                assert im.getpalette()[: 3 * source.num_classes] == [v for rgb in source.palette for v in rgb]
+                np.testing.assert_array_equal(np.asarray(im), store[image_id]["label"])
+    assert "export/list.txt" in json.loads((out / "manifest.json").read_text())["outputs"]
+    out = pseudolabel(synthetic, "cbst", "--export", "none")
+    assert not (out / "export").exists(), "PNGs of an earlier run must not outlive it"
+
+
+def run_expecting_error(run: Path, method: str, capsys) -> str:
+    capsys.readouterr()
+    code = labelpipe(
+        [
+            "pseudolabel",
+            "--config",
+            str(TINY_RECIPE),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+            "--method",
+            method,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (run / "pseudolabel" / method / "manifest.json").exists()
+    return err
+
+
+def fake_store(run: Path, num_classes: int, columns: tuple[str, ...]) -> None:
+    source, roles = open_data(run)
+    shape = (32, 32)
+    arrays = {
+        s.id: {
+            "label": np.zeros(shape, np.uint8),
+            "conf": np.ones(shape, np.float16),
+            "entropy": np.zeros(shape, np.float16),
+            "variance": np.zeros(shape, np.float16),
+        }
+        for s in source.split(roles["unlabeled"])[:3]
+    }
+    arrays = {i: {c: a[c] for c in columns} for i, a in arrays.items()}
+    write_store(
+        run,
+        arrays,
+        {
+            "classes": [f"c{c}" for c in range(num_classes)],
+            "num_classes": num_classes,
+            "columns": list(columns),
+        },
+    )
+
+
+def test_store_of_another_class_count_is_refused(data_cache, tmp_path, capsys):
+    fake_store(tmp_path / "run", 5, ("label", "conf", "entropy", "variance"))
+    assert "store has 5 classes but the data set has 11" in run_expecting_error(
+        tmp_path / "run", "dars", capsys
+    )
+
+
+def test_store_missing_a_column_is_refused(data_cache, tmp_path, capsys):
+    fake_store(tmp_path / "run", 11, ("label", "conf"))
+    err = run_expecting_error(tmp_path / "run", "entropy", capsys)
+    assert "lacks column(s) entropy" in err and "rerun predict" in err
+
+
+def test_pseudolabel_before_predict_says_to_predict(data_cache, tmp_path, capsys):
+    err = run_expecting_error(tmp_path / "run", "threshold", capsys)
+    assert "prediction store not found; run `labelpipe predict` first" in err

@@ -1,0 +1,113 @@
+"""selftrain: two rounds end to end on the tiny data set, every loss on, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from labelpipe.cli import main
+from tests.conftest import REPO, TINY_RECIPE
+
+EVERYTHING = ["--loss", "sce", "--contrastive", "--denoise", "--strong-aug"]
+
+
+def run_cli(args):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+        raise SystemExit(0)
+    return info.value.code
+
+
+@pytest.fixture()
+def run(pretrained_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(pretrained_run, dst)
+    return dst
+
+
+def test_two_rounds_end_to_end(run, capsys):
+    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", *EVERYTHING,
+                    "--pseudo-source", "teacher"]) == 0
+    for k in (1, 2):
+        round_dir = run / "selftrain" / f"round-{k}"
+        for stage, artifact in (("predict", "predictions.h5"), ("pseudolabel", "labels.h5"),
+                                ("train", "model.safetensors")):
+            manifest = json.loads((round_dir / stage / "manifest.json").read_text())
+            assert manifest["status"] == "done", (k, stage)
+            assert (round_dir / stage / artifact).is_file()
+        report = json.loads((round_dir / "pseudolabel" / "report.json").read_text())
+        assert report["alpha"] == (0.2, 0.5)[k - 1]  # the round's labeling ratio
+        log = [json.loads(line) for line in (round_dir / "train" / "log.jsonl").read_text().splitlines()]
+        losses = [r for r in log if "loss" in r]
+        assert len(losses) == 4
+        assert all(r["loss_contrastive"] >= 0 and "loss_unsup" in r for r in losses)
+    # round 2 starts from round 1: its predictions come from round 1's model
+    r2 = json.loads((run / "selftrain/round-2/predict/manifest.json").read_text())
+    assert r2["inputs"]["model"] == "round-1"
+    capsys.readouterr()
+    # evaluate takes any round; the default is the last one
+    assert run_cli(["evaluate", "--run", str(run), "--model", "round-1", "--device", "cpu"]) == 0
+    assert run_cli(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
+    assert (run / "evaluate/round-1/metrics.json").is_file() and (run / "evaluate/round-2/metrics.json").is_file()
+    assert run_cli(["status", str(run)]) == 0
+    assert "selftrain/round-2/train" in capsys.readouterr().out
+    # a second call is a no-op
+    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", *EVERYTHING,
+                    "--pseudo-source", "teacher"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_rectified_and_variance_weights(run):
+    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", "--rounds", "1",
+                    "--method", "variance", "--rectified"]) == 0
+    log = (run / "selftrain/round-1/train/log.jsonl").read_text()
+    assert "loss_unsup" in log
+
+
+def test_selftrain_before_pretrain_is_a_clear_error(data_cache, tmp_path, capsys):
+    assert run_cli(["selftrain", "--run", str(tmp_path / "r"), "--config", str(TINY_RECIPE)]) == 2
+    assert "labelpipe pretrain" in capsys.readouterr().err
+
+
+def _cli(run, *extra):
+    return [sys.executable, "-m", "labelpipe", "selftrain", "--run", str(run), "--config", str(TINY_RECIPE),
+            "--device", "cpu", "--rounds", "1", "--contrastive", "--loss", "sce", *extra]
+
+
+def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    longer = ["--steps", "16", "--set", "train.checkpoint_every=2", "--set", "train.val_every=100"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    shutil.copytree(pretrained_run, reference)
+    shutil.copytree(pretrained_run, killed)
+    subprocess.run(_cli(reference, *longer), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli(killed, *longer), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_dir = killed / "selftrain/round-1/train"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        log = train_dir / "log.jsonl"
+        if (train_dir / "checkpoint.pt").is_file() and log.is_file() and log.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((train_dir / "manifest.json").read_text())["status"] == "running"
+    state = torch.load(train_dir / "checkpoint.pt", weights_only=False)
+    assert 0 < state["step"] < 16
+    assert {"teacher", "memory", "prototypes"} <= set(state["extras"])
+
+    subprocess.run(_cli(killed, *longer), check=True, env=env, capture_output=True)
+    a = load_file(str(reference / "selftrain/round-1/train/model.safetensors"))
+    b = load_file(str(train_dir / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

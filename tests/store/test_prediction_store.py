@@ -1,0 +1,143 @@
+"""The prediction store: parts written by ranks merge into one store that reads back what was written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from labelpipe.errors import LabelpipeError
+from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
+
+C = 7
+SHAPES = {"city/a_000001": (5, 9), "city/b%2F": (3, 4), "plain": (8, 8), "x/y/z": (1, 1), "big": (300, 20)}
+
+
+def image_columns(rng: np.random.Generator, shape: tuple[int, int], topk: int = 2) -> dict[str, np.ndarray]:
+    prob = rng.dirichlet(np.ones(C), size=shape).transpose(2, 0, 1).astype(np.float32)  # (C, H, W)
+    order = np.argsort(-prob, axis=0)
+    return {
+        "label": order[0].astype(np.uint8),
+        "conf": prob.max(0).astype(np.float16),
+        "entropy": (-(prob * np.log(prob)).sum(0)).astype(np.float16),
+        "variance": rng.random(shape).astype(np.float16),
+        "topk_prob": np.take_along_axis(prob, order[:topk], 0).astype(np.float16),
+        "topk_class": order[:topk].astype(np.uint8),
+    }
+
+
+@pytest.fixture()
+def written(tmp_path):
+    """Images written by two ranks in small parts, and the arrays they were given."""
+    rng = np.random.default_rng(0)
+    arrays = {i: image_columns(rng, s) for i, s in SHAPES.items()}
+    ids = list(SHAPES)
+    for rank in (0, 1):
+        writer = PartWriter(tmp_path / "parts", rank=rank, images_per_part=2)
+        for image_id in ids[rank::2]:
+            writer.add(image_id, arrays[image_id])
+        writer.close()
+    return tmp_path / "parts", arrays
+
+
+def test_merged_store_reads_back_every_array_in_the_given_order(written, tmp_path):
+    parts_dir, arrays = written
+    order = ["x/y/z", "big", "plain", "city/a_000001", "city/b%2F"]  # not the order they were written in
+    classes = [f"class-{c}" for c in range(C)]
+    out = tmp_path / "predictions.h5"
+    merge_parts(
+        sorted(parts_dir.glob("part-*.h5")),
+        out,
+        order,
+        {"classes": classes, "num_classes": C, "temperature": 1.5, "columns": list(arrays["plain"])},
+    )
+    with PredictionStore(out, num_classes=C, require=("label", "conf")) as store:
+        assert store.ids == order
+        assert len(store) == len(order)
+        assert store.attrs["classes"] == classes
+        assert store.attrs["temperature"] == 1.5 and store.attrs["num_classes"] == C
+        assert store.shapes() == [SHAPES[i] for i in order]
+        for image_id in order:
+            got = store[image_id]
+            assert got.keys() == arrays[image_id].keys()
+            for name, expected in arrays[image_id].items():
+                assert got[name].dtype == expected.dtype, (image_id, name)
+                np.testing.assert_array_equal(got[name], expected, err_msg=f"{image_id} {name}")
+        chunks = list(store.iter_chunks(images_per_chunk=2))
+        assert [c["ids"] for c in chunks] == [order[:2], order[2:4], order[4:]]
+        assert [s for c in chunks for s in c["shapes"]] == [SHAPES[i] for i in order]
+        assert "topk_prob" not in chunks[0], "top-k columns are read only when asked for"
+        for name in ("label", "conf", "entropy", "variance"):
+            expected = np.concatenate([arrays[i][name].ravel() for i in order])
+            np.testing.assert_array_equal(np.concatenate([c[name] for c in chunks]), expected, err_msg=name)
+
+
+def test_parts_are_whole_and_listed_as_done(written):
+    parts_dir, arrays = written
+    assert [p.name for p in sorted(parts_dir.glob("*"))] == [
+        "part-000-000000.h5",
+        "part-000-000001.h5",
+        "part-001-000000.h5",
+    ]  # rank 0: 3 images in parts of 2 (the last one short), rank 1: 2 images
+    ids = list(SHAPES)
+    assert PartWriter(parts_dir, rank=0).done_ids() == ids[0::2]
+    assert PartWriter(parts_dir, rank=1).done_ids() == ids[1::2]
+
+
+def test_resumed_writer_never_overwrites_a_part(written):
+    """After a partial clean-up (part 0 gone, 1 left) new images go to part 2, not over part 1."""
+    parts_dir, arrays = written
+    (parts_dir / "part-000-000000.h5").unlink()
+    kept = PartWriter(parts_dir, rank=0).done_ids()
+    writer = PartWriter(parts_dir, rank=0, images_per_part=2)
+    writer.add("again", arrays["plain"])
+    writer.close()
+    assert (parts_dir / "part-000-000002.h5").is_file()
+    assert PartWriter(parts_dir, rank=0).done_ids() == kept + ["again"]
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip-1", "none"])
+def test_every_compression_reads_back_exactly(tmp_path, compression):
+    arrays = image_columns(np.random.default_rng(1), (40, 50))
+    writer = PartWriter(tmp_path / "parts", compression=compression)
+    writer.add("one", arrays)
+    writer.close()
+    merge_parts(
+        sorted((tmp_path / "parts").glob("part-*.h5")), tmp_path / "p.h5", ["one"], {"num_classes": C}
+    )
+    with PredictionStore(tmp_path / "p.h5") as store:
+        for name, expected in arrays.items():
+            np.testing.assert_array_equal(store["one"][name], expected)
+
+
+def test_unknown_compression_is_refused_before_writing(tmp_path):
+    with pytest.raises(LabelpipeError, match="gzip-1"):
+        PartWriter(tmp_path / "parts", compression="zstd")
+
+
+def test_merge_refuses_parts_that_lack_images(written, tmp_path):
+    parts_dir, _ = written
+    with pytest.raises(LabelpipeError, match="lack 1 images .*missing"):
+        merge_parts(sorted(parts_dir.glob("part-*.h5")), tmp_path / "p.h5", list(SHAPES) + ["missing"], {})
+    assert not (tmp_path / "p.h5").exists()
+    with pytest.raises(LabelpipeError, match="lack 1 images"):
+        merge_parts([], tmp_path / "p.h5", ["missing"], {})
+
+
+def test_store_errors_say_what_to_do(written, tmp_path):
+    parts_dir, _ = written
+    with pytest.raises(LabelpipeError, match="not found; run `labelpipe predict` first"):
+        PredictionStore(tmp_path / "nothing.h5")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(LabelpipeError, match="not a readable HDF5 store"):
+        PredictionStore(tmp_path / "junk.h5")
+    out = tmp_path / "p.h5"
+    merge_parts(
+        sorted(parts_dir.glob("part-*.h5")),
+        out,
+        list(SHAPES),
+        {"num_classes": C, "columns": ["label", "conf"]},
+    )
+    with pytest.raises(LabelpipeError, match="store has 7 classes but the data set has 19"):
+        PredictionStore(out, num_classes=19)
+    with pytest.raises(LabelpipeError, match="lacks column\\(s\\) entropy"):
+        PredictionStore(out, num_classes=C, require=("label", "entropy"))
