@@ -57,10 +57,11 @@ def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, t
 class _GatheredSimilarity(torch.autograd.Function):
     """(K, M, N) dot products ``<table[index[k, m, n]], anchors[k, m]>``, gradient to ``anchors`` only.
 
-    The same numbers as gathering the (K, M, N, D) keys and a batched mat-vec, without keeping them:
-    at the U2PL+ scale (19 x 256 x 50 x 256) they are 249 MB, freshly allocated (page faults) and saved
-    for the backward. Here the forward gathers one row of ``index`` at a time into a reused buffer and
-    the backward is ``embedding_bag(index, table, per_sample_weights=grad)``, a fused gather-and-sum.
+    The numbers of gathering the (K, M, N, D) keys and a batched mat-vec (up to float rounding), without
+    keeping the keys: at the U2PL+ scale (19 x 256 x 50 x 256) they are 249 MB, freshly allocated (page
+    faults) and saved for the backward. Here the forward gathers one row of ``index`` at a time into a
+    reused buffer, and the backward is ``embedding_bag(index, table, per_sample_weights=grad)``, a fused
+    gather-and-sum. Computed in float32 whatever the autocast state.
     anchors (K, M, D) float32, table (R, D) float32 (the memory bank's buffer; saved, so a push before
     the backward raises autograd's in-place error instead of giving wrong gradients), index (K, M, N) long.
     """
@@ -69,10 +70,12 @@ class _GatheredSimilarity(torch.autograd.Function):
     def forward(ctx, anchors: Tensor, table: Tensor, index: Tensor) -> Tensor:
         k, m, n = index.shape
         out = anchors.new_empty(k, m, n)
-        buffer = anchors.new_empty(m * n, table.shape[1])
+        d = table.shape[1]
+        buffer = anchors.new_empty(m * n, d)
         for row in range(k):
             torch.index_select(table, 0, index[row].reshape(-1), out=buffer)
-            out[row] = torch.bmm(buffer.view(m, n, -1), anchors[row].unsqueeze(-1)).squeeze(-1)
+            # Multiply-and-sum in the scratch buffer: a batched (N, D) @ (D, 1) mat-vec is slow on CPU.
+            out[row] = buffer.view(m, n, d).mul_(anchors[row].unsqueeze(1)).sum(dim=-1)
         ctx.save_for_backward(table, index)
         return out
 
@@ -83,9 +86,11 @@ class _GatheredSimilarity(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         k, m, n = index.shape
+        if n == 0:
+            return grad_out.new_zeros(k, m, table.shape[1]), None, None
         grad = F.embedding_bag(index.reshape(k * m, n), table, mode="sum",
                                per_sample_weights=grad_out.reshape(k * m, n).to(table.dtype))
-        return grad.view(k, m, -1), None, None
+        return grad.view(k, m, table.shape[1]), None, None
 
 
 def contrastive_loss(
@@ -280,21 +285,11 @@ class PrototypeBank:
 def class_ranks(probs: Tensor) -> Tensor:
     """(P, C) long: rank[p, c] = position of class c in pixel p's descending probabilities (0 = top).
 
-    Ties keep the lower class index first (as a stable sort would). Counted rather than sorted (a P x C
-    sort is slow on CPU): rank[p, c] = #{c' : p_c' > p_c} + #{c' < c : p_c' = p_c}, in blocks of pixels
-    to bound the (block, C, C) comparison.
+    Ties keep the lower class index first (stable sort).
     """
-    num_pixels, num_classes = probs.shape
-    classes = torch.arange(num_classes, device=probs.device)
-    lower_index = classes[None, :] < classes[:, None]  # [c, c'] = c' < c
-    ranks = torch.empty(probs.shape, dtype=torch.long, device=probs.device)
-    block = max(1, (1 << 24) // max(1, num_classes * num_classes))
-    for start in range(0, num_pixels, block):
-        p = probs[start : start + block]
-        mine, other = p[:, :, None], p[:, None, :]
-        above = (other > mine) | ((other == mine) & lower_index)
-        ranks[start : start + block] = above.sum(dim=2)
-    return ranks
+    order = torch.argsort(probs, dim=1, descending=True, stable=True)
+    positions = torch.arange(probs.shape[1], device=probs.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def negative_masks(
