@@ -68,7 +68,8 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
     def train_step() -> None:
         with autocast(device):
             out = model(images)
-            loss = F.cross_entropy(out.main.float(), labels) + AUX_WEIGHT * F.cross_entropy(out.aux.float(), labels)
+            loss = F.cross_entropy(out.main.float(), labels)
+            loss = loss + AUX_WEIGHT * F.cross_entropy(out.aux.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,7 +100,8 @@ def main() -> None:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
     print(f"DeepLabV3+ throughput: {SIZE}x{SIZE}, {NUM_CLASSES} classes, train batch {TRAIN_BATCH} "
-          f"(fwd + CE main + {AUX_WEIGHT} CE aux + bwd + SGD), inference batch {INFER_BATCH} (eval, no grad); "
+          f"(fwd + CE main + {AUX_WEIGHT} CE aux + bwd + SGD), inference batch {INFER_BATCH} "
+          "(eval, no grad); "
           f"median of {steps} steps after {warmup} warm-up; torch {torch.__version__}")
     for device in devices:
         if device.type == "cuda":

@@ -65,6 +65,7 @@ class TrainConfig(Section):
     poly_power: float = 0.9
     aux_weight: float = 0.4
     amp: bool = True  # CUDA only; CPU always trains in float32
+    sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (CPU: per rank)
     checkpoint_every: int = Field(100, ge=1)
     val_every: int = Field(500, ge=1)
     val_limit: int | None = None  # validate on the first N val images (None: all)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ def setup(device: str) -> Runtime:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group(backend)
+        # Leave the group on every exit path (success, the CLI's one-line errors, sys.exit), as torch asks;
+        # torchrun stops the other ranks when one exits with an error.
+        atexit.register(shutdown)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rank = torch.distributed.get_rank() if world > 1 else 0
@@ -60,6 +64,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op when none was joined)."""
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+
+
+def _collective_device(x: torch.Tensor) -> torch.device:
+    """NCCL only moves CUDA tensors; gloo takes CPU (and CUDA) tensors."""
+    if torch.distributed.get_backend() == "nccl" and x.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all ranks, as a new tensor on ``x``'s device (``x`` itself when not distributed)."""
+    if not is_distributed():
+        return x
+    t = x.detach().to(_collective_device(x), copy=True)
+    torch.distributed.all_reduce(t)
+    return t.to(x.device)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order: ``(n_r, ...)`` per rank -> ``(sum_r n_r, ...)``.
+
+    The ``n_r`` may differ (zero included); the trailing dimensions and dtype must be the same on
+    every rank. Every rank must call it (it is a collective). Works on gloo and NCCL; no gradient
+    flows through it. Returns ``x`` unchanged when not distributed.
+    """
+    if not is_distributed():
+        return x
+    world = torch.distributed.get_world_size()
+    dev = _collective_device(x)
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    rows = max(sizes)
+    if rows == 0:
+        return x.detach().clone()
+    # Pad to the longest share: all_gather moves equal-shaped tensors only. bool goes as uint8
+    # (gloo has no bool reduction types on every build).
+    wire = torch.uint8 if x.dtype == torch.bool else x.dtype
+    padded = torch.zeros((rows, *x.shape[1:]), dtype=wire, device=dev)
+    padded[: x.shape[0]] = x.detach().to(dev, wire)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)]).to(x.device, x.dtype)

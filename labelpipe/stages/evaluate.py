@@ -14,7 +14,7 @@ from labelpipe.config import RunConfig
 from labelpipe.data import SampleRef
 from labelpipe.data.transforms import denormalize
 from labelpipe.metrics import CalibrationAccumulator, ConfusionMatrix, summarize
-from labelpipe.runtime import Runtime
+from labelpipe.runtime import Runtime, all_reduce_sum, barrier
 from labelpipe.stages.common import StageContext, class_prior, load_trained_model, open_context
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import atomic_write_json
@@ -22,13 +22,18 @@ from labelpipe.store.manifest import StageDir
 
 
 def shard(samples: list[SampleRef], runtime: Runtime) -> list[SampleRef]:
+    """This rank's samples: every ``world``-th from ``rank`` (a rank may get none)."""
     return samples[runtime.rank :: runtime.world]
 
 
 def measure(
     ctx: StageContext, model: torch.nn.Module, samples: list[SampleRef], batch_size: int, num_samples: int = 0
 ) -> tuple[ConfusionMatrix, CalibrationAccumulator, list[list[np.ndarray]]]:
-    """Confusion matrix and calibration over ``samples`` (this rank's share under DDP), plus sample rows."""
+    """Confusion matrix and calibration over all ``samples``, plus sample rows of this rank's images.
+
+    Under torchrun each rank predicts its :func:`shard` and the counts are summed over the ranks,
+    so every rank returns the same matrix as one process would. All ranks must call it.
+    """
     source, rt = ctx.source, ctx.runtime
     cm = ConfusionMatrix(source.num_classes, source.ignore_index, rt.device)
     cal = CalibrationAccumulator()
@@ -49,11 +54,10 @@ def measure(
                     plots.colorize(pred.cpu().numpy().astype(np.uint8), source.palette),
                 ])
     cm.all_reduce()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for arr in (cal.count, cal.conf_sum, cal.correct_sum):
-            t = torch.from_numpy(arr.astype(np.float64))
-            torch.distributed.all_reduce(t)
-            arr[:] = t.numpy()
+    if rt.distributed:  # one float64 all-reduce of the three bin arrays (counts < 2**53 stay exact)
+        bins = torch.from_numpy(np.concatenate([cal.count, cal.conf_sum, cal.correct_sum]).astype(np.float64))
+        total = all_reduce_sum(bins.to(rt.device)).cpu().numpy()
+        cal.count[:], cal.conf_sum[:], cal.correct_sum[:] = np.split(total, 3)
     return cm, cal, rows
 
 
@@ -86,8 +90,10 @@ def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     cm, cal, rows = measure(ctx, model, samples, config.evaluate.batch_size, config.evaluate.num_samples)
     prior = class_prior(ctx, ctx.roles["labeled"])
     metrics = summarize(cm.numpy(), ctx.source.classes, prior, cal.ece(), ctx.source.class_subsets)
-    metrics.update(model=name, split=split, images=len(samples), reliability=cal.reliability())
+    metrics.update(model=name, split=split, images=len(samples), reliability=cal.reliability(),
+                   confusion=cm.numpy().tolist())  # rows: ground truth, columns: prediction
     if not runtime.is_main:
+        barrier()
         return metrics
     atomic_write_json(out_dir / "metrics.json", metrics)
     plots.per_class_bars(metrics["per_class_iou"], out_dir / "per_class.png", f"{name} on {split}: per-class IoU")
@@ -99,6 +105,7 @@ def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
         plots.image_grid(rows, ["image", "ground truth", "prediction"], out_dir / "samples.png")
     print_table(metrics, f"{name} on {split} ({len(samples)} images)")
     stage.finish(["metrics.json", "per_class.png", "confusion.png"], {"miou": metrics["miou"]})
+    barrier()  # the other ranks return once the results are on disk
     return metrics
 
 

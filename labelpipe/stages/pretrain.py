@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from labelpipe.config import RunConfig
+from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, StepBatchSampler, collate
 from labelpipe.data.transforms import weak_transform
+from labelpipe.errors import LabelpipeError
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
-from labelpipe.runtime import Runtime, seed_everything
-from labelpipe.data.base import preflight
+from labelpipe.runtime import Runtime, barrier, seed_everything
 from labelpipe.stages.common import StageContext, class_prior, model_from_config, open_context
 from labelpipe.stages.evaluate import measure
 from labelpipe.stages.training import TrainJob, train
@@ -35,6 +36,11 @@ def num_workers(config: RunConfig, device: torch.device) -> int:
 def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: int):
     """start step -> iterator of batches, rank-sharded, deterministic in (seed, step)."""
     rt = ctx.runtime
+    if batch_size < rt.world:
+        raise LabelpipeError(
+            f"train.batch_size={batch_size} with {rt.world} processes: each process needs at least one image "
+            f"per step; use a batch size of at least {rt.world} (a multiple of it splits evenly)"
+        )
 
     def batches(start: int):
         sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total, rt.rank, rt.world)
@@ -61,10 +67,20 @@ def make_validator(ctx: StageContext):
     return validate
 
 
-def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch.nn.Module:
+    """DDP under torchrun (``model`` itself otherwise); BatchNorm becomes SyncBatchNorm when asked, on CUDA.
+
+    The BatchNorm layers are converted in place, so ``model`` stays the module to save. Unused
+    parameters are expected: pretrain's loss does not touch the representation head.
+    """
     if not rt.distributed:
         return model
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_bn and rt.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync_bn and rt.is_main:
+        # torch's SyncBatchNorm has no CPU kernel (DDP refuses it: "only work with GPU modules").
+        print(f"note: train.sync_bn needs CUDA; on CPU each of the {rt.world} processes normalises its own "
+              "share of the batch (plain BatchNorm)")
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
@@ -83,7 +99,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
     inputs = {
         "seed": config.seed, "data": config.data.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers",
-                                                       "val_limit"}),
+                                                       "val_limit", "sync_bn"}),
         "split": labeled, "split_ids": ctx.split_ids_fingerprint(labeled),
     }
     fingerprint = sha256_json(inputs)
@@ -93,6 +109,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         return stage.manifest().get("summary", {})
     if force and runtime.is_main and stage.path.exists():
         shutil.rmtree(stage.path)
+    barrier()  # no rank reads the checkpoint of a run that --force is removing
     preflight(samples)
     preflight(ctx.source.split(ctx.roles["val"]))
     class_prior(ctx, labeled)  # reads every labeled mask once: bad values fail here, not at step 5,000
@@ -103,7 +120,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
     model = model_from_config(config, ctx.source.num_classes).to(runtime.device)
     if runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = wrap_ddp(model, runtime)
+    net = wrap_ddp(model, runtime, cfg.sync_bn)
     dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
     ignore = ctx.source.ignore_index
 
@@ -132,4 +149,5 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         save_model(stage.path / "model.safetensors", model, model_metadata(config, ctx, "pretrain"))
         atomic_write_json(stage.path / "metrics.json", last_val)
         stage.finish(["model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl"], last_val)
+    barrier()  # a next stage in this process (``labelpipe run``) reads the model rank 0 has just written
     return last_val

@@ -4,6 +4,10 @@ A stage passes in what differs: where batches come from, the objective (a functi
 to a loss), extra stateful components (EMA teacher, memory banks, prototypes) and a hook after
 each optimizer step. The loop owns the optimizer, the poly LR schedule, AMP, checkpoints,
 resume, logging and validation.
+
+Under torchrun every rank runs this loop on its share of each global batch (DDP averages the
+gradients); rank 0 alone writes the checkpoint, the log and TensorBoard, and shows the progress.
+Logged losses are means over ranks; validation numbers are the same on every rank.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labelpipe.config import TrainConfig
-from labelpipe.runtime import Runtime
+from labelpipe.runtime import Runtime, all_reduce_sum
 from labelpipe.stages.common import autocast
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -52,7 +56,7 @@ class TrainJob:
     model: torch.nn.Module
     total_steps: int
     batches: Callable[[int], Iterator[Any]]  # start step -> iterator of per-step batches
-    objective: Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
+    objective: Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]  # same log keys on every rank
     cfg: TrainConfig
     runtime: Runtime
     fingerprint: str
@@ -83,6 +87,27 @@ def _tensorboard(stage_dir: Path, enabled: bool):
     except ImportError:  # tensorboard is optional at run time
         return None
     return SummaryWriter(str(stage_dir / "tensorboard"))
+
+
+def _mean_over_ranks(loss: torch.Tensor, logs: dict[str, Any], world: int) -> tuple[float, dict[str, Any]]:
+    """The loss and the numeric logs averaged over the ranks (one all-reduce; a no-op on one process)."""
+    if world == 1:
+        return float(loss.detach()), logs
+    keys = [k for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    values = torch.tensor([float(loss.detach()), *(float(logs[k]) for k in keys)], dtype=torch.float64)
+    values = all_reduce_sum(values) / world
+    return float(values[0]), {**logs, **{k: float(v) for k, v in zip(keys, values[1:].tolist(), strict=True)}}
+
+
+def _sync_buffers(module: torch.nn.Module, rt: Runtime) -> None:
+    """Rank 0's BatchNorm statistics on every rank, as DDP's next forward would broadcast them.
+
+    Each rank updates its running statistics on its own images in the forward pass, so between two
+    forwards they differ (without SyncBatchNorm); validation and the saved model use rank 0's.
+    """
+    if rt.distributed:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer.data, 0)
 
 
 def train(job: TrainJob) -> dict[str, Any]:
@@ -155,7 +180,8 @@ def train(job: TrainJob) -> dict[str, Any]:
             done = step + 1
             if done % cfg.log_every == 0 or done == job.total_steps:
                 elapsed = time.time() - t_last
-                record = {"step": done, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                loss_value, logs = _mean_over_ranks(loss, logs, rt.world)
+                record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                           "images_per_s": round(n_images / max(elapsed, 1e-9), 2), **logs}
                 t_last, n_images = time.time(), 0
                 log(record)
@@ -165,6 +191,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                             writer.add_scalar(f"train/{key}", value, done)
                 progress.update(task, info=f"loss {record['loss']:.3f}")
             if job.validate is not None and (done % cfg.val_every == 0 or done == job.total_steps):
+                _sync_buffers(model, rt)
                 last_val = job.validate(model)
                 model.train()
                 log({"step": done, **{f"val_{k}": v for k, v in last_val.items()}})
@@ -175,6 +202,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             if done % cfg.checkpoint_every == 0 or done == job.total_steps:
                 checkpoint(done)
             progress.update(task, completed=done)
+    _sync_buffers(model, rt)  # every rank ends with the weights rank 0 saves
     if log_file is not None:
         log_file.close()
     if writer is not None:

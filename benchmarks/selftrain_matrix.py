@@ -1,0 +1,98 @@
+"""Pretrain vs. `selftrain --rounds 2` on DigitScapes, for the configurations of issue 4.
+
+For each (protocol, seed): one pretrain run, then one copy of it per configuration that runs
+selftrain and evaluates the last round on target_test. Prints a markdown table of mean and std
+over seeds (mIoU and tail mIoU, in %), and appends every single result to a JSON lines file.
+Everything goes through the CLI, and every stage skips itself when up to date, so an interrupted
+matrix continues where it stopped.
+
+    python benchmarks/selftrain_matrix.py --protocols da semi-1_16 --seeds 0 1 2
+    python benchmarks/selftrain_matrix.py --quick          # 1 seed, DA only, shorter rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "a: threshold 0.9 + CE": ["--method", "threshold", "--loss", "ce", "--set", "pseudolabel.tau=0.9"],
+    "b: DARS + CE": ["--method", "dars", "--loss", "ce"],
+    "c: DARS + SCE + contrastive": ["--method", "dars", "--loss", "sce", "--contrastive"],
+    "d: variance + rectified": ["--method", "variance", "--rectified"],
+    "e: everything": ["--method", "dars", "--loss", "sce", "--contrastive", "--rectified", "--denoise"],
+}
+
+
+def labelpipe(*args: str) -> None:
+    cmd = [sys.executable, "-m", "labelpipe", *args]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
+
+
+def metrics(run: Path, model: str) -> dict:
+    return json.loads((run / "evaluate" / model / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="keys of CONFIGS (prefix letters ok)")
+    parser.add_argument("--recipe", default=str(REPO / "stages" / "demo.yaml"))
+    parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round")
+    parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.protocols, args.seeds = ["da"], [0]
+    chosen = [k for k in CONFIGS if any(k.startswith(c) for c in args.configs)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.jsonl"
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for protocol in args.protocols:
+        for seed in args.seeds:
+            base = out / f"{protocol}-s{seed}" / "pretrain-only"
+            common = ["--config", args.recipe, "--seed", str(seed), "--protocol", protocol]
+            t0 = time.time()
+            labelpipe("pretrain", "--run", str(base), *common)
+            labelpipe("evaluate", "--run", str(base), "--model", "pretrain", *common)
+            m = metrics(base, "pretrain")
+            rows.setdefault((protocol, "pretrain"), []).append((m["miou"], m["tail_miou"]))
+            print(f"{protocol} seed {seed} pretrain: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)", flush=True)
+            for name in chosen:
+                run = out / f"{protocol}-s{seed}" / name.split(":")[0]
+                if not run.exists():
+                    shutil.copytree(base, run, ignore=shutil.ignore_patterns("evaluate", "checkpoint.pt"))
+                    shutil.copy2(base / "pretrain" / "checkpoint.pt", run / "pretrain" / "checkpoint.pt")
+                extra = ["--steps", str(args.round_steps)] if args.round_steps else []
+                t0 = time.time()
+                labelpipe("selftrain", "--run", str(run), "--rounds", "2", *common, *CONFIGS[name], *extra)
+                labelpipe("evaluate", "--run", str(run), *common)
+                m = metrics(run, "round-2")
+                rows.setdefault((protocol, name), []).append((m["miou"], m["tail_miou"]))
+                with results_file.open("a") as fh:
+                    fh.write(json.dumps({"protocol": protocol, "seed": seed, "config": name, "miou": m["miou"],
+                                         "tail_miou": m["tail_miou"], "wall_s": time.time() - t0}) + "\n")
+                print(f"{protocol} seed {seed} {name}: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)", flush=True)
+
+    print("\n| protocol | model | seeds | mIoU % (mean ± std) | tail mIoU % (mean ± std) |")
+    print("|---|---|---|---|---|")
+    for (protocol, name), values in rows.items():
+        arr = 100 * np.asarray(values, dtype=float)
+        print(f"| {protocol} | {name} | {len(values)} | {arr[:, 0].mean():.1f} ± {arr[:, 0].std():.1f} | "
+              f"{arr[:, 1].mean():.1f} ± {arr[:, 1].std():.1f} |")
+
+
+if __name__ == "__main__":
+    main()
