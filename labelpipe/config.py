@@ -58,6 +58,7 @@ class TrainConfig(Section):
     crop_size: int = Field(512, ge=8)
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the papers' SGD; AdamW for short from-scratch CPU runs
     lr: float = Field(0.01, gt=0)
     decoder_lr_mult: float = 10.0
     momentum: float = 0.9

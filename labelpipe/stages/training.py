@@ -37,10 +37,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     """SGD with the backbone at ``lr`` and the decoder and heads at ``decoder_lr_mult * lr``."""
     module = model.module if hasattr(model, "module") else model
     backbone, head = module.parameter_groups()
-    return torch.optim.SGD(
-        [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.decoder_lr_mult}],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
+    groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.decoder_lr_mult}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
