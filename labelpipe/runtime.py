@@ -113,8 +113,8 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     rows = max(sizes)
     if rows == 0:
         return x.detach().clone()
-    # Pad to the longest share: all_gather moves equal-shaped tensors only. bool goes as uint8
-    # (gloo has no bool reduction types on every build).
+    # Pad to the longest share: all_gather moves equal shapes only. bool travels as uint8, which every
+    # backend moves.
     wire = torch.uint8 if x.dtype == torch.bool else x.dtype
     padded = torch.zeros((rows, *x.shape[1:]), dtype=wire, device=dev)
     padded[: x.shape[0]] = x.detach().to(dev, wire)

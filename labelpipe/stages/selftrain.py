@@ -154,8 +154,12 @@ class RoundObjective:
                 reliable = entropy_split_torch(entropy, alpha_t)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
             if st.denoise:
-                rep = F.interpolate(t_u.rep.float(), size=y_u.shape[-2:], mode="bilinear", align_corners=False)
-                denoised = denoise_pseudo_labels(probs_u, rep, self.prototypes)
+                # At the representation's resolution (stride 4), then nearest-upsampled: denoising at
+                # full resolution would upsample 256-d features (135 MB at 2 x 257 x 257).
+                rep = t_u.rep.float()
+                small = F.interpolate(probs_u, size=rep.shape[-2:], mode="bilinear", align_corners=False)
+                denoised = denoise_pseudo_labels(small, rep, self.prototypes)
+                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[:, 0].long()
                 y_u = torch.where(y_u != ignore, denoised, y_u)
 
         if st.strong_aug:

@@ -105,9 +105,18 @@ def _sync_buffers(module: torch.nn.Module, rt: Runtime) -> None:
     Each rank updates its running statistics on its own images in the forward pass, so between two
     forwards they differ (without SyncBatchNorm); validation and the saved model use rank 0's.
     """
-    if rt.distributed:
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer.data, 0)
+    if not rt.distributed:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer.data)
+    for buffers in by_dtype.values():  # one broadcast per dtype, not one per BatchNorm layer
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, 0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def train(job: TrainJob) -> dict[str, Any]:
@@ -175,6 +184,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             scaler.update()
             scheduler.step()
             if job.after_step is not None:
+                _sync_buffers(model, rt)  # an EMA teacher copies them: the same teacher on every rank
                 job.after_step(step)
             n_images += logs.pop("images", 0)
             done = step + 1
