@@ -44,10 +44,14 @@ def metrics(run: Path, model: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="keys of CONFIGS (prefix letters ok)")
+    parser.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), help="keys of CONFIGS (prefix letters ok)"
+    )
     parser.add_argument("--recipe", default=str(REPO / "stages" / "demo.yaml"))
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
@@ -69,7 +73,10 @@ def main() -> None:
             labelpipe("evaluate", "--run", str(base), "--model", "pretrain", *common)
             m = metrics(base, "pretrain")
             rows.setdefault((protocol, "pretrain"), []).append((m["miou"], m["tail_miou"]))
-            print(f"{protocol} seed {seed} pretrain: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{protocol} seed {seed} pretrain: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
             for name in chosen:
                 run = out / f"{protocol}-s{seed}" / name.split(":")[0]
                 if not run.exists():
@@ -82,16 +89,32 @@ def main() -> None:
                 m = metrics(run, "round-2")
                 rows.setdefault((protocol, name), []).append((m["miou"], m["tail_miou"]))
                 with results_file.open("a") as fh:
-                    fh.write(json.dumps({"protocol": protocol, "seed": seed, "config": name, "miou": m["miou"],
-                                         "tail_miou": m["tail_miou"], "wall_s": time.time() - t0}) + "\n")
-                print(f"{protocol} seed {seed} {name}: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)", flush=True)
+                    fh.write(
+                        json.dumps(
+                            {
+                                "protocol": protocol,
+                                "seed": seed,
+                                "config": name,
+                                "miou": m["miou"],
+                                "tail_miou": m["tail_miou"],
+                                "wall_s": time.time() - t0,
+                            }
+                        )
+                        + "\n"
+                    )
+                print(
+                    f"{protocol} seed {seed} {name}: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
 
     print("\n| protocol | model | seeds | mIoU % (mean ± std) | tail mIoU % (mean ± std) |")
     print("|---|---|---|---|---|")
     for (protocol, name), values in rows.items():
         arr = 100 * np.asarray(values, dtype=float)
-        print(f"| {protocol} | {name} | {len(values)} | {arr[:, 0].mean():.1f} ± {arr[:, 0].std():.1f} | "
-              f"{arr[:, 1].mean():.1f} ± {arr[:, 1].std():.1f} |")
+        print(
+            f"| {protocol} | {name} | {len(values)} | {arr[:, 0].mean():.1f} ± {arr[:, 0].std():.1f} | "
+            f"{arr[:, 1].mean():.1f} ± {arr[:, 1].std():.1f} |"
+        )
 
 
 if __name__ == "__main__":

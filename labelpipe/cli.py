@@ -17,8 +17,12 @@ except ImportError:  # pragma: no cover - older typer depends on click
 
 from labelpipe.errors import LabelpipeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Label-efficient semantic segmentation: pretrain, predict, pseudolabel, selftrain, evaluate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Label-efficient semantic segmentation: pretrain, predict, pseudolabel, selftrain, evaluate.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Build, look at and check data sets.")
 app.add_typer(data_app, name="data")
 
@@ -47,14 +51,18 @@ class Method(str, Enum):
     variance = "variance"
 
 
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")
+]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[Device | None, typer.Option("--device", help="auto, cpu or cuda.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A YAML recipe (see stages/).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config value: KEY.PATH=VALUE.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
-ProtocolOpt = Annotated[str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")]
+ProtocolOpt = Annotated[
+    str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")
+]
 DEFAULT_RUN = Path("runs/default")
 
 
@@ -80,46 +88,86 @@ def _resolve(run: Path, config: Path | None, sets: list[str] | None, **overrides
 
 @app.command()
 def pretrain(
-    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
-    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    data: DataOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    protocol: ProtocolOpt = None,
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     backbone: Annotated[str | None, typer.Option(help="resnet18/34/50/101 or mobilenet_v3_large.")] = None,
-    backbone_weights: Annotated[Path | None, typer.Option(help="A torchvision state dict for the backbone.")] = None,
+    backbone_weights: Annotated[
+        Path | None, typer.Option(help="A torchvision state dict for the backbone.")
+    ] = None,
 ) -> None:
     """Supervised training on the labeled (or source) split."""
     from labelpipe.stages.pretrain import run_pretrain
 
-    cfg, rt = _resolve(run, config, set_, seed=seed, device=device,
-                       data={"root": data, "protocol": protocol},
-                       train={"steps": steps, "batch_size": batch_size},
-                       model={"backbone": backbone, "backbone_weights": backbone_weights})
+    cfg, rt = _resolve(
+        run,
+        config,
+        set_,
+        seed=seed,
+        device=device,
+        data={"root": data, "protocol": protocol},
+        train={"steps": steps, "batch_size": batch_size},
+        model={"backbone": backbone, "backbone_weights": backbone_weights},
+    )
     run_pretrain(cfg, run, rt, force=force)
 
 
 @app.command()
 def evaluate(
-    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
-    config: ConfigOpt = None, set_: SetOpt = None, protocol: ProtocolOpt = None,
-    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")] = None,
+    data: DataOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    protocol: ProtocolOpt = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
 ) -> None:
     """mIoU, per-class IoU, calibration and plots of a run's model."""
     from labelpipe.stages.evaluate import run_evaluate
 
-    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
-                       evaluate={"split": split, "model": model})
+    cfg, rt = _resolve(
+        run,
+        config,
+        set_,
+        seed=seed,
+        device=device,
+        data={"root": data, "protocol": protocol},
+        evaluate={"split": split, "model": model},
+    )
     run_evaluate(cfg, run, rt)
 
 
 @app.command()
 def predict(
-    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
-    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    data: DataOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    protocol: ProtocolOpt = None,
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")] = None,
-    temperature: Annotated[str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")] = None,
-    topk: Annotated[int | None, typer.Option(help="Also store the k largest probabilities and classes.")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")
+    ] = None,
+    temperature: Annotated[
+        str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")
+    ] = None,
+    topk: Annotated[
+        int | None, typer.Option(help="Also store the k largest probabilities and classes.")
+    ] = None,
 ) -> None:
     """Teacher probabilities -> predictions.h5 (label, conf, entropy, variance per pixel)."""
     from labelpipe.stages.predict import run_predict
@@ -130,34 +178,67 @@ def predict(
             temp = float(temperature)
         except ValueError as exc:
             raise LabelpipeError(f"--temperature {temperature}: expected a number or 'auto'") from exc
-    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
-                       predict={"split": split, "temperature": temp, "topk": topk})
+    cfg, rt = _resolve(
+        run,
+        config,
+        set_,
+        seed=seed,
+        device=device,
+        data={"root": data, "protocol": protocol},
+        predict={"split": split, "temperature": temp, "topk": topk},
+    )
     run_predict(cfg, run, rt, force=force, model_name=model)
 
 
 @app.command()
 def pseudolabel(
-    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
-    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    data: DataOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    protocol: ProtocolOpt = None,
     method: Annotated[Method | None, typer.Option(help="threshold, cbst, dars, entropy or variance.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Labeling ratio (cbst, dars).")] = None,
     tau: Annotated[float | None, typer.Option(help="Confidence threshold (threshold).")] = None,
     prior_from: Annotated[str | None, typer.Option(help="Split whose masks give the class prior.")] = None,
-    export: Annotated[str | None, typer.Option(help="'png': also write palette PNGs and a list file.")] = None,
+    export: Annotated[
+        str | None, typer.Option(help="'png': also write palette PNGs and a list file.")
+    ] = None,
 ) -> None:
     """Pseudo-labels from predictions.h5 -> labels.h5, report.json and plots."""
     from labelpipe.stages.pseudolabel import run_pseudolabel
 
-    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
-                       pseudolabel={"method": method, "alpha": alpha, "tau": tau, "prior_from": prior_from,
-                                    "export": export})
+    cfg, rt = _resolve(
+        run,
+        config,
+        set_,
+        seed=seed,
+        device=device,
+        data={"root": data, "protocol": protocol},
+        pseudolabel={
+            "method": method,
+            "alpha": alpha,
+            "tau": tau,
+            "prior_from": prior_from,
+            "export": export,
+        },
+    )
     run_pseudolabel(cfg, run, rt, force=force)
 
 
 @app.command()
 def selftrain(
-    data: DataOpt = None, run: RunOpt = DEFAULT_RUN, seed: SeedOpt = None, device: DeviceOpt = None,
-    config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, protocol: ProtocolOpt = None,
+    data: DataOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    protocol: ProtocolOpt = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds of predict -> pseudolabel -> train.")] = None,
     method: Annotated[Method | None, typer.Option(help="Pseudo-label method.")] = None,
     alpha: Annotated[list[float] | None, typer.Option(help="Labeling ratio per round (repeat).")] = None,
@@ -172,11 +253,26 @@ def selftrain(
     """Rounds of predict -> pseudolabel -> retraining (CE/SCE, contrastive, rectified)."""
     from labelpipe.stages.selftrain import run_selftrain
 
-    cfg, rt = _resolve(run, config, set_, seed=seed, device=device, data={"root": data, "protocol": protocol},
-                       selftrain={"rounds": rounds, "method": method, "alphas": tuple(alpha) if alpha else None,
-                                  "loss": loss, "contrastive": contrastive, "rectified": rectified,
-                                  "denoise": denoise, "strong_aug": strong_aug, "pseudo_source": pseudo_source,
-                                  "steps": steps})
+    cfg, rt = _resolve(
+        run,
+        config,
+        set_,
+        seed=seed,
+        device=device,
+        data={"root": data, "protocol": protocol},
+        selftrain={
+            "rounds": rounds,
+            "method": method,
+            "alphas": tuple(alpha) if alpha else None,
+            "loss": loss,
+            "contrastive": contrastive,
+            "rectified": rectified,
+            "denoise": denoise,
+            "strong_aug": strong_aug,
+            "pseudo_source": pseudo_source,
+            "steps": steps,
+        },
+    )
     run_selftrain(cfg, run, rt, force=force)
 
 
@@ -205,7 +301,10 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT
 @app.command(name="run")
 def run_recipe(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe from stages/.")],
-    run: RunOpt = DEFAULT_RUN, device: DeviceOpt = None, seed: SeedOpt = None, set_: SetOpt = None,
+    run: RunOpt = DEFAULT_RUN,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Run a whole recipe (its `pipeline:` list), skipping stages that are up to date."""
     from labelpipe.stages.pipeline import run_pipeline
@@ -218,7 +317,9 @@ def run_recipe(
 def data_build(
     name: Annotated[str, typer.Argument(help="Only 'digitscapes' is built in.")] = "digitscapes",
     root: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache).")] = None,
-    seed: int = 0, size: Size = Size.default, blend: Blend = Blend.alpha,
+    seed: int = 0,
+    size: Size = Size.default,
+    blend: Blend = Blend.alpha,
 ) -> None:
     """Build the embedded DigitScapes data set (real digits on real photos)."""
     if name != "digitscapes":
@@ -227,7 +328,9 @@ def data_build(
     from labelpipe.data.digitscapes import build_digitscapes
 
     if root is None:
-        root = DataConfig(digitscapes={"seed": seed, "size": size.value, "blend": blend.value}).resolved_root()
+        root = DataConfig(
+            digitscapes={"seed": seed, "size": size.value, "blend": blend.value}
+        ).resolved_root()
     out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value)
     print(f"DigitScapes ({size.value}, blend={blend.value}, seed={seed}) at {out}")
 
@@ -235,9 +338,14 @@ def data_build(
 @data_app.command("show")
 def data_show(
     root: Annotated[Path, typer.Argument(help="Data set root.")],
-    split: Annotated[str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")] = None,
-    out: Annotated[Path | None, typer.Option(help="PNG to write (default: ROOT/montage-<split>.png).")] = None,
-    n: int = 16, kind: Annotated[str | None, typer.Option(help="Data set kind (default: detected).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write (default: ROOT/montage-<split>.png).")
+    ] = None,
+    n: int = 16,
+    kind: Annotated[str | None, typer.Option(help="Data set kind (default: detected).")] = None,
 ) -> None:
     """Write a montage PNG of images next to their masks."""
     from labelpipe.data.montage import write_montage
@@ -252,7 +360,9 @@ def data_show(
 @data_app.command("check")
 def data_check(
     root: Annotated[Path, typer.Argument(help="Data set root.")],
-    kind: Annotated[str | None, typer.Option(help="folder, cityscapes, voc, gta5, synthia (default: detected).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="folder, cityscapes, voc, gta5, synthia (default: detected).")
+    ] = None,
 ) -> None:
     """Counts, class histogram and problems of a data set, in one pass."""
     from labelpipe.data.registry import open_dataset
@@ -275,7 +385,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         if debug:
             traceback.print_exc()
-        hint = f" (see labelpipe {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "labelpipe" else ""
+        hint = (
+            f" (see labelpipe {exc.ctx.info_name} --help)"
+            if exc.ctx and exc.ctx.info_name != "labelpipe"
+            else ""
+        )
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:

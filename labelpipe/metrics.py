@@ -95,14 +95,17 @@ class CalibrationAccumulator:
 
 
 def summarize(
-    conf: np.ndarray, class_names: list[str], prior: np.ndarray | None, ece: float,
+    conf: np.ndarray,
+    class_names: list[str],
+    prior: np.ndarray | None,
+    ece: float,
     subsets: dict[str, list[int]] | None = None,
 ) -> dict:
     iou = iou_per_class(conf)
     tail = tail_classes(prior) if prior is not None else []
     out = {
         "miou": mean_iou(iou),
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)},
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)},
         "pixel_accuracy": pixel_accuracy(conf),
         "tail_miou": mean_iou(iou, tail) if tail else None,
         "tail_classes": [class_names[c] for c in tail],

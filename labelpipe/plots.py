@@ -54,7 +54,9 @@ def confusion(conf: np.ndarray, names: list[str], path: Path) -> Path:
     return save(fig, path)
 
 
-def image_grid(rows: list[list[np.ndarray]], titles: list[str], path: Path, row_labels: list[str] | None = None) -> Path:
+def image_grid(
+    rows: list[list[np.ndarray]], titles: list[str], path: Path, row_labels: list[str] | None = None
+) -> Path:
     """A grid of RGB images: one row per sample, one column per title."""
     n_rows, n_cols = len(rows), len(titles)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.8 * n_cols, 1.8 * n_rows), squeeze=False)
@@ -71,7 +73,9 @@ def image_grid(rows: list[list[np.ndarray]], titles: list[str], path: Path, row_
     return save(fig, path)
 
 
-def reliability(bin_conf: list[float], bin_acc: list[float], bin_count: list[int], path: Path, title: str) -> Path:
+def reliability(
+    bin_conf: list[float], bin_acc: list[float], bin_count: list[int], path: Path, title: str
+) -> Path:
     n = len(bin_conf)
     centers = (np.arange(n) + 0.5) / n
     fig, ax = plt.subplots(figsize=(3.8, 3.6))
@@ -87,7 +91,7 @@ def reliability(bin_conf: list[float], bin_acc: list[float], bin_count: list[int
 
 def histograms(series: dict[str, np.ndarray], path: Path, bins: int = 50) -> Path:
     fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3), squeeze=False)
-    for ax, (name, values) in zip(axes[0], series.items()):
+    for ax, (name, values) in zip(axes[0], series.items(), strict=True):
         ax.hist(values.astype(np.float32), bins=bins, color="tab:gray")
         ax.set_title(name)
         ax.set_yscale("log")

@@ -21,7 +21,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 
 def pretrain_args(data: Path, run: Path) -> list[str]:
-    return ["pretrain", "--config", str(TINY_RECIPE), "--data", str(data), "--run", str(run), "--device", "cpu"]
+    return [
+        "pretrain",
+        "--config",
+        str(TINY_RECIPE),
+        "--data",
+        str(data),
+        "--run",
+        str(run),
+        "--device",
+        "cpu",
+    ]
 
 
 def first_id(root: Path, split: str = "source_train") -> str:

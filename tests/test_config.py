@@ -40,8 +40,10 @@ def test_invalid_yaml_names_the_line(tmp_path):
         resolve_config(None, recipe)
 
 
-@pytest.mark.parametrize("recipe", ["demo", "tiny", "cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes",
-                                    "synthia_to_cityscapes"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["demo", "tiny", "cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes", "synthia_to_cityscapes"],
+)
 def test_shipped_recipes_validate(recipe):
     from tests.conftest import REPO
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from labelpipe.metrics import CalibrationAccumulator, ConfusionMatrix, iou_per_class, mean_iou, summarize, tail_classes
+from labelpipe.metrics import (
+    CalibrationAccumulator,
+    ConfusionMatrix,
+    iou_per_class,
+    mean_iou,
+    summarize,
+    tail_classes,
+)
 
 
 def test_confusion_matrix_counts_and_ignores_255():

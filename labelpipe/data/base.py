@@ -87,7 +87,9 @@ class DatasetSource:
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Raises a one-line :class:`LabelpipeError` naming the file."""
     if not path.is_file():
-        raise LabelpipeError(f"{path}: image file is missing; restore it or remove its id from the split list")
+        raise LabelpipeError(
+            f"{path}: image file is missing; restore it or remove its id from the split list"
+        )
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -175,16 +177,22 @@ def preflight(samples: list[SampleRef], with_masks: bool = True) -> None:
     """
     for sample in samples:
         if not sample.image.is_file():
-            raise LabelpipeError(f"{sample.image}: image file is missing; restore it or remove its id from the split list")
+            raise LabelpipeError(
+                f"{sample.image}: image file is missing; restore it or remove its id from the split list"
+            )
         if not with_masks or sample.mask is None:
             continue
         if not sample.mask.is_file():
-            raise LabelpipeError(f"{sample.mask}: mask file is missing; restore it or remove its id from the split list")
+            raise LabelpipeError(
+                f"{sample.mask}: mask file is missing; restore it or remove its id from the split list"
+            )
         try:
             with Image.open(sample.image) as im:
                 image_size = im.size
         except (OSError, ValueError) as exc:
-            raise LabelpipeError(f"{sample.image}: cannot read image ({exc}); replace the file or drop its id") from exc
+            raise LabelpipeError(
+                f"{sample.image}: cannot read image ({exc}); replace the file or drop its id"
+            ) from exc
         try:
             with Image.open(sample.mask) as im:
                 mask_size = im.size

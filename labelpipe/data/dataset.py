@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 
-from labelpipe.data.base import DatasetSource, SampleRef, read_pair
+from labelpipe.data.base import DatasetSource, SampleRef
 from labelpipe.data.transforms import to_model_input
 
 MIX = 0x9E3779B1
@@ -40,8 +40,11 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                item_seed(self.seed, epoch, 0)))}
+            self._perms = {
+                epoch: torch.randperm(
+                    self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, 0))
+                )
+            }
         return self._perms[epoch]
 
     def batch(self, step: int) -> list[tuple[int, int]]:

@@ -24,6 +24,8 @@ class c always come from class c's own queue (a class without a queue or prototy
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -379,6 +381,7 @@ def u2pl_contrastive(
     update_prototypes: bool = True,
     valid: Tensor | None = None,
     ignore_index: int = 255,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, int]]:
     """The U2PL+ contrastive loss of one batch (Algorithm 1); see the module docstring.
 
@@ -411,7 +414,10 @@ def u2pl_contrastive(
     negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
     # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
-    memory.push(neg_class, F.normalize(t_feats.float(), dim=1)[neg_pixel])
+    neg_feats = F.normalize(t_feats.float(), dim=1)[neg_pixel]
+    if gather is not None:  # DDP: every rank's negatives enter every rank's queues, in rank order
+        neg_class, neg_feats = gather(neg_class), gather(neg_feats)
+    memory.push(neg_class, neg_feats)
 
     anchors = anchor_masks(probs, labels, is_labeled, reliable, labels, anchor_threshold, valid)
     candidates_per_class = anchors.sum(dim=1)

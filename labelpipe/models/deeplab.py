@@ -84,10 +84,14 @@ class DeepLabV3Plus(nn.Module):
         size = x.shape[-2:]
         feats = self.backbone(x)
         low = self.reduce_low(feats["low"])
-        high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = F.interpolate(
+            self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
         decoded = self.fuse(torch.cat([high, low], dim=1))
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
-        aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(
+            self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False
+        )
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -17,8 +17,13 @@ def run_pipeline(config: RunConfig, run_dir: Path, runtime: Runtime) -> None:
             pretrain.run_pretrain(config, run_dir, runtime)
         elif stage == "evaluate":
             if "selftrain" in config.pipeline and before is None:
-                before = evaluate.run_evaluate(config.model_copy(update={"evaluate": config.evaluate.model_copy(
-                    update={"model": "pretrain"})}), run_dir, runtime)
+                before = evaluate.run_evaluate(
+                    config.model_copy(
+                        update={"evaluate": config.evaluate.model_copy(update={"model": "pretrain"})}
+                    ),
+                    run_dir,
+                    runtime,
+                )
             after = evaluate.run_evaluate(config, run_dir, runtime)
             if before is not None and runtime.is_main:
                 evaluate.print_comparison(before, after)

@@ -46,7 +46,7 @@ from labelpipe.losses import (
     unsupervised_ce_weight,
 )
 from labelpipe.pseudo import alpha_schedule, entropy_split_torch
-from labelpipe.runtime import Runtime, barrier, seed_everything
+from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.common import StageContext, class_prior, model_path, open_context
 from labelpipe.stages.predict import run_predict
 from labelpipe.stages.pretrain import make_validator, model_metadata, step_loader, wrap_ddp
@@ -99,8 +99,13 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
     left = (torch.rand(b, generator=generator) * (w - bw + 1)).long()
     rows = torch.arange(h)[None, :, None]
     cols = torch.arange(w)[None, None, :]
-    box = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
-           & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]) & apply[:, None, None])
+    box = (
+        (rows >= top[:, None, None])
+        & (rows < (top + bh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + bw)[:, None, None])
+        & apply[:, None, None]
+    )
     box = box.to(images.device)
     donor = torch.roll(torch.arange(b), -1).to(images.device)
     images = torch.where(box[:, None], images[donor], images)
@@ -111,8 +116,14 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
 class RoundObjective:
     """The loss of one self-training step; the stateful parts are exposed for checkpoints."""
 
-    def __init__(self, ctx: StageContext, net: torch.nn.Module, teacher: EMATeacher | None, round_index: int,
-                 total_steps: int) -> None:
+    def __init__(
+        self,
+        ctx: StageContext,
+        net: torch.nn.Module,
+        teacher: EMATeacher | None,
+        round_index: int,
+        total_steps: int,
+    ) -> None:
         self.ctx, self.net, self.teacher = ctx, net, teacher
         self.cfg, self.st = ctx.config.train, ctx.config.selftrain
         self.round_index, self.total_steps = round_index, total_steps
@@ -141,7 +152,8 @@ class RoundObjective:
         w_u = unlabeled["weight"].to(dev) if "weight" in unlabeled else None
 
         need_teacher = self.teacher is not None and (
-            st.pseudo_source == "teacher" or st.contrastive or st.denoise)
+            st.pseudo_source == "teacher" or st.contrastive or st.denoise
+        )
         t_out = None
         if need_teacher:
             t_l, t_u = self.teacher(x_l), self.teacher(x_u_weak)
@@ -159,7 +171,9 @@ class RoundObjective:
                 rep = t_u.rep.float()
                 small = F.interpolate(probs_u, size=rep.shape[-2:], mode="bilinear", align_corners=False)
                 denoised = denoise_pseudo_labels(small, rep, self.prototypes)
-                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[:, 0].long()
+                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[
+                    :, 0
+                ].long()
                 y_u = torch.where(y_u != ignore, denoised, y_u)
 
         if st.strong_aug:
@@ -172,10 +186,18 @@ class RoundObjective:
         main_l, main_u = out.main[:b].float(), out.main[b:].float()
         aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
         sup = F.cross_entropy(main_l, y_l, ignore_index=ignore) + self.cfg.aux_weight * F.cross_entropy(
-            aux_l, y_l, ignore_index=ignore)
+            aux_l, y_l, ignore_index=ignore
+        )
         if st.rectified:
-            unsup = rectified_loss(main_u, aux_u, y_u, ignore_index=ignore, kl_direction=st.rectified_kl_direction,
-                                   mean_over=st.rectified_mean_over, aux_weight=st.rectified_aux_weight)
+            unsup = rectified_loss(
+                main_u,
+                aux_u,
+                y_u,
+                ignore_index=ignore,
+                kl_direction=st.rectified_kl_direction,
+                mean_over=st.rectified_mean_over,
+                aux_weight=st.rectified_aux_weight,
+            )
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
             if st.loss == "sce":
@@ -183,8 +205,12 @@ class RoundObjective:
             else:
                 unsup = lam * masked_ce(main_u, y_u, ignore, weight=w_u)
         loss = sup + unsup
-        logs = {"loss_sup": float(sup.detach()), "loss_unsup": float(unsup.detach()),
-                "kept": float((y_u != ignore).float().mean()), "images": 2 * b * self.ctx.runtime.world}
+        logs = {
+            "loss_sup": float(sup.detach()),
+            "loss_unsup": float(unsup.detach()),
+            "kept": float((y_u != ignore).float().mean()),
+            "images": 2 * b * self.ctx.runtime.world,
+        }
         if st.contrastive and t_out is not None:
             contra, stats = self.contrastive(out.rep, t_out, y_l, y_u, x_l.shape[0], gen)
             loss = loss + st.lambda_contrastive * contra
@@ -197,8 +223,12 @@ class RoundObjective:
         t_l, t_u = t_out
         size = rep.shape[-2:]
         t_rep = torch.cat([t_l.rep, t_u.rep]).float()
-        t_probs = torch.softmax(F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear",
-                                              align_corners=False), 1)
+        t_probs = torch.softmax(
+            F.interpolate(
+                torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False
+            ),
+            1,
+        )
         labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
         is_labeled = torch.zeros_like(labels, dtype=torch.bool)
         is_labeled[:b] = True
@@ -208,12 +238,21 @@ class RoundObjective:
         valid = is_labeled & (labels != self.ignore) | ~is_labeled
         d = rep.shape[1]
         return u2pl_contrastive(
-            rep.permute(0, 2, 3, 1).reshape(-1, d), t_rep.permute(0, 2, 3, 1).reshape(-1, d),
-            t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]), labels.reshape(-1),
-            is_labeled.reshape(-1), reliable.reshape(-1), self.memory, self.prototypes,
-            num_anchors=self.st.contrastive_anchors, num_negatives=self.st.contrastive_negatives,
-            temperature=self.st.contrastive_temperature, generator=gen, valid=valid.reshape(-1),
+            rep.permute(0, 2, 3, 1).reshape(-1, d),
+            t_rep.permute(0, 2, 3, 1).reshape(-1, d),
+            t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]),
+            labels.reshape(-1),
+            is_labeled.reshape(-1),
+            reliable.reshape(-1),
+            self.memory,
+            self.prototypes,
+            num_anchors=self.st.contrastive_anchors,
+            num_negatives=self.st.contrastive_negatives,
+            temperature=self.st.contrastive_temperature,
+            generator=gen,
+            valid=valid.reshape(-1),
             ignore_index=self.ignore,
+            gather=all_gather_rows if self.ctx.runtime.distributed else None,
         )
 
 
@@ -230,10 +269,16 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
     steps = st.steps or cfg.steps
     labeled = ctx.source.split(ctx.roles["labeled"])
     unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
-    inputs = {"round": k, "init": sha256_file(init_model), "labels": sha256_file(labels_path),
-              "selftrain": st.model_dump(mode="json", exclude={"rounds"}), "seed": config.seed,
-              "train": cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_every", "log_every",
-                                                            "num_workers", "val_limit"})}
+    inputs = {
+        "round": k,
+        "init": sha256_file(init_model),
+        "labels": sha256_file(labels_path),
+        "selftrain": st.model_dump(mode="json", exclude={"rounds"}),
+        "seed": config.seed,
+        "train": cfg.model_dump(
+            mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit"}
+        ),
+    }
     fingerprint = sha256_json(inputs)
     if out.is_up_to_date(fingerprint):
         if rt.is_main:
@@ -249,18 +294,29 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
     load_model_weights(init_model, model)
     model.to(rt.device)
     net = wrap_ddp(model, rt)
-    teacher = EMATeacher(model, st.ema_momentum).to(rt.device) if (
-        st.pseudo_source == "teacher" or st.contrastive or st.denoise) else None
+    teacher = (
+        EMATeacher(model, st.ema_momentum).to(rt.device)
+        if (st.pseudo_source == "teacher" or st.contrastive or st.denoise)
+        else None
+    )
 
     strength = 1.0 + 0.5 * (k - 1)  # DARS IT: stronger augmentation in later rounds
     weak = weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip)
     reader = LabelStoreReader(labels_path, [s.id for s in unlabeled])
     labeled_ds = SegmentationDataset(ctx.source, labeled, weak)
     unlabeled_ds = SegmentationDataset(
-        ctx.source, unlabeled, weak, photometric=strong_photometric(strength) if st.strong_aug else None,
-        require_masks=False, masks=reader.label, weights=reader.weight if reader.has_weights() else None)
+        ctx.source,
+        unlabeled,
+        weak,
+        photometric=strong_photometric(strength) if st.strong_aug else None,
+        require_masks=False,
+        masks=reader.label,
+        weights=reader.weight if reader.has_weights() else None,
+    )
     # The teacher sees the weak view: the same geometry without the photometric part.
-    unlabeled_weak_ds = SegmentationDataset(ctx.source, unlabeled, weak, require_masks=False, masks=reader.label)
+    unlabeled_weak_ds = SegmentationDataset(
+        ctx.source, unlabeled, weak, require_masks=False, masks=reader.label
+    )
     objective = RoundObjective(ctx, net, teacher, k, steps)
 
     lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, config.seed + 7919 * k, steps)
@@ -282,11 +338,22 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
             teacher.update(net, step)
 
     try:
-        last_val = train(TrainJob(
-            stage_dir=out.path, model=net, total_steps=steps, batches=batches, objective=objective, cfg=cfg,
-            runtime=rt, fingerprint=fingerprint, validate=make_validator(ctx), extras=objective.extras(),
-            after_step=after_step, description=f"round {k}",
-        ))
+        last_val = train(
+            TrainJob(
+                stage_dir=out.path,
+                model=net,
+                total_steps=steps,
+                batches=batches,
+                objective=objective,
+                cfg=cfg,
+                runtime=rt,
+                fingerprint=fingerprint,
+                validate=make_validator(ctx),
+                extras=objective.extras(),
+                after_step=after_step,
+                description=f"round {k}",
+            )
+        )
     except BaseException as exc:
         if rt.is_main and not isinstance(exc, KeyboardInterrupt):
             out.fail(f"{type(exc).__name__}: {exc}")
@@ -305,22 +372,34 @@ def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: boo
     if not model_path(run_dir, "pretrain").is_file():
         from labelpipe.errors import LabelpipeError
 
-        raise LabelpipeError(f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first")
+        raise LabelpipeError(
+            f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first"
+        )
     if force and runtime.is_main and (run_dir / "selftrain").exists():
         shutil.rmtree(run_dir / "selftrain")
     preflight(ctx.source.split(ctx.roles["labeled"]))
     class_prior(ctx, ctx.roles["labeled"])
     rounds: dict[str, Any] = {}
     previous = "pretrain"
-    pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
+    pl_config = config.model_copy(
+        update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})}
+    )
     for k in range(1, st.rounds + 1):
         round_dir = run_dir / "selftrain" / f"round-{k}"
         alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
         store = run_predict(config, run_dir, runtime, model_name=previous, out_dir=round_dir / "predict")
-        labels = run_pseudolabel(pl_config, run_dir, runtime, store_path=store, out_dir=round_dir / "pseudolabel",
-                                 alpha=alpha, quiet=not runtime.is_main)
+        labels = run_pseudolabel(
+            pl_config,
+            run_dir,
+            runtime,
+            store_path=store,
+            out_dir=round_dir / "pseudolabel",
+            alpha=alpha,
+            quiet=not runtime.is_main,
+        )
         barrier()
-        rounds[f"round-{k}"] = train_round(ctx, k, model_path(run_dir, previous), labels,
-                                           StageDir(round_dir / "train"))
+        rounds[f"round-{k}"] = train_round(
+            ctx, k, model_path(run_dir, previous), labels, StageDir(round_dir / "train")
+        )
         previous = f"round-{k}"
     return rounds

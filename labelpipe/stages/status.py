@@ -28,10 +28,16 @@ def collect(run_dir: Path) -> list[dict]:
             note = "resumable from checkpoint"
         else:
             note = m.get("error", "")
-        rows.append({
-            "stage": stage, "status": m.get("status", "?"), "wall_s": m.get("wall_s"),
-            "finished": m.get("finished"), "summary": f"{key} {summary[key]:.4g}" if key else "", "note": note,
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "status": m.get("status", "?"),
+                "wall_s": m.get("wall_s"),
+                "finished": m.get("finished"),
+                "summary": f"{key} {summary[key]:.4g}" if key else "",
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -47,8 +53,14 @@ def show_status(run_dir: Path) -> None:
         finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["finished"])) if r["finished"] else ""
         wall = f"{r['wall_s']:.0f}s" if r["wall_s"] is not None else ""
         style = STYLE.get(r["status"], "")
-        table.add_row(r["stage"], f"[{style}]{r['status']}[/]" if style else r["status"], wall, finished,
-                      r["summary"], r["note"])
+        table.add_row(
+            r["stage"],
+            f"[{style}]{r['status']}[/]" if style else r["status"],
+            wall,
+            finished,
+            r["summary"],
+            r["note"],
+        )
     if not rows:
         table.add_row("(no stage has run yet)", "", "", "", "", "")
     Console().print(table)

@@ -20,8 +20,19 @@ LONG = ["--set", "train.steps=24", "--set", "train.checkpoint_every=2", "--set",
 
 
 def cli(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "labelpipe", "pretrain", "--config", str(TINY_RECIPE), "--run", str(run),
-            "--device", "cpu", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "labelpipe",
+        "pretrain",
+        "--config",
+        str(TINY_RECIPE),
+        "--run",
+        str(run),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -57,11 +68,17 @@ def test_killed_pretrain_resumes_to_the_same_weights(data_cache, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(cli(reference, *LONG), check=True, env=env(), capture_output=True)
 
-    proc = subprocess.Popen(cli(killed, *LONG), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(killed, *LONG), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = killed / "pretrain" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "pretrain" / "checkpoint.pt").is_file() and log.is_file() and log.read_text().count("\n") >= 6:
+        if (
+            (killed / "pretrain" / "checkpoint.pt").is_file()
+            and log.is_file()
+            and log.read_text().count("\n") >= 6
+        ):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

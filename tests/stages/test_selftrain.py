@@ -35,12 +35,30 @@ def run(pretrained_run, tmp_path):
 
 
 def test_two_rounds_end_to_end(run, capsys):
-    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", *EVERYTHING,
-                    "--pseudo-source", "teacher"]) == 0
+    assert (
+        run_cli(
+            [
+                "selftrain",
+                "--run",
+                str(run),
+                "--config",
+                str(TINY_RECIPE),
+                "--device",
+                "cpu",
+                *EVERYTHING,
+                "--pseudo-source",
+                "teacher",
+            ]
+        )
+        == 0
+    )
     for k in (1, 2):
         round_dir = run / "selftrain" / f"round-{k}"
-        for stage, artifact in (("predict", "predictions.h5"), ("pseudolabel", "labels.h5"),
-                                ("train", "model.safetensors")):
+        for stage, artifact in (
+            ("predict", "predictions.h5"),
+            ("pseudolabel", "labels.h5"),
+            ("train", "model.safetensors"),
+        ):
             manifest = json.loads((round_dir / stage / "manifest.json").read_text())
             assert manifest["status"] == "done", (k, stage)
             assert (round_dir / stage / artifact).is_file()
@@ -57,18 +75,52 @@ def test_two_rounds_end_to_end(run, capsys):
     # evaluate takes any round; the default is the last one
     assert run_cli(["evaluate", "--run", str(run), "--model", "round-1", "--device", "cpu"]) == 0
     assert run_cli(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
-    assert (run / "evaluate/round-1/metrics.json").is_file() and (run / "evaluate/round-2/metrics.json").is_file()
+    assert (run / "evaluate/round-1/metrics.json").is_file() and (
+        run / "evaluate/round-2/metrics.json"
+    ).is_file()
     assert run_cli(["status", str(run)]) == 0
     assert "selftrain/round-2/train" in capsys.readouterr().out
     # a second call is a no-op
-    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", *EVERYTHING,
-                    "--pseudo-source", "teacher"]) == 0
+    assert (
+        run_cli(
+            [
+                "selftrain",
+                "--run",
+                str(run),
+                "--config",
+                str(TINY_RECIPE),
+                "--device",
+                "cpu",
+                *EVERYTHING,
+                "--pseudo-source",
+                "teacher",
+            ]
+        )
+        == 0
+    )
     assert "up to date" in capsys.readouterr().out
 
 
 def test_rectified_and_variance_weights(run):
-    assert run_cli(["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu", "--rounds", "1",
-                    "--method", "variance", "--rectified"]) == 0
+    assert (
+        run_cli(
+            [
+                "selftrain",
+                "--run",
+                str(run),
+                "--config",
+                str(TINY_RECIPE),
+                "--device",
+                "cpu",
+                "--rounds",
+                "1",
+                "--method",
+                "variance",
+                "--rectified",
+            ]
+        )
+        == 0
+    )
     log = (run / "selftrain/round-1/train/log.jsonl").read_text()
     assert "loss_unsup" in log
 
@@ -79,8 +131,24 @@ def test_selftrain_before_pretrain_is_a_clear_error(data_cache, tmp_path, capsys
 
 
 def _cli(run, *extra):
-    return [sys.executable, "-m", "labelpipe", "selftrain", "--run", str(run), "--config", str(TINY_RECIPE),
-            "--device", "cpu", "--rounds", "1", "--contrastive", "--loss", "sce", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "labelpipe",
+        "selftrain",
+        "--run",
+        str(run),
+        "--config",
+        str(TINY_RECIPE),
+        "--device",
+        "cpu",
+        "--rounds",
+        "1",
+        "--contrastive",
+        "--loss",
+        "sce",
+        *extra,
+    ]
 
 
 def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
@@ -91,7 +159,9 @@ def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
     shutil.copytree(pretrained_run, killed)
     subprocess.run(_cli(reference, *longer), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_cli(killed, *longer), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed, *longer), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     train_dir = killed / "selftrain/round-1/train"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
