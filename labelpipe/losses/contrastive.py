@@ -31,9 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _rand(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype=None
-) -> Tensor:
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype=None) -> Tensor:
     """Uniform [0, 1) draws from ``generator`` (on its own device), moved to ``device``."""
     draw_device = generator.device if generator is not None else device
     dtype = dtype or torch.float32
@@ -90,14 +88,13 @@ class _GatheredSimilarity(torch.autograd.Function):
         k, m, n = index.shape
         if n == 0:
             return grad_out.new_zeros(k, m, table.shape[1]), None, None
-        grad = F.embedding_bag(index.reshape(k * m, n), table, mode="sum",
-                               per_sample_weights=grad_out.reshape(k * m, n).to(table.dtype))
+        grad = F.embedding_bag(
+            index.reshape(k * m, n), table, mode="sum", per_sample_weights=grad_out.reshape(k * m, n).to(table.dtype)
+        )
         return grad.view(k, m, table.shape[1]), None, None
 
 
-def contrastive_loss(
-    anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.5
-) -> Tensor:
+def contrastive_loss(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.5) -> Tensor:
     """Scalar InfoNCE (U2PL+ Eq. 10) with cosine similarities, the positive at index 0, mean over anchors.
 
     anchors (M, D), positive (D,) or (M, D), negatives (M, N, D). Every input is L2-normalised here;
@@ -222,8 +219,7 @@ class MemoryBank:
         feats = state["feats"]
         if feats.shape[0] != self.num_classes or feats.shape[2] != self.dim or feats.shape[1] > self.capacity:
             raise ValueError(
-                f"memory bank state {tuple(feats.shape)} does not fit ({self.num_classes}, "
-                f"{self.capacity}, {self.dim})"
+                f"memory bank state {tuple(feats.shape)} does not fit ({self.num_classes}, {self.capacity}, {self.dim})"
             )
         self.feats.zero_()
         self.feats[:, : feats.shape[1]] = feats.to(device=self.device, dtype=self.feats.dtype)
@@ -231,9 +227,7 @@ class MemoryBank:
         self.count.copy_(state["count"])
 
 
-def batch_prototypes(
-    feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255
-) -> tuple[Tensor, Tensor]:
+def batch_prototypes(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
     """Per-class means of feats (P, D) over labels (P,) (Eq. 15): ((C, D) float32, (C,) bool present)."""
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
@@ -277,9 +271,7 @@ class PrototypeBank:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if state["prototypes"].shape != self.prototypes.shape:
-            raise ValueError(
-                f"prototype state {tuple(state['prototypes'].shape)} != {tuple(self.prototypes.shape)}"
-            )
+            raise ValueError(f"prototype state {tuple(state['prototypes'].shape)} != {tuple(self.prototypes.shape)}")
         self.prototypes = state["prototypes"].to(self.prototypes.device, torch.float32).clone()
         self.seen = state["seen"].to(self.seen.device, torch.bool).clone()
 
@@ -407,9 +399,11 @@ def u2pl_contrastive(
         keep = is_labeled | reliable
         if valid is not None:
             keep = keep & valid
-        prototypes.update(
-            t_feats, torch.where(keep, labels, torch.full_like(labels, ignore_index)), ignore_index
-        )
+        proto_labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
+        proto_feats = t_feats
+        if gather is not None:  # DDP: the same prototypes on every rank
+            proto_feats, proto_labels = gather(proto_feats[keep]), gather(proto_labels[keep])
+        prototypes.update(proto_feats, proto_labels, ignore_index)
 
     negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)

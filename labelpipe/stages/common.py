@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from labelpipe.config import RunConfig, config_to_yaml
-from labelpipe.data import DatasetSource, open_source, read_mask
+from labelpipe.data import DatasetSource, open_source
 from labelpipe.errors import LabelpipeError
 from labelpipe.models import DeepLabV3Plus, build_model
 from labelpipe.runtime import Runtime

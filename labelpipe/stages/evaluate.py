@@ -40,7 +40,7 @@ def measure(
     rows: list[list[np.ndarray]] = []
     for batch in iterate_predictions(model, source, shard(samples, rt), rt.device, ctx.config.train.crop_size,
                                      batch_size, amp=ctx.config.train.amp, require_masks=True):
-        for image, mask, main in zip(batch.images, batch.masks, batch.main):
+        for image, mask, main in zip(batch.images, batch.masks, batch.main, strict=False):
             prob = torch.softmax(main, 0)
             conf, pred = prob.max(0)
             cm.update(mask, pred)

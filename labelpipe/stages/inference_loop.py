@@ -47,7 +47,7 @@ def iterate_predictions(
                 main, aux = predict_logits(model, images, crop, amp)
                 yield InferenceBatch(ids, indices, list(images), list(batch["mask"].to(device)), list(main), list(aux))
             else:  # mixed sizes: one image at a time
-                for i, (image, mask) in enumerate(zip(batch["image"], batch["mask"])):
+                for i, (image, mask) in enumerate(zip(batch["image"], batch["mask"], strict=False)):
                     image = image.to(device)[None]
                     main, aux = predict_logits(model, image, crop, amp)
                     yield InferenceBatch([ids[i]], [indices[i]], [image[0]], [mask.to(device)], [main[0]], [aux[0]])

@@ -151,9 +151,7 @@ class RoundObjective:
         y_u = unlabeled["mask"].to(dev, non_blocking=True)
         w_u = unlabeled["weight"].to(dev) if "weight" in unlabeled else None
 
-        need_teacher = self.teacher is not None and (
-            st.pseudo_source == "teacher" or st.contrastive or st.denoise
-        )
+        need_teacher = self.teacher is not None and (st.pseudo_source == "teacher" or st.contrastive or st.denoise)
         t_out = None
         if need_teacher:
             t_l, t_u = self.teacher(x_l), self.teacher(x_u_weak)
@@ -171,9 +169,7 @@ class RoundObjective:
                 rep = t_u.rep.float()
                 small = F.interpolate(probs_u, size=rep.shape[-2:], mode="bilinear", align_corners=False)
                 denoised = denoise_pseudo_labels(small, rep, self.prototypes)
-                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[
-                    :, 0
-                ].long()
+                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[:, 0].long()
                 y_u = torch.where(y_u != ignore, denoised, y_u)
 
         if st.strong_aug:
@@ -224,9 +220,7 @@ class RoundObjective:
         size = rep.shape[-2:]
         t_rep = torch.cat([t_l.rep, t_u.rep]).float()
         t_probs = torch.softmax(
-            F.interpolate(
-                torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False
-            ),
+            F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False),
             1,
         )
         labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
@@ -276,7 +270,8 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         "selftrain": st.model_dump(mode="json", exclude={"rounds"}),
         "seed": config.seed,
         "train": cfg.model_dump(
-            mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit"}
+            mode="json",
+            exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit", "sync_bn"},
         ),
     }
     fingerprint = sha256_json(inputs)
@@ -293,7 +288,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)
     model.to(rt.device)
-    net = wrap_ddp(model, rt)
+    net = wrap_ddp(model, rt, cfg.sync_bn)
     teacher = (
         EMATeacher(model, st.ema_momentum).to(rt.device)
         if (st.pseudo_source == "teacher" or st.contrastive or st.denoise)
@@ -314,9 +309,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         weights=reader.weight if reader.has_weights() else None,
     )
     # The teacher sees the weak view: the same geometry without the photometric part.
-    unlabeled_weak_ds = SegmentationDataset(
-        ctx.source, unlabeled, weak, require_masks=False, masks=reader.label
-    )
+    unlabeled_weak_ds = SegmentationDataset(ctx.source, unlabeled, weak, require_masks=False, masks=reader.label)
     objective = RoundObjective(ctx, net, teacher, k, steps)
 
     lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, config.seed + 7919 * k, steps)
@@ -372,18 +365,14 @@ def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: boo
     if not model_path(run_dir, "pretrain").is_file():
         from labelpipe.errors import LabelpipeError
 
-        raise LabelpipeError(
-            f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first"
-        )
+        raise LabelpipeError(f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first")
     if force and runtime.is_main and (run_dir / "selftrain").exists():
         shutil.rmtree(run_dir / "selftrain")
     preflight(ctx.source.split(ctx.roles["labeled"]))
     class_prior(ctx, ctx.roles["labeled"])
     rounds: dict[str, Any] = {}
     previous = "pretrain"
-    pl_config = config.model_copy(
-        update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})}
-    )
+    pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
     for k in range(1, st.rounds + 1):
         round_dir = run_dir / "selftrain" / f"round-{k}"
         alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
@@ -398,8 +387,6 @@ def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: boo
             quiet=not runtime.is_main,
         )
         barrier()
-        rounds[f"round-{k}"] = train_round(
-            ctx, k, model_path(run_dir, previous), labels, StageDir(round_dir / "train")
-        )
+        rounds[f"round-{k}"] = train_round(ctx, k, model_path(run_dir, previous), labels, StageDir(round_dir / "train"))
         previous = f"round-{k}"
     return rounds
