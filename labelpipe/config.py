@@ -115,6 +115,7 @@ class SelftrainConfig(Section):
     strong_aug: bool = True
     unsup_weight: float = 1.0
     steps: int | None = None  # per round; None: train.steps
+    lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
 
 

@@ -260,6 +260,8 @@ def _zip_batches(a, b):
 def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, out: StageDir) -> dict:
     config, rt = ctx.config, ctx.runtime
     cfg, st = config.train, config.selftrain
+    if st.lr is not None:  # rounds fine-tune a trained model: often at a lower rate than pretraining
+        cfg = cfg.model_copy(update={"lr": st.lr})
     steps = st.steps or cfg.steps
     labeled = ctx.source.split(ctx.roles["labeled"])
     unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
