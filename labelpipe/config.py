@@ -55,7 +55,8 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
-    crop_size: int = Field(512, ge=8)
+    # None: the labeled images' own size, at most 512 (64 on DigitScapes); also the sliding-window size
+    crop_size: int | None = Field(None, ge=8)
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     optimizer: Literal["sgd", "adamw"] = "sgd"  # the papers' SGD; AdamW for short from-scratch CPU runs

@@ -32,20 +32,38 @@ class StageContext:
 
 def open_context(config: RunConfig, run_dir: Path, runtime: Runtime) -> StageContext:
     data = config.data
-    source = open_source(
-        data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root()
-    )
+    source = open_source(data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root())
     roles = source.protocol(data.protocol)
+    if config.train.crop_size is None:
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"crop_size": default_crop(source, roles["labeled"])})}
+        )
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
     return StageContext(config=config, run_dir=run_dir, runtime=runtime, source=source, roles=roles)
 
 
+def default_crop(source: DatasetSource, split: str, largest: int = 512) -> int:
+    """The crop when none is configured: the first labeled image's longer side, at most ``largest``."""
+    from PIL import Image
+
+    sample = source.split(split)[0]
+    try:
+        with Image.open(sample.image) as im:
+            return min(largest, max(im.size))
+    except (OSError, ValueError):
+        return largest  # the preflight check names the file
+
+
 def model_from_config(config: RunConfig, num_classes: int, with_backbone_weights: bool = True) -> DeepLabV3Plus:
     m = config.model
     return build_model(
-        num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim,
+        num_classes,
+        m.backbone,
+        m.output_stride,
+        m.aspp_rates,
+        m.rep_dim,
         m.backbone_weights if with_backbone_weights else None,
     )
 
@@ -83,8 +101,9 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
     model = model_from_config(ctx.config, ctx.source.num_classes, with_backbone_weights=False)
     if "model" in meta:  # the architecture the weights were trained with wins over the current config
         m = meta["model"]
-        model = build_model(ctx.source.num_classes, m["backbone"], m["output_stride"], tuple(m["aspp_rates"]),
-                            m["rep_dim"])
+        model = build_model(
+            ctx.source.num_classes, m["backbone"], m["output_stride"], tuple(m["aspp_rates"]), m["rep_dim"]
+        )
     load_model_weights(path, model)
     return name, model.to(ctx.runtime.device).eval(), path
 

@@ -80,6 +80,7 @@ def print_table(metrics: dict, title: str, console: Console | None = None) -> No
 
 def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     ctx = open_context(config, run_dir, runtime)
+    config = ctx.config  # with defaults that depend on the data resolved
     split = config.evaluate.split or ctx.roles["test"]
     samples = ctx.source.split(split)
     name, model, weights = load_trained_model(ctx, config.evaluate.model)

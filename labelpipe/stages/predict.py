@@ -99,6 +99,7 @@ def run_predict(
     if pcfg.batch_size < 1:  # PredictConfig does not bound it
         raise LabelpipeError(f"predict.batch_size={pcfg.batch_size}: must be >= 1")
     ctx = open_context(config, run_dir, runtime)
+    config = ctx.config  # with defaults that depend on the data resolved
     if pcfg.topk > ctx.source.num_classes:
         raise LabelpipeError(f"--topk {pcfg.topk}: the data set has only {ctx.source.num_classes} classes")
     if pcfg.temperature != "auto" and not pcfg.temperature > 0:

@@ -92,6 +92,7 @@ def model_metadata(config: RunConfig, ctx: StageContext, stage: str) -> dict:
 
 def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
     ctx = open_context(config, run_dir, runtime)
+    config = ctx.config  # with defaults that depend on the data resolved
     cfg = config.train
     labeled = ctx.roles["labeled"]
     samples = ctx.source.split(labeled)

@@ -111,6 +111,7 @@ def run_pseudolabel(
     quiet: bool = False,
 ) -> Path:
     ctx = open_context(config, run_dir, runtime)
+    config = ctx.config  # with defaults that depend on the data resolved
     pcfg = config.pseudolabel
     method = pcfg.method
     alpha = pcfg.alpha if alpha is None else alpha

@@ -363,6 +363,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
 
 def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
     ctx = open_context(config, run_dir, runtime)
+    config = ctx.config  # with defaults that depend on the data resolved
     st = config.selftrain
     if not model_path(run_dir, "pretrain").is_file():
         from labelpipe.errors import LabelpipeError
