@@ -132,7 +132,8 @@ STAGES = ("pretrain", "predict", "pseudolabel", "selftrain", "evaluate")
 
 class RunConfig(Section):
     seed: int = 0
-    # What `labelpipe run RECIPE` executes, in order; each stage is skipped when up to date.
+    # What `labelpipe run RECIPE` executes, in order; each stage is skipped when up to date; a later
+    # `evaluate` of another model also prints a before/after table against the first.
     pipeline: list[Literal["pretrain", "predict", "pseudolabel", "selftrain", "evaluate"]] = Field(
         default_factory=lambda: ["pretrain", "evaluate"]
     )

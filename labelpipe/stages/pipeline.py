@@ -1,4 +1,9 @@
-"""``labelpipe run RECIPE``: the recipe's stages in order; each skips itself when up to date."""
+"""``labelpipe run RECIPE``: the recipe's stages in order; each skips itself when up to date.
+
+``evaluate`` evaluates the run's latest model at that point of the pipeline; when a later
+``evaluate`` sees a different model (e.g. ``[pretrain, evaluate, selftrain, evaluate]``), it also
+prints a before/after table against the first one.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +14,25 @@ from labelpipe.runtime import Runtime
 
 
 def run_pipeline(config: RunConfig, run_dir: Path, runtime: Runtime) -> None:
-    from labelpipe.stages import evaluate, pretrain
+    from labelpipe.stages.evaluate import print_comparison, run_evaluate
+    from labelpipe.stages.predict import run_predict
+    from labelpipe.stages.pretrain import run_pretrain
+    from labelpipe.stages.pseudolabel import run_pseudolabel
+    from labelpipe.stages.selftrain import run_selftrain
 
-    before = None
+    first = None
     for stage in config.pipeline:
         if stage == "pretrain":
-            pretrain.run_pretrain(config, run_dir, runtime)
-        elif stage == "evaluate":
-            if "selftrain" in config.pipeline and before is None:
-                before = evaluate.run_evaluate(
-                    config.model_copy(
-                        update={"evaluate": config.evaluate.model_copy(update={"model": "pretrain"})}
-                    ),
-                    run_dir,
-                    runtime,
-                )
-            after = evaluate.run_evaluate(config, run_dir, runtime)
-            if before is not None and runtime.is_main:
-                evaluate.print_comparison(before, after)
+            run_pretrain(config, run_dir, runtime)
         elif stage == "predict":
-            from labelpipe.stages.predict import run_predict
-
             run_predict(config, run_dir, runtime)
         elif stage == "pseudolabel":
-            from labelpipe.stages.pseudolabel import run_pseudolabel
-
             run_pseudolabel(config, run_dir, runtime)
         elif stage == "selftrain":
-            from labelpipe.stages.selftrain import run_selftrain
-
             run_selftrain(config, run_dir, runtime)
+        elif stage == "evaluate":
+            metrics = run_evaluate(config, run_dir, runtime)
+            if first is None:
+                first = metrics
+            elif first["model"] != metrics["model"] and runtime.is_main:
+                print_comparison(first, metrics)

@@ -1,0 +1,41 @@
+"""`labelpipe run RECIPE`: the stages in order, a before/after table, and nothing redone on a second run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labelpipe.cli import main
+from tests.conftest import TINY_RECIPE
+
+
+def run_cli(args):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+        raise SystemExit(0)
+    return info.value.code
+
+
+def test_run_recipe_prints_before_and_after(data_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [
+        "run",
+        str(TINY_RECIPE),
+        "--run",
+        str(run),
+        "--device",
+        "cpu",
+        "--set",
+        "pipeline=[pretrain, evaluate, selftrain, evaluate]",
+        "--set",
+        "selftrain.rounds=1",
+    ]
+    assert run_cli(args) == 0
+    out = capsys.readouterr().out
+    assert "pretrain -> round-1 on target_test" in out
+    assert json.loads((run / "evaluate/round-1/metrics.json").read_text())["model"] == "round-1"
+    mtime = (run / "selftrain/round-1/train/model.safetensors").stat().st_mtime_ns
+    assert run_cli(args) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (run / "selftrain/round-1/train/model.safetensors").stat().st_mtime_ns == mtime
