@@ -82,9 +82,7 @@ def synthetic_image(seed: int, index: int, height: int, width: int, keys: tuple[
             entropy = -(conf32 * np.log(conf32) + rest * np.log(rest / (NUM_CLASSES - 1)))
             chunk["entropy"] = np.maximum(entropy, 0).astype(np.float16)
     if "variance" in keys:
-        chunk["variance"] = (rng.standard_exponential(size, dtype=np.float32) * np.float32(0.05)).astype(
-            np.float16
-        )
+        chunk["variance"] = (rng.standard_exponential(size, dtype=np.float32) * np.float32(0.05)).astype(np.float16)
     return chunk
 
 
@@ -176,9 +174,7 @@ def run_in_subprocess(kind: str, n_maps: int, height: int, width: int, seed: int
 
 # --------------------------------------------------------------------------------------------- table
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N only: 10 and 25, 2 Cityscapes maps")
     parser.add_argument("--n", type=int, nargs="+", help="numbers of 256 x 512 maps (default 50 ... 800)")
     parser.add_argument("--cityscapes-maps", type=int, help="number of 1024 x 2048 maps (0: skip)")
@@ -222,9 +218,7 @@ def main() -> None:
             )
         needed_gb = pixels * BASELINE_BYTES_PER_PIXEL / 1e9
         if needed_gb > args.baseline_max_gb:
-            print(
-                f"{name:<18}{pixels / 1e6:>8.1f}  {'sort baseline':<16}  skipped: needs ~{needed_gb:.1f} GB"
-            )
+            print(f"{name:<18}{pixels / 1e6:>8.1f}  {'sort baseline':<16}  skipped: needs ~{needed_gb:.1f} GB")
             continue
         b = run_in_subprocess("sort", n_maps, height, width, args.seed, args.repeat)
         note = ""

@@ -44,14 +44,10 @@ def metrics(run: Path, model: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument(
-        "--configs", nargs="+", default=list(CONFIGS), help="keys of CONFIGS (prefix letters ok)"
-    )
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="keys of CONFIGS (prefix letters ok)")
     parser.add_argument("--recipe", default=str(REPO / "stages" / "demo.yaml"))
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))

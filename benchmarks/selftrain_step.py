@@ -51,13 +51,25 @@ from labelpipe.teacher import EMATeacher
 
 NUM_CLASSES, REP_DIM, SIZE, BATCH, IGNORE = 19, 256, 257, 2, 255
 ANCHORS, NEGATIVES, TEMPERATURE, ALPHA_T, AUX_WEIGHT = 256, 50, 0.5, 0.2, 0.4
-BASE = ["teacher forward (labeled + unlabeled)", "online pseudo-labels (entropy split)", "student forward",
-        "supervised CE (main + 0.4 aux) fwd+bwd", "unsupervised CE fwd+bwd", "model backward (main, aux)",
-        "SGD step", "EMA update"]
+BASE = [
+    "teacher forward (labeled + unlabeled)",
+    "online pseudo-labels (entropy split)",
+    "student forward",
+    "supervised CE (main + 0.4 aux) fwd+bwd",
+    "unsupervised CE fwd+bwd",
+    "model backward (main, aux)",
+    "SGD step",
+    "EMA update",
+]
 FULL_BACKWARD = "model backward (main, aux, rep)"
 E2E_BASE, E2E_FULL = "end-to-end: base step (CE)", "end-to-end: + all three (rectified for CE)"
-EXTRA = ["denoising (rep upsample + prototypes)", "rectified loss fwd+bwd", "contrastive fwd+bwd",
-         "  of which u2pl_contrastive call", "rep head backward (contrastive grad)"]
+EXTRA = [
+    "denoising (rep upsample + prototypes)",
+    "rectified loss fwd+bwd",
+    "contrastive fwd+bwd",
+    "  of which u2pl_contrastive call",
+    "rep head backward (contrastive grad)",
+]
 
 
 def block_labels(generator: torch.Generator, block: int = 32) -> torch.Tensor:
@@ -101,8 +113,9 @@ def contrastive_term(rep, t_l, t_u, y_l, y_u, memory, prototypes, generator):
     """``RoundObjective.contrastive``: labels and teacher probabilities at rep size, then U2PL+."""
     size = rep.shape[-2:]
     t_rep = torch.cat([t_l.rep, t_u.rep]).float()
-    t_probs = torch.softmax(F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear",
-                                          align_corners=False), 1)
+    t_probs = torch.softmax(
+        F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False), 1
+    )
     labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
     is_labeled = torch.zeros_like(labels, dtype=torch.bool)
     is_labeled[:BATCH] = True
@@ -111,10 +124,19 @@ def contrastive_term(rep, t_l, t_u, y_l, y_u, memory, prototypes, generator):
     valid = is_labeled & (labels != IGNORE) | ~is_labeled
     d = rep.shape[1]
     return u2pl_contrastive(
-        rep.permute(0, 2, 3, 1).reshape(-1, d), t_rep.permute(0, 2, 3, 1).reshape(-1, d),
-        t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]), labels.reshape(-1),
-        is_labeled.reshape(-1), reliable.reshape(-1), memory, prototypes, num_anchors=ANCHORS,
-        num_negatives=NEGATIVES, temperature=TEMPERATURE, generator=generator, valid=valid.reshape(-1),
+        rep.permute(0, 2, 3, 1).reshape(-1, d),
+        t_rep.permute(0, 2, 3, 1).reshape(-1, d),
+        t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]),
+        labels.reshape(-1),
+        is_labeled.reshape(-1),
+        reliable.reshape(-1),
+        memory,
+        prototypes,
+        num_anchors=ANCHORS,
+        num_negatives=NEGATIVES,
+        temperature=TEMPERATURE,
+        generator=generator,
+        valid=valid.reshape(-1),
         ignore_index=IGNORE,
     )
 
@@ -142,19 +164,29 @@ def make_bench(device: torch.device, args: argparse.Namespace) -> Bench:
     student = build_model(NUM_CLASSES, args.backbone, args.output_stride, rates, rep_dim=REP_DIM).to(device)
     student.train()
     backbone_params, head_params = student.parameter_groups()
-    optimizer = torch.optim.SGD([{"params": backbone_params, "lr": 0.01}, {"params": head_params, "lr": 0.1}],
-                                lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": 0.01}, {"params": head_params, "lr": 0.1}],
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
     memory = MemoryBank(NUM_CLASSES, REP_DIM, capacity=args.capacity, device=device)
     fill = F.normalize(torch.randn(args.capacity, REP_DIM, device=device), dim=1)
     for c in range(NUM_CLASSES):  # steady state: full queues
         memory.push(c, fill)
     data = torch.Generator().manual_seed(0)
     return Bench(
-        device=device, student=student, teacher=EMATeacher(student, 0.99).to(device), optimizer=optimizer,
-        memory=memory, prototypes=PrototypeBank(NUM_CLASSES, REP_DIM, momentum=0.999, device=device),
+        device=device,
+        student=student,
+        teacher=EMATeacher(student, 0.99).to(device),
+        optimizer=optimizer,
+        memory=memory,
+        prototypes=PrototypeBank(NUM_CLASSES, REP_DIM, momentum=0.999, device=device),
         x_l=torch.randn(BATCH, 3, SIZE, SIZE, generator=data).to(device),
         x_u=torch.randn(BATCH, 3, SIZE, SIZE, generator=data).to(device),
-        y_l=block_labels(data).to(device), truth_u=block_labels(data).to(device), noise=data,
+        y_l=block_labels(data).to(device),
+        truth_u=block_labels(data).to(device),
+        noise=data,
     )
 
 
@@ -194,8 +226,9 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
     shapes.update(main=tuple(out.main.shape), rep=tuple(out.rep.shape))
 
     def supervised() -> torch.Tensor:
-        return (F.cross_entropy(main[:BATCH], b.y_l, ignore_index=IGNORE)
-                + AUX_WEIGHT * F.cross_entropy(aux[:BATCH], b.y_l, ignore_index=IGNORE))
+        return F.cross_entropy(main[:BATCH], b.y_l, ignore_index=IGNORE) + AUX_WEIGHT * F.cross_entropy(
+            aux[:BATCH], b.y_l, ignore_index=IGNORE
+        )
 
     def unsupervised() -> torch.Tensor:
         return unsupervised_ce_weight(y_u, 1.0, IGNORE) * masked_ce(main[BATCH:], y_u, IGNORE)
@@ -204,8 +237,7 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
         return rectified_loss(main[BATCH:], aux[BATCH:], y_u, ignore_index=IGNORE)
 
     def contrastive() -> tuple[torch.Tensor]:
-        loss, stats = timer(EXTRA[3], lambda: contrastive_term(rep, t_l, t_u, b.y_l, y_u, b.memory,
-                                                                 b.prototypes, gen))
+        loss, stats = timer(EXTRA[3], lambda: contrastive_term(rep, t_l, t_u, b.y_l, y_u, b.memory, b.prototypes, gen))
         shapes["contrastive classes"] = stats["classes"]
         return torch.autograd.grad(0.1 * loss, [rep])
 
@@ -232,8 +264,9 @@ def whole_step(b: Bench, step: int, extras: bool) -> None:
         y_u = denoise(b, t_u, probs_u, y_u)
     out = b.student(torch.cat([b.x_l, b.x_u]))
     main_l, main_u = out.main[:BATCH].float(), out.main[BATCH:].float()
-    loss = (F.cross_entropy(main_l, b.y_l, ignore_index=IGNORE)
-            + AUX_WEIGHT * F.cross_entropy(out.aux[:BATCH].float(), b.y_l, ignore_index=IGNORE))
+    loss = F.cross_entropy(main_l, b.y_l, ignore_index=IGNORE) + AUX_WEIGHT * F.cross_entropy(
+        out.aux[:BATCH].float(), b.y_l, ignore_index=IGNORE
+    )
     if extras:
         loss = loss + rectified_loss(main_u, out.aux[BATCH:].float(), y_u, ignore_index=IGNORE)
         loss = loss + 0.1 * contrastive_term(out.rep, t_l, t_u, b.y_l, y_u, b.memory, b.prototypes, gen)[0]
@@ -261,9 +294,11 @@ def report(timer: Timer, name: str, shapes: dict, args: argparse.Namespace) -> N
     timer.times[EXTRA[4]] = [rep_backward]
     base = sum(m(k) for k in BASE)
     extra = m(EXTRA[0]) + m(EXTRA[1]) + m(EXTRA[2]) + rep_backward
-    print(f"\n{name}: student {args.backbone} OS{args.output_stride}, input {BATCH}+{BATCH} x {SIZE}x{SIZE}, "
-          f"main {shapes['main']}, rep {shapes['rep']}, queue {args.capacity}/class, "
-          f"{shapes['contrastive classes']} classes in the contrastive loss; median of {args.runs} steps")
+    print(
+        f"\n{name}: student {args.backbone} OS{args.output_stride}, input {BATCH}+{BATCH} x {SIZE}x{SIZE}, "
+        f"main {shapes['main']}, rep {shapes['rep']}, queue {args.capacity}/class, "
+        f"{shapes['contrastive classes']} classes in the contrastive loss; median of {args.runs} steps"
+    )
     print(f"{'piece':<44} {'ms':>9} {'% of base':>10}")
     for key in BASE:
         print(f"{key:<44} {m(key) * 1e3:>9.1f} {100 * m(key) / base:>9.1f}%")
@@ -279,11 +314,13 @@ def report(timer: Timer, name: str, shapes: dict, args: argparse.Namespace) -> N
     def verdict(x: float) -> str:
         return "within" if x <= 0.15 else "OVER"
 
-    print(f"overhead of contrastive + rectified + denoise (goal <= 15%): from the pieces "
-          f"{100 * extra / base:.1f}% ({verdict(extra / base)}), {100 * replace / base:.1f}% with rectified "
-          f"replacing the unlabeled CE ({verdict(replace / base)});\n  end to end (one backward each, "
-          f"rectified replacing CE): base {e2e_base * 1e3:.0f} ms, with the three {e2e_full * 1e3:.0f} ms: "
-          f"{100 * e2e:.1f}% ({verdict(e2e)})")
+    print(
+        f"overhead of contrastive + rectified + denoise (goal <= 15%): from the pieces "
+        f"{100 * extra / base:.1f}% ({verdict(extra / base)}), {100 * replace / base:.1f}% with rectified "
+        f"replacing the unlabeled CE ({verdict(replace / base)});\n  end to end (one backward each, "
+        f"rectified replacing CE): base {e2e_base * 1e3:.0f} ms, with the three {e2e_full * 1e3:.0f} ms: "
+        f"{100 * e2e:.1f}% ({verdict(e2e)})"
+    )
 
 
 def main() -> None:
@@ -299,14 +336,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     devices = [] if args.no_cpu else [torch.device("cpu")]
     devices += [torch.device("cuda")] if torch.cuda.is_available() else []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run"
+    )
     for device in devices:
         timer, shapes = run(device, args)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU float32"
         report(timer, name, shapes, args)
-    print(f"load average {os.getloadavg()[0]:.1f} after the run (above {args.threads}: other processes "
-          "shared the cores and the times are inflated)")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} after the run (above {args.threads}: other processes "
+        "shared the cores and the times are inflated)"
+    )
 
 
 if __name__ == "__main__":

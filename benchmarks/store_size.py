@@ -98,9 +98,7 @@ def store_size(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cityscapes-maps", type=int, default=3)
     parser.add_argument("--digitscapes-maps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)

@@ -60,8 +60,12 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     backbone_params, head_params = model.parameter_groups()
-    optimizer = torch.optim.SGD([{"params": backbone_params, "lr": 0.01}, {"params": head_params, "lr": 0.1}],
-                                lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "lr": 0.01}, {"params": head_params, "lr": 0.1}],
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
     images = torch.randn(TRAIN_BATCH, 3, SIZE, SIZE, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (TRAIN_BATCH, SIZE, SIZE), device=device)
 
@@ -99,10 +103,12 @@ def main() -> None:
     models = [m for m in MODELS if not (args.quick and m[1] == "resnet50")]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
-    print(f"DeepLabV3+ throughput: {SIZE}x{SIZE}, {NUM_CLASSES} classes, train batch {TRAIN_BATCH} "
-          f"(fwd + CE main + {AUX_WEIGHT} CE aux + bwd + SGD), inference batch {INFER_BATCH} "
-          "(eval, no grad); "
-          f"median of {steps} steps after {warmup} warm-up; torch {torch.__version__}")
+    print(
+        f"DeepLabV3+ throughput: {SIZE}x{SIZE}, {NUM_CLASSES} classes, train batch {TRAIN_BATCH} "
+        f"(fwd + CE main + {AUX_WEIGHT} CE aux + bwd + SGD), inference batch {INFER_BATCH} "
+        "(eval, no grad); "
+        f"median of {steps} steps after {warmup} warm-up; torch {torch.__version__}"
+    )
     for device in devices:
         if device.type == "cuda":
             name = f"{torch.cuda.get_device_name(device)} (bf16 autocast, channels_last)"

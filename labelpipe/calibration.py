@@ -25,9 +25,7 @@ def ece(logits: torch.Tensor, target: torch.Tensor, temperature: float, bins: in
     return acc.ece()
 
 
-def fit_temperature(
-    logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)
-) -> dict:
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> dict:
     """Fit T on (N, C) float logits and (N,) int targets; returns T and NLL / ECE before and after."""
     logits, target = logits.float(), target.long()
     if target.numel() == 0:

@@ -51,18 +51,14 @@ class Method(str, Enum):
     variance = "variance"
 
 
-DataOpt = Annotated[
-    Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")
-]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[Device | None, typer.Option("--device", help="auto, cpu or cuda.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A YAML recipe (see stages/).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config value: KEY.PATH=VALUE.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
-ProtocolOpt = Annotated[
-    str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")
-]
+ProtocolOpt = Annotated[str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")]
 DEFAULT_RUN = Path("runs/default")
 
 
@@ -99,9 +95,7 @@ def pretrain(
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     backbone: Annotated[str | None, typer.Option(help="resnet18/34/50/101 or mobilenet_v3_large.")] = None,
-    backbone_weights: Annotated[
-        Path | None, typer.Option(help="A torchvision state dict for the backbone.")
-    ] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(help="A torchvision state dict for the backbone.")] = None,
 ) -> None:
     """Supervised training on the labeled (or source) split."""
     from labelpipe.stages.pretrain import run_pretrain
@@ -128,9 +122,7 @@ def evaluate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     protocol: ProtocolOpt = None,
-    split: Annotated[
-        str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")
-    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")] = None,
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
 ) -> None:
     """mIoU, per-class IoU, calibration and plots of a run's model."""
@@ -159,15 +151,9 @@ def predict(
     force: ForceOpt = False,
     protocol: ProtocolOpt = None,
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
-    split: Annotated[
-        str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")
-    ] = None,
-    temperature: Annotated[
-        str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")
-    ] = None,
-    topk: Annotated[
-        int | None, typer.Option(help="Also store the k largest probabilities and classes.")
-    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")] = None,
+    temperature: Annotated[str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")] = None,
+    topk: Annotated[int | None, typer.Option(help="Also store the k largest probabilities and classes.")] = None,
 ) -> None:
     """Teacher probabilities -> predictions.h5 (label, conf, entropy, variance per pixel)."""
     from labelpipe.stages.predict import run_predict
@@ -204,9 +190,7 @@ def pseudolabel(
     alpha: Annotated[float | None, typer.Option(help="Labeling ratio (cbst, dars).")] = None,
     tau: Annotated[float | None, typer.Option(help="Confidence threshold (threshold).")] = None,
     prior_from: Annotated[str | None, typer.Option(help="Split whose masks give the class prior.")] = None,
-    export: Annotated[
-        str | None, typer.Option(help="'png': also write palette PNGs and a list file.")
-    ] = None,
+    export: Annotated[str | None, typer.Option(help="'png': also write palette PNGs and a list file.")] = None,
 ) -> None:
     """Pseudo-labels from predictions.h5 -> labels.h5, report.json and plots."""
     from labelpipe.stages.pseudolabel import run_pseudolabel
@@ -328,9 +312,7 @@ def data_build(
     from labelpipe.data.digitscapes import build_digitscapes
 
     if root is None:
-        root = DataConfig(
-            digitscapes={"seed": seed, "size": size.value, "blend": blend.value}
-        ).resolved_root()
+        root = DataConfig(digitscapes={"seed": seed, "size": size.value, "blend": blend.value}).resolved_root()
     out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value)
     print(f"DigitScapes ({size.value}, blend={blend.value}, seed={seed}) at {out}")
 
@@ -338,12 +320,8 @@ def data_build(
 @data_app.command("show")
 def data_show(
     root: Annotated[Path, typer.Argument(help="Data set root.")],
-    split: Annotated[
-        str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="PNG to write (default: ROOT/montage-<split>.png).")
-    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: ROOT/montage-<split>.png).")] = None,
     n: int = 16,
     kind: Annotated[str | None, typer.Option(help="Data set kind (default: detected).")] = None,
 ) -> None:
@@ -385,11 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         if debug:
             traceback.print_exc()
-        hint = (
-            f" (see labelpipe {exc.ctx.info_name} --help)"
-            if exc.ctx and exc.ctx.info_name != "labelpipe"
-            else ""
-        )
+        hint = f" (see labelpipe {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "labelpipe" else ""
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:

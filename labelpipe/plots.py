@@ -73,9 +73,7 @@ def image_grid(
     return save(fig, path)
 
 
-def reliability(
-    bin_conf: list[float], bin_acc: list[float], bin_count: list[int], path: Path, title: str
-) -> Path:
+def reliability(bin_conf: list[float], bin_acc: list[float], bin_count: list[int], path: Path, title: str) -> Path:
     n = len(bin_conf)
     centers = (np.arange(n) + 0.5) / n
     fig, ax = plt.subplots(figsize=(3.8, 3.6))

@@ -17,9 +17,7 @@ from torch import nn
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module inside DataParallel / DistributedDataParallel wrappers."""
-    return (
-        module.module if isinstance(module, nn.DataParallel | nn.parallel.DistributedDataParallel) else module
-    )
+    return module.module if isinstance(module, nn.DataParallel | nn.parallel.DistributedDataParallel) else module
 
 
 class EMATeacher:

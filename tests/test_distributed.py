@@ -149,9 +149,7 @@ def test_rank_shares_partition_every_global_batch_across_epochs():
 
     n, batch, world = 10, 6, 4  # 6 does not divide by 4, and batches straddle epochs (10 images)
     whole = list(StepBatchSampler(n, batch, seed=3, start=0, total=7))
-    shares = [
-        list(StepBatchSampler(n, batch, seed=3, start=0, total=7, rank=r, world=world)) for r in range(world)
-    ]
+    shares = [list(StepBatchSampler(n, batch, seed=3, start=0, total=7, rank=r, world=world)) for r in range(world)]
     for step, items in enumerate(whole):
         assert sorted(item for share in shares for item in share[step]) == sorted(items)
     later = list(StepBatchSampler(n, batch, seed=3, start=4, total=7, rank=1, world=world))
@@ -249,9 +247,7 @@ def test_predict_on_two_ranks_joins_shards_into_the_one_process_store(pretrained
     def contents(path: Path) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
         with h5py.File(path, "r") as fh:
-            fh.visititems(
-                lambda name, obj: arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None
-            )
+            fh.visititems(lambda name, obj: arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
             attrs = dict(fh.attrs)
         return arrays, attrs
 

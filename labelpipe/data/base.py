@@ -87,9 +87,7 @@ class DatasetSource:
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Raises a one-line :class:`LabelpipeError` naming the file."""
     if not path.is_file():
-        raise LabelpipeError(
-            f"{path}: image file is missing; restore it or remove its id from the split list"
-        )
+        raise LabelpipeError(f"{path}: image file is missing; restore it or remove its id from the split list")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -128,9 +126,7 @@ def read_mask(
             raise LabelpipeError(f"{path}: {exc}") from exc
     else:
         if raw.ndim != 2:
-            raise LabelpipeError(
-                f"{path}: mask has shape {raw.shape}; masks must be single-channel PNGs of class ids"
-            )
+            raise LabelpipeError(f"{path}: mask has shape {raw.shape}; masks must be single-channel PNGs of class ids")
         mask = raw
     bad = np.unique(mask[(mask >= num_classes) & (mask != ignore_index)])
     if bad.size:
@@ -190,9 +186,7 @@ def preflight(samples: list[SampleRef], with_masks: bool = True) -> None:
             with Image.open(sample.image) as im:
                 image_size = im.size
         except (OSError, ValueError) as exc:
-            raise LabelpipeError(
-                f"{sample.image}: cannot read image ({exc}); replace the file or drop its id"
-            ) from exc
+            raise LabelpipeError(f"{sample.image}: cannot read image ({exc}); replace the file or drop its id") from exc
         try:
             with Image.open(sample.mask) as im:
                 mask_size = im.size

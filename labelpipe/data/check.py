@@ -64,9 +64,7 @@ def _check_sample(source: DatasetSource, sample: SampleRef) -> _SampleResult:
     except LabelpipeError as exc:
         message = str(exc)
         result.unreadable = True
-        result.problems.append(
-            message if message.startswith(str(sample.mask)) else f"{sample.mask}: {message}"
-        )
+        result.problems.append(message if message.startswith(str(sample.mask)) else f"{sample.mask}: {message}")
         return result
     except _READ_ERRORS as exc:
         result.unreadable = True
@@ -74,9 +72,7 @@ def _check_sample(source: DatasetSource, sample: SampleRef) -> _SampleResult:
         return result
     if mask.ndim != 2:
         result.bad_values = True
-        result.problems.append(
-            f"{sample.mask}: mask has shape {mask.shape}; masks must be single-channel class ids"
-        )
+        result.problems.append(f"{sample.mask}: mask has shape {mask.shape}; masks must be single-channel class ids")
         return result
     if image_size is not None and (mask.shape[1], mask.shape[0]) != image_size:
         result.size_mismatch = True

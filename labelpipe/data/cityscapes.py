@@ -150,9 +150,7 @@ def load_cityscapes(root: Path) -> DatasetSource:
             f"{root}: no leftImg8bit/ folder; point at the Cityscapes folder holding leftImg8bit/ and gtFine/"
         )
     if not (root / "gtFine").is_dir():
-        raise LabelpipeError(
-            f"{root}: no gtFine/ folder; unpack gtFine_trainvaltest.zip next to leftImg8bit/"
-        )
+        raise LabelpipeError(f"{root}: no gtFine/ folder; unpack gtFine_trainvaltest.zip next to leftImg8bit/")
     splits = {split: _scan_split(root, split) for split in SPLITS}
     if not any(splits.values()):
         raise LabelpipeError(

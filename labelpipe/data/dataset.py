@@ -41,9 +41,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             self._perms = {
-                epoch: torch.randperm(
-                    self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, 0))
-                )
+                epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, 0)))
             }
         return self._perms[epoch]
 

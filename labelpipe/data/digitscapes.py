@@ -185,8 +185,7 @@ def load_photos() -> tuple[tuple[str, ...], tuple[Image.Image, ...]]:
         photos.append(Image.fromarray(np.ascontiguousarray(array[:, :, :3])))
     if len(photos) < 2:
         raise LabelpipeError(
-            "DigitScapes: fewer than 2 photographs load from scikit-image/scikit-learn; "
-            "reinstall scikit-image"
+            "DigitScapes: fewer than 2 photographs load from scikit-image/scikit-learn; reinstall scikit-image"
         )
     return tuple(names), tuple(photos)
 
@@ -308,9 +307,7 @@ def _boxes_overlap(box: tuple[int, int, int, int], others: list[tuple[int, int, 
     return False
 
 
-def render_scene(
-    kit: SceneKit, plan: SplitPlan, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One scene: (H, W, 3) uint8 image, (H, W) uint8 mask, and the digits drawn into it."""
     spec = kit.spec
     side = spec.canvas
@@ -367,8 +364,7 @@ def prepare_kit(seed: int, size: str, blend: str) -> SceneKit:
     test_count = len(labels) // 5
     index_pools = {"test": np.sort(order[:test_count]), "train": np.sort(order[test_count:])}
     digit_pools = {
-        pool: [indices[labels[indices] == digit] for digit in range(10)]
-        for pool, indices in index_pools.items()
+        pool: [indices[labels[indices] == digit] for digit in range(10)] for pool, indices in index_pools.items()
     }
     _, photos = load_photos()
     return SceneKit(
@@ -419,9 +415,7 @@ def _write_build(folder: Path, seed: int, size: str, blend: str) -> None:
     split_ids: dict[str, list[str]] = {}
     digit_counts: dict[str, list[int]] = {}
     for split_number, plan in enumerate(SPLIT_PLANS):
-        ids, counts = _write_split_scenes(
-            kit, plan, getattr(spec, plan.name), seed, split_number, folder, workers
-        )
+        ids, counts = _write_split_scenes(kit, plan, getattr(spec, plan.name), seed, split_number, folder, workers)
         split_ids[plan.name] = ids
         digit_counts[plan.name] = [int(c) for c in counts]
 
@@ -430,12 +424,8 @@ def _write_build(folder: Path, seed: int, size: str, blend: str) -> None:
     shuffled = np.random.default_rng([seed, 103]).permutation(len(target_train))
     for fraction, labeled_count in (("1_16", spec.labeled_1_16), ("1_8", spec.labeled_1_8)):
         labeled = set(shuffled[:labeled_count].tolist())
-        split_ids[f"target_train_{fraction}_labeled"] = [
-            i for n, i in enumerate(target_train) if n in labeled
-        ]
-        split_ids[f"target_train_{fraction}_unlabeled"] = [
-            i for n, i in enumerate(target_train) if n not in labeled
-        ]
+        split_ids[f"target_train_{fraction}_labeled"] = [i for n, i in enumerate(target_train) if n in labeled]
+        split_ids[f"target_train_{fraction}_unlabeled"] = [i for n, i in enumerate(target_train) if n not in labeled]
     for name, ids in split_ids.items():
         (folder / "splits" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
 
@@ -499,9 +489,7 @@ def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
             if isinstance(found, dict)
             else "unreadable parameters"
         )
-        raise LabelpipeError(
-            f"{root}: holds another DigitScapes build ({shown}); pick another --root or delete it"
-        )
+        raise LabelpipeError(f"{root}: holds another DigitScapes build ({shown}); pick another --root or delete it")
     if any(root.iterdir()):
         raise LabelpipeError(
             f"{root}: exists and is not a complete DigitScapes build; pick another --root or delete it"

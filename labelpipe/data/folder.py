@@ -87,13 +87,9 @@ def _read_description(path: Path) -> DatasetDescription:
     except yaml.YAMLError as exc:
         raise LabelpipeError(f"{path}: invalid YAML ({_one_line(exc)}); fix the syntax") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise LabelpipeError(
-            f"{path}: cannot read dataset.yaml ({_one_line(exc)}); replace the file"
-        ) from exc
+        raise LabelpipeError(f"{path}: cannot read dataset.yaml ({_one_line(exc)}); replace the file") from exc
     if not isinstance(data, dict):
-        raise LabelpipeError(
-            f"{path}: dataset.yaml must be a mapping of keys (classes, palette, protocols, ...)"
-        )
+        raise LabelpipeError(f"{path}: dataset.yaml must be a mapping of keys (classes, palette, protocols, ...)")
     if not data.get("classes"):
         raise LabelpipeError(
             f"{path}: 'classes' is missing or empty; list the class names, e.g. classes: [background, road]"
@@ -108,9 +104,7 @@ def _read_description(path: Path) -> DatasetDescription:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "dataset.yaml"
-        raise LabelpipeError(
-            f"{path}: {where}: {_one_line(first['msg'])}; fix this entry of dataset.yaml"
-        ) from exc
+        raise LabelpipeError(f"{path}: {where}: {_one_line(first['msg'])}; fix this entry of dataset.yaml") from exc
 
 
 def _check_description(path: Path, description: DatasetDescription, splits_dir: Path) -> str:
@@ -118,9 +112,7 @@ def _check_description(path: Path, description: DatasetDescription, splits_dir: 
     classes = description.classes
     duplicates = sorted({name for name in classes if classes.count(name) > 1})
     if duplicates:
-        raise LabelpipeError(
-            f"{path}: class names {', '.join(duplicates)} appear twice; class names must be unique"
-        )
+        raise LabelpipeError(f"{path}: class names {', '.join(duplicates)} appear twice; class names must be unique")
     if description.palette is not None and len(description.palette) != len(classes):
         raise LabelpipeError(
             f"{path}: palette has {len(description.palette)} colours but there are {len(classes)} classes; "
@@ -128,8 +120,7 @@ def _check_description(path: Path, description: DatasetDescription, splits_dir: 
         )
     if description.ignore_index < len(classes):
         raise LabelpipeError(
-            f"{path}: ignore_index {description.ignore_index} is a class id "
-            f"(there are {len(classes)} classes); use 255"
+            f"{path}: ignore_index {description.ignore_index} is a class id (there are {len(classes)} classes); use 255"
         )
     for protocol_name, spec in description.protocols.items():
         for role in PROTOCOL_ROLES:
@@ -148,8 +139,7 @@ def _check_description(path: Path, description: DatasetDescription, splits_dir: 
         return next(iter(description.protocols))
     if default not in description.protocols:
         raise LabelpipeError(
-            f"{path}: default_protocol '{default}' is not one of the protocols ({known}); "
-            f"fix default_protocol"
+            f"{path}: default_protocol '{default}' is not one of the protocols ({known}); fix default_protocol"
         )
     return default
 
@@ -219,9 +209,7 @@ def write_dataset_yaml(
         "classes": list(classes),
         "palette": [[int(c) for c in colour] for colour in palette],
         "ignore_index": int(ignore_index),
-        "protocols": {
-            key: {role: value[role] for role in PROTOCOL_ROLES} for key, value in protocols.items()
-        },
+        "protocols": {key: {role: value[role] for role in PROTOCOL_ROLES} for key, value in protocols.items()},
         "default_protocol": default_protocol,
     }
     if meta is not None:

@@ -83,9 +83,7 @@ def scan_pairs(image_dir: Path, label_dir: Path, label_suffixes: tuple[str, ...]
     """
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
-            raise LabelpipeError(
-                f"{folder}: folder is missing; the tree needs {image_dir.name}/ and {label_dir.name}/"
-            )
+            raise LabelpipeError(f"{folder}: folder is missing; the tree needs {image_dir.name}/ and {label_dir.name}/")
     images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
     labels = _files_by_stem(label_dir, label_suffixes)
     good: list[SampleRef] = []
@@ -165,8 +163,7 @@ def pair_splits(
     """Splits (``all`` + user lists, skipped pairs dropped) and protocols (``source`` + user ones)."""
     if not scan.good:
         raise LabelpipeError(
-            f"{root}: no image has a label of the same size ({len(scan.problems)} skipped); "
-            f"unpack the {archives} here"
+            f"{root}: no image has a label of the same size ({len(scan.problems)} skipped); unpack the {archives} here"
         )
     splits: dict[str, list[SampleRef]] = {"all": list(scan.good)}
     user_splits, user_protocols = load_user_splits(

@@ -88,9 +88,7 @@ def parse_split_list(path: Path, root: Path) -> list[SplitEntry]:
         first = tokens[0]
         mask = _normalise_path(tokens[1], Path(root)) if len(tokens) == 2 else None
         if _is_path(first):
-            entries.append(
-                SplitEntry(line=number, id=None, image=_normalise_path(first, Path(root)), mask=mask)
-            )
+            entries.append(SplitEntry(line=number, id=None, image=_normalise_path(first, Path(root)), mask=mask))
         elif mask is not None:
             raise LabelpipeError(
                 f"{path}: line {number}: '{first}' is not an image path but is followed by a mask; "

@@ -109,9 +109,7 @@ def read_synthia_label(path: Path) -> np.ndarray:
     """(H, W) uint16 SYNTHIA class ids: the first channel of the 16-bit label PNG, exact."""
     path = Path(path)
     if not path.is_file():
-        raise LabelpipeError(
-            f"{path}: label file is missing; restore it or remove its id from the split list"
-        )
+        raise LabelpipeError(f"{path}: label file is missing; restore it or remove its id from the split list")
     try:
         array = _first_channel_pil(path)
     except (OSError, ValueError, SyntaxError) as exc:
@@ -146,9 +144,7 @@ def load_synthia(root: Path) -> ScannedSource:
     """
     root = Path(root)
     if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
-        raise LabelpipeError(
-            f"{root}: no RGB/ and GT/LABELS/ folders; point at the SYNTHIA-RAND-CITYSCAPES folder"
-        )
+        raise LabelpipeError(f"{root}: no RGB/ and GT/LABELS/ folders; point at the SYNTHIA-RAND-CITYSCAPES folder")
     scan = scan_pairs(root / "RGB", root / "GT" / "LABELS")
     splits, protocols = pair_splits(root, scan, "SYNTHIA-RAND-CITYSCAPES archive")
     return ScannedSource(

@@ -39,9 +39,7 @@ def weak_transform(crop_size: int, scale_range: tuple[float, float], hflip: bool
     """Random scale, crop (padded with 0 / ignore), optional flip."""
     steps: list[v2.Transform] = [
         RandomScale(scale_range),
-        v2.RandomCrop(
-            crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-        ),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())

@@ -132,9 +132,7 @@ def load_voc(root: Path) -> DatasetSource:
             splits[set_file.stem] = [all_samples[i] if i in all_samples else sample(i) for i in ids]
     if AUGMENTED_TRAIN not in splits and aug_masks:
         val_ids = {s.id for s in splits.get("val", [])}
-        splits[AUGMENTED_TRAIN] = [
-            all_samples.get(i) or sample(i) for i in sorted(aug_masks) if i not in val_ids
-        ]
+        splits[AUGMENTED_TRAIN] = [all_samples.get(i) or sample(i) for i in sorted(aug_masks) if i not in val_ids]
     protocols: dict[str, dict[str, str]] = {}
     if LABELED_TRAIN in splits and AUGMENTED_TRAIN in splits:
         labeled_ids = {s.id for s in splits[LABELED_TRAIN]}

@@ -94,7 +94,5 @@ def rectified_loss(
     self_first = kl_direction == "main||aux"
     loss = _rectified_term(log_p_main, log_p_aux, target, ignore_index, self_first, mean_over)
     if aux_weight != 0.0:
-        loss = loss + aux_weight * _rectified_term(
-            log_p_aux, log_p_main, target, ignore_index, self_first, mean_over
-        )
+        loss = loss + aux_weight * _rectified_term(log_p_aux, log_p_main, target, ignore_index, self_first, mean_over)
     return loss

@@ -30,9 +30,7 @@ def _pixel_log_prob_of_target(logits: Tensor, target: Tensor, ignore_index: int)
     return torch.where(valid, log_prob_y, torch.zeros_like(log_prob_y)), valid
 
 
-def masked_ce(
-    logits: Tensor, target: Tensor, ignore_index: int = 255, weight: Tensor | None = None
-) -> Tensor:
+def masked_ce(logits: Tensor, target: Tensor, ignore_index: int = 255, weight: Tensor | None = None) -> Tensor:
     """Scalar ``sum(w * CE) / n_valid`` over valid pixels (``w = 1`` when ``weight`` is None).
 
     ``weight`` (B, H, W) float is e.g. the variance method's ``exp(-variance)``; it is used as given
@@ -42,9 +40,7 @@ def masked_ce(
     ce = -log_prob_y
     if weight is not None:
         if weight.shape != target.shape:
-            raise ValueError(
-                f"weight {tuple(weight.shape)} must have the target's shape {tuple(target.shape)}"
-            )
+            raise ValueError(f"weight {tuple(weight.shape)} must have the target's shape {tuple(target.shape)}")
         ce = torch.where(valid, ce * weight.float(), torch.zeros_like(ce))
     return ce.sum() / valid.sum().clamp_min(1)
 

@@ -68,9 +68,7 @@ class MobileNetV3Backbone(nn.Module):
     def __init__(self, output_stride: int) -> None:
         super().__init__()
         if output_stride != 16:
-            raise LabelpipeError(
-                "mobilenet_v3_large supports output_stride 16 only; set model.output_stride=16"
-            )
+            raise LabelpipeError("mobilenet_v3_large supports output_stride 16 only; set model.output_stride=16")
         net = torchvision.models.mobilenet_v3_large(weights=None, dilated=True)
         self.net = net
         del net.classifier, net.avgpool
@@ -103,9 +101,7 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise LabelpipeError(
-            f"{path}: cannot read backbone weights ({exc}); pass a torchvision state dict"
-        ) from exc
+        raise LabelpipeError(f"{path}: cannot read backbone weights ({exc}); pass a torchvision state dict") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
@@ -115,9 +111,7 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     shape_bad = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or shape_bad:
-        detail = (missing[:2] and f"missing {missing[:2]}") or (
-            unexpected[:2] and f"unexpected {unexpected[:2]}"
-        )
+        detail = (missing[:2] and f"missing {missing[:2]}") or (unexpected[:2] and f"unexpected {unexpected[:2]}")
         detail = detail or f"shape mismatch at {shape_bad[:2]}"
         raise LabelpipeError(
             f"{path}: backbone weights do not match {type(backbone).__name__} ({detail}); "

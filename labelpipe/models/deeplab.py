@@ -38,9 +38,7 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, cout: int, rates: tuple[int, ...]) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(
-            [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
-        )
+        self.branches = nn.ModuleList([conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates])
         # No BatchNorm on the pooled branch: a 1x1 map has one value per channel, which breaks
         # BN's training statistics at batch size 1.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
@@ -76,22 +74,16 @@ class DeepLabV3Plus(nn.Module):
         self.aux_classifier = nn.Sequential(
             conv_bn_relu(ch["mid"], 256), nn.Dropout(0.1), nn.Conv2d(256, num_classes, 1)
         )
-        self.representation = nn.Sequential(
-            conv_bn_relu(decoder_channels, 256), conv_bn_relu(256, rep_dim, 1)
-        )
+        self.representation = nn.Sequential(conv_bn_relu(decoder_channels, 256), conv_bn_relu(256, rep_dim, 1))
 
     def forward(self, x: torch.Tensor) -> SegmentationOutput:
         size = x.shape[-2:]
         feats = self.backbone(x)
         low = self.reduce_low(feats["low"])
-        high = F.interpolate(
-            self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False
-        )
+        high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
         decoded = self.fuse(torch.cat([high, low], dim=1))
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
-        aux = F.interpolate(
-            self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False
-        )
+        aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

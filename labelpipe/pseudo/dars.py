@@ -138,8 +138,7 @@ def dars_pseudo_labels(
     sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
     if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
         raise ValueError(
-            "thresholds and sampling_ratio must both be (C,), "
-            f"got {thresholds.shape} and {sampling_ratio.shape}"
+            f"thresholds and sampling_ratio must both be (C,), got {thresholds.shape} and {sampling_ratio.shape}"
         )
     if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
         raise ValueError("sampling_ratio must lie in [0, 1]")

@@ -69,9 +69,7 @@ def entropy_threshold_from_histogram(hist: Float16Histogram, alpha_t: float) -> 
     return hist.kth_smallest_overall(k + 1)
 
 
-def entropy_pseudo_labels(
-    label: np.ndarray, entropy: np.ndarray, gamma: float
-) -> tuple[np.ndarray, np.ndarray]:
+def entropy_pseudo_labels(label: np.ndarray, entropy: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 12: keep the predicted class where ``H < gamma``. label: (N,) or any shape, uint8; entropy:
     same size, float16. Returns ``(labels, unreliable_mask)`` in ``label``'s shape: labels 255 where
     unreliable, and the bool mask ``H >= gamma`` (the pixels that feed negative keys)."""

@@ -30,9 +30,7 @@ def entropy_threshold_torch(
     return torch.kthvalue(values, k + 1).values
 
 
-def entropy_split_torch(
-    entropy: torch.Tensor, alpha_t: float, valid_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def entropy_split_torch(entropy: torch.Tensor, alpha_t: float, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reliable mask of Eq. 12 for a batch: (B, H, W) bool, True where valid and ``H < gamma_t``.
     entropy: (B, H, W); valid_mask: (B, H, W) bool or None. Unreliable = valid & ~reliable."""
     gamma = entropy_threshold_torch(entropy, alpha_t, valid_mask)

@@ -123,8 +123,7 @@ class PseudoQualityAccumulator:
         present = self.prior > 0
         kl = float(
             np.sum(
-                self.prior[present]
-                * (np.log(self.prior[present]) - np.log(pseudo_distribution[present] + self.eps))
+                self.prior[present] * (np.log(self.prior[present]) - np.log(pseudo_distribution[present] + self.eps))
             )
         )
         correct_sum, correct_n, wrong_sum, wrong_n = self._certainty

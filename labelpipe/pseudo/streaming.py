@@ -117,9 +117,7 @@ def fit_thresholds(
         alpha_t = unit_fraction(_required(alpha_t, "alpha_t", method), "alpha_t")
         hist = _histogram(chunks_pass1, method, "entropy", num_classes, by_class=False)
         gamma = entropy_threshold_from_histogram(hist, alpha_t)
-        params.update(
-            alpha_t=alpha_t, gamma=gamma, n_reliable=hist.count_below_overall(gamma), n_pixels=hist.total()
-        )
+        params.update(alpha_t=alpha_t, gamma=gamma, n_reliable=hist.count_below_overall(gamma), n_pixels=hist.total())
     else:  # variance
         params.update(percentile=percentile, cutoff=None)
         if percentile is not None:
@@ -153,8 +151,6 @@ def apply(
         )
         return labels, None
     if method == "entropy":
-        labels, _unreliable = entropy_pseudo_labels(
-            label, _chunk_array(chunk, "entropy", method), params["gamma"]
-        )
+        labels, _unreliable = entropy_pseudo_labels(label, _chunk_array(chunk, "entropy", method), params["gamma"])
         return labels, None
     return variance_pseudo_labels_at_cutoff(label, _chunk_array(chunk, "variance", method), params["cutoff"])

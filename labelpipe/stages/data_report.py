@@ -15,9 +15,7 @@ def print_check(source: DatasetSource, console: Console | None = None) -> dict:
     console = console or Console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("checking", total=None)
-        report = check_dataset(
-            source, progress=lambda done, total: progress.update(task, completed=done, total=total)
-        )
+        report = check_dataset(source, progress=lambda done, total: progress.update(task, completed=done, total=total))
     splits = Table(title=f"{report['dataset']} at {report['root']}")
     columns = (
         "images",

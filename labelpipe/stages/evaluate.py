@@ -38,8 +38,16 @@ def measure(
     cm = ConfusionMatrix(source.num_classes, source.ignore_index, rt.device)
     cal = CalibrationAccumulator()
     rows: list[list[np.ndarray]] = []
-    for batch in iterate_predictions(model, source, shard(samples, rt), rt.device, ctx.config.train.crop_size,
-                                     batch_size, amp=ctx.config.train.amp, require_masks=True):
+    for batch in iterate_predictions(
+        model,
+        source,
+        shard(samples, rt),
+        rt.device,
+        ctx.config.train.crop_size,
+        batch_size,
+        amp=ctx.config.train.amp,
+        require_masks=True,
+    ):
         for image, mask, main in zip(batch.images, batch.masks, batch.main, strict=False):
             prob = torch.softmax(main, 0)
             conf, pred = prob.max(0)
@@ -48,11 +56,13 @@ def measure(
             cal.update(conf[valid], (pred == mask)[valid])
             if len(rows) < num_samples:
                 rgb = (denormalize(image).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-                rows.append([
-                    rgb,
-                    plots.colorize(mask.cpu().numpy().astype(np.uint8), source.palette),
-                    plots.colorize(pred.cpu().numpy().astype(np.uint8), source.palette),
-                ])
+                rows.append(
+                    [
+                        rgb,
+                        plots.colorize(mask.cpu().numpy().astype(np.uint8), source.palette),
+                        plots.colorize(pred.cpu().numpy().astype(np.uint8), source.palette),
+                    ]
+                )
     cm.all_reduce()
     if rt.distributed:  # one float64 all-reduce of the three bin arrays (counts < 2**53 stay exact)
         bins = torch.from_numpy(np.concatenate([cal.count, cal.conf_sum, cal.correct_sum]).astype(np.float64))
@@ -91,8 +101,9 @@ def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     cm, cal, rows = measure(ctx, model, samples, config.evaluate.batch_size, config.evaluate.num_samples)
     prior = class_prior(ctx, ctx.roles["labeled"])
     metrics = summarize(cm.numpy(), ctx.source.classes, prior, cal.ece(), ctx.source.class_subsets)
-    metrics.update(model=name, split=split, images=len(samples), reliability=cal.reliability(),
-                   confusion=cm.numpy().tolist())  # rows: ground truth, columns: prediction
+    metrics.update(
+        model=name, split=split, images=len(samples), reliability=cal.reliability(), confusion=cm.numpy().tolist()
+    )  # rows: ground truth, columns: prediction
     if not runtime.is_main:
         barrier()
         return metrics
@@ -100,8 +111,13 @@ def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     plots.per_class_bars(metrics["per_class_iou"], out_dir / "per_class.png", f"{name} on {split}: per-class IoU")
     plots.confusion(cm.numpy(), ctx.source.classes, out_dir / "confusion.png")
     rel = cal.reliability()
-    plots.reliability(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"], out_dir / "reliability.png",
-                      f"{name}: ECE {metrics['ece']:.3f}")
+    plots.reliability(
+        rel["bin_confidence"],
+        rel["bin_accuracy"],
+        rel["bin_count"],
+        out_dir / "reliability.png",
+        f"{name}: ECE {metrics['ece']:.3f}",
+    )
     if rows:
         plots.image_grid(rows, ["image", "ground truth", "prediction"], out_dir / "samples.png")
     print_table(metrics, f"{name} on {split} ({len(samples)} images)")

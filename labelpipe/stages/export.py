@@ -55,8 +55,7 @@ def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dic
     if "model" not in meta or "num_classes" not in meta:
         raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
     m = meta["model"]
-    model = build_model(meta["num_classes"], m["backbone"], m["output_stride"], tuple(m["aspp_rates"]),
-                        m["rep_dim"])
+    model = build_model(meta["num_classes"], m["backbone"], m["output_stride"], tuple(m["aspp_rates"]), m["rep_dim"])
     load_model_weights(path, model)
     return name, model.eval(), meta
 
@@ -80,8 +79,9 @@ def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
     a = torch.as_tensor(a).float().cpu()
     b = b.float().cpu()
     if a.shape != b.shape:
-        raise LabelpipeError(f"exported model gives shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}; "
-                             "report this as a bug")
+        raise LabelpipeError(
+            f"exported model gives shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}; report this as a bug"
+        )
     return float((a - b).abs().max())
 
 
@@ -102,21 +102,32 @@ def _export_torchscript(wrapper: nn.Module, tmp: Path, shapes, device: torch.dev
     return diff, "torch.jit.load"
 
 
-def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device
-                 ) -> tuple[float | None, str | None]:
+def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device) -> tuple[float | None, str | None]:
     example = torch.randn(shapes[0], device=device)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     try:
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"image": dims}, dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"image": dims},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     except ImportError as exc:
-        raise LabelpipeError(f"--format onnx needs the onnx and onnxscript packages ({exc}); "
-                             "pip install 'labelpipe[export]'") from exc
+        raise LabelpipeError(
+            f"--format onnx needs the onnx and onnxscript packages ({exc}); pip install 'labelpipe[export]'"
+        ) from exc
     try:
         import onnxruntime
     except ImportError:
-        print("export: onnxruntime is not installed; the ONNX file was NOT run to check it "
-              "(pip install onnxruntime to check)")
+        print(
+            "export: onnxruntime is not installed; the ONNX file was NOT run to check it "
+            "(pip install onnxruntime to check)"
+        )
         return None, None
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
@@ -129,8 +140,9 @@ def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device
     return diff, f"onnxruntime {onnxruntime.__version__}"
 
 
-def run_export(run_dir: Path, fmt: str, model_name: str | None, out: Path | None,
-               device: torch.device | str = "cpu") -> Path:
+def run_export(
+    run_dir: Path, fmt: str, model_name: str | None, out: Path | None, device: torch.device | str = "cpu"
+) -> Path:
     """Export the main head of a run's model; returns the written file (a JSON sits next to it)."""
     if fmt not in FORMATS:
         raise LabelpipeError(f"--format {fmt}: unknown format; use {' or '.join(FORMATS)}")
@@ -144,19 +156,43 @@ def run_export(run_dir: Path, fmt: str, model_name: str | None, out: Path | None
     with atomic_path(out) as tmp:  # checked on the temp file; a failed check leaves nothing behind
         diff, checked_with = exporter(wrapper, tmp, shapes, device)
         if diff is not None and diff > tolerance:
-            raise LabelpipeError(f"{out}: exported model differs from PyTorch by {diff:.3g} "
-                                 f"(> {tolerance:g}); not written; report this as a bug")
-    atomic_write_json(out.with_suffix(".json"), {
-        "model": name, "format": fmt, "file": out.name, "source": str(model_path(Path(run_dir), name)),
-        "architecture": meta["model"], "classes": meta.get("classes"), "num_classes": meta["num_classes"],
-        "input": {"name": "image", "shape": ["batch", 3, "height", "width"], "dtype": "float32",
-                  "normalisation": "RGB scaled to [0, 1], then (x - mean) / std per channel",
-                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "output": {"name": "logits", "shape": ["batch", "num_classes", "height", "width"],
-                   "meaning": "main-head logits at the input size; argmax over classes is the prediction"},
-        "check": {"against": "eager PyTorch", "runtime": checked_with, "device": str(device),
-                  "sample_shapes": [list(s) for s in shapes], "max_abs_diff": diff, "tolerance": tolerance},
-    })
+            raise LabelpipeError(
+                f"{out}: exported model differs from PyTorch by {diff:.3g} "
+                f"(> {tolerance:g}); not written; report this as a bug"
+            )
+    atomic_write_json(
+        out.with_suffix(".json"),
+        {
+            "model": name,
+            "format": fmt,
+            "file": out.name,
+            "source": str(model_path(Path(run_dir), name)),
+            "architecture": meta["model"],
+            "classes": meta.get("classes"),
+            "num_classes": meta["num_classes"],
+            "input": {
+                "name": "image",
+                "shape": ["batch", 3, "height", "width"],
+                "dtype": "float32",
+                "normalisation": "RGB scaled to [0, 1], then (x - mean) / std per channel",
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            "output": {
+                "name": "logits",
+                "shape": ["batch", "num_classes", "height", "width"],
+                "meaning": "main-head logits at the input size; argmax over classes is the prediction",
+            },
+            "check": {
+                "against": "eager PyTorch",
+                "runtime": checked_with,
+                "device": str(device),
+                "sample_shapes": [list(s) for s in shapes],
+                "max_abs_diff": diff,
+                "tolerance": tolerance,
+            },
+        },
+    )
     where = f"max |diff| {diff:.2g} vs PyTorch ({checked_with})" if diff is not None else "not run-checked"
     print(f"export: {fmt} of {name} -> {out} ({where})")
     return out

@@ -35,8 +35,14 @@ def iterate_predictions(
     num_workers: int = 0,
 ) -> Iterator[InferenceBatch]:
     dataset = SegmentationDataset(source, samples, require_masks=require_masks)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     was_training = model.training
     model.eval()
     try:

@@ -26,9 +26,7 @@ from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import DEFAULT_COLUMNS, PartWriter, merge_parts
 
 
-def pixel_columns(
-    main: torch.Tensor, aux: torch.Tensor, temperature: float, topk: int = 0
-) -> dict[str, torch.Tensor]:
+def pixel_columns(main: torch.Tensor, aux: torch.Tensor, temperature: float, topk: int = 0) -> dict[str, torch.Tensor]:
     """(C, H, W) main / aux logits -> the per-pixel columns as (H, W) tensors (``topk_*``: (k, H, W))."""
     logp = torch.log_softmax(main.float() / temperature, 0)
     logp_aux = torch.log_softmax(aux.float() / temperature, 0)
@@ -75,14 +73,11 @@ def calibrate(ctx: StageContext, model: torch.nn.Module, max_pixels: int = 500_0
             targets.append(mask[valid].cpu())
     if not logits:
         raise LabelpipeError(
-            f"split '{ctx.roles['val']}' has no labeled pixels to fit the temperature on; "
-            "use --temperature NUMBER"
+            f"split '{ctx.roles['val']}' has no labeled pixels to fit the temperature on; use --temperature NUMBER"
         )
     z, y = torch.cat(logits), torch.cat(targets)
     if y.numel() > max_pixels:
-        pick = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(ctx.config.seed))[
-            :max_pixels
-        ]
+        pick = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(ctx.config.seed))[:max_pixels]
         z, y = z[pick], y[pick]
     return fit_temperature(z, y)
 
@@ -123,11 +118,7 @@ def run_predict(
             print(f"predict: up to date ({store_path}); use --force to redo")
         return store_path
     previous = stage.manifest()
-    if (
-        runtime.is_main
-        and stage.path.exists()
-        and (force or (previous and previous.get("fingerprint") != fingerprint))
-    ):
+    if runtime.is_main and stage.path.exists() and (force or (previous and previous.get("fingerprint") != fingerprint)):
         shutil.rmtree(stage.path)  # other inputs: the parts on disk belong to another prediction
     barrier()
     if runtime.is_main:

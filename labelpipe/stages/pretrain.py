@@ -44,9 +44,14 @@ def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: i
 
     def batches(start: int):
         sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total, rt.rank, rt.world)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                            num_workers=num_workers(ctx.config, rt.device), pin_memory=rt.device.type == "cuda",
-                            generator=torch.Generator())  # keeps the global RNG (dropout) untouched
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=num_workers(ctx.config, rt.device),
+            pin_memory=rt.device.type == "cuda",
+            generator=torch.Generator(),
+        )  # keeps the global RNG (dropout) untouched
         return iter(loader)
 
     return batches
@@ -79,15 +84,22 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif sync_bn and rt.is_main:
         # torch's SyncBatchNorm has no CPU kernel (DDP refuses it: "only work with GPU modules").
-        print(f"note: train.sync_bn needs CUDA; on CPU each of the {rt.world} processes normalises its own "
-              "share of the batch (plain BatchNorm)")
+        print(
+            f"note: train.sync_bn needs CUDA; on CPU each of the {rt.world} processes normalises its own "
+            "share of the batch (plain BatchNorm)"
+        )
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
 def model_metadata(config: RunConfig, ctx: StageContext, stage: str) -> dict:
-    return {"stage": stage, "num_classes": ctx.source.num_classes, "classes": ctx.source.classes,
-            "model": config.model.model_dump(mode="json"), "seed": config.seed}
+    return {
+        "stage": stage,
+        "num_classes": ctx.source.num_classes,
+        "classes": ctx.source.classes,
+        "model": config.model.model_dump(mode="json"),
+        "seed": config.seed,
+    }
 
 
 def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
@@ -98,10 +110,14 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
     samples = ctx.source.split(labeled)
     stage = StageDir(run_dir / "pretrain")
     inputs = {
-        "seed": config.seed, "data": config.data.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
-        "train": cfg.model_dump(mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers",
-                                                       "val_limit", "sync_bn"}),
-        "split": labeled, "split_ids": ctx.split_ids_fingerprint(labeled),
+        "seed": config.seed,
+        "data": config.data.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json"),
+        "train": cfg.model_dump(
+            mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit", "sync_bn"}
+        ),
+        "split": labeled,
+        "split_ids": ctx.split_ids_fingerprint(labeled),
     }
     fingerprint = sha256_json(inputs)
     if not force and stage.is_up_to_date(fingerprint):
@@ -132,16 +148,27 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         loss_main = F.cross_entropy(out.main.float(), masks, ignore_index=ignore)
         loss_aux = F.cross_entropy(out.aux.float(), masks, ignore_index=ignore)
         loss = loss_main + cfg.aux_weight * loss_aux
-        return loss, {"loss_main": float(loss_main.detach()), "loss_aux": float(loss_aux.detach()),
-                      "images": images.shape[0] * runtime.world}
+        return loss, {
+            "loss_main": float(loss_main.detach()),
+            "loss_aux": float(loss_aux.detach()),
+            "images": images.shape[0] * runtime.world,
+        }
 
     try:
-        last_val = train(TrainJob(
-            stage_dir=stage.path, model=net, total_steps=cfg.steps,
-            batches=step_loader(ctx, dataset, cfg.batch_size, config.seed, cfg.steps),
-            objective=objective, cfg=cfg, runtime=runtime, fingerprint=fingerprint,
-            validate=make_validator(ctx), description="pretrain",
-        ))
+        last_val = train(
+            TrainJob(
+                stage_dir=stage.path,
+                model=net,
+                total_steps=cfg.steps,
+                batches=step_loader(ctx, dataset, cfg.batch_size, config.seed, cfg.steps),
+                objective=objective,
+                cfg=cfg,
+                runtime=runtime,
+                fingerprint=fingerprint,
+                validate=make_validator(ctx),
+                description="pretrain",
+            )
+        )
     except BaseException as exc:
         if runtime.is_main and not isinstance(exc, KeyboardInterrupt):
             stage.fail(f"{type(exc).__name__}: {exc}")

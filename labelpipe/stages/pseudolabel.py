@@ -87,9 +87,7 @@ def generate(
     )
     rng = np.random.default_rng(seed)
     wanted = tuple(
-        dict.fromkeys(
-            PASS2_KEYS[method] + tuple(c for c in ("conf", "entropy", "variance") if c in store.columns)
-        )
+        dict.fromkeys(PASS2_KEYS[method] + tuple(c for c in ("conf", "entropy", "variance") if c in store.columns))
     )
 
     def labels():
@@ -144,9 +142,7 @@ def run_pseudolabel(
         report = _label_and_report(ctx, store, stage.path, method, prior, alpha, config.seed)
     atomic_write_json(stage.path / "report.json", report)
     outputs = ["labels.h5", "report.json"] + (["export/list.txt"] if pcfg.export == "png" else [])
-    summary = {
-        k: report[k] for k in ("kept_fraction", "kl_prior_pseudo", "pseudo_miou") if report.get(k) is not None
-    }
+    summary = {k: report[k] for k in ("kept_fraction", "kl_prior_pseudo", "pseudo_miou") if report.get(k) is not None}
     stage.finish(outputs, summary)
     if not quiet:
         print_report(report, ctx.source.classes)
@@ -171,9 +167,7 @@ def _label_and_report(
     )
     # Ground truth only where every image of the store has a mask (research splits such as DigitScapes').
     has_gt = bool(by_id) and all(i in by_id and by_id[i].mask is not None for i in store.ids)
-    params, stream = generate(
-        store, method, C, prior, alpha, pcfg.tau, pcfg.alpha_t, pcfg.variance_percentile, seed
-    )
+    params, stream = generate(store, method, C, prior, alpha, pcfg.tau, pcfg.alpha_t, pcfg.variance_percentile, seed)
     quality = PseudoQualityAccumulator(C, prior)
     calib = CalibrationAccumulator()
     kept_counts = np.zeros(C, np.int64)
@@ -201,23 +195,13 @@ def _label_and_report(
                 kept_counts += np.bincount(labels[kept], minlength=C)[:C]
                 pred_counts += np.bincount(chunk["label"], minlength=C)[:C]
                 for k in hists:
-                    hists[k] += np.histogram(
-                        chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k]
-                    )[0]
+                    hists[k] += np.histogram(chunk[k].astype(np.float32), bins=HIST_BINS, range=hist_range[k])[0]
                 per_label = _split_chunk(labels, chunk["shapes"])
-                per_weight = (
-                    _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
-                )
+                per_weight = _split_chunk(weights, chunk["shapes"]) if weights is not None else [None] * len(per_label)
                 per_pred = _split_chunk(chunk["label"], chunk["shapes"])
-                per_conf = (
-                    _split_chunk(chunk["conf"], chunk["shapes"])
-                    if "conf" in chunk
-                    else [None] * len(per_label)
-                )
+                per_conf = _split_chunk(chunk["conf"], chunk["shapes"]) if "conf" in chunk else [None] * len(per_label)
                 per_var = (
-                    _split_chunk(chunk["variance"], chunk["shapes"])
-                    if "variance" in chunk
-                    else [None] * len(per_label)
+                    _split_chunk(chunk["variance"], chunk["shapes"]) if "variance" in chunk else [None] * len(per_label)
                 )
                 for image_id, lab, wt, pred, conf, var in zip(
                     chunk["ids"], per_label, per_weight, per_pred, per_conf, per_var, strict=True
@@ -234,9 +218,7 @@ def _label_and_report(
                     if has_gt:
                         gt = source.read_mask(by_id[image_id].mask)
                         if gt.shape != lab.shape:
-                            raise LabelpipeError(
-                                f"{by_id[image_id].mask}: mask size differs from the prediction's"
-                            )
+                            raise LabelpipeError(f"{by_id[image_id].mask}: mask size differs from the prediction's")
                         gt_counts += np.bincount(gt[gt != 255].ravel(), minlength=C)[:C]
                         quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
                         if gap_variance is not None:
@@ -260,9 +242,7 @@ def _label_and_report(
     finally:
         tmp.unlink(missing_ok=True)  # a failed run leaves no half-written file
     if pcfg.export == "png":
-        (export_dir / "list.txt").write_text(
-            "".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in ids_written)
-        )
+        (export_dir / "list.txt").write_text("".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in ids_written))
 
     pseudo_dist = kept_counts / max(kept_counts.sum(), 1)
     present = prior > 0

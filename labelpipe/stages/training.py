@@ -159,16 +159,29 @@ def train(job: TrainJob) -> dict[str, Any]:
         if not rt.is_main:
             return
         module = model.module if hasattr(model, "module") else model
-        save_checkpoint(ckpt_path, {
-            "fingerprint": job.fingerprint, "step": step, "model": module.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "extras": {k: v.state_dict() for k, v in job.extras.items()},
-            "rng": rng_state(), "last_val": last_val,
-        })
+        save_checkpoint(
+            ckpt_path,
+            {
+                "fingerprint": job.fingerprint,
+                "step": step,
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "extras": {k: v.state_dict() for k, v in job.extras.items()},
+                "rng": rng_state(),
+                "last_val": last_val,
+            },
+        )
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         disable=not rt.is_main,
     )
     model.train()
@@ -191,8 +204,13 @@ def train(job: TrainJob) -> dict[str, Any]:
             if done % cfg.log_every == 0 or done == job.total_steps:
                 elapsed = time.time() - t_last
                 loss_value, logs = _mean_over_ranks(loss, logs, rt.world)
-                record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                          "images_per_s": round(n_images / max(elapsed, 1e-9), 2), **logs}
+                record = {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": round(n_images / max(elapsed, 1e-9), 2),
+                    **logs,
+                }
                 t_last, n_images = time.time(), 0
                 log(record)
                 if writer is not None:

@@ -47,9 +47,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise LabelpipeError(
-            f"{path}: checkpoint is unreadable ({exc}); delete it or rerun with --force"
-        ) from exc
+        raise LabelpipeError(f"{path}: checkpoint is unreadable ({exc}); delete it or rerun with --force") from exc
 
 
 def save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:

@@ -59,12 +59,8 @@ class StageDir:
                 "status": "running",
                 "fingerprint": fingerprint,
                 "inputs": inputs,
-                "started": previous.get("started")
-                if previous.get("fingerprint") == fingerprint
-                else time.time(),
-                "attempts": previous.get("attempts", 0) + 1
-                if previous.get("fingerprint") == fingerprint
-                else 1,
+                "started": previous.get("started") if previous.get("fingerprint") == fingerprint else time.time(),
+                "attempts": previous.get("attempts", 0) + 1 if previous.get("fingerprint") == fingerprint else 1,
                 "versions": versions(),
             },
         )

@@ -71,9 +71,7 @@ def compression_options(compression: str, dtype: np.dtype) -> dict[str, Any]:
     return {**options, "shuffle": np.dtype(dtype).itemsize > 1}
 
 
-def write_image(
-    group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf"
-) -> None:
+def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray], compression: str = "lzf") -> None:
     g = group.create_group(escape_id(image_id))
     for name, array in columns.items():
         dtype = COLUMN_DTYPES.get(name, array.dtype)
@@ -94,9 +92,7 @@ class PartWriter:
     (renamed into place) only once complete; ``done_ids()`` lists what earlier attempts finished.
     """
 
-    def __init__(
-        self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf"
-    ) -> None:
+    def __init__(self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf") -> None:
         compression_options(compression, np.float16)  # fail here, not in the writer thread
         self.dir, self.rank, self.per_part, self.compression = parts_dir, rank, images_per_part, compression
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +173,7 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
     if missing:
         where_parts = part_files[0].parent if part_files else out.parent
         raise LabelpipeError(
-            f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); "
-            "rerun predict to finish them"
+            f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); rerun predict to finish them"
         )
     handles = {p: h5py.File(p, "r") for p in part_files}
     try:
@@ -212,9 +207,7 @@ class PredictionStore:
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise LabelpipeError(
-                f"{self.path}: not a readable HDF5 store ({exc}); rerun predict with --force"
-            ) from exc
+            raise LabelpipeError(f"{self.path}: not a readable HDF5 store ({exc}); rerun predict with --force") from exc
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
         self.ids = [s.decode() if isinstance(s, bytes) else s for s in self.file["index/ids"][()]]
         self.columns = list(self.attrs.get("columns", []))
@@ -243,13 +236,9 @@ class PredictionStore:
         return {name: grp[name][()] for name in (grp if columns is None else columns)}
 
     def shapes(self) -> list[tuple[int, int]]:
-        return list(
-            zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist(), strict=True)
-        )
+        return list(zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist(), strict=True))
 
-    def iter_chunks(
-        self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64
-    ) -> Iterator[dict]:
+    def iter_chunks(self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64) -> Iterator[dict]:
         """Yields ``{"ids": [...], "shapes": [...], column: flat concatenated array, ...}``."""
         columns = columns or tuple(c for c in self.columns if not c.startswith("topk"))
         shapes = self.shapes()

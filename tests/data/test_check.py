@@ -25,9 +25,7 @@ def make_cityscapes(root: Path) -> Path:
             for folder in (root / "leftImg8bit" / split / city, root / "gtFine" / split / city):
                 folder.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8)).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            Image.fromarray(LABEL_IDS, mode="L").save(
-                root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
-            )
+            Image.fromarray(LABEL_IDS, mode="L").save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     return root
 
 
@@ -41,9 +39,7 @@ def make_broken(root: Path) -> DatasetSource:
             Image.new("RGB", image_size).save(root / "images" / f"{name}.png")
         if mask_size is not None:
             Image.new("L", mask_size, value).save(root / "masks" / f"{name}.png")
-        return SampleRef(
-            name, root / "images" / f"{name}.png", root / "masks" / f"{name}.png" if mask else None
-        )
+        return SampleRef(name, root / "images" / f"{name}.png", root / "masks" / f"{name}.png" if mask else None)
 
     samples = [
         sample("fine"),

@@ -45,11 +45,7 @@ def test_label_ids_map_to_train_ids_and_the_rest_to_ignore():
     assert LABEL_ID_TO_TRAIN_ID[7] == 0  # road
     assert LABEL_ID_TO_TRAIN_ID[26] == 13  # car
     assert LABEL_ID_TO_TRAIN_ID[33] == 18  # bicycle
-    assert (
-        LABEL_ID_TO_TRAIN_ID[0] == 255
-        and LABEL_ID_TO_TRAIN_ID[34] == 255
-        and LABEL_ID_TO_TRAIN_ID[255] == 255
-    )
+    assert LABEL_ID_TO_TRAIN_ID[0] == 255 and LABEL_ID_TO_TRAIN_ID[34] == 255 and LABEL_ID_TO_TRAIN_ID[255] == 255
     assert sorted(int(v) for v in LABEL_ID_TO_TRAIN_ID if v != 255) == list(range(19))
     np.testing.assert_array_equal(decode_label_ids(LABEL_IDS), TRAIN_IDS)
 
@@ -124,9 +120,7 @@ def test_a_bad_line_in_a_split_list_names_the_file(tmp_path):
     root = make_cityscapes(tmp_path)
     (root / "splits" / "1_8").mkdir(parents=True)
     (root / "splits" / "1_8" / "labeled.txt").write_text("aachen_000000_000019\nulm_000000_000001\n")
-    with pytest.raises(
-        LabelpipeError, match=r"1_8/labeled\.txt: line 2: 'ulm_000000_000001' matches no image"
-    ):
+    with pytest.raises(LabelpipeError, match=r"1_8/labeled\.txt: line 2: 'ulm_000000_000001' matches no image"):
         load_cityscapes(root)
 
 
@@ -145,7 +139,5 @@ def test_a_missing_mask_is_named_when_read(tmp_path):
     root = make_cityscapes(tmp_path)
     sample = load_cityscapes(root).split("val")[0]
     sample.mask.unlink()
-    with pytest.raises(
-        LabelpipeError, match="frankfurt_000000_000294_gtFine_labelIds.png: mask file is missing"
-    ):
+    with pytest.raises(LabelpipeError, match="frankfurt_000000_000294_gtFine_labelIds.png: mask file is missing"):
         read_mask(sample.mask, 19, decode_label_ids)

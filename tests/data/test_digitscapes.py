@@ -69,9 +69,7 @@ def test_split_sizes_and_semi_supervised_partitions(tiny_root: Path) -> None:
         assert not labeled & unlabeled
         assert labeled | unlabeled == target_train
     all_ids = [
-        s.id
-        for name in ("source_train", "target_train", "target_val", "target_test")
-        for s in source.splits[name]
+        s.id for name in ("source_train", "target_train", "target_val", "target_test") for s in source.splits[name]
     ]
     assert len(all_ids) == len(set(all_ids)), "ids of the four base splits must not collide"
 

@@ -121,9 +121,7 @@ def test_missing_palette_gets_distinct_default_colours(tmp_path: Path) -> None:
         (lambda root: _edit_yaml(root, ignore_index=1), "ignore_index 1 is a class id"),
     ],
 )
-def test_each_broken_dataset_yaml_is_a_one_line_error_naming_the_file(
-    tmp_path: Path, break_it, message
-) -> None:
+def test_each_broken_dataset_yaml_is_a_one_line_error_naming_the_file(tmp_path: Path, break_it, message) -> None:
     root = _make_folder(tmp_path)
     break_it(root)
     with pytest.raises(LabelpipeError, match=message) as caught:

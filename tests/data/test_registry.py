@@ -31,9 +31,7 @@ def make_cityscapes(root: Path) -> Path:
         city = stem.split("_")[0]
         make_folders(root, [f"leftImg8bit/{split}/{city}", f"gtFine/{split}/{city}"])
         Image.new("RGB", (8, 8)).save(root / f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png")
-        Image.fromarray(CITYSCAPES_MASK, mode="L").save(
-            root / f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png"
-        )
+        Image.fromarray(CITYSCAPES_MASK, mode="L").save(root / f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png")
     return root
 
 
@@ -107,8 +105,7 @@ def test_the_folder_kind_is_loaded_by_the_folder_adapter(tmp_path):
     Image.new("L", (4, 4)).save(tmp_path / "masks" / "a.png")
     (tmp_path / "splits" / "train.txt").write_text("a\n")
     (tmp_path / "dataset.yaml").write_text(
-        "name: tiny\nclasses: [bg, fg]\n"
-        "protocols: {p: {labeled: train, unlabeled: train, val: train, test: train}}\n"
+        "name: tiny\nclasses: [bg, fg]\nprotocols: {p: {labeled: train, unlabeled: train, val: train, test: train}}\n"
     )
     source = open_dataset(tmp_path)
     assert source.name == "tiny" and [s.id for s in source.split("train")] == ["a"]

@@ -124,9 +124,7 @@ def test_resolve_reports_a_name_shared_by_two_images(tmp_path):
 
 def test_resolve_drops_entries_of_skipped_samples(tmp_path):
     path = write(tmp_path / "l.txt", "aachen_000000_000019\nbochum_000000_000313\n")
-    resolved = resolve_split_list(
-        path, ROOT, SAMPLES, suffixes=SUFFIXES, skip_ids={"aachen/aachen_000000_000019"}
-    )
+    resolved = resolve_split_list(path, ROOT, SAMPLES, suffixes=SUFFIXES, skip_ids={"aachen/aachen_000000_000019"})
     assert [s.id for s in resolved] == ["bochum/bochum_000000_000313"]
 
 

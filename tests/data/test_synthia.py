@@ -21,9 +21,7 @@ from labelpipe.errors import LabelpipeError
 def _paeth(left: np.ndarray, up: np.ndarray, up_left: np.ndarray) -> np.ndarray:
     estimate = left + up - up_left
     to_left, to_up, to_up_left = (np.abs(estimate - v) for v in (left, up, up_left))
-    return np.where(
-        (to_left <= to_up) & (to_left <= to_up_left), left, np.where(to_up <= to_up_left, up, up_left)
-    )
+    return np.where((to_left <= to_up) & (to_left <= to_up_left), left, np.where(to_up <= to_up_left, up, up_left))
 
 
 def write_png16(path: Path, array: np.ndarray) -> None:
@@ -55,10 +53,7 @@ def write_png16(path: Path, array: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(body)))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(body))) + chunk(b"IEND", b"")
     )
 
 

@@ -462,9 +462,7 @@ def random_batch(seed, num_pixels=300, num_classes=19, dim=16):
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(num_pixels, num_classes, generator=g) * 3, dim=1)
     is_labeled = torch.arange(num_pixels) < num_pixels // 2
-    labels = torch.where(
-        is_labeled, torch.randint(0, num_classes, (num_pixels,), generator=g), probs.argmax(1)
-    )
+    labels = torch.where(is_labeled, torch.randint(0, num_classes, (num_pixels,), generator=g), probs.argmax(1))
     labels[::11] = torch.where(is_labeled[::11], 255, labels[::11])
     entropy = -(probs * probs.log()).sum(1)
     reliable = entropy < entropy.quantile(0.8)

@@ -73,12 +73,8 @@ def test_hand_value_one_pixel():
 @pytest.mark.parametrize("aux_weight", [0.0, 0.5])
 def test_matches_loop(direction, mean_over, aux_weight):
     main, aux, target = random_inputs()
-    got = rectified_loss(
-        main, aux, target, kl_direction=direction, mean_over=mean_over, aux_weight=aux_weight
-    )
-    assert float(got) == pytest.approx(
-        loop_rectified(main, aux, target, direction, mean_over, aux_weight), rel=1e-5
-    )
+    got = rectified_loss(main, aux, target, kl_direction=direction, mean_over=mean_over, aux_weight=aux_weight)
+    assert float(got) == pytest.approx(loop_rectified(main, aux, target, direction, mean_over, aux_weight), rel=1e-5)
 
 
 def test_options_change_the_value():

@@ -165,8 +165,7 @@ def test_average_kept_count_over_many_seeds_matches_the_target():
         [
             np.bincount(labels[labels != 255], minlength=3)
             for labels in (
-                dars_pseudo_labels(label, conf, thresholds, ratio, np.random.default_rng(seed))
-                for seed in range(300)
+                dars_pseudo_labels(label, conf, thresholds, ratio, np.random.default_rng(seed)) for seed in range(300)
             )
         ]
     )

@@ -88,19 +88,13 @@ def test_unreliable_fraction_is_at_least_alpha_t(seed, n, alpha_t):
 @given(seed=st.integers(0, 2**31), alpha_t=st.floats(0.0, 1.0), with_mask=st.booleans())
 def test_torch_split_equals_numpy_split(seed, alpha_t, with_mask):
     entropy = random_nonnegative_float16(seed, 2 * 8 * 12).reshape(2, 8, 12)
-    valid = (
-        np.random.default_rng(seed).random(entropy.shape) < 0.8 if with_mask else np.ones(entropy.shape, bool)
-    )
+    valid = np.random.default_rng(seed).random(entropy.shape) < 0.8 if with_mask else np.ones(entropy.shape, bool)
     reliable = entropy_split_torch(
         torch.from_numpy(entropy.astype(np.float32)), alpha_t, torch.from_numpy(valid) if with_mask else None
     )
     gamma = entropy_threshold(entropy[valid], alpha_t)
     assert (
-        float(
-            entropy_threshold_torch(
-                torch.from_numpy(entropy.astype(np.float32)), alpha_t, torch.from_numpy(valid)
-            )
-        )
+        float(entropy_threshold_torch(torch.from_numpy(entropy.astype(np.float32)), alpha_t, torch.from_numpy(valid)))
         == gamma
     )
     expected = valid & ~entropy_pseudo_labels(np.zeros(entropy.shape, np.uint8), entropy, gamma)[1]

@@ -33,9 +33,7 @@ def make_chunks(seed: int, sizes: list[int], num_classes: int) -> list[dict[str,
 
 def in_memory(method, chunks, prior, rng):
     label = np.concatenate([c["label"].ravel() for c in chunks])
-    column = {
-        key: np.concatenate([c[key].ravel() for c in chunks]) for key in ("conf", "entropy", "variance")
-    }
+    column = {key: np.concatenate([c[key].ravel() for c in chunks]) for key in ("conf", "entropy", "variance")}
     num_classes = prior.size
     if method == "threshold":
         return pseudo.threshold_pseudo_labels(label, column["conf"], SETTINGS["tau"]), None

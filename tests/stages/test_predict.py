@@ -118,9 +118,7 @@ def test_columns_agree_with_the_models_logits(predicted):
     ctx, model, samples = model_and_samples(predicted)
     with PredictionStore(predicted / "predict" / "predictions.h5") as store:
         batch = next(
-            iterate_predictions(
-                model, ctx.source, samples[:3], torch.device("cpu"), ctx.config.train.crop_size, 3
-            )
+            iterate_predictions(model, ctx.source, samples[:3], torch.device("cpu"), ctx.config.train.crop_size, 3)
         )
         for image_id, main, aux in zip(batch.ids, batch.main, batch.aux, strict=True):
             expected = reference_columns(main.numpy(), aux.numpy(), 1.0)
@@ -159,9 +157,7 @@ def test_temperature_auto_records_the_fit_and_uses_it(calibrated_topk):
     from labelpipe.stages.inference_loop import iterate_predictions
 
     batch = next(
-        iterate_predictions(
-            model, ctx.source, samples[:1], torch.device("cpu"), ctx.config.train.crop_size, 1
-        )
+        iterate_predictions(model, ctx.source, samples[:1], torch.device("cpu"), ctx.config.train.crop_size, 1)
     )
     expected = reference_columns(batch.main[0].numpy(), batch.aux[0].numpy(), t)
     with PredictionStore(calibrated_topk / "predict" / "predictions.h5") as store:
@@ -169,15 +165,11 @@ def test_temperature_auto_records_the_fit_and_uses_it(calibrated_topk):
         assert store.attrs["calibration"]["nll_after"] == summary["nll_after"]
         stored = store[samples[0].id]
         np.testing.assert_allclose(stored["conf"].astype(np.float64), expected["conf"], rtol=2e-3, atol=1e-4)
-        np.testing.assert_allclose(
-            stored["entropy"].astype(np.float64), expected["entropy"], rtol=2e-3, atol=1e-4
-        )
+        np.testing.assert_allclose(stored["entropy"].astype(np.float64), expected["entropy"], rtol=2e-3, atol=1e-4)
 
 
 def test_topk_adds_sorted_probabilities_and_classes(calibrated_topk):
-    with PredictionStore(
-        calibrated_topk / "predict" / "predictions.h5", require=("topk_prob", "topk_class")
-    ) as store:
+    with PredictionStore(calibrated_topk / "predict" / "predictions.h5", require=("topk_prob", "topk_class")) as store:
         assert store.columns[-2:] == ["topk_prob", "topk_class"]
         for image_id, (h, w) in list(zip(store.ids, store.shapes(), strict=True))[:8]:
             columns = store[image_id]

@@ -68,17 +68,11 @@ def test_killed_pretrain_resumes_to_the_same_weights(data_cache, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(cli(reference, *LONG), check=True, env=env(), capture_output=True)
 
-    proc = subprocess.Popen(
-        cli(killed, *LONG), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cli(killed, *LONG), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = killed / "pretrain" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (
-            (killed / "pretrain" / "checkpoint.pt").is_file()
-            and log.is_file()
-            and log.read_text().count("\n") >= 6
-        ):
+        if (killed / "pretrain" / "checkpoint.pt").is_file() and log.is_file() and log.read_text().count("\n") >= 6:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

@@ -93,9 +93,7 @@ def open_data(run: Path):
     from labelpipe.data import open_source
 
     data = resolve_config(run, TINY_RECIPE).data
-    source = open_source(
-        data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root()
-    )
+    source = open_source(data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root())
     return source, source.protocol(data.protocol)
 
 
@@ -230,9 +228,7 @@ def check_stage_equals_in_memory(run: Path, method: str, tau: float) -> dict:
         assert report["per_class"][name]["prior"] == pytest.approx(prior[c])
         assert "coverage" in report["per_class"][name] and "precision" in report["per_class"][name]
 
-    gt = np.concatenate(
-        [source.read_mask(s.mask).ravel() for s in source.split(open_data(run)[1]["unlabeled"])]
-    )
+    gt = np.concatenate([source.read_mask(s.mask).ravel() for s in source.split(open_data(run)[1]["unlabeled"])])
     valid = gt != 255
     ious = []
     for c in range(C):
@@ -248,9 +244,7 @@ def check_stage_equals_in_memory(run: Path, method: str, tau: float) -> dict:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_stage_labels_equal_the_in_memory_generator_on_the_predicted_store(
-    predicted, method, no_png_rendering
-):
+def test_stage_labels_equal_the_in_memory_generator_on_the_predicted_store(predicted, method, no_png_rendering):
     _, pred = concatenated(predicted / "predict" / "predictions.h5", ("conf",))
     tau = float(np.median(pred["conf"].astype(np.float32)))  # the 6-step model is never 0.9 confident
     report = check_stage_equals_in_memory(predicted, method, tau)
@@ -354,9 +348,7 @@ def fake_store(run: Path, num_classes: int, columns: tuple[str, ...]) -> None:
 
 def test_store_of_another_class_count_is_refused(data_cache, tmp_path, capsys):
     fake_store(tmp_path / "run", 5, ("label", "conf", "entropy", "variance"))
-    assert "store has 5 classes but the data set has 11" in run_expecting_error(
-        tmp_path / "run", "dars", capsys
-    )
+    assert "store has 5 classes but the data set has 11" in run_expecting_error(tmp_path / "run", "dars", capsys)
 
 
 def test_store_missing_a_column_is_refused(data_cache, tmp_path, capsys):

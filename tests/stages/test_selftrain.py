@@ -75,9 +75,7 @@ def test_two_rounds_end_to_end(run, capsys):
     # evaluate takes any round; the default is the last one
     assert run_cli(["evaluate", "--run", str(run), "--model", "round-1", "--device", "cpu"]) == 0
     assert run_cli(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
-    assert (run / "evaluate/round-1/metrics.json").is_file() and (
-        run / "evaluate/round-2/metrics.json"
-    ).is_file()
+    assert (run / "evaluate/round-1/metrics.json").is_file() and (run / "evaluate/round-2/metrics.json").is_file()
     assert run_cli(["status", str(run)]) == 0
     assert "selftrain/round-2/train" in capsys.readouterr().out
     # a second call is a no-op
@@ -159,9 +157,7 @@ def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
     shutil.copytree(pretrained_run, killed)
     subprocess.run(_cli(reference, *longer), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(
-        _cli(killed, *longer), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(_cli(killed, *longer), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     train_dir = killed / "selftrain/round-1/train"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -101,9 +101,7 @@ def test_every_compression_reads_back_exactly(tmp_path, compression):
     writer = PartWriter(tmp_path / "parts", compression=compression)
     writer.add("one", arrays)
     writer.close()
-    merge_parts(
-        sorted((tmp_path / "parts").glob("part-*.h5")), tmp_path / "p.h5", ["one"], {"num_classes": C}
-    )
+    merge_parts(sorted((tmp_path / "parts").glob("part-*.h5")), tmp_path / "p.h5", ["one"], {"num_classes": C})
     with PredictionStore(tmp_path / "p.h5") as store:
         for name, expected in arrays.items():
             np.testing.assert_array_equal(store["one"][name], expected)
