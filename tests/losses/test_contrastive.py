@@ -510,3 +510,39 @@ def test_denoising_treats_a_class_without_prototype_as_orthogonal():
     feats = torch.tensor([[-1.0, 0.0]])  # distances: 2 to class 0, sqrt 2 to class 1
     # class 2 gets the same weight as the orthogonal class 1, so p decides between them: class 1
     assert denoise_pseudo_labels(probs, feats, bank).tolist() == [1]
+
+
+def test_u2pl_fast_similarities_match_the_materialised_keys_path():
+    """The float32 bank computes similarities per class without gathering (K, M, N, D) keys; the float16
+    bank still gathers them. On the same (fp16-exact) features both must give the same loss and gradient."""
+    g = torch.Generator().manual_seed(3)
+    p, c, d = 60, 5, 8
+    student = torch.randn(p, d, generator=g).half().float()
+    teacher = torch.randn(p, d, generator=g).half().float()
+    probs = torch.softmax(3 * torch.randn(p, c, generator=g), 1)
+    labels = probs.argmax(1)
+    is_labeled = torch.arange(p) < 30
+    reliable = ~is_labeled & (torch.rand(p, generator=g) < 0.5)
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        s = student.clone().requires_grad_(True)
+        loss, _ = u2pl_contrastive(
+            s,
+            teacher,
+            probs,
+            labels,
+            is_labeled,
+            reliable,
+            memory=MemoryBank(c, d, capacity=50, dtype=dtype),
+            prototypes=PrototypeBank(c, d),
+            num_anchors=7,
+            num_negatives=5,
+            generator=torch.Generator().manual_seed(11),
+            r_l=2,
+            r_h=4,
+        )
+        loss.backward()
+        results.append((loss.detach(), s.grad.clone()))
+    assert results[0][0] > 0
+    assert torch.allclose(results[0][0], results[1][0], rtol=2e-3)
+    assert torch.allclose(results[0][1], results[1][1], rtol=2e-2, atol=1e-4)
