@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from labelpipe.losses import (
     MemoryBank,
     PrototypeBank,
-    denoise_pseudo_labels,
     masked_ce,
     rectified_loss,
     u2pl_contrastive,
@@ -47,6 +46,7 @@ from labelpipe.losses import (
 )
 from labelpipe.models import build_model
 from labelpipe.pseudo import entropy_split_torch
+from labelpipe.stages.selftrain import denoise_labels
 from labelpipe.teacher import EMATeacher
 
 NUM_CLASSES, REP_DIM, SIZE, BATCH, IGNORE = 19, 256, 257, 2, 255
@@ -64,7 +64,7 @@ BASE = [
 FULL_BACKWARD = "model backward (main, aux, rep)"
 E2E_BASE, E2E_FULL = "end-to-end: base step (CE)", "end-to-end: + all three (rectified for CE)"
 EXTRA = [
-    "denoising (rep upsample + prototypes)",
+    "denoising (at stride 4, labels upsampled)",
     "rectified loss fwd+bwd",
     "contrastive fwd+bwd",
     "  of which u2pl_contrastive call",
@@ -205,8 +205,7 @@ def online_labels(b: Bench, t_u) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def denoise(b: Bench, t_u, probs_u: torch.Tensor, y_u: torch.Tensor) -> torch.Tensor:
-    rep = F.interpolate(t_u.rep.float(), size=y_u.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.where(y_u != IGNORE, denoise_pseudo_labels(probs_u, rep, b.prototypes), y_u)
+    return denoise_labels(probs_u, t_u.rep, b.prototypes, y_u, IGNORE)  # exactly what selftrain does
 
 
 def fwd_bwd(loss_fn, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -113,6 +113,20 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
     return images, targets
 
 
+def denoise_labels(
+    probs: torch.Tensor, rep: torch.Tensor, prototypes: PrototypeBank, labels: torch.Tensor, ignore: int
+) -> torch.Tensor:
+    """U2PL+ prototypical denoising of the kept pseudo-labels (B, H, W).
+
+    Done at the representation's resolution (stride 4) and nearest-upsampled: at full resolution it
+    would upsample 256-d features (135 MB at 2 x 257 x 257) and cost ~10 % of a step.
+    """
+    small = F.interpolate(probs.float(), size=rep.shape[-2:], mode="bilinear", align_corners=False)
+    denoised = denoise_pseudo_labels(small, rep.float(), prototypes)
+    denoised = F.interpolate(denoised[:, None].float(), size=labels.shape[-2:], mode="nearest")[:, 0].long()
+    return torch.where(labels != ignore, denoised, labels)
+
+
 class RoundObjective:
     """The loss of one self-training step; the stateful parts are exposed for checkpoints."""
 
@@ -164,13 +178,7 @@ class RoundObjective:
                 reliable = entropy_split_torch(entropy, alpha_t)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
             if st.denoise:
-                # At the representation's resolution (stride 4), then nearest-upsampled: denoising at
-                # full resolution would upsample 256-d features (135 MB at 2 x 257 x 257).
-                rep = t_u.rep.float()
-                small = F.interpolate(probs_u, size=rep.shape[-2:], mode="bilinear", align_corners=False)
-                denoised = denoise_pseudo_labels(small, rep, self.prototypes)
-                denoised = F.interpolate(denoised[:, None].float(), size=y_u.shape[-2:], mode="nearest")[:, 0].long()
-                y_u = torch.where(y_u != ignore, denoised, y_u)
+                y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, ignore)
 
         if st.strong_aug:
             mixed = [y_u] + ([w_u] if w_u is not None else [])
