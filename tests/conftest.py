@@ -53,3 +53,13 @@ def pretrained_run(data_cache, tmp_path_factory) -> Path:
     except SystemExit as exc:  # pragma: no cover - typer exits 0 on success
         assert exc.code in (0, None)
     return run
+
+
+def run_cli(args: list[str]) -> int:
+    """Run ``labelpipe ARGS`` in-process; returns the exit status (0 when the command returns)."""
+    from labelpipe.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+        raise SystemExit(0)
+    return info.value.code

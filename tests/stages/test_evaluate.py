@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 
-from labelpipe.cli import main
 from labelpipe.inference import predict_logits
 from labelpipe.models import build_model
-
-
-def run_cli(args):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-        raise SystemExit(0)
-    return info.value.code
+from tests.conftest import run_cli
 
 
 def test_evaluate_writes_metrics_and_plots(pretrained_run, tmp_path, capsys):

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from labelpipe.cli import main
-from tests.conftest import TINY_RECIPE
-
-
-def run_cli(args):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-        raise SystemExit(0)
-    return info.value.code
+from tests.conftest import TINY_RECIPE, run_cli
 
 
 def test_run_recipe_prints_before_and_after(data_cache, tmp_path, capsys):

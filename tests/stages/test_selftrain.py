@@ -14,17 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from labelpipe.cli import main
-from tests.conftest import REPO, TINY_RECIPE
+from tests.conftest import REPO, TINY_RECIPE, run_cli
 
 EVERYTHING = ["--loss", "sce", "--contrastive", "--denoise", "--strong-aug"]
-
-
-def run_cli(args):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-        raise SystemExit(0)
-    return info.value.code
 
 
 @pytest.fixture()
