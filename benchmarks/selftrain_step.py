@@ -46,7 +46,7 @@ from labelpipe.losses import (
 )
 from labelpipe.models import build_model
 from labelpipe.pseudo import entropy_split_torch
-from labelpipe.stages.selftrain import denoise_labels
+from labelpipe.stages.selftrain import contrastive_pixels, denoise_labels
 from labelpipe.teacher import EMATeacher
 
 NUM_CLASSES, REP_DIM, SIZE, BATCH, IGNORE = 19, 256, 257, 2, 255
@@ -111,32 +111,14 @@ class Timer:
 
 def contrastive_term(rep, t_l, t_u, y_l, y_u, memory, prototypes, generator):
     """``RoundObjective.contrastive``: labels and teacher probabilities at rep size, then U2PL+."""
-    size = rep.shape[-2:]
-    t_rep = torch.cat([t_l.rep, t_u.rep]).float()
-    t_probs = torch.softmax(
-        F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False), 1
-    )
-    labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    is_labeled = torch.zeros_like(labels, dtype=torch.bool)
-    is_labeled[:BATCH] = True
-    reliable = (~is_labeled) & (labels != IGNORE)
-    labels = torch.where((~is_labeled) & (labels == IGNORE), t_probs.argmax(1), labels)
-    valid = is_labeled & (labels != IGNORE) | ~is_labeled
-    d = rep.shape[1]
     return u2pl_contrastive(
-        rep.permute(0, 2, 3, 1).reshape(-1, d),
-        t_rep.permute(0, 2, 3, 1).reshape(-1, d),
-        t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]),
-        labels.reshape(-1),
-        is_labeled.reshape(-1),
-        reliable.reshape(-1),
-        memory,
-        prototypes,
+        **contrastive_pixels(rep, t_l, t_u, y_l, y_u, IGNORE),  # exactly what selftrain does
+        memory=memory,
+        prototypes=prototypes,
         num_anchors=ANCHORS,
         num_negatives=NEGATIVES,
         temperature=TEMPERATURE,
         generator=generator,
-        valid=valid.reshape(-1),
         ignore_index=IGNORE,
     )
 

@@ -127,6 +127,36 @@ def denoise_labels(
     return torch.where(labels != ignore, denoised, labels)
 
 
+def contrastive_pixels(rep: torch.Tensor, t_l, t_u, y_l: torch.Tensor, y_u: torch.Tensor, ignore: int) -> dict:
+    """The flattened per-pixel inputs of :func:`u2pl_contrastive` for a labeled + unlabeled batch.
+
+    ``rep`` (B_l + B_u, D, h, w) student representation; ``t_l`` / ``t_u`` the teacher's outputs;
+    ``y_l`` ground truth and ``y_u`` pseudo-labels (255 = unreliable), downsampled to (h, w) by nearest.
+    Unreliable unlabeled pixels take the teacher's argmax as their "label" (only their rank of each
+    class matters for the negatives rule).
+    """
+    size, b = rep.shape[-2:], y_l.shape[0]
+    t_rep = torch.cat([t_l.rep, t_u.rep]).float()
+    logits = F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False)
+    t_probs = torch.softmax(logits, 1)
+    labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    is_labeled = torch.zeros_like(labels, dtype=torch.bool)
+    is_labeled[:b] = True
+    reliable = (~is_labeled) & (labels != ignore)
+    labels = torch.where((~is_labeled) & (labels == ignore), t_probs.argmax(1), labels)
+    valid = is_labeled & (labels != ignore) | ~is_labeled
+    d, c = rep.shape[1], t_probs.shape[1]
+    return {
+        "student_feats": rep.permute(0, 2, 3, 1).reshape(-1, d),
+        "teacher_feats": t_rep.permute(0, 2, 3, 1).reshape(-1, d),
+        "teacher_probs": t_probs.permute(0, 2, 3, 1).reshape(-1, c),
+        "labels": labels.reshape(-1),
+        "is_labeled": is_labeled.reshape(-1),
+        "reliable": reliable.reshape(-1),
+        "valid": valid.reshape(-1),
+    }
+
+
 class RoundObjective:
     """The loss of one self-training step; the stateful parts are exposed for checkpoints."""
 
@@ -225,34 +255,14 @@ class RoundObjective:
     def contrastive(self, rep: torch.Tensor, t_out, y_l, y_u, b: int, gen: torch.Generator):
         """U2PL+ contrastive term on the representation map (labels downsampled by nearest)."""
         t_l, t_u = t_out
-        size = rep.shape[-2:]
-        t_rep = torch.cat([t_l.rep, t_u.rep]).float()
-        t_probs = torch.softmax(
-            F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False),
-            1,
-        )
-        labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        is_labeled = torch.zeros_like(labels, dtype=torch.bool)
-        is_labeled[:b] = True
-        reliable = (~is_labeled) & (labels != self.ignore)
-        # Unreliable: unlabeled pixels without a pseudo-label; their "label" is the teacher's argmax.
-        labels = torch.where((~is_labeled) & (labels == self.ignore), t_probs.argmax(1), labels)
-        valid = is_labeled & (labels != self.ignore) | ~is_labeled
-        d = rep.shape[1]
         return u2pl_contrastive(
-            rep.permute(0, 2, 3, 1).reshape(-1, d),
-            t_rep.permute(0, 2, 3, 1).reshape(-1, d),
-            t_probs.permute(0, 2, 3, 1).reshape(-1, t_probs.shape[1]),
-            labels.reshape(-1),
-            is_labeled.reshape(-1),
-            reliable.reshape(-1),
-            self.memory,
-            self.prototypes,
+            **contrastive_pixels(rep, t_l, t_u, y_l, y_u, self.ignore),
+            memory=self.memory,
+            prototypes=self.prototypes,
             num_anchors=self.st.contrastive_anchors,
             num_negatives=self.st.contrastive_negatives,
             temperature=self.st.contrastive_temperature,
             generator=gen,
-            valid=valid.reshape(-1),
             ignore_index=self.ignore,
             gather=all_gather_rows if self.ctx.runtime.distributed else None,
         )
