@@ -15,11 +15,9 @@ Sizes come from the PNG headers (``Image.open(...).size`` reads no pixels), so t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from labelpipe.data.base import IGNORE_INDEX, DatasetSource, SampleRef
@@ -32,15 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class ScannedSource(DatasetSource):
-    """A :class:`DatasetSource` with two extras the base class does not have (yet).
-
-    ``problems``: one line per pair skipped while loading, naming the file (``check_dataset``
-    reports them). ``read_raw_mask``: reads a mask file into the array ``decode_mask`` expects, for
-    files plain PIL misreads (SYNTHIA's 16-bit labels); None means PIL.
-    """
-
-    problems: list[str] = field(default_factory=list)
-    read_raw_mask: Callable[[Path], np.ndarray] | None = None
+    """A :class:`DatasetSource` built from a scan of image/label pairs; ``problems`` lists the skipped ones."""
 
     @property
     def skipped(self) -> int:

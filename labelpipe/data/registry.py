@@ -112,9 +112,8 @@ def class_lookup(from_classes: list[str], to_classes: list[str]) -> np.ndarray:
 
 def read_decoded_mask(source: DatasetSource, path: Path) -> np.ndarray:
     """(H, W) class ids of one mask of ``source``: its raw reader (PIL when none), then its decoder."""
-    reader = getattr(source, "read_raw_mask", None)
-    if reader is not None:
-        raw = reader(path)
+    if source.read_raw_mask is not None:
+        raw = source.read_raw_mask(path)
     else:
         with Image.open(path) as im:
             raw = np.asarray(im)

@@ -13,7 +13,7 @@ therefore lets PIL's decoder unfilter the rows as usual and unpacks the samples 
 high and once for the low bytes (the little-endian unpacker applied to big-endian data), which gives
 the exact 16-bit first channel. OpenCV is used instead only if that ever fails and ``cv2`` is installed.
 
-Masks are read through ``source.read_raw_mask`` (see :class:`labelpipe.data.gta5.ScannedSource`):
+Masks are read through ``source.read_raw_mask`` (see :class:`labelpipe.data.base.DatasetSource`):
 the shared ``read_mask`` of ``labelpipe.data.base`` reads with plain PIL, which cannot read these
 files; until it takes the reader, :func:`decode_synthia_labels` refuses PIL's 8-bit squeeze with
 a clear error rather than returning an all-ignore mask.
