@@ -39,6 +39,27 @@ def labelpipe(*args: str) -> None:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
 
 
+def share_round1_predict(run: Path) -> None:
+    """Round 1 predicts with the pretrained model in every configuration: copy a sibling's finished store.
+
+    The predict stage's fingerprint covers the weights, split and options, not the run directory, so the copy
+    is taken as up to date and skipped; a copy from a different model would simply be recomputed.
+    """
+    target = run / "selftrain" / "round-1" / "predict"
+    if (target / "manifest.json").exists():
+        return
+    for sibling in sorted(run.parent.iterdir()):
+        source = sibling / "selftrain" / "round-1" / "predict"
+        manifest = source / "manifest.json"
+        if sibling != run and manifest.exists() and json.loads(manifest.read_text()).get("status") == "done":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name("predict.copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            tmp.rename(target)
+            return
+
+
 def metrics(run: Path, model: str) -> dict:
     return json.loads((run / "evaluate" / model / "metrics.json").read_text())
 
@@ -78,6 +99,7 @@ def main() -> None:
                 if not run.exists():
                     shutil.copytree(base, run, ignore=shutil.ignore_patterns("evaluate", "checkpoint.pt"))
                     shutil.copy2(base / "pretrain" / "checkpoint.pt", run / "pretrain" / "checkpoint.pt")
+                share_round1_predict(run)
                 extra = ["--steps", str(args.round_steps)] if args.round_steps else []
                 t0 = time.time()
                 labelpipe("selftrain", "--run", str(run), "--rounds", "2", *common, *CONFIGS[name], *extra)
