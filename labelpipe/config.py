@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,6 +73,28 @@ class TrainConfig(Section):
     val_limit: int | None = None  # validate on the first N val images (None: all)
     num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
     log_every: int = 10
+    # torch.compile the training model ("off", or a mode: default, reduce-overhead, max-autotune). Pays off
+    # on a GPU in long runs; compiling takes ~1 min. The backend is torch's (inductor; eager for a quick check).
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile_backend: str = "inductor"
+
+    # How the run goes, not what it computes: changing these resumes a run instead of restarting it.
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {
+            "checkpoint_every",
+            "val_every",
+            "log_every",
+            "num_workers",
+            "val_limit",
+            "sync_bn",
+            "compile",
+            "compile_backend",
+        }
+    )
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that define the trained weights (what a stage's fingerprint hashes)."""
+        return self.model_dump(mode="json", exclude=set(self.EXECUTION_ONLY))
 
 
 class PredictConfig(Section):

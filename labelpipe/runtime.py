@@ -58,6 +58,21 @@ def setup(device: str) -> Runtime:
     return Runtime(device=dev, rank=rank, world=world)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under ``torch.compile`` and DDP wrappers (in any nesting): what to save and load.
+
+    ``torch.compile`` keeps the module as ``_orig_mod`` and DDP as ``module``; their own ``state_dict``
+    prefixes every key with that name, which a plain model could not load.
+    """
+    while True:
+        if isinstance(model, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

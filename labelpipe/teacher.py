@@ -14,10 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside DataParallel / DistributedDataParallel wrappers."""
-    return module.module if isinstance(module, nn.DataParallel | nn.parallel.DistributedDataParallel) else module
+from labelpipe.runtime import unwrap
 
 
 class EMATeacher:
@@ -27,7 +24,7 @@ class EMATeacher:
         if not 0.0 <= max_momentum <= 1.0:
             raise ValueError(f"max_momentum must lie in [0, 1], got {max_momentum}")
         self.max_momentum = max_momentum
-        self.model = copy.deepcopy(_unwrap(student))
+        self.model = copy.deepcopy(unwrap(student))
         self.model.eval()
         self.model.requires_grad_(False)
 
@@ -38,7 +35,7 @@ class EMATeacher:
     def update(self, student: nn.Module, step: int) -> float:
         """EMA the parameters towards ``student`` and copy its buffers; returns the momentum used."""
         m = self.momentum(step)
-        student = _unwrap(student)
+        student = unwrap(student)
         student_params = dict(student.named_parameters())
         for name, teacher_param in self.model.named_parameters():
             source = student_params[name].detach()

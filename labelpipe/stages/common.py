@@ -105,7 +105,10 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
             ctx.source.num_classes, m["backbone"], m["output_stride"], tuple(m["aspp_rates"]), m["rep_dim"]
         )
     load_model_weights(path, model)
-    return name, model.to(ctx.runtime.device).eval(), path
+    model.to(ctx.runtime.device).eval()
+    if ctx.runtime.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # NHWC convolution kernels, as in training
+    return name, model, path
 
 
 def class_prior(ctx: StageContext, split: str) -> np.ndarray:

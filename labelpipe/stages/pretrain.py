@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from labelpipe.config import RunConfig
+from labelpipe.config import RunConfig, TrainConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, StepBatchSampler, collate
 from labelpipe.data.transforms import weak_transform
 from labelpipe.errors import LabelpipeError
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
-from labelpipe.runtime import Runtime, barrier, seed_everything
+from labelpipe.runtime import Runtime, barrier, seed_everything, unwrap
 from labelpipe.stages.common import StageContext, class_prior, model_from_config, open_context
 from labelpipe.stages.evaluate import measure
 from labelpipe.stages.training import TrainJob, train
@@ -64,7 +64,7 @@ def make_validator(ctx: StageContext):
         samples = samples[: cfg.val_limit]
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
-        module = model.module if hasattr(model, "module") else model
+        module = unwrap(model)
         cm, cal, _ = measure(ctx, module, samples, ctx.config.evaluate.batch_size)
         conf = cm.numpy()
         return {"miou": mean_iou(iou_per_class(conf)), "pixel_accuracy": pixel_accuracy(conf), "ece": cal.ece()}
@@ -92,6 +92,25 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
+def for_training(model: torch.nn.Module, rt: Runtime, cfg: TrainConfig) -> torch.nn.Module:
+    """The module the training loop calls; ``model`` (moved to the device) stays the plain module to save.
+
+    On CUDA the weights go channels_last (convolutions run NHWC kernels; inputs follow the weights), under
+    torchrun the model is wrapped in DDP, and with ``train.compile`` the whole (DDP) module is compiled,
+    which lets DDP's optimizer split the graph at its gradient buckets.
+    """
+    model.to(rt.device)
+    if rt.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = wrap_ddp(model, rt, cfg.sync_bn)
+    if cfg.compile != "off":
+        if cfg.compile_backend == "inductor":
+            net = torch.compile(net, mode=cfg.compile)
+        else:  # modes are inductor's
+            net = torch.compile(net, backend=cfg.compile_backend)
+    return net
+
+
 def model_metadata(config: RunConfig, ctx: StageContext, stage: str) -> dict:
     return {
         "stage": stage,
@@ -113,9 +132,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         "seed": config.seed,
         "data": config.data.model_dump(mode="json"),
         "model": config.model.model_dump(mode="json"),
-        "train": cfg.model_dump(
-            mode="json", exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit", "sync_bn"}
-        ),
+        "train": cfg.fingerprint_fields(),
         "split": labeled,
         "split_ids": ctx.split_ids_fingerprint(labeled),
     }
@@ -134,10 +151,8 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         stage.begin("pretrain", fingerprint, inputs)
 
     seed_everything(config.seed)
-    model = model_from_config(config, ctx.source.num_classes).to(runtime.device)
-    if runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = wrap_ddp(model, runtime, cfg.sync_bn)
+    model = model_from_config(config, ctx.source.num_classes)
+    net = for_training(model, runtime, cfg)
     dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
     ignore = ctx.source.ignore_index
 

@@ -49,7 +49,7 @@ from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.common import StageContext, class_prior, model_path, open_context
 from labelpipe.stages.predict import run_predict
-from labelpipe.stages.pretrain import make_validator, model_metadata, step_loader, wrap_ddp
+from labelpipe.stages.pretrain import for_training, make_validator, model_metadata, step_loader
 from labelpipe.stages.pseudolabel import run_pseudolabel
 from labelpipe.stages.training import TrainJob, train
 from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
@@ -289,10 +289,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         "labels": sha256_file(labels_path),
         "selftrain": st.model_dump(mode="json", exclude={"rounds"}),
         "seed": config.seed,
-        "train": cfg.model_dump(
-            mode="json",
-            exclude={"checkpoint_every", "val_every", "log_every", "num_workers", "val_limit", "sync_bn"},
-        ),
+        "train": cfg.fingerprint_fields(),
     }
     fingerprint = sha256_json(inputs)
     if out.is_up_to_date(fingerprint):
@@ -307,8 +304,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
 
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)
-    model.to(rt.device)
-    net = wrap_ddp(model, rt, cfg.sync_bn)
+    net = for_training(model, rt, cfg)
     teacher = (
         EMATeacher(model, st.ema_momentum).to(rt.device)
         if (st.pseudo_source == "teacher" or st.contrastive or st.denoise)

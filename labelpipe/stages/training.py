@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labelpipe.config import TrainConfig
-from labelpipe.runtime import Runtime, all_reduce_sum
+from labelpipe.runtime import Runtime, all_reduce_sum, unwrap
 from labelpipe.stages.common import autocast
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -35,7 +35,7 @@ class Stateful(Protocol):
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with the backbone at ``lr`` and the decoder and heads at ``decoder_lr_mult * lr``."""
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap(model)
     backbone, head = module.parameter_groups()
     groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.decoder_lr_mult}]
     if cfg.optimizer == "adamw":
@@ -131,7 +131,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     start, last_val = 0, {}
     state = load_checkpoint(ckpt_path)
     if state is not None and state.get("fingerprint") == job.fingerprint:
-        module = model.module if hasattr(model, "module") else model
+        module = unwrap(model)
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -158,7 +158,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         if not rt.is_main:
             return
-        module = model.module if hasattr(model, "module") else model
+        module = unwrap(model)
         save_checkpoint(
             ckpt_path,
             {
