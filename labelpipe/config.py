@@ -65,6 +65,10 @@ class TrainConfig(Section):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    # Poly horizon: training may stop before the schedule reaches zero (the rectification authors schedule
+    # 100k steps and keep the 25k snapshot). None: the steps trained.
+    schedule_steps: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0.1 lr to lr, then poly
     aux_weight: float = 0.4
     amp: bool = True  # CUDA only; CPU always trains in float32
     sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (CPU: per rank)
@@ -92,9 +96,16 @@ class TrainConfig(Section):
         }
     )
 
+    # Settings added after runs existed: hashed only when set, so a new labelpipe keeps old runs up to date.
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"schedule_steps": None, "warmup_steps": 0}
+
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that define the trained weights (what a stage's fingerprint hashes)."""
-        return self.model_dump(mode="json", exclude=set(self.EXECUTION_ONLY))
+        fields = self.model_dump(mode="json", exclude=set(self.EXECUTION_ONLY))
+        for name, default in self.HASHED_WHEN_SET.items():
+            if fields.get(name) == default:
+                del fields[name]
+        return fields
 
 
 class PredictConfig(Section):

@@ -23,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labelpipe.config import TrainConfig
+from labelpipe.errors import LabelpipeError
 from labelpipe.runtime import Runtime, all_reduce_sum, unwrap
 from labelpipe.stages.common import autocast
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -43,9 +44,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr = lr_0 (1 - it / total) ** power`` (ALGORITHMS.md section 4)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total) ** power)
+def lr_factor(it: int, total: int, power: float, warmup: int = 0, warmup_start: float = 0.1) -> float:
+    """Poly decay ``(1 - it / total) ** power`` (ALGORITHMS.md section 4), after an optional linear warm-up
+    from ``warmup_start`` to 1 over the first ``warmup`` steps (the rectification authors' schedule)."""
+    if it < warmup:
+        return warmup_start + (1.0 - warmup_start) * it / warmup
+    return max(0.0, 1 - it / total) ** power
+
+
+def poly_schedule(
+    optimizer: torch.optim.Optimizer, total: int, power: float, warmup: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr = lr_0 * lr_factor(it)``; ``total`` is the poly horizon (``train.schedule_steps``, default the steps)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, power, warmup))
 
 
 @dataclass
@@ -124,7 +135,13 @@ def train(job: TrainJob) -> dict[str, Any]:
     cfg, rt, model = job.cfg, job.runtime, job.model
     ckpt_path = job.stage_dir / "checkpoint.pt"
     optimizer = build_optimizer(model, cfg)
-    scheduler = poly_schedule(optimizer, job.total_steps, cfg.poly_power)
+    horizon = cfg.schedule_steps or job.total_steps
+    if horizon < job.total_steps:
+        raise LabelpipeError(
+            f"train.schedule_steps={horizon} is shorter than the {job.total_steps} steps to train: the poly "
+            "schedule would reach zero first; raise it or leave it unset (= the steps)"
+        )
+    scheduler = poly_schedule(optimizer, horizon, cfg.poly_power, cfg.warmup_steps)
     use_amp = cfg.amp and rt.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
 
