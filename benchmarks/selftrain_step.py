@@ -16,10 +16,12 @@ Teacher logits are sharpened towards a synthetic ground truth (untimed) so that 
 negatives exist as in a trained model: a randomly initialised teacher is near-uniform, which
 leaves no anchor above p > 0.3 and makes the contrastive loss free.
 
-Overhead = contrastive (fwd + bwd, its labels / probabilities at rep size, memory push + sample,
-prototype update, and the rep head's backward) + rectified (fwd + bwd) + denoising, as a % of a
-step that already has the teacher forward (teacher, online labels, student fwd + bwd, CE losses,
-SGD, EMA). With ``--rectified`` the rectified loss *replaces* the unlabeled CE; both views are printed.
+Overhead = the representation heads (teacher's and student's forwards, the student's backward: only
+the contrastive loss and denoising read them, and selftrain skips them otherwise) + contrastive (fwd +
+bwd, its labels / probabilities at rep size, memory push + sample, prototype update) + rectified (fwd +
+bwd) + denoising, as a % of a step that already has the teacher forward (teacher, online labels,
+student fwd + bwd, CE losses, SGD, EMA). With ``--rectified`` the rectified loss *replaces* the unlabeled
+CE; both views are printed.
 
     python benchmarks/selftrain_step.py [--runs 5] [--threads 2] [--backbone resnet18 --output-stride 16]
 """
@@ -64,12 +66,14 @@ BASE = [
 FULL_BACKWARD = "model backward (main, aux, rep)"
 E2E_BASE, E2E_FULL = "end-to-end: base step (CE)", "end-to-end: + all three (rectified for CE)"
 EXTRA = [
+    "rep head forwards (teacher no-grad, student)",
     "denoising (at stride 4, labels upsampled)",
     "rectified loss fwd+bwd",
     "contrastive fwd+bwd",
     "  of which u2pl_contrastive call",
     "rep head backward (contrastive grad)",
 ]
+REP_FWD, DENOISE, RECTIFIED, CONTRASTIVE, CONTRASTIVE_CALL, REP_BWD = EXTRA
 
 
 def block_labels(generator: torch.Generator, block: int = 32) -> torch.Tensor:
@@ -137,6 +141,8 @@ class Bench:
     x_u: torch.Tensor
     y_l: torch.Tensor
     truth_u: torch.Tensor  # synthetic truth of the unlabeled images, only to sharpen the teacher
+    teacher_maps: Decoded
+    student_maps: Decoded
     noise: torch.Generator
 
 
@@ -157,10 +163,11 @@ def make_bench(device: torch.device, args: argparse.Namespace) -> Bench:
     for c in range(NUM_CLASSES):  # steady state: full queues
         memory.push(c, fill)
     data = torch.Generator().manual_seed(0)
+    teacher = EMATeacher(student, 0.99).to(device)
     return Bench(
         device=device,
         student=student,
-        teacher=EMATeacher(student, 0.99).to(device),
+        teacher=teacher,
         optimizer=optimizer,
         memory=memory,
         prototypes=PrototypeBank(NUM_CLASSES, REP_DIM, momentum=0.999, device=device),
@@ -169,11 +176,13 @@ def make_bench(device: torch.device, args: argparse.Namespace) -> Bench:
         y_l=block_labels(data).to(device),
         truth_u=block_labels(data).to(device),
         noise=data,
+        teacher_maps=Decoded(teacher.model),
+        student_maps=Decoded(student),
     )
 
 
-def teacher_outputs(b: Bench):
-    t_l, t_u = b.teacher(b.x_l), b.teacher(b.x_u)
+def teacher_outputs(b: Bench, with_rep: bool = True):
+    t_l, t_u = b.teacher(b.x_l, with_rep=with_rep), b.teacher(b.x_u, with_rep=with_rep)
     t_l = t_l._replace(main=sharpen(t_l.main, b.y_l, b.noise))
     return t_l, t_u._replace(main=sharpen(t_u.main, b.truth_u, b.noise))
 
@@ -194,13 +203,39 @@ def fwd_bwd(loss_fn, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(loss_fn(), leaves)
 
 
+class Decoded:
+    """Keeps the decoder maps (``fuse`` outputs) a model's forwards produce, for its representation head."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.maps: list[torch.Tensor] = []
+        model.fuse.register_forward_hook(lambda _module, _inputs, output: self.maps.append(output))
+
+    def take(self) -> list[torch.Tensor]:
+        maps, self.maps = self.maps, []
+        return maps
+
+
 def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
-    """One step, each piece timed on its own (losses on detached copies of the student's outputs)."""
+    """One step, each piece timed on its own (losses on detached copies of the student's outputs).
+
+    The base step runs the models without their representation heads, as selftrain does when neither
+    the contrastive loss nor denoising reads them; the heads' forwards are timed as an extra.
+    """
     gen = torch.Generator(device=b.device).manual_seed(step)
-    t_l, t_u = timer(BASE[0], lambda: teacher_outputs(b))
+    b.teacher_maps.take(), b.student_maps.take()
+    t_l, t_u = timer(BASE[0], lambda: teacher_outputs(b, with_rep=False))
     probs_u, y_u = timer(BASE[1], lambda: online_labels(b, t_u))
-    y_u = timer(EXTRA[0], lambda: denoise(b, t_u, probs_u, y_u))
-    out = timer(BASE[2], lambda: b.student(torch.cat([b.x_l, b.x_u])))
+    out = timer(BASE[2], lambda: b.student(torch.cat([b.x_l, b.x_u]), with_rep=False))
+
+    def rep_forwards():
+        with torch.no_grad():
+            t_reps = [b.teacher.model.representation(d) for d in b.teacher_maps.take()]
+        return t_reps, b.student.representation(b.student_maps.take()[0])
+
+    (t_rep_l, t_rep_u), student_rep = timer(REP_FWD, rep_forwards)
+    t_l, t_u = t_l._replace(rep=t_rep_l), t_u._replace(rep=t_rep_u)
+    out = out._replace(rep=student_rep)
+    y_u = timer(DENOISE, lambda: denoise(b, t_u, probs_u, y_u))
     main = out.main.detach().float().requires_grad_(True)
     aux = out.aux.detach().float().requires_grad_(True)
     rep = out.rep.detach().requires_grad_(True)
@@ -218,14 +253,16 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
         return rectified_loss(main[BATCH:], aux[BATCH:], y_u, ignore_index=IGNORE)
 
     def contrastive() -> tuple[torch.Tensor]:
-        loss, stats = timer(EXTRA[3], lambda: contrastive_term(rep, t_l, t_u, b.y_l, y_u, b.memory, b.prototypes, gen))
+        loss, stats = timer(
+            CONTRASTIVE_CALL, lambda: contrastive_term(rep, t_l, t_u, b.y_l, y_u, b.memory, b.prototypes, gen)
+        )
         shapes["contrastive classes"] = stats["classes"]
         return torch.autograd.grad(0.1 * loss, [rep])
 
     g_sup = timer(BASE[3], lambda: fwd_bwd(supervised, [main, aux]))
     (g_unsup,) = timer(BASE[4], lambda: fwd_bwd(unsupervised, [main]))
-    g_rect = timer(EXTRA[1], lambda: fwd_bwd(rectified, [main, aux]))
-    (g_rep,) = timer(EXTRA[2], contrastive)
+    g_rect = timer(RECTIFIED, lambda: fwd_bwd(rectified, [main, aux]))
+    (g_rep,) = timer(CONTRASTIVE, contrastive)
     outputs = [out.main, out.aux, out.rep]
     grads = [g_sup[0] + g_unsup + g_rect[0], g_sup[1] + g_rect[1], g_rep]
     timer(BASE[5], lambda: torch.autograd.backward(outputs[:2], grads[:2], retain_graph=True))
@@ -239,11 +276,11 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
 def whole_step(b: Bench, step: int, extras: bool) -> None:
     """RoundObjective with --pseudo-source teacher (and --denoise --rectified --contrastive), one backward."""
     gen = torch.Generator(device=b.device).manual_seed(step)
-    t_l, t_u = teacher_outputs(b)
+    t_l, t_u = teacher_outputs(b, with_rep=extras)
     probs_u, y_u = online_labels(b, t_u)
     if extras:
         y_u = denoise(b, t_u, probs_u, y_u)
-    out = b.student(torch.cat([b.x_l, b.x_u]))
+    out = b.student(torch.cat([b.x_l, b.x_u]), with_rep=extras)
     main_l, main_u = out.main[:BATCH].float(), out.main[BATCH:].float()
     loss = F.cross_entropy(main_l, b.y_l, ignore_index=IGNORE) + AUX_WEIGHT * F.cross_entropy(
         out.aux[:BATCH].float(), b.y_l, ignore_index=IGNORE
@@ -272,9 +309,9 @@ def run(device: torch.device, args: argparse.Namespace) -> tuple[Timer, dict]:
 def report(timer: Timer, name: str, shapes: dict, args: argparse.Namespace) -> None:
     m = timer.median
     rep_backward = max(0.0, m(FULL_BACKWARD) - m(BASE[5]))
-    timer.times[EXTRA[4]] = [rep_backward]
+    timer.times[REP_BWD] = [rep_backward]
     base = sum(m(k) for k in BASE)
-    extra = m(EXTRA[0]) + m(EXTRA[1]) + m(EXTRA[2]) + rep_backward
+    extra = m(REP_FWD) + m(DENOISE) + m(RECTIFIED) + m(CONTRASTIVE) + rep_backward
     print(
         f"\n{name}: student {args.backbone} OS{args.output_stride}, input {BATCH}+{BATCH} x {SIZE}x{SIZE}, "
         f"main {shapes['main']}, rep {shapes['rep']}, queue {args.capacity}/class, "

@@ -31,7 +31,7 @@ def predict_logits(
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp and images.is_cuda)
     if h <= crop and w <= crop:
         with autocast:
-            out: SegmentationOutput = model(images)
+            out: SegmentationOutput = model(images, with_rep=False)
         return out.main.float(), out.aux.float()
     stride = max(1, math.ceil(crop * (1 - overlap)))
     main = aux = None
@@ -40,7 +40,7 @@ def predict_logits(
         for left in _windows(w, crop, stride):
             tile = images[:, :, top : top + crop, left : left + crop]
             with autocast:
-                out = model(tile)
+                out = model(tile, with_rep=False)
             if main is None:
                 c = out.main.shape[1]
                 main = torch.zeros(b, c, h, w, device=images.device)

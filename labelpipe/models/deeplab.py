@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from labelpipe.models.backbones import build_backbone
 class SegmentationOutput(NamedTuple):
     main: torch.Tensor
     aux: torch.Tensor
-    rep: torch.Tensor
+    rep: torch.Tensor | None  # None when the forward was asked not to compute it
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -76,7 +77,12 @@ class DeepLabV3Plus(nn.Module):
         )
         self.representation = nn.Sequential(conv_bn_relu(decoder_channels, 256), conv_bn_relu(256, rep_dim, 1))
 
-    def forward(self, x: torch.Tensor) -> SegmentationOutput:
+    def forward(self, x: torch.Tensor, with_rep: bool = True) -> SegmentationOutput:
+        """Main and auxiliary logits at the input's size, and the representation at the decoder's stride.
+
+        ``with_rep=False`` skips the representation head (a 3x3 and a 1x1 convolution on the stride-4
+        decoder map, ~20 % of an inference forward): only the contrastive loss and denoising read it.
+        """
         size = x.shape[-2:]
         feats = self.backbone(x)
         low = self.reduce_low(feats["low"])
@@ -84,10 +90,36 @@ class DeepLabV3Plus(nn.Module):
         decoded = self.fuse(torch.cat([high, low], dim=1))
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
         aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
-        return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded))
+        return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, decoder and head parameters): the latter train at 10x the LR."""
         backbone = list(self.backbone.parameters())
         ids = {id(p) for p in backbone}
         return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+    @torch.no_grad()
+    def calibrate_representation(self, batches: Iterable[torch.Tensor]) -> bool:
+        """Running BatchNorm statistics of the representation head, when it has never been run in training.
+
+        Training without a representation loss skips the head, so its BatchNorm layers keep their initial
+        statistics (mean 0, variance 1); an eval-mode forward (the EMA teacher's) would then see
+        unnormalised features. This sets them to the plain average over ``batches`` (the rest of the
+        network in eval mode, no dropout, no random numbers drawn). Returns whether it calibrated.
+        """
+        norms = [m for m in self.representation.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or any(int(m.num_batches_tracked) > 0 for m in norms):
+            return False
+        was_training = self.training
+        self.eval()
+        self.representation.train()
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        for images in batches:
+            self.forward(images)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        self.train(was_training)
+        return True

@@ -42,7 +42,7 @@ class MainHead(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image).main
+        return self.model(image, with_rep=False).main
 
 
 def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dict[str, Any]]:

@@ -159,7 +159,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
     def objective(batch: dict, step: int):
         images = batch["image"].to(runtime.device, non_blocking=True)
         masks = batch["mask"].to(runtime.device, non_blocking=True)
-        out = net(images)
+        out = net(images, with_rep=False)  # no loss reads the representation
         loss_main = F.cross_entropy(out.main.float(), masks, ignore_index=ignore)
         loss_aux = F.cross_entropy(out.aux.float(), masks, ignore_index=ignore)
         loss = loss_main + cfg.aux_weight * loss_aux

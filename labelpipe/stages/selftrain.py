@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from labelpipe.config import RunConfig
 from labelpipe.data.base import preflight
-from labelpipe.data.dataset import SegmentationDataset, item_seed
+from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.losses import (
     MemoryBank,
@@ -198,7 +198,8 @@ class RoundObjective:
         need_teacher = self.teacher is not None and (st.pseudo_source == "teacher" or st.contrastive or st.denoise)
         t_out = None
         if need_teacher:
-            t_l, t_u = self.teacher(x_l), self.teacher(x_u_weak)
+            t_rep = st.contrastive or st.denoise
+            t_l, t_u = self.teacher(x_l, with_rep=t_rep), self.teacher(x_u_weak, with_rep=t_rep)
             t_out = (t_l, t_u)
             probs_u = torch.softmax(t_u.main.float(), 1)
             if st.pseudo_source == "teacher":
@@ -215,7 +216,7 @@ class RoundObjective:
             x_u, mixed = cutmix(x_u, mixed, gen)
             y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
 
-        out = self.net(torch.cat([x_l, x_u]))
+        out = self.net(torch.cat([x_l, x_u]), with_rep=st.contrastive)
         b = x_l.shape[0]
         main_l, main_u = out.main[:b].float(), out.main[b:].float()
         aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
@@ -275,6 +276,22 @@ def _zip_batches(a, b):
     return batches
 
 
+def calibrate_representation(ctx: StageContext, model, labeled: list, cfg, images: int = 64) -> None:
+    """BatchNorm statistics of a representation head that pretraining never ran (see the model's method):
+    from weakly augmented crops of the first labeled images, deterministic in the seed."""
+    dataset = SegmentationDataset(ctx.source, labeled, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
+    n = min(images, len(dataset))
+    keys = [(i, item_seed(ctx.config.seed, -1, i)) for i in range(n)]
+    device = ctx.runtime.device
+
+    def batches():
+        for start in range(0, n, cfg.batch_size):
+            yield collate([dataset[key] for key in keys[start : start + cfg.batch_size]])["image"].to(device)
+
+    if model.calibrate_representation(batches()) and ctx.runtime.is_main:
+        print(f"calibrated the representation head's BatchNorm statistics on {n} labeled images")
+
+
 def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, out: StageDir) -> dict:
     config, rt = ctx.config, ctx.runtime
     cfg, st = config.train, config.selftrain
@@ -305,6 +322,8 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)
     net = for_training(model, rt, cfg)
+    if st.contrastive or st.denoise:
+        calibrate_representation(ctx, model, labeled, cfg)
     teacher = (
         EMATeacher(model, st.ema_momentum).to(rt.device)
         if (st.pseudo_source == "teacher" or st.contrastive or st.denoise)

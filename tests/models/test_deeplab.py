@@ -64,3 +64,40 @@ def test_mismatched_backbone_weights_fail_with_the_file_named(tmp_path):
 def test_missing_backbone_weights_file(tmp_path):
     with pytest.raises(LabelpipeError, match="not found"):
         build_model(5, "resnet18", 16, backbone_weights=tmp_path / "nope.pth")
+
+
+def test_forward_without_the_representation_head_is_the_same_prediction():
+    torch.manual_seed(0)
+    model = build_model(5, "resnet18", 16, (1, 2, 3), 32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full, lean = model(x), model(x, with_rep=False)
+    assert lean.rep is None and full.rep.shape == (2, 32, 16, 16)
+    assert torch.equal(full.main, lean.main) and torch.equal(full.aux, lean.aux)
+
+
+def test_calibrate_representation_sets_never_run_statistics_once():
+    torch.manual_seed(0)
+    model = build_model(5, "resnet18", 16, (1, 2, 3), 32).train()
+    batches = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    with torch.no_grad():  # training without a representation loss never runs the head
+        model(batches[0], with_rep=False)
+    norm = model.representation[0][1]
+    assert int(norm.num_batches_tracked) == 0 and torch.all(norm.running_mean == 0)
+    main_stats = model.fuse[0][1].running_mean.clone()
+    assert model.calibrate_representation(iter(batches))
+    assert model.training  # mode restored
+    assert torch.equal(model.fuse[0][1].running_mean, main_stats)  # the rest of the network untouched
+    # the running mean is the plain average of the three batches' means of the conv output
+    model.eval()
+    conv = model.representation[0][0]
+    means = []
+    with torch.no_grad():
+        for x in batches:
+            feats = model.backbone(x)
+            low = model.reduce_low(feats["low"])
+            high = torch.nn.functional.interpolate(model.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear")
+            means.append(conv(model.fuse(torch.cat([high, low], 1))).mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(norm.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.1
+    assert not model.calibrate_representation(iter(batches))  # already calibrated: left alone

@@ -1,0 +1,556 @@
+"""Estimate the peak GPU memory of one training step of the stages/ recipes, without a GPU.
+
+How: the step runs under ``torch._subclasses.fake_tensor.FakeTensorMode`` (tensors carry shapes,
+dtypes and storages but no data and no compute) and is measured with
+``torch.distributed._tools.mem_tracker.MemTracker``, a TorchDispatchMode that adds up the bytes of
+every live tensor storage and records the peak. MemTracker works in fake mode for this model, so no
+own accounting was needed. The fake tensors live on the CPU: fake CUDA tensors build, but autograd's
+backward asks the (absent) CUDA driver for a device context and fails. Consequences: MemTracker's
+512-byte CUDA rounding is not applied (negligible), and bf16 runs under
+``torch.autocast("cpu", torch.bfloat16)``, not CUDA autocast (labelpipe/stages/common.py). The two
+autocast op lists differ slightly (e.g. CUDA runs softmax in fp32, CPU in bf16); for this model's
+ops (conv, batch norm, relu, pooling, interpolate, cat, cross-entropy) the dtypes agree.
+
+One step, as labelpipe's training loop runs it (labelpipe/stages/training.py ``train``): the
+objective under autocast, then ``zero_grad(set_to_none=True)``, ``backward``, ``optimizer.step``
+(the EMA teacher's update after it). A warm-up step is run first, untracked, so the measured step is a
+steady-state one: the previous step's gradients are still allocated during the forward (zero_grad
+comes after the objective), and the optimizer state exists. The optimizer is the recipe's
+(labelpipe.stages.training.build_optimizer: SGD with momentum or AdamW, two parameter groups) with
+``foreach=True``, the implementation torch picks for CUDA tensors (its list-wide temporaries, e.g. a
+full copy of the gradients for SGD's weight decay, count at the optimizer step).
+
+- pretrain (labelpipe/stages/pretrain.py): B images -> CE(main) + aux_weight * CE(aux), ignore 255.
+- selftrain (labelpipe/stages/selftrain.py, RoundObjective): the EMA teacher (a second model copy,
+  eval, no grad) on the labeled and the weak unlabeled half where the recipe uses one (online
+  pseudo-labels, contrastive or denoising); online entropy labels and prototype denoising; CutMix;
+  the student on cat(B labeled, B unlabeled); the recipe's supervised + unsupervised losses (CE / SCE
+  / rectified, the real functions); the memory bank and prototypes that RoundObjective always
+  allocates (C x memory_capacity x rep_dim fp32, whether the contrastive loss is on or not).
+  The contrastive loss (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors
+  cannot run; it is replaced by a stand-in with the sizes its tensors would have: the
+  real contrastive_pixels inputs, normalised teacher features, class ranks and the gathered negative
+  keys (assumed: 2 per labeled pixel, (min(r_h, C) - r_l) = 17 per unreliable unlabeled pixel,
+  alpha_t at its start value) and M anchors per class with gradient to the representation head.
+
+Per-GPU batch: the recipes give no GPU counts, so the table has rows for per-GPU batches 2, 4 and 8
+(``--batch N`` for others), i.e. recipe batch / that many GPUs (DDP). With more than one GPU, DDP's
+gradient buckets (one more copy of the gradients) are added as state. Selftrain uses the per-GPU
+batch for both the labeled and the unlabeled half (the student sees 2 x per-GPU batch images).
+
+Columns: "params+grads+opt" = student parameters, buffers, gradients and optimizer state;
+"other state" = EMA teacher, memory bank and prototypes, DDP buckets; "act+temp peak" = everything
+else live at the peak (activations saved for backward, the inputs, autocast's bf16 weight copies,
+loss tensors, backward / optimizer temporaries) = total peak - the two state columns.
+
+Not included (printed with the table): the CUDA context (~0.5 GiB per process), cuDNN / cuBLAS
+workspaces (algorithm-dependent, larger with cudnn.benchmark), the caching allocator's rounding and
+fragmentation (+10-20 %), NCCL buffers, data-loader pinned memory (host side anyway), validation.
+
+``--validate`` checks the estimator on a small setting (resnet18, crop 64, batch 4) against the same
+step on real CPU tensors, measured twice: by MemTracker (checks what fake mode changes) and by the CPU
+allocator's own allocation / free events from torch.profiler (independent of MemTracker).
+
+    python benchmarks/gpu_memory.py [--recipes stages/demo.yaml ...] [--batch N] [--precision fp32 bf16]
+    python benchmarks/gpu_memory.py --validate
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from labelpipe.config import DataConfig, RunConfig, resolve_config
+from labelpipe.losses import (
+    MemoryBank,
+    PrototypeBank,
+    class_ranks,
+    masked_ce,
+    rectified_loss,
+    symmetric_ce,
+    u2pl_contrastive,
+    unsupervised_ce_weight,
+)
+from labelpipe.models import build_model
+from labelpipe.pseudo import alpha_schedule, entropy_split_torch
+from labelpipe.stages.selftrain import contrastive_pixels, cutmix, denoise_labels
+from labelpipe.stages.training import build_optimizer
+from labelpipe.teacher import EMATeacher
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPES = ("cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes", "synthia_to_cityscapes", "demo")
+PER_GPU_BATCHES = (2, 4, 8)
+IGNORE = 255
+MIB, GIB = 2**20, 2**30
+# u2pl_contrastive's rank window (its defaults) and the negatives per labeled pixel assumed for a
+# trained teacher: the top r_l = 3 classes minus the label itself.
+R_L, R_H, NEGATIVES_PER_LABELED = 3, 20, 2
+NOT_INCLUDED = (
+    "Not included: CUDA context (~0.5 GiB per process), cuDNN/cuBLAS workspaces, caching-allocator rounding "
+    "and fragmentation (add 10-20 %), NCCL buffers. Plan for about total x 1.15 + 0.5 GiB per GPU."
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+
+
+def num_classes_of(data: DataConfig) -> int:
+    """Classes of the recipe's data set, from the adapters' class lists (no data needed)."""
+    if data.root is None:
+        from labelpipe.data.digitscapes import CLASSES
+    elif data.kind in ("cityscapes", "gta5"):
+        from labelpipe.data.cityscapes import CLASSES
+    elif data.kind == "voc":
+        from labelpipe.data.voc import CLASSES
+    elif data.kind == "synthia":
+        from labelpipe.data.synthia import CLASSES
+    else:
+        raise SystemExit(f"data.kind={data.kind!r}: the class count is in the data set; not supported here")
+    return len(CLASSES)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    config: RunConfig
+    num_classes: int
+
+    @property
+    def crop(self) -> int:
+        return self.config.train.crop_size or 512  # labelpipe's default: the image size, at most 512
+
+    @property
+    def uses_teacher(self) -> bool:
+        st = self.config.selftrain
+        return st.pseudo_source == "teacher" or st.contrastive or st.denoise
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in ("pretrain", "selftrain") if s in self.config.pipeline]
+
+
+def load_setting(recipe: str) -> Setting:
+    path = Path(recipe)
+    if not path.suffix:
+        path = ROOT / "stages" / f"{recipe}.yaml"
+    config = resolve_config(None, recipe=path)
+    return Setting(path.stem, config, num_classes_of(config.data))
+
+
+def small_setting(stage: str) -> Setting:
+    """The validation setting: resnet18 OS16, crop 64, 19 classes; selftrain with every teacher feature on."""
+    raw = {
+        "pipeline": ["pretrain", "selftrain"],
+        "model": {"backbone": "resnet18", "output_stride": 16, "aspp_rates": [1, 2, 3]},
+        "train": {"crop_size": 64, "batch_size": 4, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4},
+        "selftrain": {
+            "method": "entropy",
+            "loss": "sce",
+            "pseudo_source": "teacher",
+            "contrastive": True,
+            "denoise": True,
+            "memory_capacity": 2000,
+        },
+    }
+    return Setting(f"small-{stage}", RunConfig.model_validate(raw), 19)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One training step
+
+
+class NoHook:
+    """A hook handle with nothing to remove."""
+
+    def remove(self) -> None:
+        pass
+
+
+class TwoCalls(nn.Module):
+    """Calls the teacher on the labeled and the unlabeled half under one parent module (MemTracker
+    refuses a second top-level call of the same module within one tracked region)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor):
+        return self.model(a), self.model(b)
+
+
+@dataclass
+class Trainee:
+    setting: Setting
+    stage: str
+    batch: int  # per GPU
+    amp: bool
+    real_contrastive: bool  # real tensors only: u2pl_contrastive itself instead of the stand-in
+    student: nn.Module = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    teacher: EMATeacher | None = None
+    memory: MemoryBank | None = None
+    prototypes: PrototypeBank | None = None
+
+    def __post_init__(self) -> None:
+        s, m = self.setting, self.setting.config.model
+
+        def build() -> nn.Module:
+            return build_model(s.num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim)
+
+        self.student = build().train()
+        self.optimizer = build_optimizer(self.student, s.config.train)
+        for group in self.optimizer.param_groups:
+            group["foreach"] = True  # what torch uses for CUDA tensors
+        if self.stage == "selftrain":
+            st = s.config.selftrain
+            if s.uses_teacher:
+                # EMATeacher deep-copies the student, which fake tensors do not support: the same
+                # architecture built again, then its update at step 0 copies the student's weights.
+                self.teacher = EMATeacher.__new__(EMATeacher)
+                self.teacher.max_momentum = st.ema_momentum
+                self.teacher.model = build().eval().requires_grad_(False)
+                self.teacher.update(self.student, 0)
+            self.memory = MemoryBank(s.num_classes, m.rep_dim, capacity=st.memory_capacity)
+            self.prototypes = PrototypeBank(s.num_classes, m.rep_dim, momentum=st.prototype_momentum)
+
+    def other_state(self) -> list[torch.Tensor]:
+        tensors = []
+        if self.teacher is not None:
+            tensors += [*self.teacher.model.parameters(), *self.teacher.model.buffers()]
+        if self.memory is not None:
+            tensors += [self.memory.feats, self.memory.ptr, self.memory.count]
+            tensors += [self.prototypes.prototypes, self.prototypes.seen]
+        return tensors
+
+    def student_state(self) -> list[torch.Tensor]:
+        tensors = [*self.student.parameters(), *self.student.buffers()]
+        tensors += [p.grad for p in self.student.parameters() if p.grad is not None]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def grad_bytes(self) -> int:
+        return sum(nbytes(p) for p in self.student.parameters() if p.requires_grad)
+
+    # -- objectives: a function of one step, returning the loss; its locals die when it returns,
+    #    as in labelpipe (the batch's device copies included).
+
+    def pretrain_loss(self, step: int) -> torch.Tensor:
+        s, b = self.setting, self.batch
+        x = torch.randn(b, 3, s.crop, s.crop)
+        y = torch.randint(0, s.num_classes, (b, s.crop, s.crop))
+        out = self.student(x)
+        loss_main = F.cross_entropy(out.main.float(), y, ignore_index=IGNORE)
+        loss_aux = F.cross_entropy(out.aux.float(), y, ignore_index=IGNORE)
+        return loss_main + s.config.train.aux_weight * loss_aux
+
+    def selftrain_loss(self, step: int) -> torch.Tensor:
+        s, b, c = self.setting, self.batch, self.setting.num_classes
+        st, cfg = s.config.selftrain, s.config.train
+        gen = torch.Generator().manual_seed(step)
+        x_l = torch.randn(b, 3, s.crop, s.crop)
+        y_l = torch.randint(0, c, (b, s.crop, s.crop))
+        x_u = torch.randn(b, 3, s.crop, s.crop)
+        x_u_weak = torch.randn(b, 3, s.crop, s.crop) if self.teacher is not None and st.strong_aug else x_u
+        y_u = torch.randint(0, c, (b, s.crop, s.crop))
+        w_u = torch.rand(b, s.crop, s.crop) if st.method == "variance" else None  # stored variance weights
+
+        t_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_l, t_u = TwoCalls(self.teacher.model)(x_l, x_u_weak)
+            t_out = (t_l, t_u)
+            probs_u = torch.softmax(t_u.main.float(), 1)
+            if st.pseudo_source == "teacher":
+                alpha_t = alpha_schedule(s.config.pseudolabel.alpha_t, 0, st.steps or cfg.steps)
+                entropy = -(probs_u * torch.log(probs_u.clamp_min(1e-12))).sum(1)
+                reliable = entropy_split_torch(entropy, alpha_t)
+                y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, IGNORE))
+            if st.denoise:
+                y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, IGNORE)
+
+        if st.strong_aug:
+            mixed = [y_u] + ([w_u] if w_u is not None else [])
+            x_u, mixed = cutmix(x_u, mixed, gen)
+            y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
+
+        out = self.student(torch.cat([x_l, x_u]))
+        main_l, main_u = out.main[:b].float(), out.main[b:].float()
+        aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
+        sup = F.cross_entropy(main_l, y_l, ignore_index=IGNORE) + cfg.aux_weight * F.cross_entropy(
+            aux_l, y_l, ignore_index=IGNORE
+        )
+        if st.rectified:
+            unsup = rectified_loss(
+                main_u,
+                aux_u,
+                y_u,
+                ignore_index=IGNORE,
+                kl_direction=st.rectified_kl_direction,
+                mean_over=st.rectified_mean_over,
+                aux_weight=st.rectified_aux_weight,
+            )
+        else:
+            lam = unsupervised_ce_weight(y_u, st.unsup_weight, IGNORE)
+            if st.loss == "sce":
+                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], IGNORE)
+            else:
+                unsup = lam * masked_ce(main_u, y_u, IGNORE, weight=w_u)
+        loss = sup + unsup
+        if st.contrastive and t_out is not None:
+            pixels = contrastive_pixels(out.rep, t_out[0], t_out[1], y_l, y_u, IGNORE)
+            loss = loss + st.lambda_contrastive * self.contrastive(pixels, gen)
+        return loss
+
+    def contrastive(self, pixels: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        st = self.setting.config.selftrain
+        if self.real_contrastive:
+            loss, _ = u2pl_contrastive(
+                **pixels,
+                memory=self.memory,
+                prototypes=self.prototypes,
+                num_anchors=st.contrastive_anchors,
+                num_negatives=st.contrastive_negatives,
+                temperature=st.contrastive_temperature,
+                generator=gen,
+                ignore_index=IGNORE,
+            )
+            return loss
+        # Stand-in with the sizes of u2pl_contrastive's tensors (its nonzero / sampling steps have
+        # data-dependent shapes), held until it returns as its locals are. Only the anchors carry a gradient.
+        feats, probs = pixels["student_feats"], pixels["teacher_probs"].float()
+        p, c = probs.shape
+        rank = class_ranks(probs)
+        negatives = ((rank >= R_L) & (rank < min(R_H, c))).T  # (C, P) bool, as negative_masks returns it
+        n_labeled = p // 2
+        n_unreliable = int((p - n_labeled) * self.setting.config.pseudolabel.alpha_t)
+        rows = n_labeled * NEGATIVES_PER_LABELED + n_unreliable * (min(R_H, c) - R_L)
+        neg_class, neg_pixel = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        neg_feats = F.normalize(pixels["teacher_feats"].float(), dim=1).new_empty(rows, feats.shape[1])
+        anchors = torch.randint(0, p, (c, st.contrastive_anchors), generator=gen)
+        anchor_feats = F.normalize(feats[anchors].float(), dim=-1)
+        negative_sim = torch.randn(c, st.contrastive_anchors, st.contrastive_negatives)
+        loss = (anchor_feats.sum(-1, keepdim=True) + negative_sim).logsumexp(-1).mean()
+        del negatives, neg_class, neg_pixel, neg_feats  # (kept alive up to here)
+        return loss
+
+    def step(self, step: int) -> None:
+        objective = self.pretrain_loss if self.stage == "pretrain" else self.selftrain_loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+            loss = objective(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.teacher is not None:
+            self.teacher.update(self.student, step)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def total_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[id(t.untyped_storage())] = nbytes(t)
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Estimate:
+    student_state: int  # bytes
+    other_state: int
+    peak: int  # total, other_state included
+    seconds: float
+
+    @property
+    def act(self) -> int:
+        return self.peak - self.student_state - self.other_state
+
+
+def measure(
+    setting: Setting, stage: str, batch: int, amp: bool, fake: bool = True, world: int = 1, tracker: bool = True
+) -> Estimate:
+    """Peak memory of one steady-state step; ``fake=False`` runs it on real CPU tensors.
+
+    ``tracker=False`` (real tensors only) measures with the CPU allocator's events instead of MemTracker.
+    """
+    t0 = time.perf_counter()
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        torch.manual_seed(0)
+        trainee = Trainee(setting, stage, batch, amp, real_contrastive=not fake)
+        if tracker:
+            trainee.step(0)  # warm-up: gradients and optimizer state exist from here on
+            mt = MemTracker()
+            mt.track_external(trainee.student, trainee.optimizer, *trainee.other_state())
+            if trainee.teacher is not None:
+                # MemTracker hooks the gradient of every parameter of a module run inside it, and
+                # register_hook refuses the frozen teacher's: mark those as hooked already.
+                for param in trainee.teacher.model.parameters():
+                    mt._param_to_grad_hook_handles[param] = (NoHook(), NoHook())
+            with mt:
+                trainee.step(1)
+            peak = sum(snap["Total"] for snap in mt.get_tracker_snapshot("peak").values())
+        else:
+            peak = allocator_peak(trainee)
+        student, other = total_bytes(trainee.student_state()), total_bytes(trainee.other_state())
+        ddp = trainee.grad_bytes() if world > 1 else 0
+    return Estimate(student, other + ddp, peak + ddp, time.perf_counter() - t0)
+
+
+def allocator_peak(trainee: Trainee) -> int:
+    """Peak live bytes of the second of two steps, from torch.profiler's CPU allocation / free events.
+
+    Both steps are profiled, so every block freed in the second step (the first step's gradients) was
+    allocated under the profiler and its free carries a size. Tensors from before the profiler (the
+    weights, teacher and banks) are added from their sizes.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    before = total_bytes(trainee.student_state() + trainee.other_state())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainee.step(0)
+        with record_function("measured step"):
+            trainee.step(1)
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == "measured step")
+    current = peak = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if e.start_ns() > window.end_ns():
+            break
+        current += e.nbytes()
+        if e.start_ns() >= window.start_ns():
+            peak = max(peak, current)
+    return before + peak
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def run_table(recipes: list[str], batches: list[int] | None, precisions: list[str]) -> None:
+    long_rows, pivot, columns = [], {}, set()
+    started = time.perf_counter()
+    for recipe in recipes:
+        setting = load_setting(recipe)
+        m, global_batch = setting.config.model, setting.config.train.batch_size
+        per_gpu = batches or [b for b in PER_GPU_BATCHES if b <= global_batch] or [global_batch]
+        for stage in setting.stages:
+            for precision in precisions:
+                for b in per_gpu:
+                    world = max(1, global_batch // b)
+                    est = measure(setting, stage, b, amp=precision == "bf16", world=world)
+                    teacher = " +teacher" if stage == "selftrain" and setting.uses_teacher else ""
+                    long_rows.append(
+                        [
+                            setting.name,
+                            stage + teacher,
+                            precision,
+                            m.backbone,
+                            str(m.output_stride),
+                            str(setting.crop),
+                            f"{b} (x{world})",
+                            f"{est.student_state / MIB:,.0f}",
+                            f"{est.other_state / MIB:,.0f}",
+                            f"{est.act / MIB:,.0f}",
+                            f"{est.peak / GIB:.2f}",
+                        ]
+                    )
+                    pivot.setdefault((setting.name, stage + teacher, precision), {})[b] = est.peak / GIB
+                    columns.add(b)
+                    print(
+                        f"  {setting.name} {stage} {precision} b={b}: {est.peak / GIB:.2f} GiB ({est.seconds:.1f} s)",
+                        flush=True,
+                    )
+    headers = [
+        "recipe",
+        "stage",
+        "precision",
+        "backbone",
+        "OS",
+        "crop",
+        "per-GPU batch (GPUs)",
+        "params+grads+opt MiB",
+        "other state MiB",
+        "act+temp peak MiB",
+        "total peak GiB",
+    ]
+    print()
+    print(markdown(headers, long_rows))
+    print()
+    cols = sorted(columns)
+    print("Total peak GiB by per-GPU batch:")
+    print()
+    rows = [[*key, *(f"{v[b]:.2f}" if b in v else "-" for b in cols)] for key, v in pivot.items()]
+    print(markdown(["recipe", "stage", "precision", *(f"b={b}" for b in cols)], rows))
+    print()
+    print(NOT_INCLUDED)
+    print(f"(estimated in {time.perf_counter() - started:.0f} s)")
+
+
+def run_validation() -> None:
+    print("Validation: resnet18 OS16, crop 64, 19 classes, per-GPU batch 4, one steady-state step on the CPU.")
+    print("fake = the estimator; real/MemTracker = same step, real tensors; real/allocator = torch.profiler events.")
+    print()
+    rows = []
+    for stage, precision in (("pretrain", "fp32"), ("pretrain", "bf16"), ("selftrain", "fp32")):
+        setting = small_setting(stage)
+        amp = precision == "bf16"
+        fake = measure(setting, stage, 4, amp)
+        real = measure(setting, stage, 4, amp, fake=False)
+        alloc = measure(setting, stage, 4, amp, fake=False, tracker=False)
+        state = (fake.student_state + fake.other_state) / MIB
+        rows.append(
+            [
+                f"{stage} {precision}",
+                f"{state:.1f}",
+                f"{fake.peak / MIB:.1f}",
+                f"{real.peak / MIB:.1f}",
+                f"{alloc.peak / MIB:.1f}",
+                f"{100 * (fake.peak / alloc.peak - 1):+.1f} %",
+            ]
+        )
+    headers = ["step", "state MiB", "fake MiB", "real/MemTracker MiB", "real/allocator MiB", "fake vs allocator"]
+    print(markdown(headers, rows))
+    print()
+    print(
+        "selftrain: real runs u2pl_contrastive itself (random weights), fake its stand-in; the allocator also "
+        "sees oneDNN's scratch buffers, which stand in for cuDNN workspaces."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), help="names in stages/ or paths")
+    parser.add_argument("--batch", type=int, nargs="+", help="per-GPU batch sizes (default: 2 4 8, <= recipe batch)")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--validate", action="store_true", help="compare with real CPU measurements and exit")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.validate:
+        run_validation()
+    else:
+        run_table(args.recipes, args.batch, args.precision)
+
+
+if __name__ == "__main__":
+    main()
