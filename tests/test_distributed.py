@@ -111,7 +111,7 @@ def worker(out_dir: Path, run_dir: Path) -> None:
         return torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2, 32, 32), generator=g)
 
     def sgd_step(net: torch.nn.Module, params, x: torch.Tensor, y: torch.Tensor) -> None:
-        out = net(x)  # a NamedTuple; its ``rep`` takes no part in the loss (find_unused_parameters)
+        out = net(x, with_rep=False)  # as pretrain: the representation head is frozen and skipped
         loss = F.cross_entropy(out.main, y) + 0.4 * F.cross_entropy(out.aux, y)
         loss.backward()
         torch.optim.SGD(params, lr=0.5).step()
@@ -120,6 +120,7 @@ def worker(out_dir: Path, run_dir: Path) -> None:
     model = build_model(5, "resnet18", 16, (1, 2, 3), 16).eval()
     reference = build_model(5, "resnet18", 16, (1, 2, 3), 16).eval()
     reference.load_state_dict(model.state_dict())
+    model.representation.requires_grad_(False)
     sgd_step(pretrain.wrap_ddp(model, rt, sync_bn=False), model.parameters(), *batch(r))
     (x0, y0), (x1, y1) = batch(0), batch(1)
     sgd_step(reference, reference.parameters(), torch.cat([x0, x1]), torch.cat([y0, y1]))
@@ -263,3 +264,22 @@ def test_predict_on_two_ranks_joins_shards_into_the_one_process_store(pretrained
 
 if __name__ == "__main__":
     worker(*(Path(a) for a in sys.argv[1:] if a != "--"))
+
+
+def test_selftrain_on_two_ranks_with_every_loss(pretrained_run, data_cache, tmp_path):
+    """A round under DDP with the contrastive (memory bank fed from both ranks), rectified and denoising
+    terms, and one without the representation head (frozen): DDP runs without searching for unused
+    parameters, so a head that took no part in the loss would stop it here."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
+    log = torchrun(
+        tiny("selftrain", run, "--rounds", "1", "--contrastive", "--rectified", "--denoise", "--loss", "sce"),
+        data_cache,
+        timeout=240,
+    )
+    assert "find_unused_parameters" not in log
+    records = [json.loads(line) for line in (run / "selftrain" / "round-1" / "train" / "log.jsonl").open()]
+    assert any("loss_contrastive" in r for r in records), records[:2]
+    assert (run / "selftrain" / "round-1" / "train" / "model.safetensors").is_file()
+    torchrun(tiny("selftrain", run, "--rounds", "1", "--no-contrastive", "--force"), data_cache, timeout=240)
+    assert (run / "selftrain" / "round-1" / "train" / "model.safetensors").is_file()

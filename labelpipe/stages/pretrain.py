@@ -75,8 +75,9 @@ def make_validator(ctx: StageContext):
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch.nn.Module:
     """DDP under torchrun (``model`` itself otherwise); BatchNorm becomes SyncBatchNorm when asked, on CUDA.
 
-    The BatchNorm layers are converted in place, so ``model`` stays the module to save. Unused
-    parameters are expected: pretrain's loss does not touch the representation head.
+    The BatchNorm layers are converted in place, so ``model`` stays the module to save. Every
+    parameter that requires grad must take part in the loss (heads no loss reads are frozen by
+    :func:`for_training`), so DDP need not search the graph for unused ones at every step.
     """
     if not rt.distributed:
         return model
@@ -89,17 +90,21 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch
             "share of the batch (plain BatchNorm)"
         )
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 
-def for_training(model: torch.nn.Module, rt: Runtime, cfg: TrainConfig) -> torch.nn.Module:
+def for_training(model: torch.nn.Module, rt: Runtime, cfg: TrainConfig, uses_rep: bool) -> torch.nn.Module:
     """The module the training loop calls; ``model`` (moved to the device) stays the plain module to save.
+
+    ``uses_rep``: whether a loss reads the representation head; when none does, the head is frozen
+    (its forward is skipped, see ``DeepLabV3Plus.forward``), which keeps DDP's gradient buckets exact.
 
     On CUDA the weights go channels_last (convolutions run NHWC kernels; inputs follow the weights), under
     torchrun the model is wrapped in DDP, and with ``train.compile`` the whole (DDP) module is compiled,
     which lets DDP's optimizer split the graph at its gradient buckets.
     """
     model.to(rt.device)
+    model.representation.requires_grad_(uses_rep)
     if rt.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     net = wrap_ddp(model, rt, cfg.sync_bn)
@@ -152,7 +157,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
 
     seed_everything(config.seed)
     model = model_from_config(config, ctx.source.num_classes)
-    net = for_training(model, runtime, cfg)
+    net = for_training(model, runtime, cfg, uses_rep=False)
     dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
     ignore = ctx.source.ignore_index
 

@@ -321,7 +321,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
 
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)
-    net = for_training(model, rt, cfg)
+    net = for_training(model, rt, cfg, uses_rep=st.contrastive)
     if st.contrastive or st.denoise:
         calibrate_representation(ctx, model, labeled, cfg)
     teacher = (
