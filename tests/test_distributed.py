@@ -283,3 +283,17 @@ def test_selftrain_on_two_ranks_with_every_loss(pretrained_run, data_cache, tmp_
     assert (run / "selftrain" / "round-1" / "train" / "model.safetensors").is_file()
     torchrun(tiny("selftrain", run, "--rounds", "1", "--no-contrastive", "--force"), data_cache, timeout=240)
     assert (run / "selftrain" / "round-1" / "train" / "model.safetensors").is_file()
+
+
+def test_temperature_fit_on_two_ranks_equals_one_process(pretrained_run, data_cache, tmp_path):
+    """--temperature auto: each rank infers half of the val images, the sampled pixels are gathered in image
+    order, and both ranks fit the T of one process."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
+    manifest = run / "predict" / "manifest.json"
+    labelpipe(tiny("predict", run, "--temperature", "auto"))
+    single = json.loads(manifest.read_text())["summary"]
+    torchrun(tiny("predict", run, "--temperature", "auto", "--force"), data_cache)
+    double = json.loads(manifest.read_text())["summary"]
+    assert double["temperature"] == pytest.approx(single["temperature"], rel=1e-5)
+    assert double["nll_before"] == pytest.approx(single["nll_before"], rel=1e-5)

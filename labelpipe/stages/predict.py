@@ -17,8 +17,9 @@ import torch
 from labelpipe import __version__
 from labelpipe.calibration import fit_temperature
 from labelpipe.config import RunConfig
+from labelpipe.data.dataset import item_seed
 from labelpipe.errors import LabelpipeError
-from labelpipe.runtime import Runtime, barrier
+from labelpipe.runtime import Runtime, all_gather_rows, barrier
 from labelpipe.stages.common import StageContext, load_trained_model, open_context
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import sha256_file, sha256_json
@@ -55,31 +56,44 @@ def _to_numpy(columns: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def calibrate(ctx: StageContext, model: torch.nn.Module, max_pixels: int = 500_000) -> dict:
-    """Fit T on the labeled validation pixels (a seeded subsample of at most ``max_pixels``)."""
+    """Fit T on labeled validation pixels: at most ``max_pixels / len(val)`` of each image, drawn by a
+    generator seeded by (seed, image), so memory stays bounded on Cityscapes-sized splits.
+
+    Under torchrun each rank infers its share of the images; the pixels are gathered in image order, so
+    every rank fits the same T as one process would.
+    """
     samples = ctx.source.split(ctx.roles["val"])
-    logits, targets = [], []
+    rt, ignore = ctx.runtime, ctx.source.ignore_index
+    per_image = max(1, max_pixels // max(1, len(samples)))
+    mine = list(range(rt.rank, len(samples), rt.world))
+    logits = [torch.zeros(0, ctx.source.num_classes)]
+    targets, images = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for batch in iterate_predictions(
         model,
         ctx.source,
-        samples,
-        ctx.runtime.device,
+        [samples[i] for i in mine],
+        rt.device,
         ctx.config.train.crop_size,
         ctx.config.predict.batch_size,
         require_masks=True,
     ):
-        for mask, main in zip(batch.masks, batch.main, strict=True):
-            valid = mask != ctx.source.ignore_index
-            logits.append(main.permute(1, 2, 0)[valid].cpu())
-            targets.append(mask[valid].cpu())
-    if not logits:
+        for local, mask, main in zip(batch.indices, batch.masks, batch.main, strict=True):
+            index = mine[local]
+            pick = (mask.flatten() != ignore).nonzero()[:, 0]
+            if pick.numel() > per_image:
+                draw = torch.Generator().manual_seed(item_seed(ctx.config.seed, 0, index))
+                pick = pick[torch.randperm(pick.numel(), generator=draw)[:per_image].to(pick.device)]
+            logits.append(main.flatten(1).T[pick].cpu())
+            targets.append(mask.flatten()[pick].cpu())
+            images.append(torch.full((pick.numel(),), index, dtype=torch.long))
+    z, y = all_gather_rows(torch.cat(logits)), all_gather_rows(torch.cat(targets))
+    image = all_gather_rows(torch.cat(images))
+    if y.numel() == 0:
         raise LabelpipeError(
             f"split '{ctx.roles['val']}' has no labeled pixels to fit the temperature on; use --temperature NUMBER"
         )
-    z, y = torch.cat(logits), torch.cat(targets)
-    if y.numel() > max_pixels:
-        pick = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(ctx.config.seed))[:max_pixels]
-        z, y = z[pick], y[pick]
-    return fit_temperature(z, y)
+    order = torch.argsort(image, stable=True)  # image order, whichever rank inferred the image
+    return fit_temperature(z[order], y[order])
 
 
 def run_predict(
