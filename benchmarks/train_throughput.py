@@ -57,6 +57,7 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
     """(train images/s, inference images/s) of one model on ``device``."""
     torch.manual_seed(0)
     model = build_model(NUM_CLASSES, backbone, stride, rates).to(device)
+    model.representation.requires_grad_(False)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     backbone_params, head_params = model.parameter_groups()
@@ -71,7 +72,7 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
 
     def train_step() -> None:
         with autocast(device):
-            out = model(images)
+            out = model(images, with_rep=False)  # as pretrain: no loss reads the representation head
             loss = F.cross_entropy(out.main.float(), labels)
             loss = loss + AUX_WEIGHT * F.cross_entropy(out.aux.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -85,7 +86,7 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
 
     def infer_step() -> None:
         with torch.no_grad(), autocast(device):
-            model(batch)
+            model(batch, with_rep=False)  # as predict / evaluate
 
     model.eval()
     infer_s = median_seconds(infer_step, device, warmup, steps)
