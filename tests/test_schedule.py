@@ -42,21 +42,9 @@ def test_new_schedule_settings_enter_the_fingerprint_only_when_set():
     assert TrainConfig(schedule_steps=5000).fingerprint_fields() != plain
 
 
-def test_a_horizon_shorter_than_training_is_refused(data_cache, tmp_path):
+def test_a_horizon_shorter_than_training_is_refused(data_cache, tmp_path, capsys):
     from tests.conftest import TINY_RECIPE, run_cli
 
-    run = tmp_path / "run"
-    code = run_cli(
-        [
-            "pretrain",
-            "--config",
-            str(TINY_RECIPE),
-            "--run",
-            str(run),
-            "--device",
-            "cpu",
-            "--set",
-            "train.schedule_steps=3",
-        ]
-    )
-    assert code == 2
+    tiny = ["--config", str(TINY_RECIPE), "--run", str(tmp_path / "run"), "--device", "cpu"]
+    assert run_cli(["pretrain", *tiny, "--set", "train.schedule_steps=3"]) == 2
+    assert "train.schedule_steps=3" in capsys.readouterr().err
