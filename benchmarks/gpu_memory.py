@@ -5,9 +5,9 @@ dtypes and storages but no data and no compute) and is measured with
 ``torch.distributed._tools.mem_tracker.MemTracker``, a TorchDispatchMode that adds up the bytes of
 every live tensor storage and records the peak. MemTracker works in fake mode for this model, so the
 fallback (own accounting) was not needed. Two adjustments: ``PeakTracker`` skips MemTracker's
-per-module peak snapshots (unused here, 4-5x faster, same totals), and the frozen EMA teacher's
-parameters are pre-marked as hooked (MemTracker registers a gradient hook on every parameter of a
-module it sees run, which torch refuses for parameters without requires_grad).
+per-module peak snapshots (unused here, 4-5x faster, same totals), and frozen parameters (the EMA
+teacher's, an unread representation head's) are pre-marked as hooked: MemTracker registers a
+gradient hook on every parameter of a module it sees run, which torch refuses without requires_grad.
 
 The fake tensors live on the CPU: fake CUDA tensors build, but autograd's backward asks the (absent)
 CUDA driver for a device context and fails. Consequences: MemTracker's 512-byte CUDA rounding is not
@@ -26,19 +26,22 @@ comes after the objective) and the optimizer state exists. The optimizer is the 
 ``foreach=True``, the implementation torch picks for CUDA tensors (its list-wide temporaries, e.g. a
 full copy of the gradients for SGD's weight decay, count at the optimizer step).
 
-- pretrain (labelpipe/stages/pretrain.py): B images -> CE(main) + aux_weight * CE(aux), ignore 255.
+- pretrain (labelpipe/stages/pretrain.py): B images -> CE(main) + aux_weight * CE(aux), ignore 255;
+  no representation head (``with_rep=False``, frozen).
 - selftrain (labelpipe/stages/selftrain.py, RoundObjective.__call__, followed line by line): the EMA
   teacher (a second model copy, eval, no grad) on the labeled and the weak unlabeled half where the
   recipe uses one (online pseudo-labels, contrastive or denoising), its online entropy labels and
-  prototype denoising; CutMix; the student on cat(B labeled, B unlabeled); the recipe's supervised
-  and unsupervised losses (CE / SCE / rectified: the real functions, so their memory is included);
-  stored variance weights where the method stores them; the memory bank and prototypes that
-  RoundObjective allocates whether the contrastive loss is on or not (C x memory_capacity x rep_dim
-  fp32: 557 MiB for 19 classes). The contrastive loss itself (u2pl_contrastive) has data-dependent
-  shapes (nonzero), which fake tensors cannot run; a stand-in allocates what it would hold at once:
-  the real contrastive_pixels inputs, class ranks, the negatives mask, the gathered negative keys
-  (assumed 2 per labeled pixel and min(r_h, C) - r_l = 17 per unreliable unlabeled pixel, alpha_t at
-  its start value) and M anchors for every class, with gradient to the representation head.
+  prototype denoising; CutMix; the student on cat(B labeled, B unlabeled); representation heads as
+  RoundObjective asks (the student's only with the contrastive loss, the teacher's with contrastive
+  or denoising); the recipe's supervised and unsupervised losses (CE / SCE / rectified: the real
+  functions, so their memory is included); stored variance weights where the method stores them;
+  the memory bank and prototypes that RoundObjective allocates whether the contrastive loss is on
+  or not (C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes). The contrastive loss itself
+  (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors cannot run; a stand-in
+  allocates what it would hold at once: the real contrastive_pixels inputs, class ranks, the
+  negatives mask, the gathered negative keys (assumed 2 per labeled pixel and min(r_h, C) - r_l = 17
+  per unreliable unlabeled pixel, alpha_t at its start value) and M anchors for every class, with
+  gradient to the representation head.
 
 Per-GPU batch: the recipes give no GPU counts, so there are rows for per-GPU batches 2, 4 and 8 below
 the recipe batch (recipe batch / that many GPUs under torchrun + DDP) and for the recipe batch on one
@@ -51,19 +54,18 @@ Columns: "params+grads+opt" = student parameters, buffers, gradients and optimiz
 else live at the peak (activations saved for backward, the batch, autocast's cached bf16 weight
 copies, loss tensors, backward / optimizer temporaries) = total peak - the two state columns.
 
-Known tracker artifact: MemTracker's module hooks keep the outputs of a head that gets no gradient
-(the representation head in pretrain, and in selftrain without the contrastive loss) alive until
-the step ends, where labelpipe frees them when the objective returns. This only shows when the peak
-comes after the forward (the optimizer step, at tiny sizes: +3 MiB in ``--validate``); at the
-recipes' sizes the peak is at the end of the forward, where those tensors are live anyway.
+MemTracker's module hooks would keep the outputs of a module that no loss reads alive until the step
+ends (labelpipe frees them when the objective returns); no such module runs here: the
+representation head runs only where a loss reads it (``with_rep``) and is frozen otherwise, as in
+labelpipe.stages.pretrain.for_training.
 
 Not included (printed with the table): the CUDA context (~0.5 GiB per process), cuDNN / cuBLAS
 workspaces (algorithm-dependent, larger with cudnn.benchmark), the caching allocator's rounding and
 fragmentation (+10-20 %), NCCL buffers, torch.compile, validation passes.
 
-``--validate`` checks the estimator on a small setting (resnet18 OS16, crop 64, 19 classes, batch 4)
+``--validate`` checks the estimator on small settings (resnet18 OS16, crop 64 and 128, 19 classes, batch 4)
 against the same step on real CPU tensors, measured twice: by MemTracker (shows what fake mode
-changes: nothing beyond the artifact above) and by the CPU allocator's own allocation / free events
+changes: nothing, up to 0.1 MiB) and by the CPU allocator's own allocation / free events
 from torch.profiler (independent of MemTracker). Its selftrain row runs the real u2pl_contrastive on
 real tensors; with random weights no class has anchors (p > 0.3) there, while the stand-in assumes
 all C classes do (C x M x D x 8 bytes: ~9 MiB at that size, negligible at the recipes' sizes).
@@ -214,8 +216,8 @@ class TwoCalls(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor):
-        return self.model(a), self.model(b)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, with_rep: bool):
+        return self.model(a, with_rep=with_rep), self.model(b, with_rep=with_rep)
 
 
 @dataclass
@@ -238,6 +240,8 @@ class Trainee:
             return build_model(s.num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim)
 
         self.student = build().train()
+        # labelpipe.stages.pretrain.for_training freezes the representation head unless a loss reads it.
+        self.student.representation.requires_grad_(self.uses_rep)
         self.optimizer = build_optimizer(self.student, s.config.train)
         for group in self.optimizer.param_groups:
             group["foreach"] = True  # what torch uses for CUDA tensors
@@ -252,6 +256,10 @@ class Trainee:
                 self.teacher.update(self.student, 0)
             self.memory = MemoryBank(s.num_classes, m.rep_dim, capacity=st.memory_capacity)
             self.prototypes = PrototypeBank(s.num_classes, m.rep_dim, momentum=st.prototype_momentum)
+
+    @property
+    def uses_rep(self) -> bool:
+        return self.stage == "selftrain" and self.setting.config.selftrain.contrastive
 
     def other_state(self) -> list[torch.Tensor]:
         tensors = []
@@ -279,7 +287,7 @@ class Trainee:
         s, b = self.setting, self.batch
         x = torch.randn(b, 3, s.crop, s.crop)
         y = torch.randint(0, s.num_classes, (b, s.crop, s.crop))
-        out = self.student(x)
+        out = self.student(x, with_rep=False)
         loss_main = F.cross_entropy(out.main.float(), y, ignore_index=IGNORE)
         loss_aux = F.cross_entropy(out.aux.float(), y, ignore_index=IGNORE)
         return loss_main + s.config.train.aux_weight * loss_aux
@@ -298,7 +306,7 @@ class Trainee:
         t_out = None
         if self.teacher is not None:
             with torch.no_grad():
-                t_l, t_u = TwoCalls(self.teacher.model)(x_l, x_u_weak)
+                t_l, t_u = TwoCalls(self.teacher.model)(x_l, x_u_weak, with_rep=st.contrastive or st.denoise)
             t_out = (t_l, t_u)
             probs_u = torch.softmax(t_u.main.float(), 1)
             if st.pseudo_source == "teacher":
@@ -314,7 +322,7 @@ class Trainee:
             x_u, mixed = cutmix(x_u, mixed, gen)
             y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
 
-        out = self.student(torch.cat([x_l, x_u]))
+        out = self.student(torch.cat([x_l, x_u]), with_rep=self.uses_rep)
         main_l, main_u = out.main[:b].float(), out.main[b:].float()
         aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
         sup = F.cross_entropy(main_l, y_l, ignore_index=IGNORE) + cfg.aux_weight * F.cross_entropy(
@@ -362,6 +370,7 @@ class Trainee:
         p, c = probs.shape
         rank = class_ranks(probs)
         negatives = ((rank >= R_L) & (rank < min(R_H, c))).T  # (C, P) bool, as negative_masks returns it
+        del rank  # negative_masks' own
         n_labeled = p // 2
         n_unreliable = int((p - n_labeled) * self.setting.config.pseudolabel.alpha_t)
         rows = n_labeled * NEGATIVES_PER_LABELED + n_unreliable * (min(R_H, c) - R_L)
@@ -390,10 +399,9 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def total_bytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        seen[id(t.untyped_storage())] = nbytes(t)
-    return sum(seen.values())
+    """Bytes of the distinct storages of ``tensors`` (held in the dict, so their ids stay unique)."""
+    storages = {id(st): st for st in (t.untyped_storage() for t in tensors)}
+    return sum(st.nbytes() for st in storages.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -427,10 +435,11 @@ def measure(
             trainee.step(0)  # warm-up: gradients and optimizer state exist from here on
             mt = PeakTracker()
             mt.track_external(trainee.student, trainee.optimizer, *trainee.other_state())
-            if trainee.teacher is not None:
-                # MemTracker hooks the gradient of every parameter of a module run inside it, and
-                # register_hook refuses the frozen teacher's: mark those as hooked already.
-                for param in trainee.teacher.model.parameters():
+            # MemTracker hooks the gradient of every parameter of a module run inside it, and register_hook
+            # refuses frozen ones (the EMA teacher, an unread representation head): mark those as hooked.
+            teacher = [] if trainee.teacher is None else list(trainee.teacher.model.parameters())
+            for param in [*trainee.student.parameters(), *teacher]:
+                if not param.requires_grad:
                     mt._param_to_grad_hook_handles[param] = (NoHook(), NoHook())
             with mt:
                 trainee.step(1)

@@ -8,6 +8,7 @@ from labelpipe.losses.contrastive import (
     class_ranks,
     contrastive_loss,
     denoise_pseudo_labels,
+    fold_prototypes,
     negative_masks,
     u2pl_contrastive,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "class_ranks",
     "contrastive_loss",
     "denoise_pseudo_labels",
+    "fold_prototypes",
     "masked_ce",
     "negative_masks",
     "prediction_variance",

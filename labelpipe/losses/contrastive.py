@@ -354,6 +354,29 @@ def _sample_anchor_indices(candidates: Tensor, num_anchors: int, generator: torc
     return shuffled.gather(1, positions.clamp_max(shuffled.shape[1] - 1))
 
 
+def fold_prototypes(
+    prototypes: PrototypeBank,
+    teacher_feats: Tensor,
+    labels: Tensor,
+    is_labeled: Tensor,
+    reliable: Tensor,
+    valid: Tensor | None = None,
+    ignore_index: int = 255,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Fold the batch means of the teacher features of labeled and reliable pixels into ``prototypes``
+    (U2PL+ Eq. 15-18). Inputs are per pixel, (P, D) and (P,); ``gather`` (DDP) gives every rank the
+    same prototypes."""
+    feats = teacher_feats.detach()
+    keep = is_labeled.to(torch.bool) | reliable.to(torch.bool)
+    if valid is not None:
+        keep = keep & valid
+    labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
+    if gather is not None:
+        feats, labels = gather(feats[keep]), gather(labels[keep])
+    prototypes.update(feats, labels, ignore_index)
+
+
 def u2pl_contrastive(
     student_feats: Tensor,
     teacher_feats: Tensor,
@@ -396,14 +419,7 @@ def u2pl_contrastive(
     reliable = reliable.to(device=device, dtype=torch.bool)
 
     if update_prototypes:
-        keep = is_labeled | reliable
-        if valid is not None:
-            keep = keep & valid
-        proto_labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
-        proto_feats = t_feats
-        if gather is not None:  # DDP: the same prototypes on every rank
-            proto_feats, proto_labels = gather(proto_feats[keep]), gather(proto_labels[keep])
-        prototypes.update(proto_feats, proto_labels, ignore_index)
+        fold_prototypes(prototypes, t_feats, labels, is_labeled, reliable, valid, ignore_index, gather)
 
     negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)

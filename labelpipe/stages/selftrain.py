@@ -39,6 +39,7 @@ from labelpipe.losses import (
     MemoryBank,
     PrototypeBank,
     denoise_pseudo_labels,
+    fold_prototypes,
     masked_ce,
     rectified_loss,
     symmetric_ce,
@@ -85,7 +86,9 @@ class LabelStoreReader:
 def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.Generator, p: float = 0.5):
     """Paste one random box from the next image of the batch into each image (probability ``p``).
 
-    ``targets`` (labels, weights, ...) are mixed with the same boxes. Returns the mixed tensors.
+    ``targets`` (labels, weights, the teacher's logits and features, ...: (B, H', W') or (B, K, H', W'),
+    None passes through) are mixed with the same boxes, scaled to their own resolution by nearest
+    neighbour. Returns the mixed images and targets.
     """
     b, _, h, w = images.shape
     if b < 2:
@@ -109,8 +112,15 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
     box = box.to(images.device)
     donor = torch.roll(torch.arange(b), -1).to(images.device)
     images = torch.where(box[:, None], images[donor], images)
-    targets = [torch.where(box, t[donor], t) for t in targets]
-    return images, targets
+
+    def mix(t: torch.Tensor) -> torch.Tensor:
+        m = box
+        if t.shape[-2:] != m.shape[-2:]:
+            m = F.interpolate(m[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
+        m = m.view(b, *([1] * (t.dim() - 3)), *m.shape[-2:])
+        return torch.where(m, t[donor], t)
+
+    return images, [None if t is None else mix(t) for t in targets]
 
 
 def denoise_labels(
@@ -174,14 +184,17 @@ class RoundObjective:
         self.ignore = ctx.source.ignore_index
         c, d = ctx.source.num_classes, ctx.config.model.rep_dim
         device = ctx.runtime.device
-        self.memory = MemoryBank(c, d, capacity=self.st.memory_capacity, device=device)
-        self.prototypes = PrototypeBank(c, d, momentum=self.st.prototype_momentum, device=device)
+        # Only what this round reads: a full memory bank is C x capacity x D floats (Cityscapes: 557 MiB).
+        self.memory = MemoryBank(c, d, capacity=self.st.memory_capacity, device=device) if self.st.contrastive else None
+        self.prototypes = (
+            PrototypeBank(c, d, momentum=self.st.prototype_momentum, device=device)
+            if self.st.contrastive or self.st.denoise
+            else None
+        )
 
     def extras(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"memory": self.memory, "prototypes": self.prototypes}
-        if self.teacher is not None:
-            out["teacher"] = self.teacher
-        return out
+        out = {"memory": self.memory, "prototypes": self.prototypes, "teacher": self.teacher}
+        return {name: part for name, part in out.items() if part is not None}
 
     def __call__(self, batch: tuple[dict, dict], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         labeled, unlabeled = batch
@@ -212,9 +225,12 @@ class RoundObjective:
                 y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, ignore)
 
         if st.strong_aug:
-            mixed = [y_u] + ([w_u] if w_u is not None else [])
-            x_u, mixed = cutmix(x_u, mixed, gen)
-            y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
+            # The teacher's outputs on the unlabeled images are mixed with the same boxes: the contrastive
+            # loss pairs them pixel by pixel with the student's features and the mixed labels.
+            t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
+            x_u, (y_u, w_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, t_main, t_rep], gen)
+            if t_out is not None:
+                t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
 
         out = self.net(torch.cat([x_l, x_u]), with_rep=st.contrastive)
         b = x_l.shape[0]
@@ -246,12 +262,29 @@ class RoundObjective:
             "kept": float((y_u != ignore).float().mean()),
             "images": 2 * b * self.ctx.runtime.world,
         }
+        if st.denoise and not st.contrastive:  # the contrastive loss keeps the prototypes otherwise
+            self.fold_prototypes(t_out, y_l, y_u)
         if st.contrastive and t_out is not None:
             contra, stats = self.contrastive(out.rep, t_out, y_l, y_u, x_l.shape[0], gen)
             loss = loss + st.lambda_contrastive * contra
             logs["loss_contrastive"] = float(contra.detach())
             logs["contrastive_classes"] = stats["classes"]
         return loss, logs
+
+    def fold_prototypes(self, t_out, y_l: torch.Tensor, y_u: torch.Tensor) -> None:
+        """The prototypes denoising reads, from the teacher's features of labeled and reliable pixels."""
+        t_l, t_u = t_out
+        pixels = contrastive_pixels(torch.cat([t_l.rep, t_u.rep]), t_l, t_u, y_l, y_u, self.ignore)
+        fold_prototypes(
+            self.prototypes,
+            pixels["teacher_feats"],
+            pixels["labels"],
+            pixels["is_labeled"],
+            pixels["reliable"],
+            pixels["valid"],
+            self.ignore,
+            gather=all_gather_rows if self.ctx.runtime.distributed else None,
+        )
 
     def contrastive(self, rep: torch.Tensor, t_out, y_l, y_u, b: int, gen: torch.Generator):
         """U2PL+ contrastive term on the representation map (labels downsampled by nearest)."""

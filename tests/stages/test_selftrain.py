@@ -169,3 +169,31 @@ def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
     b = load_file(str(train_dir / "model.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_cutmix_mixes_every_target_at_its_own_resolution():
+    from labelpipe.stages.selftrain import cutmix
+
+    b, h = 4, 32
+    ident = torch.arange(b, dtype=torch.float32)
+    images = ident.view(b, 1, 1, 1).expand(b, 3, h, h).clone()
+    labels = ident.view(b, 1, 1).expand(b, h, h).long()
+    rep = ident.view(b, 1, 1, 1).expand(b, 5, h // 4, h // 4).clone()  # the teacher's stride-4 features
+    gen = torch.Generator().manual_seed(3)
+    mixed_images, (mixed_labels, none, mixed_rep) = cutmix(images, [labels, None, rep], gen, p=1.0)
+    assert none is None
+    assert torch.equal(mixed_images[:, 0].long(), mixed_labels)  # the same box in images and labels
+    assert (mixed_labels != labels).any()  # something was pasted
+    small = torch.nn.functional.interpolate(mixed_labels[:, None].float(), size=(h // 4, h // 4), mode="nearest")
+    for k in range(5):  # features follow the labels at their stride
+        assert torch.equal(mixed_rep[:, k], small[:, 0])
+
+
+def test_denoising_alone_keeps_its_prototypes(run):
+    """Without the contrastive loss (which otherwise updates them) denoising still folds the teacher's
+    features into the prototypes, rather than comparing against prototypes never seen."""
+    args = ["selftrain", "--config", str(TINY_RECIPE), "--run", str(run), "--device", "cpu", "--rounds", "1"]
+    assert run_cli([*args, "--denoise", "--no-contrastive"]) == 0
+    state = torch.load(run / "selftrain" / "round-1" / "train" / "checkpoint.pt", weights_only=False)
+    assert "memory" not in state["extras"]  # no memory bank without the contrastive loss
+    assert state["extras"]["prototypes"]["seen"].any()
