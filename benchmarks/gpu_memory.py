@@ -35,8 +35,8 @@ full copy of the gradients for SGD's weight decay, count at the optimizer step).
   RoundObjective asks (the student's only with the contrastive loss, the teacher's with contrastive
   or denoising); the recipe's supervised and unsupervised losses (CE / SCE / rectified: the real
   functions, so their memory is included); stored variance weights where the method stores them;
-  the memory bank and prototypes that RoundObjective allocates whether the contrastive loss is on
-  or not (C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes). The contrastive loss itself
+  the memory bank (C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes) and prototypes, where
+  RoundObjective allocates them (the bank with the contrastive loss, prototypes also for denoising). The contrastive loss itself
   (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors cannot run; a stand-in
   allocates what it would hold at once: the real contrastive_pixels inputs, class ranks, the
   negatives mask, the gathered negative keys (assumed 2 per labeled pixel and min(r_h, C) - r_l = 17
@@ -254,8 +254,10 @@ class Trainee:
                 self.teacher.max_momentum = st.ema_momentum
                 self.teacher.model = build().eval().requires_grad_(False)
                 self.teacher.update(self.student, 0)
-            self.memory = MemoryBank(s.num_classes, m.rep_dim, capacity=st.memory_capacity)
-            self.prototypes = PrototypeBank(s.num_classes, m.rep_dim, momentum=st.prototype_momentum)
+            if st.contrastive:  # as RoundObjective: the bank only where the contrastive loss reads it
+                self.memory = MemoryBank(s.num_classes, m.rep_dim, capacity=st.memory_capacity)
+            if st.contrastive or st.denoise:
+                self.prototypes = PrototypeBank(s.num_classes, m.rep_dim, momentum=st.prototype_momentum)
 
     @property
     def uses_rep(self) -> bool:
@@ -318,9 +320,10 @@ class Trainee:
                 y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, IGNORE)
 
         if st.strong_aug:
-            mixed = [y_u] + ([w_u] if w_u is not None else [])
-            x_u, mixed = cutmix(x_u, mixed, gen)
-            y_u, w_u = mixed[0], (mixed[1] if w_u is not None else None)
+            t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
+            x_u, (y_u, w_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, t_main, t_rep], gen)
+            if t_out is not None:
+                t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
 
         out = self.student(torch.cat([x_l, x_u]), with_rep=self.uses_rep)
         main_l, main_u = out.main[:b].float(), out.main[b:].float()
