@@ -234,6 +234,9 @@ def test_pretrain_on_two_ranks_resumes_after_sigkill(data_cache, tmp_path):
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["status"] == "done"
     steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, 21))  # unique: the records past the checkpoint were dropped
+    rngs = torch.load(ckpt, weights_only=False)["rng"]  # every rank's own stream (dropout), kept for resume
+    assert isinstance(rngs, list) and len(rngs) == 2
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 def test_predict_on_two_ranks_joins_shards_into_the_one_process_store(pretrained_run, data_cache, tmp_path):

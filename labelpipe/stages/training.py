@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from labelpipe.config import TrainConfig
 from labelpipe.errors import LabelpipeError
-from labelpipe.runtime import Runtime, all_reduce_sum, unwrap
+from labelpipe.runtime import Runtime, all_gather_objects, all_reduce_sum, unwrap
 from labelpipe.stages.common import autocast
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -75,6 +75,11 @@ class TrainJob:
     extras: dict[str, Stateful] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
     description: str = "train"
+
+
+def _first(rng: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's RNG state of a checkpoint (a run resumed with another number of processes)."""
+    return rng[0] if isinstance(rng, list) else rng
 
 
 def _read_log(path: Path, until_step: int) -> list[str]:
@@ -145,6 +150,10 @@ def train(job: TrainJob) -> dict[str, Any]:
     use_amp = cfg.amp and rt.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
 
+    if rt.distributed and rt.rank > 0:
+        # Each rank its own stream for dropout and the like (rank 0 keeps the one-process stream);
+        # the model was built from the common seed before, and DDP starts every rank from rank 0's weights.
+        torch.manual_seed(torch.initial_seed() + 7919 * rt.rank)
     start, last_val = 0, {}
     state = load_checkpoint(ckpt_path)
     if state is not None and state.get("fingerprint") == job.fingerprint:
@@ -155,7 +164,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         for name, component in job.extras.items():
             component.load_state_dict(state["extras"][name])
-        set_rng_state(state["rng"])
+        rng = state["rng"]  # one state per rank under DDP (a list), else one
+        set_rng_state(rng[rt.rank] if isinstance(rng, list) and len(rng) == rt.world else _first(rng))
         start, last_val = state["step"], state.get("last_val", {})
         if rt.is_main and start < job.total_steps:
             print(f"resuming {job.description} from step {start} ({ckpt_path})")
@@ -173,6 +183,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             log_file.write(json.dumps(record) + "\n")
 
     def checkpoint(step: int) -> None:
+        rngs = all_gather_objects(rng_state())  # a collective: every rank, before rank 0 alone writes
         if not rt.is_main:
             return
         module = unwrap(model)
@@ -186,7 +197,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "extras": {k: v.state_dict() for k, v in job.extras.items()},
-                "rng": rng_state(),
+                "rng": rngs if rt.distributed else rngs[0],
                 "last_val": last_val,
             },
         )
