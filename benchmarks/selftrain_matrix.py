@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only print the table of what --out holds")
     args = parser.parse_args()
+    if args.report:
+        report(Path(args.out))
+        return
     if args.quick:
         args.protocols, args.seeds = ["da"], [0]
     chosen = [k for k in CONFIGS if any(k.startswith(c) for c in args.configs)]
@@ -133,6 +137,33 @@ def main() -> None:
             f"| {protocol} | {name} | {len(values)} | {arr[:, 0].mean():.1f} ± {arr[:, 0].std():.1f} | "
             f"{arr[:, 1].mean():.1f} ± {arr[:, 1].std():.1f} |"
         )
+
+
+def report(out: Path) -> None:
+    """Mean and std over seeds of every finished run under ``out`` (the last result of each run counts)."""
+    latest: dict[tuple[str, int, str], tuple[float, float]] = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["protocol"], r["seed"], r["config"])] = (r["miou"], r["tail_miou"])
+    for metrics_file in sorted(out.glob("*-s*/pretrain-only/evaluate/pretrain/metrics.json")):
+        protocol, seed = metrics_file.parents[3].name.rsplit("-s", 1)
+        m = json.loads(metrics_file.read_text())
+        latest[(protocol, int(seed), "pretrain")] = (m["miou"], m["tail_miou"])
+    order = ["pretrain", *CONFIGS]
+    print("| protocol | model | seeds | mIoU % (mean ± std) | tail mIoU % (mean ± std) | per seed (mIoU) |")
+    print("|---|---|---|---|---|---|")
+    for protocol in sorted({k[0] for k in latest}):
+        for name in order:
+            seeds = sorted(s for (p, s, n) in latest if p == protocol and n == name)
+            if not seeds:
+                continue
+            arr = 100 * np.asarray([latest[(protocol, s, name)] for s in seeds])
+            std = arr.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(2)  # sample std over seeds
+            per_seed = ", ".join(f"s{s} {v:.1f}" for s, v in zip(seeds, arr[:, 0], strict=True))
+            print(
+                f"| {protocol} | {name} | {len(seeds)} | {arr[:, 0].mean():.1f} ± {std[0]:.1f} | "
+                f"{arr[:, 1].mean():.1f} ± {std[1]:.1f} | {per_seed} |"
+            )
 
 
 if __name__ == "__main__":
