@@ -84,7 +84,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
-    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for protocol in args.protocols:
         for seed in args.seeds:
             base = out / f"{protocol}-s{seed}" / "pretrain-only"
@@ -93,7 +92,6 @@ def main() -> None:
             labelpipe("pretrain", "--run", str(base), *common)
             labelpipe("evaluate", "--run", str(base), "--model", "pretrain", *common)
             m = metrics(base, "pretrain")
-            rows.setdefault((protocol, "pretrain"), []).append((m["miou"], m["tail_miou"]))
             print(
                 f"{protocol} seed {seed} pretrain: mIoU {100 * m['miou']:.1f} ({time.time() - t0:.0f}s)",
                 flush=True,
@@ -109,7 +107,6 @@ def main() -> None:
                 labelpipe("selftrain", "--run", str(run), "--rounds", "2", *common, *CONFIGS[name], *extra)
                 labelpipe("evaluate", "--run", str(run), *common)
                 m = metrics(run, "round-2")
-                rows.setdefault((protocol, name), []).append((m["miou"], m["tail_miou"]))
                 with results_file.open("a") as fh:
                     fh.write(
                         json.dumps(
@@ -129,14 +126,8 @@ def main() -> None:
                     flush=True,
                 )
 
-    print("\n| protocol | model | seeds | mIoU % (mean ± std) | tail mIoU % (mean ± std) |")
-    print("|---|---|---|---|---|")
-    for (protocol, name), values in rows.items():
-        arr = 100 * np.asarray(values, dtype=float)
-        print(
-            f"| {protocol} | {name} | {len(values)} | {arr[:, 0].mean():.1f} ± {arr[:, 0].std():.1f} | "
-            f"{arr[:, 1].mean():.1f} ± {arr[:, 1].std():.1f} |"
-        )
+    print()
+    report(out)
 
 
 def report(out: Path) -> None:
