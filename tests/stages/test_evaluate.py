@@ -49,11 +49,11 @@ def test_sliding_window_matches_whole_image_for_a_translation_equivariant_model(
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 4, 1)
 
-        def forward(self, x):
+        def forward(self, x, with_rep=True):
             from labelpipe.models import SegmentationOutput
 
             y = self.conv(x)
-            return SegmentationOutput(main=y, aux=2 * y, rep=y)
+            return SegmentationOutput(main=y, aux=2 * y, rep=y if with_rep else None)
 
     model = PixelModel().eval()
     image = torch.randn(2, 3, 50, 70)
