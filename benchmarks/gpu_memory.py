@@ -36,12 +36,12 @@ full copy of the gradients for SGD's weight decay, count at the optimizer step).
   or denoising); the recipe's supervised and unsupervised losses (CE / SCE / rectified: the real
   functions, so their memory is included); stored variance weights where the method stores them;
   the memory bank (C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes) and prototypes, where
-  RoundObjective allocates them (the bank with the contrastive loss, prototypes also for denoising). The contrastive loss itself
-  (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors cannot run; a stand-in
-  allocates what it would hold at once: the real contrastive_pixels inputs, class ranks, the
-  negatives mask, the gathered negative keys (assumed 2 per labeled pixel and min(r_h, C) - r_l = 17
-  per unreliable unlabeled pixel, alpha_t at its start value) and M anchors for every class, with
-  gradient to the representation head.
+  RoundObjective allocates them (the bank with the contrastive loss, prototypes also for denoising).
+  The contrastive loss itself (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors
+  cannot run; a stand-in allocates what it would hold at once: the real contrastive_pixels inputs, class
+  ranks, the negatives mask, the gathered negative keys (assumed 2 per labeled pixel and min(r_h, C) -
+  r_l = 17 per unreliable unlabeled pixel, alpha_t at its start value) and M anchors for every class,
+  with gradient to the representation head.
 
 Per-GPU batch: the recipes give no GPU counts, so there are rows for per-GPU batches 2, 4 and 8 below
 the recipe batch (recipe batch / that many GPUs under torchrun + DDP) and for the recipe batch on one

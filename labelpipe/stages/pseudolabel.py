@@ -28,7 +28,7 @@ from labelpipe.metrics import CalibrationAccumulator
 from labelpipe.pseudo import PASS1_KEYS, PASS2_KEYS, PseudoQualityAccumulator, apply, fit_thresholds
 from labelpipe.runtime import Runtime
 from labelpipe.stages.common import StageContext, class_prior, open_context
-from labelpipe.store.atomic import atomic_path, atomic_write_json, sha256_file, sha256_json
+from labelpipe.store.atomic import atomic_path, atomic_write_json, sha256_file, sha256_json, temp_sibling
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import LIBVER, PredictionStore, _write_index, write_image
 
@@ -183,7 +183,7 @@ def _label_and_report(
     shutil.rmtree(out / "plots", ignore_errors=True)
     if pcfg.export == "png":
         export_dir.mkdir(parents=True)
-    tmp = out / f".labels.h5.tmp-{os.getpid()}"
+    tmp = temp_sibling(out / "labels.h5")
     try:
         with h5py.File(tmp, "w", libver=LIBVER) as fh:
             grp = fh.create_group("images")

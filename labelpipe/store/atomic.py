@@ -6,9 +6,53 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)$")
+
+
+def temp_sibling(path: Path) -> Path:
+    """The hidden name a file is written under before it is renamed onto ``path``.
+
+    It carries the writer's host and pid, so that ``sweep_stale_temporaries`` can tell a file that a
+    killed process left behind from one that a live process (another DDP rank) is still writing.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the half-written files that killed writers on this host left under ``directory``.
+
+    Files of live processes and of other hosts (a shared file system) are left alone. Returns what was
+    removed.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.rglob(".*.tmp-*"):
+        match = _TEMP.match(path.name)
+        if not match or match["host"] != _HOST or _alive(int(match["pid"])) or not path.is_file():
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -16,7 +60,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

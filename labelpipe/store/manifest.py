@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from labelpipe import __version__
-from labelpipe.store.atomic import atomic_write_json, sha256_file
+from labelpipe.store.atomic import atomic_write_json, sha256_file, sweep_stale_temporaries
 
 
 def versions() -> dict[str, str]:
@@ -51,6 +51,7 @@ class StageDir:
 
     def begin(self, stage: str, fingerprint: str, inputs: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(self.path)  # what a killed attempt was writing
         previous = self.manifest() or {}
         atomic_write_json(
             self.manifest_path,

@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from labelpipe.errors import LabelpipeError
+from labelpipe.store.atomic import temp_sibling
 
 DEFAULT_COLUMNS = ("label", "conf", "entropy", "variance")
 COLUMN_DTYPES = {
@@ -141,7 +142,7 @@ class PartWriter:
                 continue
             number, images = item
             path = self.dir / f"part-{self.rank:03d}-{number:06d}.h5"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp = temp_sibling(path)
             try:
                 with h5py.File(tmp, "w", libver=LIBVER) as fh:
                     grp = fh.create_group("images")
@@ -163,7 +164,7 @@ def _write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) -
 
 def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict[str, Any]) -> None:
     """Join part files into one store at ``out`` (atomically), images in ``order``."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(out)
     where: dict[str, Path] = {}
     for part in part_files:
         with h5py.File(part, "r") as fh:

@@ -93,3 +93,4 @@ def test_killed_pretrain_resumes_to_the_same_weights(data_cache, tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, 25)), "log.jsonl must hold each step once after a resume"
+    assert not list(killed.rglob(".*.tmp-*")), "what the killed run was writing must be swept on resume"
