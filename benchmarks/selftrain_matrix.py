@@ -8,6 +8,7 @@ matrix continues where it stopped.
 
     python benchmarks/selftrain_matrix.py --protocols da semi-1_16 --seeds 0 1 2
     python benchmarks/selftrain_matrix.py --quick          # 1 seed, DA only, shorter rounds
+    python benchmarks/selftrain_matrix.py --configs 0      # only the control (keys' first letters)
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
+    # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
+    # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does
+    # not beat it learns nothing from its pseudo-labels, whatever it gains over pretrain.
+    "0: rounds without pseudo-label loss (control)": [
+        "--method",
+        "dars",
+        "--loss",
+        "ce",
+        "--set",
+        "selftrain.unsup_weight=0",
+    ],
     "a: threshold 0.9 + CE": ["--method", "threshold", "--loss", "ce", "--set", "pseudolabel.tau=0.9"],
     "b: DARS + CE": ["--method", "dars", "--loss", "ce"],
     "c: DARS + SCE + contrastive": ["--method", "dars", "--loss", "sce", "--contrastive"],
