@@ -217,7 +217,8 @@ class TwoCalls(nn.Module):
         self.model = model
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, with_rep: bool):
-        return self.model(a, with_rep=with_rep), self.model(b, with_rep=with_rep)
+        # RoundObjective runs the teacher on the labeled half only where the representation is read.
+        return (self.model(a, with_rep=with_rep) if with_rep else None), self.model(b, with_rep=with_rep)
 
 
 @dataclass
@@ -304,6 +305,7 @@ class Trainee:
         x_u_weak = torch.randn(b, 3, s.crop, s.crop) if self.teacher is not None and st.strong_aug else x_u
         y_u = torch.randint(0, c, (b, s.crop, s.crop))
         w_u = torch.rand(b, s.crop, s.crop) if st.method == "variance" else None  # stored variance weights
+        inside_u = torch.ones_like(y_u, dtype=torch.bool)  # the crops' padding mask
 
         t_out = None
         if self.teacher is not None:
@@ -314,6 +316,8 @@ class Trainee:
             if st.pseudo_source == "teacher":
                 alpha_t = alpha_schedule(s.config.pseudolabel.alpha_t, 0, st.steps or cfg.steps)
                 entropy = -(probs_u * torch.log(probs_u.clamp_min(1e-12))).sum(1)
+                # selftrain passes the padding mask here; its boolean indexing has a data-dependent shape that
+                # fake tensors cannot run (a kept copy of <= B x H x W floats, negligible).
                 reliable = entropy_split_torch(entropy, alpha_t)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, IGNORE))
             if st.denoise:
@@ -321,7 +325,7 @@ class Trainee:
 
         if st.strong_aug:
             t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
-            x_u, (y_u, w_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, t_main, t_rep], gen)
+            x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, inside_u, t_main, t_rep], gen)
             if t_out is not None:
                 t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
 
@@ -344,12 +348,12 @@ class Trainee:
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, IGNORE)
             if st.loss == "sce":
-                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], IGNORE)
+                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], IGNORE, weight=w_u)
             else:
                 unsup = lam * masked_ce(main_u, y_u, IGNORE, weight=w_u)
         loss = sup + unsup
         if st.contrastive and t_out is not None:
-            pixels = contrastive_pixels(out.rep, t_out[0], t_out[1], y_l, y_u, IGNORE)
+            pixels = contrastive_pixels(out.rep, t_out[0], t_out[1], y_l, y_u, IGNORE, inside_u)
             loss = loss + st.lambda_contrastive * self.contrastive(pixels, gen)
         return loss
 

@@ -128,6 +128,14 @@ class PseudolabelConfig(Section):
 
 
 class SelftrainConfig(Section):
+    # Settings added after runs existed: in a round's fingerprint only when changed from the default, so
+    # those runs stay up to date.
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {
+        "contrastive_r_l": 3,
+        "contrastive_r_h": 20,
+        "contrastive_anchor_threshold": 0.3,
+    }
+
     rounds: int = Field(2, ge=1)
     alphas: tuple[float, ...] = (0.2, 0.5)
     method: Literal["threshold", "cbst", "dars", "entropy", "variance"] = "dars"
@@ -138,6 +146,9 @@ class SelftrainConfig(Section):
     contrastive_anchors: int = 256  # M per class
     contrastive_negatives: int = 50  # N per anchor
     contrastive_temperature: float = 0.5
+    contrastive_r_l: int = Field(3, ge=1)  # Eq. 26: labeled negatives of c rank c among their top r_l
+    contrastive_r_h: int = Field(20, ge=2)  # Eq. 27: unlabeled ones rank c in [r_l, r_h) (clipped to C)
+    contrastive_anchor_threshold: float = Field(0.3, ge=0, lt=1)  # anchors need teacher p_c above it
     memory_capacity: int = 30000  # per-class queue of negative keys
     prototype_momentum: float = 0.999  # U2PL+; 0 gives U2PL's batch-mean prototypes
     rectified: bool = False
@@ -151,6 +162,14 @@ class SelftrainConfig(Section):
     steps: int | None = None  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What a round's training fingerprint hashes (``rounds`` is not: a round does not depend on it)."""
+        fields = self.model_dump(mode="json", exclude={"rounds"})
+        for name, default in self.HASHED_WHEN_SET.items():
+            if fields.get(name) == default:
+                del fields[name]
+        return fields
 
 
 class EvaluateConfig(Section):

@@ -48,3 +48,13 @@ def test_shipped_recipes_validate(recipe):
     from tests.conftest import REPO
 
     resolve_config(None, REPO / "stages" / f"{recipe}.yaml")
+
+
+def test_selftrain_settings_added_later_are_hashed_only_when_changed():
+    from labelpipe.config import SelftrainConfig
+
+    default = SelftrainConfig().fingerprint_fields()
+    assert "rounds" not in default and "contrastive_r_l" not in default and "contrastive_r_h" not in default
+    assert SelftrainConfig(rounds=5).fingerprint_fields() == default
+    changed = SelftrainConfig(contrastive_r_h=10).fingerprint_fields()
+    assert changed["contrastive_r_h"] == 10 and changed != default

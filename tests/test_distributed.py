@@ -276,7 +276,21 @@ def test_selftrain_on_two_ranks_with_every_loss(pretrained_run, data_cache, tmp_
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)
     log = torchrun(
-        tiny("selftrain", run, "--rounds", "1", "--contrastive", "--rectified", "--denoise", "--loss", "sce"),
+        # A queue smaller than one step's negatives: each rank subsamples its own, then the gathered
+        # rows are subsampled again with the generator every rank shares.
+        tiny(
+            "selftrain",
+            run,
+            "--rounds",
+            "1",
+            "--contrastive",
+            "--rectified",
+            "--denoise",
+            "--loss",
+            "sce",
+            "--set",
+            "selftrain.memory_capacity=64",
+        ),
         data_cache,
         timeout=240,
     )

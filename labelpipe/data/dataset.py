@@ -66,7 +66,9 @@ class SegmentationDataset(Dataset):
 
     ``transform`` is a ``transforms.v2`` pipeline over ``(tv_tensors.Image, tv_tensors.Mask)``;
     ``photometric`` (optional) is applied to the image only, after it. Items are keyed by an
-    int (no augmentation) or ``(index, seed)`` (augmentation seeded per sample).
+    int (no augmentation) or ``(index, seed)`` (augmentation seeded per sample). With ``pad_mask`` an
+    augmented item also has ``valid`` (bool, H x W): False on the crop's padding, which the mask
+    cannot tell apart from ignored pixels (both 255).
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class SegmentationDataset(Dataset):
         require_masks: bool = True,
         masks: Callable[[int], np.ndarray | None] | None = None,
         weights: Callable[[int], np.ndarray] | None = None,
+        pad_mask: bool = False,
     ) -> None:
         self.source, self.samples = source, samples
+        self.pad_mask = pad_mask
         self.transform, self.photometric = transform, photometric
         self.require_masks = require_masks
         self.masks = masks  # overrides the on-disk masks (pseudo-labels)
@@ -107,17 +111,23 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = (key, None) if isinstance(key, int) else key
         image, mask = self.load(index)
-        weight = None
+        weight = inside = None
         if self.weights is not None:
             weight = tv_tensors.Mask(torch.from_numpy(np.asarray(self.weights(index), np.float32)))
         if seed is not None and (self.transform is not None or self.photometric is not None):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 if self.transform is not None:
-                    if weight is None:
-                        image, mask = self.transform(image, mask)
-                    else:
-                        image, mask, weight = self.transform(image, mask, weight)
+                    # Masks move together; padding fills every Mask with 255, so an all-zero mask
+                    # comes out 255 exactly on the padding.
+                    extra = [t for t in (weight,) if t is not None]
+                    if self.pad_mask:
+                        extra.append(tv_tensors.Mask(torch.zeros(mask.shape[-2:], dtype=torch.uint8)))
+                    image, mask, *extra = self.transform(image, mask, *extra)
+                    if self.pad_mask:
+                        inside = extra.pop() == 0
+                    if weight is not None:
+                        weight = extra.pop()
                 if self.photometric is not None:
                     image = self.photometric(image)
         item = {
@@ -128,13 +138,19 @@ class SegmentationDataset(Dataset):
         }
         if weight is not None:
             item["weight"] = weight.as_subclass(torch.Tensor).float()
+        if self.pad_mask:
+            item["valid"] = (
+                inside.as_subclass(torch.Tensor)
+                if inside is not None
+                else torch.ones_like(item["mask"], dtype=torch.bool)
+            )
         return item
 
 
 def collate(items: list[dict]) -> dict:
     """Stack same-size items; keep lists where sizes differ (sliding-window eval handles those)."""
     out: dict = {"index": torch.tensor([it["index"] for it in items]), "id": [it["id"] for it in items]}
-    for key in ("image", "mask", "weight"):
+    for key in ("image", "mask", "weight", "valid"):
         if key not in items[0]:
             continue
         tensors = [it[key] for it in items]

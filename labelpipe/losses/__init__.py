@@ -10,6 +10,7 @@ from labelpipe.losses.contrastive import (
     denoise_pseudo_labels,
     fold_prototypes,
     negative_masks,
+    prototype_weights,
     u2pl_contrastive,
 )
 from labelpipe.losses.rectified import prediction_variance, rectified_loss
@@ -27,6 +28,7 @@ __all__ = [
     "masked_ce",
     "negative_masks",
     "prediction_variance",
+    "prototype_weights",
     "rectified_loss",
     "symmetric_ce",
     "u2pl_contrastive",

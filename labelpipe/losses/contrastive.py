@@ -377,6 +377,28 @@ def fold_prototypes(
     prototypes.update(feats, labels, ignore_index)
 
 
+def subsample_per_class(
+    class_ids: Tensor, capacity: int, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """Indices of a uniform random subset of at most ``capacity`` rows of each class, in row order.
+
+    ``class_ids`` (K,) long. None when no class has more than ``capacity`` rows (keep them all).
+    The random keys are drawn on the CPU from ``generator`` (torch's default one when None).
+    """
+    n = class_ids.numel()
+    if n == 0:
+        return None
+    counts = torch.bincount(class_ids, minlength=num_classes)
+    if int(counts.max()) <= capacity:
+        return None
+    keys = torch.rand(n, generator=generator).to(class_ids.device)
+    by_key = torch.argsort(keys)
+    order = by_key[torch.argsort(class_ids[by_key], stable=True)]  # by class, random within a class
+    group_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=class_ids.device) - group_start[class_ids[order]]
+    return order[rank < capacity].sort().values
+
+
 def u2pl_contrastive(
     student_feats: Tensor,
     teacher_feats: Tensor,
@@ -397,6 +419,7 @@ def u2pl_contrastive(
     valid: Tensor | None = None,
     ignore_index: int = 255,
     gather: Callable[[Tensor], Tensor] | None = None,
+    shared_generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, int]]:
     """The U2PL+ contrastive loss of one batch (Algorithm 1); see the module docstring.
 
@@ -410,7 +433,15 @@ def u2pl_contrastive(
     over anchors and classes. Returns (loss, stats); loss is a grad-safe 0 when no class qualifies.
     stats (ints): ``classes`` (classes in the loss), ``anchor_candidates``, ``negatives_pushed``.
     ``memory`` and ``prototypes`` must live on the features' device.
+
+    A class with more negatives in one batch than its queue holds pushes a uniform random subset of
+    ``capacity`` of them (a FIFO would keep the last pixels pushed: the bottom rows of the last
+    unlabeled images, never a labeled pixel). ``generator`` draws that subset and the anchors and
+    negatives of this process; under DDP ``shared_generator`` (the same state on every rank) draws the
+    subset of the gathered negatives, so that every rank's queues stay identical.
     """
+    if gather is not None and shared_generator is None:
+        raise ValueError("u2pl_contrastive with gather needs shared_generator (the same state on every rank)")
     device = student_feats.device
     t_feats = teacher_feats.detach()
     probs = teacher_probs.detach().float()
@@ -423,10 +454,16 @@ def u2pl_contrastive(
 
     negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
+    keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, generator)
+    if keep is not None:
+        neg_class, neg_pixel = neg_class[keep], neg_pixel[keep]
     # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
     neg_feats = F.normalize(t_feats.float(), dim=1)[neg_pixel]
     if gather is not None:  # DDP: every rank's negatives enter every rank's queues, in rank order
         neg_class, neg_feats = gather(neg_class), gather(neg_feats)
+        keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, shared_generator)
+        if keep is not None:
+            neg_class, neg_feats = neg_class[keep], neg_feats[keep]
     memory.push(neg_class, neg_feats)
 
     anchors = anchor_masks(probs, labels, is_labeled, reliable, labels, anchor_threshold, valid)
@@ -458,28 +495,35 @@ def u2pl_contrastive(
     return loss, stats
 
 
-def denoise_pseudo_labels(probs: Tensor, feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:
-    """U2PL+ prototypical denoising (Eq. 19-20): ``argmax_c w_c p_c``, ``w = softmax_c(-||z - z_c||)``.
+def prototype_weights(feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:
+    """U2PL+ Eq. 19: ``w = softmax_c(-||z - z_c||)``; feats (P, D) -> (P, C), (B, D, H, W) -> (B, C, H, W).
 
-    probs (P, C) and feats (P, D), or (B, C, H, W) and (B, D, H, W) at the same resolution; returns
-    (P,) or (B, H, W) long. Features and prototypes are L2-normalised first, so distances lie in
-    [0, 2]. A class without a prototype (``seen`` False) gets the distance sqrt(2) of an orthogonal
-    one: neither favoured nor excluded.
+    Features and prototypes are L2-normalised first, so distances lie in [0, 2] (weights within a
+    factor e^2 of each other). A class without a prototype (``seen`` False) gets the distance sqrt(2)
+    of an orthogonal one: neither favoured nor excluded.
     """
     if isinstance(prototypes, PrototypeBank):
         centers, seen = prototypes.prototypes, prototypes.seen
     else:
         centers = prototypes
         seen = torch.ones(centers.shape[0], dtype=torch.bool, device=centers.device)
-    spatial = probs.dim() == 4
+    spatial = feats.dim() == 4
     if spatial:
-        b, c, h, w = probs.shape
-        probs = probs.permute(0, 2, 3, 1).reshape(-1, c)
-        feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        b, d, h, w = feats.shape
+        feats = feats.permute(0, 2, 3, 1).reshape(-1, d)
     z = F.normalize(feats.detach().float(), dim=1)
     zc = F.normalize(centers.to(z.device).float(), dim=1)
     distance = (2.0 - 2.0 * z @ zc.T).clamp_min(0.0).sqrt()
     distance = torch.where(seen.to(z.device)[None, :], distance, torch.full_like(distance, 2.0**0.5))
     weights = torch.softmax(-distance, dim=1)
-    labels = (weights * probs.detach().float()).argmax(dim=1)
-    return labels.view(b, h, w) if spatial else labels
+    return weights.view(b, h, w, -1).permute(0, 3, 1, 2) if spatial else weights
+
+
+def denoise_pseudo_labels(probs: Tensor, feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:
+    """U2PL+ prototypical denoising (Eq. 19-20): ``argmax_c w_c p_c`` with :func:`prototype_weights`.
+
+    probs (P, C) and feats (P, D), or (B, C, H, W) and (B, D, H, W) at the same resolution; returns
+    (P,) or (B, H, W) long.
+    """
+    weights = prototype_weights(feats, prototypes)
+    return (weights * probs.detach().float()).argmax(dim=1)

@@ -52,15 +52,23 @@ def symmetric_ce(
     xi2: float = 0.1,
     ignore_index: int = 255,
     log_zero: float = -4.0,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Scalar symmetric cross-entropy ``xi1 CE + xi2 RCE`` averaged over valid pixels (U2PL+ Eq. 4).
 
     ``RCE = -log_zero * (1 - p_y)`` (``log 0`` clamped to ``log_zero = -4``); see the module docstring.
+    ``weight`` (B, H, W), e.g. the variance method's ``exp(-variance)``, multiplies each pixel's term
+    as in :func:`masked_ce` (the mean stays over the valid pixel count).
     """
     log_prob_y, valid = _pixel_log_prob_of_target(logits, target, ignore_index)
     ce = -log_prob_y
     rce = -log_zero * (1.0 - log_prob_y.exp())
-    per_pixel = torch.where(valid, xi1 * ce + xi2 * rce, torch.zeros_like(ce))
+    per_pixel = xi1 * ce + xi2 * rce
+    if weight is not None:
+        if weight.shape != target.shape:
+            raise ValueError(f"weight {tuple(weight.shape)} must have the target's shape {tuple(target.shape)}")
+        per_pixel = per_pixel * weight.float()
+    per_pixel = torch.where(valid, per_pixel, torch.zeros_like(ce))
     return per_pixel.sum() / valid.sum().clamp_min(1)
 
 

@@ -15,8 +15,8 @@ One training step (all losses from ``labelpipe.losses``; ALGORITHMS.md sections 
     loss    = sup + unsup + contra
 
 The EMA teacher, memory bank and prototypes are in the checkpoint; the per-step randomness
-(CutMix boxes, anchor / negative sampling) is seeded by (seed, round, step), so a killed round
-resumes on the same trajectory.
+(CutMix boxes, anchor / negative sampling) is seeded by (seed, round, step) and, under DDP, the
+rank, so a killed round resumes on the same trajectory.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.losses import (
     MemoryBank,
     PrototypeBank,
-    denoise_pseudo_labels,
     fold_prototypes,
     masked_ce,
+    prototype_weights,
     rectified_loss,
     symmetric_ce,
     u2pl_contrastive,
@@ -126,24 +126,35 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
 def denoise_labels(
     probs: torch.Tensor, rep: torch.Tensor, prototypes: PrototypeBank, labels: torch.Tensor, ignore: int
 ) -> torch.Tensor:
-    """U2PL+ prototypical denoising of the kept pseudo-labels (B, H, W).
+    """U2PL+ prototypical denoising of the kept pseudo-labels (B, H, W): ``argmax_c w_c p_c``.
 
-    Done at the representation's resolution (stride 4) and nearest-upsampled: at full resolution it
-    would upsample 256-d features (135 MB at 2 x 257 x 257) and cost ~10 % of a step.
+    The prototype weights ``w`` (B, C, h, w) are computed on the representation (stride 4) and
+    upsampled bilinearly to the probabilities' resolution; the argmax is taken there, so a label the
+    prototypes do not change keeps its full-resolution boundary. (Upsampling the 256-d features
+    instead would hold 135 MB at 2 x 257 x 257 and cost ~10 % of a step.)
     """
-    small = F.interpolate(probs.float(), size=rep.shape[-2:], mode="bilinear", align_corners=False)
-    denoised = denoise_pseudo_labels(small, rep.float(), prototypes)
-    denoised = F.interpolate(denoised[:, None].float(), size=labels.shape[-2:], mode="nearest")[:, 0].long()
+    weights = prototype_weights(rep.float(), prototypes)
+    weights = F.interpolate(weights, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+    denoised = (weights * probs.float()).argmax(1)
     return torch.where(labels != ignore, denoised, labels)
 
 
-def contrastive_pixels(rep: torch.Tensor, t_l, t_u, y_l: torch.Tensor, y_u: torch.Tensor, ignore: int) -> dict:
+def contrastive_pixels(
+    rep: torch.Tensor,
+    t_l,
+    t_u,
+    y_l: torch.Tensor,
+    y_u: torch.Tensor,
+    ignore: int,
+    inside_u: torch.Tensor | None = None,
+) -> dict:
     """The flattened per-pixel inputs of :func:`u2pl_contrastive` for a labeled + unlabeled batch.
 
     ``rep`` (B_l + B_u, D, h, w) student representation; ``t_l`` / ``t_u`` the teacher's outputs;
     ``y_l`` ground truth and ``y_u`` pseudo-labels (255 = unreliable), downsampled to (h, w) by nearest.
     Unreliable unlabeled pixels take the teacher's argmax as their "label" (only their rank of each
-    class matters for the negatives rule).
+    class matters for the negatives rule). ``inside_u`` (B_u, H, W) bool is False on the unlabeled
+    crops' padding: those pixels are neither anchors nor negatives (None: no padding).
     """
     size, b = rep.shape[-2:], y_l.shape[0]
     t_rep = torch.cat([t_l.rep, t_u.rep]).float()
@@ -154,7 +165,10 @@ def contrastive_pixels(rep: torch.Tensor, t_l, t_u, y_l: torch.Tensor, y_u: torc
     is_labeled[:b] = True
     reliable = (~is_labeled) & (labels != ignore)
     labels = torch.where((~is_labeled) & (labels == ignore), t_probs.argmax(1), labels)
-    valid = is_labeled & (labels != ignore) | ~is_labeled
+    inside = torch.ones_like(is_labeled)
+    if inside_u is not None:
+        inside[b:] = F.interpolate(inside_u[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    valid = (is_labeled & (labels != ignore)) | (~is_labeled & inside)
     d, c = rep.shape[1], t_probs.shape[1]
     return {
         "student_feats": rep.permute(0, 2, 3, 1).reshape(-1, d),
@@ -198,28 +212,39 @@ class RoundObjective:
 
     def __call__(self, batch: tuple[dict, dict], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         labeled, unlabeled = batch
-        dev = self.ctx.runtime.device
+        rt = self.ctx.runtime
+        dev = rt.device
         st, ignore = self.st, self.ignore
-        gen = torch.Generator().manual_seed(item_seed(self.ctx.config.seed, 1000 + self.round_index, step))
+        seed = self.ctx.config.seed
+        # This process's randomness (CutMix boxes, anchors, negatives); under DDP each rank has its own
+        # and `shared` (one state on every rank) subsamples the gathered memory-bank negatives.
+        gen = torch.Generator().manual_seed(item_seed(seed + 100_003 * rt.rank, 1000 + self.round_index, step))
+        shared = (
+            torch.Generator().manual_seed(item_seed(seed, 3000 + self.round_index, step)) if rt.distributed else None
+        )
         x_l = labeled["image"].to(dev, non_blocking=True)
         y_l = labeled["mask"].to(dev, non_blocking=True)
         x_u = unlabeled["image"].to(dev, non_blocking=True)
         x_u_weak = unlabeled.get("image_weak", unlabeled["image"]).to(dev, non_blocking=True)
         y_u = unlabeled["mask"].to(dev, non_blocking=True)
         w_u = unlabeled["weight"].to(dev) if "weight" in unlabeled else None
+        inside_u = unlabeled["valid"].to(dev) if "valid" in unlabeled else None  # False on crop padding
 
         need_teacher = self.teacher is not None and (st.pseudo_source == "teacher" or st.contrastive or st.denoise)
         t_out = None
         if need_teacher:
             t_rep = st.contrastive or st.denoise
-            t_l, t_u = self.teacher(x_l, with_rep=t_rep), self.teacher(x_u_weak, with_rep=t_rep)
+            # The labeled half only feeds the prototypes and the contrastive loss.
+            t_l = self.teacher(x_l, with_rep=t_rep) if t_rep else None
+            t_u = self.teacher(x_u_weak, with_rep=t_rep)
             t_out = (t_l, t_u)
             probs_u = torch.softmax(t_u.main.float(), 1)
             if st.pseudo_source == "teacher":
-                # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels unreliable.
+                # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels of the
+                # batch (padding excluded from the percentile and from the labels) unreliable.
                 alpha_t = alpha_schedule(self.ctx.config.pseudolabel.alpha_t, step, self.total_steps)
                 entropy = -(probs_u * torch.log(probs_u.clamp_min(1e-12))).sum(1)
-                reliable = entropy_split_torch(entropy, alpha_t)
+                reliable = entropy_split_torch(entropy, alpha_t, inside_u)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
             if st.denoise:
                 y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, ignore)
@@ -228,7 +253,7 @@ class RoundObjective:
             # The teacher's outputs on the unlabeled images are mixed with the same boxes: the contrastive
             # loss pairs them pixel by pixel with the student's features and the mixed labels.
             t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
-            x_u, (y_u, w_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, t_main, t_rep], gen)
+            x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, inside_u, t_main, t_rep], gen)
             if t_out is not None:
                 t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
 
@@ -252,7 +277,7 @@ class RoundObjective:
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
             if st.loss == "sce":
-                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], ignore)
+                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], ignore, weight=w_u)
             else:
                 unsup = lam * masked_ce(main_u, y_u, ignore, weight=w_u)
         loss = sup + unsup
@@ -263,18 +288,18 @@ class RoundObjective:
             "images": 2 * b * self.ctx.runtime.world,
         }
         if st.denoise and not st.contrastive:  # the contrastive loss keeps the prototypes otherwise
-            self.fold_prototypes(t_out, y_l, y_u)
+            self.fold_prototypes(t_out, y_l, y_u, inside_u)
         if st.contrastive and t_out is not None:
-            contra, stats = self.contrastive(out.rep, t_out, y_l, y_u, x_l.shape[0], gen)
+            contra, stats = self.contrastive(out.rep, t_out, y_l, y_u, inside_u, gen, shared)
             loss = loss + st.lambda_contrastive * contra
             logs["loss_contrastive"] = float(contra.detach())
             logs["contrastive_classes"] = stats["classes"]
         return loss, logs
 
-    def fold_prototypes(self, t_out, y_l: torch.Tensor, y_u: torch.Tensor) -> None:
+    def fold_prototypes(self, t_out, y_l: torch.Tensor, y_u: torch.Tensor, inside_u: torch.Tensor | None) -> None:
         """The prototypes denoising reads, from the teacher's features of labeled and reliable pixels."""
         t_l, t_u = t_out
-        pixels = contrastive_pixels(torch.cat([t_l.rep, t_u.rep]), t_l, t_u, y_l, y_u, self.ignore)
+        pixels = contrastive_pixels(torch.cat([t_l.rep, t_u.rep]), t_l, t_u, y_l, y_u, self.ignore, inside_u)
         fold_prototypes(
             self.prototypes,
             pixels["teacher_feats"],
@@ -286,19 +311,24 @@ class RoundObjective:
             gather=all_gather_rows if self.ctx.runtime.distributed else None,
         )
 
-    def contrastive(self, rep: torch.Tensor, t_out, y_l, y_u, b: int, gen: torch.Generator):
+    def contrastive(self, rep: torch.Tensor, t_out, y_l, y_u, inside_u, gen: torch.Generator, shared):
         """U2PL+ contrastive term on the representation map (labels downsampled by nearest)."""
         t_l, t_u = t_out
+        st = self.st
         return u2pl_contrastive(
-            **contrastive_pixels(rep, t_l, t_u, y_l, y_u, self.ignore),
+            **contrastive_pixels(rep, t_l, t_u, y_l, y_u, self.ignore, inside_u),
             memory=self.memory,
             prototypes=self.prototypes,
-            num_anchors=self.st.contrastive_anchors,
-            num_negatives=self.st.contrastive_negatives,
-            temperature=self.st.contrastive_temperature,
+            num_anchors=st.contrastive_anchors,
+            num_negatives=st.contrastive_negatives,
+            temperature=st.contrastive_temperature,
+            r_l=st.contrastive_r_l,
+            r_h=st.contrastive_r_h,
+            anchor_threshold=st.contrastive_anchor_threshold,
             generator=gen,
             ignore_index=self.ignore,
             gather=all_gather_rows if self.ctx.runtime.distributed else None,
+            shared_generator=shared,
         )
 
 
@@ -337,7 +367,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         "round": k,
         "init": sha256_file(init_model),
         "labels": sha256_file(labels_path),
-        "selftrain": st.model_dump(mode="json", exclude={"rounds"}),
+        "selftrain": st.fingerprint_fields(),
         "seed": config.seed,
         "train": cfg.fingerprint_fields(),
     }
@@ -375,6 +405,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         require_masks=False,
         masks=reader.label,
         weights=reader.weight if reader.has_weights() else None,
+        pad_mask=True,
     )
     # The teacher sees the weak view: the same geometry without the photometric part.
     unlabeled_weak_ds = SegmentationDataset(ctx.source, unlabeled, weak, require_masks=False, masks=reader.label)

@@ -19,6 +19,7 @@ from labelpipe.losses.contrastive import (
     contrastive_loss,
     denoise_pseudo_labels,
     negative_masks,
+    subsample_per_class,
     u2pl_contrastive,
 )
 
@@ -546,3 +547,58 @@ def test_u2pl_fast_similarities_match_the_materialised_keys_path():
     assert results[0][0] > 0
     assert torch.allclose(results[0][0], results[1][0], rtol=2e-3)
     assert torch.allclose(results[0][1], results[1][1], rtol=2e-2, atol=1e-4)
+
+
+def test_subsample_per_class_keeps_a_uniform_subset_of_overfull_classes():
+    ids = torch.tensor([0] * 40 + [1] * 5 + [2] * 12)
+    assert subsample_per_class(ids, 40, 3) is None  # nothing over capacity: keep all
+    hits = torch.zeros(ids.numel())
+    for seed in range(400):
+        keep = subsample_per_class(ids, 10, 3, torch.Generator().manual_seed(seed))
+        assert torch.equal(keep, keep.sort().values)  # row order kept
+        assert torch.bincount(ids[keep], minlength=3).tolist() == [10, 5, 10]
+        hits[keep] += 1
+    # every row of an overfull class is kept with probability capacity / count, not just the last ones
+    assert torch.allclose(hits[:40] / 400, torch.full((40,), 10 / 40), atol=0.09)
+    assert torch.allclose(hits[45:] / 400, torch.full((12,), 10 / 12), atol=0.09)
+    assert (hits[40:45] == 400).all()
+
+
+def test_u2pl_queue_keeps_labeled_negatives_when_a_batch_overflows_it():
+    """More negatives of a class than the queue holds: a FIFO would keep only the last pixels pushed
+    (the unlabeled ones, after the labeled); the pushed subset is uniform, so labeled ones survive."""
+    student, teacher, probs, labels, is_labeled, reliable = random_batch(seed=2)
+    expected = loop_negatives(probs, labels, is_labeled, reliable, 3, 20)
+    c = int(expected.sum(1).argmax())
+    pixels = expected[c].nonzero().flatten()
+    capacity = pixels.numel() // 2
+    labeled_feats = F.normalize(teacher[pixels[is_labeled[pixels]]], dim=1)
+    assert labeled_feats.shape[0] > 0 and capacity < pixels.numel()
+    memory = MemoryBank(19, 16, capacity=capacity)
+    gen = torch.Generator().manual_seed(0)
+    u2pl_contrastive(
+        student, teacher, probs, labels, is_labeled, reliable, memory, PrototypeBank(19, 16), generator=gen
+    )
+    queue = memory.get(c)
+    assert queue.shape[0] == capacity
+    all_feats = F.normalize(teacher[pixels], dim=1)
+    # each queued row is one of the class's negatives, each at most once
+    match = (queue[:, None, :] - all_feats[None]).abs().amax(-1) < 1e-6
+    assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
+    assert ((queue[:, None, :] - labeled_feats[None]).abs().amax(-1) < 1e-6).any()
+
+
+def test_u2pl_under_ddp_needs_the_shared_generator():
+    student, teacher, probs, labels, is_labeled, reliable = random_batch(seed=2)
+    with pytest.raises(ValueError, match="shared_generator"):
+        u2pl_contrastive(
+            student,
+            teacher,
+            probs,
+            labels,
+            is_labeled,
+            reliable,
+            MemoryBank(19, 16),
+            PrototypeBank(19, 16),
+            gather=lambda t: t,
+        )

@@ -101,3 +101,21 @@ def test_unsupervised_weight_zero_when_nothing_kept():
     weight = unsupervised_ce_weight(torch.full((1, 4, 4), 255))
     assert float(weight) == 0.0
     assert torch.isfinite(weight)
+
+
+def test_sce_weights_each_pixel_and_keeps_the_valid_count_mean():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 4, 3, 5, generator=g)
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    target[0, 0] = 255
+    weight = torch.rand(2, 3, 5, generator=g)
+    assert torch.allclose(symmetric_ce(logits, target, weight=torch.ones(2, 3, 5)), symmetric_ce(logits, target))
+    valid = target != 255
+    per_pixel = []
+    for i, y, x in valid.nonzero().tolist():
+        one = symmetric_ce(logits[i : i + 1, :, y : y + 1, x : x + 1], target[i : i + 1, y : y + 1, x : x + 1])
+        per_pixel.append(weight[i, y, x] * one)
+    expected = torch.stack(per_pixel).sum() / valid.sum()
+    assert torch.allclose(symmetric_ce(logits, target, weight=weight), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        symmetric_ce(logits, target, weight=weight[:, :2])

@@ -197,3 +197,56 @@ def test_denoising_alone_keeps_its_prototypes(run):
     state = torch.load(run / "selftrain" / "round-1" / "train" / "checkpoint.pt", weights_only=False)
     assert "memory" not in state["extras"]  # no memory bank without the contrastive loss
     assert state["extras"]["prototypes"]["seen"].any()
+
+
+def test_denoising_keeps_full_resolution_labels_the_prototypes_do_not_change():
+    """Prototype weights are upsampled, not the labels: with no prototype seen (uniform weights) the
+    denoised labels are exactly the argmax at full resolution, not a blocky stride-4 copy."""
+    from labelpipe.losses import PrototypeBank
+    from labelpipe.stages.selftrain import denoise_labels
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(2, 5, 16, 16, generator=g), 1)
+    labels = probs.argmax(1)
+    labels[:, :3] = 255
+    rep = torch.randn(2, 8, 4, 4, generator=g)
+    out = denoise_labels(probs, rep, PrototypeBank(5, 8), labels, 255)
+    assert torch.equal(out, labels)
+    # a seen prototype close to every pixel's feature pulls the labels to its class
+    bank = PrototypeBank(5, 8, momentum=0.0)
+    bank.update(rep.permute(0, 2, 3, 1).reshape(-1, 8).mean(0, keepdim=True), torch.tensor([1]))
+    pulled = denoise_labels(probs, rep, bank, labels, 255)
+    assert (pulled == 255).equal(labels == 255) and (pulled == 1).sum() >= (labels == 1).sum()
+
+
+def test_padding_is_neither_anchor_nor_negative(tiny_root):
+    """Crops smaller than the crop size are padded with 0 / 255; the unlabeled dataset says where, and
+    the padded pixels drop out of the contrastive pixels (the mask alone cannot tell them from
+    unreliable ones)."""
+    from types import SimpleNamespace
+
+    from labelpipe.data import open_source
+    from labelpipe.data.dataset import SegmentationDataset, collate
+    from labelpipe.data.transforms import weak_transform
+    from labelpipe.stages.selftrain import contrastive_pixels
+
+    source = open_source(tiny_root)
+    samples = source.split(sorted(source.splits)[0])[:2]
+    ds = SegmentationDataset(source, samples, weak_transform(32, (0.4, 0.5), False), require_masks=False, pad_mask=True)
+    batch = collate([ds[(0, 1)], ds[(1, 2)]])
+    inside = batch["valid"]
+    assert inside.dtype == torch.bool and 0 < inside.sum() < inside.numel()
+    assert (batch["mask"][~inside] == 255).all()
+
+    b, c, d = 2, 4, 3
+    y_l = torch.zeros(b, 32, 32, dtype=torch.long)
+    y_u = torch.full((b, 32, 32), 255)
+    outputs = lambda: SimpleNamespace(main=torch.randn(b, c, 8, 8), rep=torch.randn(b, d, 8, 8))  # noqa: E731
+    t_l, t_u = outputs(), outputs()
+    rep = torch.randn(2 * b, d, 8, 8)
+    every = contrastive_pixels(rep, t_l, t_u, y_l, y_u, 255)
+    padded = contrastive_pixels(rep, t_l, t_u, y_l, y_u, 255, inside)
+    small = torch.nn.functional.interpolate(inside[:, None].float(), size=(8, 8), mode="nearest")[:, 0].bool()
+    assert every["valid"].all()
+    assert torch.equal(padded["valid"][b * 64 :], small.reshape(-1))
+    assert padded["valid"][: b * 64].all()
