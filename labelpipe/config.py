@@ -134,6 +134,8 @@ class SelftrainConfig(Section):
         "contrastive_r_l": 3,
         "contrastive_r_h": 20,
         "contrastive_anchor_threshold": 0.3,
+        "sce_log_zero": -4.0,
+        "cutmix_p": 0.5,
     }
 
     rounds: int = Field(2, ge=1)
@@ -141,6 +143,7 @@ class SelftrainConfig(Section):
     method: Literal["threshold", "cbst", "dars", "entropy", "variance"] = "dars"
     loss: Literal["ce", "sce"] = "ce"
     sce_xi: tuple[float, float] = (1.0, 0.1)
+    sce_log_zero: float = Field(-4.0, lt=0)  # RCE's clamp of log 0 (Wang et al.)
     contrastive: bool = False
     lambda_contrastive: float = 0.1  # the paper's text; the authors' config uses 1.0
     contrastive_anchors: int = 256  # M per class
@@ -158,6 +161,7 @@ class SelftrainConfig(Section):
     denoise: bool = False
     pseudo_source: Literal["stored", "teacher"] = "stored"
     strong_aug: bool = True
+    cutmix_p: float = Field(0.5, ge=0, le=1)  # per unlabeled image, with --strong-aug
     unsup_weight: float = 1.0
     steps: int | None = None  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr

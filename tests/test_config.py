@@ -58,3 +58,5 @@ def test_selftrain_settings_added_later_are_hashed_only_when_changed():
     assert SelftrainConfig(rounds=5).fingerprint_fields() == default
     changed = SelftrainConfig(contrastive_r_h=10).fingerprint_fields()
     assert changed["contrastive_r_h"] == 10 and changed != default
+    for name, default_value in SelftrainConfig.HASHED_WHEN_SET.items():  # the defaults are the fields'
+        assert getattr(SelftrainConfig(), name) == default_value, name

@@ -253,7 +253,8 @@ class RoundObjective:
             # The teacher's outputs on the unlabeled images are mixed with the same boxes: the contrastive
             # loss pairs them pixel by pixel with the student's features and the mixed labels.
             t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
-            x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, inside_u, t_main, t_rep], gen)
+            mixed = cutmix(x_u, [y_u, w_u, inside_u, t_main, t_rep], gen, st.cutmix_p)
+            x_u, (y_u, w_u, inside_u, t_main, t_rep) = mixed
             if t_out is not None:
                 t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
 
@@ -277,7 +278,7 @@ class RoundObjective:
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
             if st.loss == "sce":
-                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], ignore, weight=w_u)
+                unsup = lam * symmetric_ce(main_u, y_u, *st.sce_xi, ignore, log_zero=st.sce_log_zero, weight=w_u)
             else:
                 unsup = lam * masked_ce(main_u, y_u, ignore, weight=w_u)
         loss = sup + unsup
