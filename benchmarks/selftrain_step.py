@@ -16,11 +16,12 @@ Teacher logits are sharpened towards a synthetic ground truth (untimed) so that 
 negatives exist as in a trained model: a randomly initialised teacher is near-uniform, which
 leaves no anchor above p > 0.3 and makes the contrastive loss free.
 
-Overhead = the representation heads (teacher's and student's forwards, the student's backward: only
-the contrastive loss and denoising read them, and selftrain skips them otherwise) + contrastive (fwd +
-bwd, its labels / probabilities at rep size, memory push + sample, prototype update) + rectified (fwd +
-bwd) + denoising, as a % of a step that already has the teacher forward (teacher, online labels,
-student fwd + bwd, CE losses, SGD, EMA). With ``--rectified`` the rectified loss *replaces* the unlabeled
+Overhead = the teacher's forward on the labeled images (only the contrastive loss and the prototypes
+read it; selftrain skips it otherwise) + the representation heads (teacher's and student's forwards,
+the student's backward; skipped likewise) + contrastive (fwd + bwd, its labels / probabilities at rep
+size, memory push + sample, prototype update) + rectified (fwd + bwd) + denoising, as a % of a step
+that already has the teacher forward on the unlabeled images (teacher, online labels, student fwd +
+bwd, CE losses, SGD, EMA). With ``--rectified`` the rectified loss *replaces* the unlabeled
 CE; both views are printed.
 
     python benchmarks/selftrain_step.py [--runs 5] [--threads 2] [--backbone resnet18 --output-stride 16]
@@ -54,7 +55,7 @@ from labelpipe.teacher import EMATeacher
 NUM_CLASSES, REP_DIM, SIZE, BATCH, IGNORE = 19, 256, 257, 2, 255
 ANCHORS, NEGATIVES, TEMPERATURE, ALPHA_T, AUX_WEIGHT = 256, 50, 0.5, 0.2, 0.4
 BASE = [
-    "teacher forward (labeled + unlabeled)",
+    "teacher forward (unlabeled)",
     "online pseudo-labels (entropy split)",
     "student forward",
     "supervised CE (main + 0.4 aux) fwd+bwd",
@@ -66,14 +67,15 @@ BASE = [
 FULL_BACKWARD = "model backward (main, aux, rep)"
 E2E_BASE, E2E_FULL = "end-to-end: base step (CE)", "end-to-end: + all three (rectified for CE)"
 EXTRA = [
+    "teacher forward (labeled)",
     "rep head forwards (teacher no-grad, student)",
-    "denoising (at stride 4, labels upsampled)",
+    "denoising (prototype weights upsampled)",
     "rectified loss fwd+bwd",
     "contrastive fwd+bwd",
     "  of which u2pl_contrastive call",
     "rep head backward (contrastive grad)",
 ]
-REP_FWD, DENOISE, RECTIFIED, CONTRASTIVE, CONTRASTIVE_CALL, REP_BWD = EXTRA
+TEACHER_L, REP_FWD, DENOISE, RECTIFIED, CONTRASTIVE, CONTRASTIVE_CALL, REP_BWD = EXTRA
 
 
 def block_labels(generator: torch.Generator, block: int = 32) -> torch.Tensor:
@@ -181,10 +183,14 @@ def make_bench(device: torch.device, args: argparse.Namespace) -> Bench:
     )
 
 
-def teacher_outputs(b: Bench, with_rep: bool = True):
-    t_l, t_u = b.teacher(b.x_l, with_rep=with_rep), b.teacher(b.x_u, with_rep=with_rep)
-    t_l = t_l._replace(main=sharpen(t_l.main, b.y_l, b.noise))
-    return t_l, t_u._replace(main=sharpen(t_u.main, b.truth_u, b.noise))
+def teacher_labeled(b: Bench, with_rep: bool = True):
+    t_l = b.teacher(b.x_l, with_rep=with_rep)
+    return t_l._replace(main=sharpen(t_l.main, b.y_l, b.noise))
+
+
+def teacher_unlabeled(b: Bench, with_rep: bool = True):
+    t_u = b.teacher(b.x_u, with_rep=with_rep)
+    return t_u._replace(main=sharpen(t_u.main, b.truth_u, b.noise))
 
 
 def online_labels(b: Bench, t_u) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +229,8 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
     """
     gen = torch.Generator(device=b.device).manual_seed(step)
     b.teacher_maps.take(), b.student_maps.take()
-    t_l, t_u = timer(BASE[0], lambda: teacher_outputs(b, with_rep=False))
+    t_l = timer(TEACHER_L, lambda: teacher_labeled(b, with_rep=False))
+    t_u = timer(BASE[0], lambda: teacher_unlabeled(b, with_rep=False))
     probs_u, y_u = timer(BASE[1], lambda: online_labels(b, t_u))
     out = timer(BASE[2], lambda: b.student(torch.cat([b.x_l, b.x_u]), with_rep=False))
 
@@ -276,7 +283,8 @@ def timed_pieces(b: Bench, step: int, timer: Timer, shapes: dict) -> None:
 def whole_step(b: Bench, step: int, extras: bool) -> None:
     """RoundObjective with --pseudo-source teacher (and --denoise --rectified --contrastive), one backward."""
     gen = torch.Generator(device=b.device).manual_seed(step)
-    t_l, t_u = teacher_outputs(b, with_rep=extras)
+    t_l = teacher_labeled(b, with_rep=True) if extras else None  # only the contrastive loss reads it
+    t_u = teacher_unlabeled(b, with_rep=extras)
     probs_u, y_u = online_labels(b, t_u)
     if extras:
         y_u = denoise(b, t_u, probs_u, y_u)
