@@ -142,6 +142,15 @@ def main() -> None:
     report(out)
 
 
+def paired_gain(latest: dict, protocol: str, seeds: list[int], name: str, reference: str) -> str:
+    """Mean ± std over seeds of (name - reference) within each seed: the seeds' own spread cancels."""
+    paired = [s for s in seeds if (protocol, s, reference) in latest]
+    if name in ("pretrain", reference) or not paired:
+        return "-"
+    d = 100 * np.asarray([latest[(protocol, s, name)][0] - latest[(protocol, s, reference)][0] for s in paired])
+    return f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f} ({len(d)})"
+
+
 def report(out: Path) -> None:
     """Mean and std over seeds of every finished run under ``out`` (the last result of each run counts)."""
     latest: dict[tuple[str, int, str], tuple[float, float]] = {}
@@ -153,11 +162,12 @@ def report(out: Path) -> None:
         m = json.loads(metrics_file.read_text())
         latest[(protocol, int(seed), "pretrain")] = (m["miou"], m["tail_miou"])
     order = ["pretrain", *CONFIGS]
+    control = next(iter(CONFIGS))
     print(
         "| protocol | model | seeds | mIoU % (mean ± std) | tail mIoU % (mean ± std) | "
-        "mIoU gain over the seed's pretrain | per seed (mIoU) |"
+        "mIoU gain over the seed's pretrain | over the seed's control | per seed (mIoU) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for protocol in sorted({k[0] for k in latest}):
         for name in order:
             seeds = sorted(s for (p, s, n) in latest if p == protocol and n == name)
@@ -166,16 +176,12 @@ def report(out: Path) -> None:
             arr = 100 * np.asarray([latest[(protocol, s, name)] for s in seeds])
             std = arr.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(2)  # sample std over seeds
             per_seed = ", ".join(f"s{s} {v:.1f}" for s, v in zip(seeds, arr[:, 0], strict=True))
-            paired = [s for s in seeds if (protocol, s, "pretrain") in latest]
-            gain = "-"
-            if name != "pretrain" and paired:  # per-seed differences: the seeds' pretrain spread cancels
-                d = 100 * np.asarray(
-                    [latest[(protocol, s, name)][0] - latest[(protocol, s, "pretrain")][0] for s in paired]
-                )
-                gain = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f} ({len(d)})"
+
             print(
                 f"| {protocol} | {name} | {len(seeds)} | {arr[:, 0].mean():.1f} ± {std[0]:.1f} | "
-                f"{arr[:, 1].mean():.1f} ± {std[1]:.1f} | {gain} | {per_seed} |"
+                f"{arr[:, 1].mean():.1f} ± {std[1]:.1f} | {paired_gain(latest, protocol, seeds, name, 'pretrain')} | "
+                f"{paired_gain(latest, protocol, seeds, name, control)} | "
+                f"{per_seed} |"
             )
 
 
