@@ -21,6 +21,20 @@ from labelpipe.errors import LabelpipeError
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # What a stage's fingerprint leaves out: settings that change how a run goes, not what it computes
+    # (changing them resumes a run instead of restarting it) ...
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset()
+    # ... and settings added after runs existed, while they hold these defaults (old runs stay up to date).
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {}
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that define a stage's result (what its fingerprint hashes)."""
+        fields = self.model_dump(mode="json", exclude=set(self.EXECUTION_ONLY))
+        for name, default in self.HASHED_WHEN_SET.items():
+            if fields.get(name) == default:
+                del fields[name]
+        return fields
+
 
 class DigitScapesConfig(Section):
     seed: int = 0
@@ -82,7 +96,6 @@ class TrainConfig(Section):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     compile_backend: str = "inductor"
 
-    # How the run goes, not what it computes: changing these resumes a run instead of restarting it.
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
         {
             "checkpoint_every",
@@ -96,16 +109,7 @@ class TrainConfig(Section):
         }
     )
 
-    # Settings added after runs existed: hashed only when set, so a new labelpipe keeps old runs up to date.
     HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"schedule_steps": None, "warmup_steps": 0}
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The settings that define the trained weights (what a stage's fingerprint hashes)."""
-        fields = self.model_dump(mode="json", exclude=set(self.EXECUTION_ONLY))
-        for name, default in self.HASHED_WHEN_SET.items():
-            if fields.get(name) == default:
-                del fields[name]
-        return fields
 
 
 class PredictConfig(Section):
@@ -128,8 +132,7 @@ class PseudolabelConfig(Section):
 
 
 class SelftrainConfig(Section):
-    # Settings added after runs existed: in a round's fingerprint only when changed from the default, so
-    # those runs stay up to date.
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"rounds"})  # a round does not depend on the count
     HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {
         "contrastive_r_l": 3,
         "contrastive_r_h": 20,
@@ -166,14 +169,6 @@ class SelftrainConfig(Section):
     steps: int | None = None  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """What a round's training fingerprint hashes (``rounds`` is not: a round does not depend on it)."""
-        fields = self.model_dump(mode="json", exclude={"rounds"})
-        for name, default in self.HASHED_WHEN_SET.items():
-            if fields.get(name) == default:
-                del fields[name]
-        return fields
 
 
 class EvaluateConfig(Section):

@@ -120,7 +120,7 @@ class SegmentationDataset(Dataset):
                 if self.transform is not None:
                     # Masks move together; padding fills every Mask with 255, so an all-zero mask
                     # comes out 255 exactly on the padding.
-                    extra = [t for t in (weight,) if t is not None]
+                    extra = [] if weight is None else [weight]
                     if self.pad_mask:
                         extra.append(tv_tensors.Mask(torch.zeros(mask.shape[-2:], dtype=torch.uint8)))
                     image, mask, *extra = self.transform(image, mask, *extra)

@@ -589,16 +589,6 @@ def test_u2pl_queue_keeps_labeled_negatives_when_a_batch_overflows_it():
 
 
 def test_u2pl_under_ddp_needs_the_shared_generator():
-    student, teacher, probs, labels, is_labeled, reliable = random_batch(seed=2)
+    memory, prototypes = MemoryBank(19, 16), PrototypeBank(19, 16)
     with pytest.raises(ValueError, match="shared_generator"):
-        u2pl_contrastive(
-            student,
-            teacher,
-            probs,
-            labels,
-            is_labeled,
-            reliable,
-            MemoryBank(19, 16),
-            PrototypeBank(19, 16),
-            gather=lambda t: t,
-        )
+        u2pl_contrastive(*random_batch(seed=2), memory, prototypes, gather=lambda t: t)
