@@ -27,7 +27,7 @@ def test_compiled_training_saves_plain_weights(data_cache, tmp_path):
     with safe_open(run / "pretrain" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
-    state = torch.load(run / "pretrain" / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "pretrain" / "checkpoint.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in state["model"])
     # compile settings are not part of what the weights are: without them the run is up to date
     saved = (run / "pretrain" / "model.safetensors").stat().st_mtime_ns

@@ -167,7 +167,7 @@ def test_ddp_ranks_gather_uneven_rows_average_gradients_and_end_with_the_same_we
     out_dir, run = tmp_path / "out", tmp_path / "run"
     out_dir.mkdir()
     log = torchrun([str(out_dir), str(run)], data_cache, module="tests.test_distributed")
-    ranks = [torch.load(out_dir / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(out_dir / f"rank-{r}.pt", weights_only=True) for r in range(2)]
 
     for res in ranks:  # every rank gets every rank's rows, in rank order
         g = res["gather"]
@@ -234,7 +234,7 @@ def test_pretrain_on_two_ranks_resumes_after_sigkill(data_cache, tmp_path):
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["status"] == "done"
     steps = [json.loads(line)["step"] for line in log_path.read_text().splitlines() if "loss" in line]
     assert steps == list(range(1, 21))  # unique: the records past the checkpoint were dropped
-    rngs = torch.load(ckpt, weights_only=False)["rng"]  # every rank's own stream (dropout), kept for resume
+    rngs = torch.load(ckpt, weights_only=True)["rng"]  # every rank's own stream (dropout), kept for resume
     assert isinstance(rngs, list) and len(rngs) == 2
     assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 

@@ -1,4 +1,4 @@
-"""Training checkpoints (full state, pickle) and shareable model weights (safetensors).
+"""Training checkpoints (full state) and shareable model weights (safetensors).
 
 A checkpoint holds everything a resumed run needs to continue the same trajectory: model,
 optimizer, LR schedule, AMP scaler, extra components (EMA teacher, memory banks, prototypes),
@@ -22,7 +22,13 @@ from labelpipe.store.atomic import atomic_path
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors, ints, floats and strings only, so checkpoints load with ``weights_only``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -30,7 +36,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -42,12 +50,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None when there is none).
+
+    Loaded with ``weights_only=True``: torch's restricted unpickler builds tensors, containers and
+    primitives only, so a planted pickle (``__reduce__`` -> ``os.system``) is refused, never run.
+    """
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise LabelpipeError(f"{path}: checkpoint is unreadable ({exc}); delete it or rerun with --force") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LabelpipeError(
+            f"{path}: checkpoint is unreadable or holds more than tensors ({reason[:200]}); "
+            "delete it or rerun with --force"
+        ) from exc
 
 
 def save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ def test_killed_pretrain_resumes_to_the_same_weights(data_cache, tmp_path):
     manifest = json.loads((killed / "pretrain" / "manifest.json").read_text())
     assert manifest["status"] == "running", "the run finished before it could be killed; make it longer"
     assert not (killed / "pretrain" / "model.safetensors").exists()
-    step_at_kill = torch.load(killed / "pretrain" / "checkpoint.pt", weights_only=False)["step"]
+    step_at_kill = torch.load(killed / "pretrain" / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step_at_kill < 24
 
     resumed = subprocess.run(cli(killed, *LONG), check=True, env=env(), capture_output=True, text=True)

@@ -160,7 +160,7 @@ def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((train_dir / "manifest.json").read_text())["status"] == "running"
-    state = torch.load(train_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(train_dir / "checkpoint.pt", weights_only=True)
     assert 0 < state["step"] < 16
     assert {"teacher", "memory", "prototypes"} <= set(state["extras"])
 
@@ -194,7 +194,7 @@ def test_denoising_alone_keeps_its_prototypes(run):
     features into the prototypes, rather than comparing against prototypes never seen."""
     args = ["selftrain", "--config", str(TINY_RECIPE), "--run", str(run), "--device", "cpu", "--rounds", "1"]
     assert run_cli([*args, "--denoise", "--no-contrastive"]) == 0
-    state = torch.load(run / "selftrain" / "round-1" / "train" / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "selftrain" / "round-1" / "train" / "checkpoint.pt", weights_only=True)
     assert "memory" not in state["extras"]  # no memory bank without the contrastive loss
     assert state["extras"]["prototypes"]["seen"].any()
 
