@@ -1,16 +1,39 @@
-"""matplotlib (Agg) figures for reports: written atomically, never shown."""
+"""matplotlib (Agg) figures for reports: written atomically, never shown.
+
+matplotlib is imported on the first figure, not with this module: ``colorize`` (used by ``segment``)
+and the commands that draw nothing start without paying for it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from labelpipe.store.atomic import atomic_path
 
-from labelpipe.store.atomic import atomic_path  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot
+
+
+class _LazyPyplot:
+    """``matplotlib.pyplot`` with the Agg backend, imported on first attribute access."""
+
+    _module: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _LazyPyplot._module is None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot
+
+            _LazyPyplot._module = matplotlib.pyplot
+        return getattr(_LazyPyplot._module, name)
+
+
+plt: matplotlib.pyplot = _LazyPyplot()  # type: ignore[assignment]
 
 
 def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int = 255) -> np.ndarray:
@@ -21,7 +44,7 @@ def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index
     return lut[mask]
 
 
-def save(fig: plt.Figure, path: Path) -> Path:
+def save(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
