@@ -132,3 +132,58 @@ def class_distributions(dists: dict[str, np.ndarray], names: list[str], path: Pa
     ax.set_title(title)
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def training_curves(records: list[dict], path: Path, rounds: list[dict] | None = None, title: str = "") -> Path:
+    """The curves of one training stage from its ``log.jsonl`` records (ALGORITHMS-agnostic).
+
+    Panels against the optimizer step: every loss term (keys ``loss``/``loss_*``, log scale when
+    positive), the learning rate, images/s, and the validation numbers (``val_miou`` and the other
+    ``val_*`` rates in [0, 1]). With ``rounds`` (self-training: one dict per round with ``round`` and
+    optional ``kept_fraction`` / ``precision`` / ``pseudo_miou``), a last panel shows them per round.
+    """
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if any(k.startswith("val_") for k in r)]
+    loss_keys = sorted({k for r in train for k in r if k == "loss" or k.startswith("loss_")}, key=lambda k: k != "loss")
+    val_keys = sorted({k for r in val for k in r if k.startswith("val_")}, key=lambda k: k != "val_miou")
+    panels = ["loss", "lr", "images/s", "validation"] + (["pseudo-labels per round"] if rounds else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False)
+    ax_loss, ax_lr, ax_speed, ax_val = axes[0][:4]
+    steps = [r["step"] for r in train]
+    for key in loss_keys:
+        points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), label=key, lw=1.2 if key == "loss" else 0.9)
+    if loss_keys and all(r.get(k, 1) > 0 for r in train for k in loss_keys if isinstance(r.get(k), (int, float))):
+        ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=6)
+    ax_lr.plot(steps, [r.get("lr", np.nan) for r in train], color="tab:green")
+    ax_speed.plot(steps, [r.get("images_per_s", np.nan) for r in train], color="tab:purple")
+    for key in val_keys:
+        points = [(r["step"], r[key]) for r in val if isinstance(r.get(key), (int, float))]
+        if points:
+            ax_val.plot(*zip(*points, strict=True), marker="o", ms=3, label=key.removeprefix("val_"))
+    ax_val.set_ylim(0, 1)
+    if val_keys:
+        ax_val.legend(fontsize=6)
+    for ax, name in zip(axes[0], panels, strict=False):
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if name != "pseudo-labels per round":
+            ax.set_xlabel("step", fontsize=8)
+    if rounds:
+        ax = axes[0][4]
+        numbers = [r["round"] for r in rounds]
+        for key, label in (("kept_fraction", "kept fraction"), ("precision", "precision"), ("pseudo_miou", "mIoU")):
+            values = [r.get(key) for r in rounds]
+            if any(v is not None for v in values):
+                ax.plot(numbers, [np.nan if v is None else v for v in values], marker="o", label=label)
+        ax.set_xticks(numbers)
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)

@@ -49,6 +49,7 @@ from labelpipe.losses import (
 from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.common import StageContext, class_prior, model_path, open_context
+from labelpipe.stages.curves import round_history
 from labelpipe.stages.predict import run_predict
 from labelpipe.stages.pretrain import for_training, make_validator, model_metadata, step_loader
 from labelpipe.stages.pseudolabel import run_pseudolabel
@@ -445,6 +446,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
                 extras=objective.extras(),
                 after_step=after_step,
                 description=f"round {k}",
+                curve_rounds=lambda: round_history(ctx.run_dir / "selftrain", k),
             )
         )
     except BaseException as exc:

@@ -75,6 +75,8 @@ class TrainJob:
     extras: dict[str, Stateful] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
     description: str = "train"
+    # Extra per-round numbers for curves.png (self-training: kept fraction, pseudo-label precision).
+    curve_rounds: Callable[[], list[dict[str, Any]]] | None = None
 
 
 def _first(rng: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,8 +137,22 @@ def _sync_buffers(module: torch.nn.Module, rt: Runtime) -> None:
             offset += b.numel()
 
 
+def _refresh_curves(job: TrainJob) -> None:
+    """Redraw ``curves.png`` from ``log.jsonl`` (rank 0). A figure that cannot be drawn must not stop
+    a training run: it is reported and the run goes on."""
+    from labelpipe.stages.curves import write_curves
+
+    try:
+        write_curves(job.stage_dir, job.curve_rounds() if job.curve_rounds else None, job.description)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"note: {job.stage_dir / 'curves.png'} not drawn ({type(exc).__name__}: {exc})")
+
+
 def train(job: TrainJob) -> dict[str, Any]:
-    """Run (or resume) training to ``total_steps``; returns the last validation metrics."""
+    """Run (or resume) training to ``total_steps``; returns the last validation metrics.
+
+    Rank 0 redraws ``curves.png`` after every validation and at the end.
+    """
     cfg, rt, model = job.cfg, job.runtime, job.model
     ckpt_path = job.stage_dir / "checkpoint.pt"
     optimizer = build_optimizer(model, cfg)
@@ -214,6 +230,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     )
     model.train()
     t_last, n_images = time.time(), 0
+    curves_at = None  # the step curves.png was last drawn at
     with progress:
         task = progress.add_task(job.description, total=job.total_steps, completed=start, info="")
         for step, batch in zip(range(start, job.total_steps), job.batches(start), strict=False):
@@ -251,6 +268,9 @@ def train(job: TrainJob) -> dict[str, Any]:
                 last_val = job.validate(model)
                 model.train()
                 log({"step": done, **{f"val_{k}": v for k, v in last_val.items()}})
+                if rt.is_main:
+                    _refresh_curves(job)
+                    curves_at = done
                 if writer is not None:
                     for key, value in last_val.items():
                         writer.add_scalar(f"val/{key}", value, done)
@@ -261,6 +281,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     _sync_buffers(model, rt)  # every rank ends with the weights rank 0 saves
     if log_file is not None:
         log_file.close()
+        if curves_at != job.total_steps or not (job.stage_dir / "curves.png").is_file():
+            _refresh_curves(job)
     if writer is not None:
         writer.close()
     return last_val
