@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -473,22 +474,20 @@ def estimate_worker(recipe: str, stage: str, batch: int, precision: str, world: 
     return est.peak - ddp, est.peak, est.seconds
 
 
-def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> dict[str, Any]:
-    """Peak CUDA memory of gpu_memory.py's steady-state step (its Trainee) on real CUDA tensors.
+def device_trainee(gm, device: Any) -> type:
+    """gpu_memory.py's ``Trainee`` whose step runs on ``device`` (CUDA: with CUDA autocast).
 
     The Trainee draws its batch with torch.randn / randint / rand; a TorchFunctionMode sends those calls
-    (and only those made in gpu_memory.py itself, without a generator) to the GPU, so labelpipe's own
-    functions (CutMix, the contrastive loss) run as they do in a CUDA run. The step itself is the Trainee's
-    with CUDA autocast (bf16) in place of its CPU one.
+    (only those made in gpu_memory.py itself, and not those with a generator) to ``device``, so labelpipe's
+    own functions (CutMix, the contrastive loss) run as they do in a CUDA run. The step is the Trainee's
+    with CUDA autocast (bf16) in place of its CPU one. Build it under ``with torch.device(device)``.
     """
     import torch
     from torch.overrides import TorchFunctionMode
 
-    gm = gpu_memory_module()
-    device = torch.device("cuda")
     factories = {torch.randn, torch.randint, torch.rand, torch.zeros, torch.ones, torch.empty, torch.full}
 
-    class InputsOnCuda(TorchFunctionMode):
+    class InputsOnDevice(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = dict(kwargs or {})
             caller = sys._getframe(1).f_globals.get("__name__")
@@ -496,10 +495,10 @@ def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> di
                 kwargs["device"] = device
             return func(*args, **kwargs)
 
-    class CudaTrainee(gm.Trainee):
+    class DeviceTrainee(gm.Trainee):
         def step(self, step: int) -> None:
             objective = self.pretrain_loss if self.stage == "pretrain" else self.selftrain_loss
-            with InputsOnCuda(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with InputsOnDevice(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 loss = objective(step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -507,6 +506,16 @@ def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> di
             if self.teacher is not None:
                 self.teacher.update(self.student, step)
 
+    return DeviceTrainee
+
+
+def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> dict[str, Any]:
+    """Peak CUDA memory of gpu_memory.py's steady-state step (its Trainee, see :func:`device_trainee`)."""
+    import torch
+
+    gm = gpu_memory_module()
+    device = torch.device("cuda")
+    CudaTrainee = device_trainee(gm, device)  # noqa: N806 - a class
     setting = load_memory_setting(recipe, stage)
     gc.collect()
     torch.cuda.empty_cache()
@@ -996,6 +1005,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Module is None")  # MemTracker's, on the EMA teacher
     if args.pseudolabel_worker:
         work, maps, height, width, out_json = args.pseudolabel_worker
         pseudolabel_worker(Path(work), int(maps), int(height), int(width), Path(out_json))
