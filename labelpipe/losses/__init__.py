@@ -13,7 +13,7 @@ from labelpipe.losses.contrastive import (
     prototype_weights,
     u2pl_contrastive,
 )
-from labelpipe.losses.rectified import prediction_variance, rectified_loss
+from labelpipe.losses.rectified import OftenBalance, prediction_variance, rectified_loss
 from labelpipe.losses.sce import masked_ce, symmetric_ce, unsupervised_ce_weight
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "negative_masks",
     "prediction_variance",
     "prototype_weights",
+    "OftenBalance",
     "rectified_loss",
     "symmetric_ce",
     "u2pl_contrastive",

@@ -16,12 +16,19 @@ Options (the paper's form is the default):
   every pixel, ignored ones included with CE = 0, so ``var`` of ignored pixels is penalised too).
 - ``aux_weight``: adds ``aux_weight *`` the same loss with CE on the aux head (authors: 0.5).
 
-``kl_direction="aux||main", mean_over="all", aux_weight=0.5`` reproduces the authors' code.
-Logits whose spatial size differs from the target's are upsampled bilinearly (align_corners=False)
-to the target's size first.
+- ``class_weight``: (C,) per-class weights of the CE (``weight[y] * CE``, as torch's ``weight=`` with
+  reduction none); the authors' published command re-estimates them every step with
+  :class:`OftenBalance` (``--class-balance --often-balance --max-value 7``).
+- ``align_corners``: how lower-resolution logits are upsampled to the target's size (bilinear);
+  ``False`` by default, ``True`` in the authors' code.
+
+``kl_direction="aux||main", mean_over="all", aux_weight=0.5, align_corners=True`` with
+:class:`OftenBalance` weights reproduces the authors' code.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +38,10 @@ KL_DIRECTIONS = ("main||aux", "aux||main")
 MEAN_OVER = ("valid", "all")
 
 
-def _resize_to(logits: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+def _resize_to(logits: Tensor, size: torch.Size | tuple[int, int], align_corners: bool = False) -> Tensor:
     if tuple(logits.shape[2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def _kl_per_pixel(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -55,6 +62,7 @@ def _rectified_term(
     ignore_index: int,
     self_first: bool,
     mean_over: str,
+    class_weight: Tensor | None = None,
 ) -> Tensor:
     """The rectified loss with CE on the 'self' head; ``self_first`` picks KL(self||other)."""
     var = _kl_per_pixel(log_p_self, log_p_other) if self_first else _kl_per_pixel(log_p_other, log_p_self)
@@ -62,6 +70,8 @@ def _rectified_term(
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     ce = -log_p_self.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    if class_weight is not None:
+        ce = class_weight.to(ce)[safe_target] * ce
     zeros = torch.zeros_like(ce)
     weighted_ce = torch.where(valid, torch.exp(-var) * ce, zeros)
     if mean_over == "valid":
@@ -78,6 +88,8 @@ def rectified_loss(
     kl_direction: str = "main||aux",
     mean_over: str = "valid",
     aux_weight: float = 0.0,
+    class_weight: Tensor | None = None,
+    align_corners: bool = False,
 ) -> Tensor:
     """Scalar rectified loss; logits (B, C, H, W) (any spatial size), target (B, H, W) long.
 
@@ -89,10 +101,49 @@ def rectified_loss(
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over must be one of {MEAN_OVER}, got {mean_over!r}")
     size = target.shape[1:]
-    log_p_main = F.log_softmax(_resize_to(main_logits, size).float(), dim=1)
-    log_p_aux = F.log_softmax(_resize_to(aux_logits, size).float(), dim=1)
+    log_p_main = F.log_softmax(_resize_to(main_logits, size, align_corners).float(), dim=1)
+    log_p_aux = F.log_softmax(_resize_to(aux_logits, size, align_corners).float(), dim=1)
     self_first = kl_direction == "main||aux"
-    loss = _rectified_term(log_p_main, log_p_aux, target, ignore_index, self_first, mean_over)
+    term = (target, ignore_index, self_first, mean_over, class_weight)
+    loss = _rectified_term(log_p_main, log_p_aux, *term)
     if aux_weight != 0.0:
-        loss = loss + aux_weight * _rectified_term(log_p_aux, log_p_main, target, ignore_index, self_first, mean_over)
+        loss = loss + aux_weight * _rectified_term(log_p_aux, log_p_main, *term)
     return loss
+
+
+class OftenBalance:
+    """Per-class CE weights re-estimated every step from the batch's pseudo-labels (the authors' form).
+
+    The rectification authors' ``--class-balance --often-balance --max-value M`` (ALGORITHMS.md section 3):
+    from the pseudo-labels of a batch of ``n`` images, with ``count_c`` the pixels of class c,
+
+        w_c     = M if count_c < min_pixels * n else 1        (rare in this batch)
+        o_c     = M if count_c == 0 else 1                     (absent from this batch)
+        often_c <- 0.9 often_c + 0.1 o_c                       (starts at 1)
+        weight_c = w_c * often_c
+
+    ``min_pixels`` is 64 * 64 at the authors' 512x256 crops; scale it with the crop area. The state
+    (``often``) is part of a training checkpoint, so a resumed run weights the same.
+    """
+
+    def __init__(self, num_classes: int, max_value: float = 7.0, min_pixels: float = 64 * 64, momentum: float = 0.9):
+        self.max_value, self.min_pixels, self.momentum = float(max_value), float(min_pixels), float(momentum)
+        self.often = torch.ones(num_classes, dtype=torch.float64)
+
+    def __call__(self, labels: Tensor, ignore_index: int = 255) -> Tensor:
+        """(C,) float32 weights from (B, H, W) pseudo-labels; updates the running ``often`` state."""
+        num_classes = self.often.numel()
+        flat = labels.reshape(-1)
+        flat = flat[(flat != ignore_index) & (flat >= 0) & (flat < num_classes)]
+        count = torch.bincount(flat.cpu(), minlength=num_classes).to(torch.float64)
+        n_images = labels.shape[0]
+        rare = torch.where(count < self.min_pixels * n_images, self.max_value, 1.0)
+        absent = torch.where(count == 0, self.max_value, 1.0)
+        self.often = self.momentum * self.often + (1 - self.momentum) * absent
+        return (rare * self.often).to(device=labels.device, dtype=torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"often": self.often.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.often = state["often"].to(torch.float64).clone()

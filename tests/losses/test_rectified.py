@@ -137,3 +137,50 @@ def test_unknown_option_is_rejected():
         rectified_loss(main, aux, target, kl_direction="sym")
     with pytest.raises(ValueError):
         rectified_loss(main, aux, target, mean_over="image")
+
+
+# --- the authors' form: per-class weights re-estimated every step, align_corners=True upsampling --------------
+
+
+def test_class_weight_multiplies_each_pixels_ce_by_the_weight_of_its_label():
+    torch.manual_seed(3)
+    main, aux = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0, :2] = 255
+    weight = torch.tensor([7.0, 1.0, 2.5])
+    got = rectified_loss(main, aux, target, kl_direction="aux||main", mean_over="all", class_weight=weight)
+    # By hand: torch's weighted CE with reduction none is weight[y] * CE; the authors then take the mean.
+    log_p = F.log_softmax(main, 1)
+    var = (F.softmax(aux, 1) * (F.log_softmax(aux, 1) - log_p)).sum(1)
+    ce = F.cross_entropy(main, target, weight=weight, ignore_index=255, reduction="none")
+    assert torch.allclose(got, (torch.exp(-var) * ce).mean() + var.mean(), atol=1e-6)
+    assert not torch.allclose(got, rectified_loss(main, aux, target, kl_direction="aux||main", mean_over="all"))
+
+
+def test_align_corners_option_upsamples_lower_resolution_logits_the_authors_way():
+    torch.manual_seed(4)
+    main, aux = torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4)
+    target = torch.randint(0, 3, (1, 9, 12))
+    up = {k: F.interpolate(t, size=(9, 12), mode="bilinear", align_corners=True) for k, t in [("m", main), ("a", aux)]}
+    expected = rectified_loss(up["m"], up["a"], target)
+    assert torch.allclose(rectified_loss(main, aux, target, align_corners=True), expected, atol=1e-6)
+    assert not torch.allclose(rectified_loss(main, aux, target, align_corners=False), expected, atol=1e-4)
+
+
+def test_often_balance_follows_the_authors_update_step_by_step():
+    from labelpipe.losses.rectified import OftenBalance
+
+    balance = OftenBalance(num_classes=3, max_value=7.0, min_pixels=4)
+    # Two images: class 0 has 10 pixels (>= 4 * 2), class 1 has 3 (rare), class 2 none (rare and absent).
+    labels = torch.full((2, 4, 4), 255)
+    labels.view(-1)[:10] = 0
+    labels.view(-1)[10:13] = 1
+    w1 = balance(labels)
+    often1 = torch.tensor([1.0, 1.0, 0.9 * 1 + 0.1 * 7])  # updated, then used
+    assert torch.allclose(w1, torch.tensor([1.0, 7.0, 7.0]) * often1)
+    w2 = balance(labels)
+    often2 = 0.9 * often1 + 0.1 * torch.tensor([1.0, 1.0, 7.0])
+    assert torch.allclose(w2, torch.tensor([1.0, 7.0, 7.0]) * often2)
+    restored = OftenBalance(num_classes=3, max_value=7.0, min_pixels=4)
+    restored.load_state_dict(balance.state_dict())  # the checkpointed state weights the next step the same
+    assert torch.equal(restored(labels), balance(labels))
