@@ -43,6 +43,11 @@ class Blend(str, Enum):
     diff = "diff"
 
 
+class SourceStyle(str, Enum):
+    textured = "textured"
+    smooth = "smooth"
+
+
 class Method(str, Enum):
     threshold = "threshold"
     cbst = "cbst"
@@ -329,6 +334,10 @@ def data_build(
     seed: int = 0,
     size: Size = Size.default,
     blend: Blend = Blend.alpha,
+    source_style: Annotated[
+        SourceStyle,
+        typer.Option(help="Source domain: procedural textures + distractor strokes, or format 1's smooth one."),
+    ] = SourceStyle.textured,
 ) -> None:
     """Build the embedded DigitScapes data set (real digits on real photos)."""
     if name != "digitscapes":
@@ -337,9 +346,10 @@ def data_build(
     from labelpipe.data.digitscapes import build_digitscapes
 
     if root is None:
-        root = DataConfig(digitscapes={"seed": seed, "size": size.value, "blend": blend.value}).resolved_root()
-    out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value)
-    print(f"DigitScapes ({size.value}, blend={blend.value}, seed={seed}) at {out}")
+        params = {"seed": seed, "size": size.value, "blend": blend.value, "source_style": source_style.value}
+        root = DataConfig(digitscapes=params).resolved_root()
+    out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value, source_style=source_style.value)
+    print(f"DigitScapes ({size.value}, blend={blend.value}, source={source_style.value}, seed={seed}) at {out}")
 
 
 @data_app.command("show")

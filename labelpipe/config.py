@@ -40,6 +40,8 @@ class DigitScapesConfig(Section):
     seed: int = 0
     size: Literal["tiny", "default"] = "default"
     blend: Literal["alpha", "diff"] = "alpha"
+    # The source domain: procedural textures + distractor strokes (format 2), or format 1's smooth one.
+    source_style: Literal["textured", "smooth"] = "textured"
 
 
 class DataConfig(Section):
@@ -52,8 +54,11 @@ class DataConfig(Section):
         if self.root is not None:
             return Path(self.root)
         cache = Path(os.environ.get("LABELPIPE_DATA", Path.home() / ".cache" / "labelpipe"))
+        from labelpipe.data.digitscapes import FORMAT_VERSION  # the folder of another format is another build
+
         d = self.digitscapes
-        return cache / f"digitscapes-{d.size}-{d.blend}-s{d.seed}"
+        style = "" if d.source_style == "textured" else f"-{d.source_style}"
+        return cache / f"digitscapes-v{FORMAT_VERSION}-{d.size}-{d.blend}{style}-s{d.seed}"
 
 
 class ModelConfig(Section):

@@ -34,6 +34,7 @@ def open_source(
             seed=params.get("seed", 0),
             size=params.get("size", "default"),
             blend=params.get("blend", "alpha"),
+            source_style=params.get("source_style", "textured"),
         )
         kind = "folder"
     if kind in (None, "folder") and (Path(root) / "dataset.yaml").is_file():

@@ -4,7 +4,13 @@ Every scene is a small RGB canvas holding 1-3 MNIST digits; the mask gives each 
 its class (``1 + digit``), the background class 0 elsewhere, and 255 (ignore) on the ~1 px
 band around each stroke (its anti-aliased edge). Two domains share the classes:
 
-* **source** ("synthetic"): smooth colour-noise plus gradient backgrounds, flat-coloured digits;
+* **source** ("synthetic", the stand-in for a rendered source such as GTA5), in one of two styles:
+  ``textured`` (the default since format 2): procedural textures (multi-scale value noise, gratings,
+  checkers, polygons and blobs, JPEG-like blockiness, blur, sensor noise) and non-digit distractor
+  strokes drawn with the digits' own pen that stay background in the mask, so the only thing that
+  tells a digit from the rest is its shape; ``smooth`` (format 1's only source): smooth colour noise
+  plus a gradient, on which the only high-frequency structure is a digit. Both have flat-coloured
+  digits and no photograph or photo-derived pixel;
 * **target** ("real"): random crops of the photographs bundled with scikit-image and scikit-learn,
   the digit blended in (``alpha``: ``(1 - a) * photo + a * colour``; ``diff``: MNIST-M's
   ``|photo - a * 255|``), where ``a`` is the digit's intensity.
@@ -14,7 +20,7 @@ Training splits are long-tailed: a digit's class is drawn with probability propo
 gets ~36% of the digits and the tail class <1%. Validation and test draw classes uniformly, from
 digit images and photographs that no training scene uses.
 
-The build is deterministic in ``(seed, size, blend)`` and atomic: it is written into a temporary
+The build is deterministic in ``(seed, size, blend, source style)`` and atomic: it is written into a temporary
 sibling folder and renamed into place, with a ``.complete`` marker recording its parameters.
 """
 
@@ -82,7 +88,9 @@ PHOTO_NAMES = (
     "text",
     "clock",
 )
-FORMAT_VERSION = 1
+# 2: the textured source (format 1's source is ``source_style="smooth"``; targets are unchanged).
+FORMAT_VERSION = 2
+SOURCE_STYLES = ("textured", "smooth")
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,7 @@ class SceneKit:
     photos: tuple[Image.Image, ...]
     photo_pools: dict[str, list[int]]
     train_probabilities: np.ndarray  # (10,)
+    source_style: str = "textured"
 
 
 def _digit_alpha(image: np.ndarray, longest_side: int) -> np.ndarray:
@@ -270,6 +279,266 @@ def _synthetic_background(rng: np.random.Generator, side: int) -> np.ndarray:
     return mix * smooth + (1 - mix) * gradient
 
 
+# ----------------------------------------------------------------------------- the textured source
+#
+# Every generator below draws from the scene's own generator and works on whole (side, side) arrays:
+# no per-pixel Python, so a 64 x 64 scene costs about a millisecond.
+
+
+@lru_cache(maxsize=32)
+def _upsample_matrix(grid: int, side: int) -> np.ndarray:
+    """(side, grid) float32 bilinear weights: ``M @ values @ M.T`` upsamples a (grid, grid) map to the canvas."""
+    position = np.clip((np.arange(side) + 0.5) * grid / side - 0.5, 0, grid - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, grid - 1)
+    weight = (position - low).astype(np.float32)
+    matrix = np.zeros((side, grid), np.float32)
+    matrix[np.arange(side), low] += 1 - weight
+    matrix[np.arange(side), high] += weight
+    return matrix
+
+
+@lru_cache(maxsize=4)
+def _coordinates(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(side, side) float32 row and column of every pixel centre."""
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float32)
+    return rows, cols
+
+
+def _random_colour(rng: np.random.Generator, count: int = 1) -> np.ndarray:
+    """(count, 3) float32 colours 0..255."""
+    return rng.uniform(0, 255, (count, 3)).astype(np.float32)
+
+
+def _colourise(rng: np.random.Generator, level: np.ndarray) -> np.ndarray:
+    """(side, side, 3) float32 0..255: a (side, side) map in 0..1 through a random 2- or 3-colour ramp."""
+    colours = _random_colour(rng, int(rng.integers(2, 4)))
+    steps = len(colours) - 1
+    scaled = np.clip(level, 0, 1) * steps
+    index = np.minimum(scaled.astype(np.int64), steps - 1)
+    fraction = (scaled - index)[:, :, None]
+    return colours[index] * (1 - fraction) + colours[index + 1] * fraction
+
+
+def _value_noise(rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+    """(side, side, channels) float32 in 0..1: octaves of random grids (2 px to side / 2 cells), 1/f^beta weighted."""
+    beta = rng.uniform(0.3, 1.6)  # low beta: grainy; high beta: cloudy
+    total = np.zeros((channels, side, side), np.float32)
+    grid = 2
+    while grid <= side // 2:
+        values = rng.uniform(-1, 1, (channels, grid, grid)).astype(np.float32)
+        matrix = _upsample_matrix(grid, side)
+        total += np.float32(grid**-beta) * (matrix @ values @ matrix.T)  # batched over channels
+        grid *= 2
+    low, high = total.min(axis=(1, 2), keepdims=True), total.max(axis=(1, 2), keepdims=True)
+    return ((total - low) / np.maximum(high - low, 1e-6)).transpose(1, 2, 0)
+
+
+def _oriented_phase(rng: np.random.Generator, side: int, period: float) -> np.ndarray:
+    """(side, side) float32 phase (radians) of a plane wave of ``period`` px at a random angle, maybe warped."""
+    rows, cols = _coordinates(side)
+    angle = rng.uniform(0, np.pi)
+    phase = (np.cos(angle) * cols + np.sin(angle) * rows) * np.float32(2 * np.pi / period) + rng.uniform(0, 2 * np.pi)
+    if rng.random() < 0.4:  # wood grain, fabric folds: bend the stripes with low-frequency noise
+        phase = phase + np.float32(rng.uniform(1, 6)) * _value_noise(rng, side, 1)[:, :, 0]
+    return phase
+
+
+def _grating(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side) float32 0..1: sine, square or thin-line stripes, or a checkerboard, at random orientation."""
+    period = float(np.exp(rng.uniform(np.log(2.5), np.log(side / 2))))
+    wave = np.sin(_oriented_phase(rng, side, period))
+    kind = rng.integers(4)
+    if kind == 0:
+        return 0.5 + 0.5 * wave
+    if kind == 1:  # square wave with a soft edge
+        return np.clip(0.5 + 4 * wave, 0, 1)
+    if kind == 2:  # thin lines (a duty cycle well below one half): the closest a texture gets to a stroke
+        return (wave > rng.uniform(0.5, 0.95)).astype(np.float32)
+    other = np.sin(_oriented_phase(rng, side, period * rng.uniform(0.7, 1.4)))
+    return ((wave > 0) ^ (other > 0)).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side, 3) float32 0..255: one procedural texture (value noise, a grating, the smooth style, flat)."""
+    kind = rng.choice(5, p=[0.35, 0.2, 0.3, 0.1, 0.05])
+    if kind == 0:
+        return _colourise(rng, _value_noise(rng, side, 1)[:, :, 0])
+    if kind == 1:  # independent noise per channel: colourful grain
+        return _value_noise(rng, side, 3) * np.float32(255)
+    if kind == 2:
+        return _colourise(rng, _grating(rng, side))
+    if kind == 3:
+        return _synthetic_background(rng, side)
+    return np.broadcast_to(_random_colour(rng)[0], (side, side, 3)).astype(np.float32)
+
+
+def _polygon_alpha(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side) float32 0..1 coverage of a random convex polygon or bar, anti-aliased over 1 px."""
+    rows, cols = _coordinates(side)
+    centre = rng.uniform(-0.1, 1.1, 2) * side
+    if rng.random() < 0.35:  # a bar: a long thin rectangle (poles, cables, edges of things)
+        half = np.array([rng.uniform(0.2, 1.0) * side, rng.uniform(0.7, 0.12 * side)])
+        angle = rng.uniform(0, np.pi)
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        vertices = corners @ rotation.T + centre
+    else:
+        angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 8))))
+        radius = rng.uniform(0.1, 0.6) * side
+        vertices = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    # Counter-clockwise vertices (x, y): the inside lies left of every edge. Signed distance to the
+    # polygon = the smallest distance to an edge's line, positive inside (exact for convex shapes).
+    start, end = vertices, np.roll(vertices, -1, axis=0)
+    edge = end - start
+    normal = np.stack([-edge[:, 1], edge[:, 0]], axis=1) / np.maximum(np.linalg.norm(edge, axis=1, keepdims=True), 1e-6)
+    inside = (cols[None] - start[:, 0, None, None]) * normal[:, 0, None, None] + (
+        rows[None] - start[:, 1, None, None]
+    ) * normal[:, 1, None, None]
+    return np.clip(inside.min(axis=0) + 0.5, 0, 1).astype(np.float32)
+
+
+def _blob_alpha(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side) float32 0..1 coverage of a random star-shaped blob (a radius with a few harmonics)."""
+    rows, cols = _coordinates(side)
+    centre_x, centre_y = rng.uniform(-0.1, 1.1, 2) * side
+    dx, dy = cols - np.float32(centre_x), rows - np.float32(centre_y)
+    theta = np.arctan2(dy, dx)
+    radius = np.full_like(theta, rng.uniform(0.08, 0.45) * side)
+    wobble = np.zeros_like(theta)
+    for harmonic in range(1, 5):
+        wobble += np.float32(rng.uniform(0, 0.3 / harmonic)) * np.cos(harmonic * theta + np.float32(rng.uniform(0, 7)))
+    stretch = np.float32(rng.uniform(0.4, 1.0))  # ellipse-like: squash along a random axis
+    angle = rng.uniform(0, np.pi)
+    along = dx * np.float32(np.cos(angle)) + dy * np.float32(np.sin(angle))
+    across = (-dx * np.float32(np.sin(angle)) + dy * np.float32(np.cos(angle))) / stretch
+    return np.clip(radius * (1 + wobble) - np.hypot(along, across) + 0.5, 0, 1)
+
+
+def _jpeg_blocks(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """(side, side, 3) float32: 8 x 8 block DCT coefficients quantised coarsely, as a low-quality JPEG does."""
+    from scipy.fft import dctn, idctn
+
+    side = image.shape[0]
+    if side % 8:
+        return image
+    blocks = image.reshape(side // 8, 8, side // 8, 8, 3)
+    coefficients = dctn(blocks, axes=(1, 3), norm="ortho")
+    frequency = np.arange(8, dtype=np.float32)
+    step = np.float32(rng.uniform(6, 40)) * (1 + 0.6 * (frequency[:, None] + frequency[None, :]))
+    step = step[None, :, None, :, None]
+    coefficients = np.round(coefficients / step) * step
+    return idctn(coefficients, axes=(1, 3), norm="ortho").reshape(side, side, 3).astype(np.float32)
+
+
+def _textured_background(rng: np.random.Generator, side: int) -> np.ndarray:
+    """(side, side, 3) float32 0..255: a texture with 1-4 shapes (polygons, bars, blobs) in other textures,
+    then maybe blur, JPEG-like blocks and sensor noise."""
+    from scipy.ndimage import gaussian_filter
+
+    canvas = _texture(rng, side)
+    for _ in range(int(rng.integers(1, 5))):
+        coverage = _polygon_alpha(rng, side) if rng.random() < 0.5 else _blob_alpha(rng, side)
+        fill = _texture(rng, side) if rng.random() < 0.6 else _random_colour(rng)[0]
+        canvas = canvas + coverage[:, :, None] * (fill - canvas)
+    if rng.random() < 0.35:
+        canvas = gaussian_filter(canvas, sigma=(rng.uniform(0.4, 1.5), rng.uniform(0.4, 1.5), 0))
+    if rng.random() < 0.3:
+        canvas = _jpeg_blocks(rng, canvas)
+    if rng.random() < 0.5:
+        canvas = canvas + rng.normal(0, rng.uniform(2, 14), canvas.shape).astype(np.float32)
+    return np.clip(canvas, 0, 255).astype(np.float32)
+
+
+def _pen_path(rng: np.random.Generator, length: float) -> np.ndarray:
+    """(K, 2) float (x, y) points of a non-digit pen path about ``length`` px across, centred on 0.
+
+    A random curve (cubic Bezier), a partial loop (an elliptical arc of 90-250 degrees: never nearly
+    closed, which would read as a zero) or a tick (two short strokes meeting at an angle). No single
+    straight stroke: that is what a one looks like.
+    """
+    kind = rng.integers(3)
+    if kind == 0:
+        control = rng.uniform(-0.5, 0.5, (4, 2)) * length
+        t = np.linspace(0, 1, 24)[:, None]
+        return (
+            (1 - t) ** 3 * control[0]
+            + 3 * (1 - t) ** 2 * t * control[1]
+            + 3 * (1 - t) * t**2 * control[2]
+            + t**3 * control[3]
+        )
+    if kind == 1:
+        start = rng.uniform(0, 2 * np.pi)
+        angles = start + np.linspace(0, rng.uniform(0.5, 1.4) * np.pi, 24)
+        radii = rng.uniform(0.15, 0.45, 2) * length
+        points = np.stack([radii[0] * np.cos(angles), radii[1] * np.sin(angles)], axis=1)
+        tilt = rng.uniform(0, np.pi)
+        return points @ np.array([[np.cos(tilt), np.sin(tilt)], [-np.sin(tilt), np.cos(tilt)]])
+    first = rng.uniform(0, 2 * np.pi)
+    second = first + rng.choice([-1, 1]) * rng.uniform(0.3, 0.8) * np.pi
+    arms = rng.uniform(0.15, 0.4, 2) * length
+    corner = np.zeros(2)
+    tip_a = corner + arms[0] * np.array([np.cos(first), np.sin(first)])
+    tip_b = corner + arms[1] * np.array([np.cos(second), np.sin(second)])
+    return np.stack([tip_a, corner, tip_b])
+
+
+def _pen_stroke(rng: np.random.Generator, side: int, digit_px: tuple[int, int]) -> np.ndarray:
+    """(side, side) float32 0..1 ink of one distractor stroke, drawn with the pen of a digit of ``digit_px``.
+
+    The pen: MNIST strokes are ~2.8 px wide in a ~20 px digit, so at a rendered digit size L the pen
+    is 0.1-0.18 L wide, with a 1-2 px soft edge as the bilinear-resized digits have.
+    """
+    length = rng.uniform(digit_px[0], digit_px[1])
+    width = rng.uniform(0.1, 0.18) * length
+    softness = rng.uniform(1.0, 2.0)
+    points = _pen_path(rng, length) + rng.uniform(0, side, 2)
+    ink = np.zeros((side, side), np.float32)
+    # Only the stroke's bounding box (plus the pen's reach) can hold ink.
+    reach = width / 2 + softness / 2 + 1
+    x0, y0 = np.clip(np.floor(points.min(axis=0) - reach).astype(int), 0, side)
+    x1, y1 = np.clip(np.ceil(points.max(axis=0) + reach).astype(int) + 1, 0, side)
+    if x1 <= x0 or y1 <= y0:
+        return ink
+    rows, cols = _coordinates(side)
+    rows, cols = rows[y0:y1, x0:x1], cols[y0:y1, x0:x1]
+    start, end = points[:-1].astype(np.float32), points[1:].astype(np.float32)
+    # Distance of every pixel to the polyline: to each segment, then the nearest segment.
+    segment = end - start
+    squared = np.maximum((segment**2).sum(axis=1), 1e-6)
+    px = cols[None] - start[:, 0, None, None]
+    py = rows[None] - start[:, 1, None, None]
+    t = np.clip((px * segment[:, 0, None, None] + py * segment[:, 1, None, None]) / squared[:, None, None], 0, 1)
+    distance = np.hypot(px - t * segment[:, 0, None, None], py - t * segment[:, 1, None, None]).min(axis=0)
+    ink[y0:y1, x0:x1] = np.clip((np.float32(width / 2) - distance) / np.float32(softness) + 0.5, 0, 1)
+    return ink
+
+
+def _draw_distractors(
+    rng: np.random.Generator, canvas: np.ndarray, digit_ink: np.ndarray, digit_px: tuple[int, int], count: int
+) -> None:
+    """Draw ``count`` pen strokes into ``canvas`` (in place), each in a colour that contrasts with what is
+    under it, and kept 2 px clear of ``digit_ink`` (bool, any ink of a digit) so that no stroke touches
+    a digit and changes its shape; the mask is not touched (the strokes are background)."""
+    clear = digit_ink.copy()
+    for _ in range(2):  # grow the digits' ink by 2 px (4-neighbourhood)
+        grown = clear.copy()
+        grown[1:] |= clear[:-1]
+        grown[:-1] |= clear[1:]
+        grown[:, 1:] |= clear[:, :-1]
+        grown[:, :-1] |= clear[:, 1:]
+        clear = grown
+    side = canvas.shape[0]
+    for _ in range(count):
+        ink = _pen_stroke(rng, side, digit_px)
+        ink[clear] = 0
+        under = ink > 0.5
+        if not under.any():
+            continue
+        colour = _contrasting_colour(rng, canvas[under])
+        canvas += ink[:, :, None] * (colour - canvas)
+
+
 def _photo_crop(rng: np.random.Generator, photo: Image.Image, side: int) -> np.ndarray:
     """(side, side, 3) float32 0..255: a random square of the photo, randomly rescaled to the canvas."""
     width, height = photo.size
@@ -311,8 +580,9 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     """One scene: (H, W, 3) uint8 image, (H, W) uint8 mask, and the digits drawn into it."""
     spec = kit.spec
     side = spec.canvas
+    textured = plan.domain == "source" and kit.source_style == "textured"
     if plan.domain == "source":
-        canvas = _synthetic_background(rng, side)
+        canvas = _textured_background(rng, side) if textured else _synthetic_background(rng, side)
     else:
         photo_index = kit.photo_pools[plan.pool][int(rng.integers(len(kit.photo_pools[plan.pool])))]
         canvas = _photo_crop(rng, kit.photos[photo_index], side)
@@ -320,6 +590,7 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     probabilities = kit.train_probabilities if plan.long_tailed else None
     boxes: list[tuple[int, int, int, int]] = []
     drawn: list[int] = []
+    digit_ink = np.zeros((side, side), bool)
     for _ in range(int(rng.integers(1, spec.max_digits + 1))):
         digit = int(rng.choice(10, p=probabilities))
         pool = kit.digit_pools[plan.pool][digit]
@@ -353,11 +624,16 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
         stroke, band = _stroke_and_band(alpha)
         region_mask[band] = IGNORE_INDEX
         region_mask[stroke] = 1 + digit
+        digit_ink[top : top + height, left : left + width] |= alpha > 0
+    if textured:
+        # Drawn last, but only where no digit is, so the order does not matter; the scene's own
+        # generator continues, so the digits above are what the same scene's digits would be anyway.
+        _draw_distractors(rng, canvas, digit_ink, spec.digit_px, int(rng.integers(0, spec.max_digits + 2)))
     image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
     return image, mask, drawn
 
 
-def prepare_kit(seed: int, size: str, blend: str) -> SceneKit:
+def prepare_kit(seed: int, size: str, blend: str, source_style: str = "textured") -> SceneKit:
     """Load digits and photographs and split both into disjoint train and test pools."""
     digits, labels = load_digit_images()
     order = np.random.default_rng([seed, 102]).permutation(len(labels))
@@ -375,6 +651,7 @@ def prepare_kit(seed: int, size: str, blend: str) -> SceneKit:
         photos=photos,
         photo_pools=photo_pools(len(photos)),
         train_probabilities=training_class_probabilities(seed),
+        source_style=source_style,
     )
 
 
@@ -406,8 +683,8 @@ def _write_split_scenes(
     return ids, counts
 
 
-def _write_build(folder: Path, seed: int, size: str, blend: str) -> None:
-    kit = prepare_kit(seed, size, blend)
+def _write_build(folder: Path, seed: int, size: str, blend: str, source_style: str) -> None:
+    kit = prepare_kit(seed, size, blend, source_style)
     spec = kit.spec
     for sub in ("images", "masks", "splits"):
         (folder / sub).mkdir(parents=True)
@@ -442,6 +719,8 @@ def _write_build(folder: Path, seed: int, size: str, blend: str) -> None:
             "seed": seed,
             "size": size,
             "blend": blend,
+            "source_style": source_style,
+            "format": FORMAT_VERSION,
             "rho": RHO,
             "canvas": spec.canvas,
             "long_tail_order": long_tail_order(seed),
@@ -459,13 +738,14 @@ def _write_build(folder: Path, seed: int, size: str, blend: str) -> None:
     )
 
 
-def _build_parameters(seed: int, size: str, blend: str) -> dict[str, object]:
+def _build_parameters(seed: int, size: str, blend: str, source_style: str) -> dict[str, object]:
     return {
         "dataset": "digitscapes",
         "format": FORMAT_VERSION,
         "seed": seed,
         "size": size,
         "blend": blend,
+        "source_style": source_style,
         "rho": RHO,
     }
 
@@ -485,7 +765,7 @@ def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
         if found == parameters:
             return True
         shown = (
-            ", ".join(f"{key}={found.get(key)}" for key in ("seed", "size", "blend"))
+            ", ".join(f"{key}={found.get(key)}" for key in ("format", "seed", "size", "blend", "source_style"))
             if isinstance(found, dict)
             else "unreadable parameters"
         )
@@ -497,20 +777,28 @@ def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
     return False
 
 
-def build_digitscapes(root: Path, seed: int = 0, size: str = "default", blend: str = "alpha") -> Path:
+def build_digitscapes(
+    root: Path, seed: int = 0, size: str = "default", blend: str = "alpha", source_style: str = "textured"
+) -> Path:
     """Build DigitScapes into ``root`` in the generic folder layout and return ``root``.
 
-    A no-op when ``root`` already holds the same complete build. Raises :class:`LabelpipeError` when
-    it holds anything else.
+    ``source_style`` picks the source domain (``textured`` or format 1's ``smooth``); the target
+    domain does not depend on it. A no-op when ``root`` already holds the same complete build (same
+    format version too). Raises :class:`LabelpipeError` when it holds anything else, an older
+    format's build included (the default cache folder names the format, so it rebuilds elsewhere).
     """
     root = Path(root)
     if size not in SIZES:
         raise LabelpipeError(f"DigitScapes: unknown size '{size}'; use one of: {', '.join(SIZES)}")
     if blend not in BLENDS:
         raise LabelpipeError(f"DigitScapes: unknown blend '{blend}'; use one of: {', '.join(BLENDS)}")
+    if source_style not in SOURCE_STYLES:
+        raise LabelpipeError(
+            f"DigitScapes: unknown source style '{source_style}'; use one of: {', '.join(SOURCE_STYLES)}"
+        )
     if not isinstance(seed, int) or seed < 0:
         raise LabelpipeError(f"DigitScapes: seed must be a non-negative integer, got {seed!r}")
-    parameters = _build_parameters(seed, size, blend)
+    parameters = _build_parameters(seed, size, blend, source_style)
     if _is_same_complete_build(root, parameters):
         return root
 
@@ -519,7 +807,7 @@ def build_digitscapes(root: Path, seed: int = 0, size: str = "default", blend: s
     if staging.exists():
         shutil.rmtree(staging)  # left over by an interrupted build of this process id
     try:
-        _write_build(staging, seed, size, blend)
+        _write_build(staging, seed, size, blend, source_style)
         (staging / ".complete").write_text(json.dumps(parameters, sort_keys=True) + "\n")
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,16 @@ from PIL import Image
 from labelpipe.data.base import IGNORE_INDEX, read_mask, read_pair
 from labelpipe.data.digitscapes import (
     CLASSES,
+    FORMAT_VERSION,
     PALETTE,
     SIZES,
+    SPLIT_PLANS,
+    _draw_distractors,
     build_digitscapes,
     load_digit_images,
     long_tail_order,
+    prepare_kit,
+    render_scene,
     training_class_probabilities,
 )
 from labelpipe.data.folder import load_folder_dataset
@@ -32,6 +39,33 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _file_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# sha256 of the decoded pixels (image then mask, in split order) of the tiny seed-0 build made by format 1
+# (commit eced68e): its targets must never change, and its source is the `smooth` style.
+FORMAT_1_PIXEL_DIGESTS = {
+    "source_train": "2a093ea88e5ed6fdbfb18ae3fc310299f48ff8ceb233937ad4324ce3c0617da0",
+    "target_train": "70bf657fe3d84afbd87c57c600ace7d47e1693f294e1d691620d947ff49a4fad",
+    "target_val": "9077ca95c93ded62c50b9135f668334e19a202c77292a2d00c8f9b8fe8264b21",
+    "target_test": "0f07fc7537e190b4347f0d1144da7e6f7b3e885bd0cd64125be1bab47693f650",
+}
+
+
+def _pixel_digest(root: Path, split: str) -> str:
+    """sha256 of the decoded image and mask pixels of a split (independent of the PNG encoder)."""
+    digest = hashlib.sha256()
+    for sample_id in (root / "splits" / f"{split}.txt").read_text().split():
+        for folder in ("images", "masks"):
+            with Image.open(root / folder / f"{sample_id}.png") as image:
+                digest.update(np.asarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def _high_frequency(image: np.ndarray, where: np.ndarray) -> float:
+    """Mean absolute 4-neighbour Laplacian of the grey image over the pixels ``where`` (interior only)."""
+    grey = image.astype(np.float64).mean(axis=2)
+    laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return float(np.abs(laplacian)[where[1:-1, 1:-1]].mean())
 
 
 def _digit_presence(source, split: str) -> np.ndarray:
@@ -203,3 +237,74 @@ def test_montage_png_is_written(tiny_root: Path, tmp_path: Path) -> None:
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.width > 200 and image.height > 100
+
+
+def test_targets_are_format_1_pixel_for_pixel_and_smooth_is_format_1s_source(tiny_root: Path, tmp_path: Path) -> None:
+    for split in ("target_train", "target_val", "target_test"):
+        assert _pixel_digest(tiny_root, split) == FORMAT_1_PIXEL_DIGESTS[split], split
+    assert _pixel_digest(tiny_root, "source_train") != FORMAT_1_PIXEL_DIGESTS["source_train"]
+    smooth = build_digitscapes(tmp_path / "smooth", seed=0, size="tiny", source_style="smooth")
+    assert {split: _pixel_digest(smooth, split) for split in FORMAT_1_PIXEL_DIGESTS} == FORMAT_1_PIXEL_DIGESTS
+    marker = json.loads((smooth / ".complete").read_text())
+    assert marker["format"] == FORMAT_VERSION == 2 and marker["source_style"] == "smooth"
+
+
+def test_textured_source_has_texture_where_the_smooth_one_is_flat() -> None:
+    kits = {style: prepare_kit(0, "default", "alpha", style) for style in ("textured", "smooth")}
+    source = SPLIT_PLANS[0]
+    energy = {}
+    for style, kit in kits.items():
+        values = []
+        for index in range(40):
+            image, mask, drawn = render_scene(kit, source, np.random.default_rng([7, index]))
+            assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
+            values.append(_high_frequency(image, mask == 0))
+        energy[style] = float(np.median(values))
+    # The smooth background is nearly free of high frequencies; the textured one is not.
+    assert energy["textured"] > 4 * energy["smooth"], energy
+
+
+def test_the_source_never_reads_a_photograph() -> None:
+    kit = prepare_kit(0, "tiny", "alpha", "textured")
+    kit.photos, kit.photo_pools = (), {"train": [], "test": []}  # any photo access would fail
+    for index in range(20):
+        image, mask, _ = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng(index))
+        assert image.shape == (32, 32, 3) and (mask > 0).any()
+
+
+def test_distractor_strokes_are_drawn_only_away_from_digits() -> None:
+    rng = np.random.default_rng(0)
+    digit_ink = np.zeros((64, 64), bool)
+    digit_ink[20:44, 28:36] = True
+    drawn_pixels = 0
+    for _ in range(20):
+        canvas = np.full((64, 64, 3), 128.0, np.float32)
+        _draw_distractors(rng, canvas, digit_ink, (18, 34), count=4)
+        changed = np.abs(canvas - 128).max(axis=2) > 0
+        grown = digit_ink.copy()
+        for _ in range(2):
+            padded = np.pad(grown, 1)
+            grown = grown | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+        assert not (changed & grown).any(), "a stroke came within 2 px of a digit"
+        drawn_pixels += int(changed.sum())
+    # Strokes are drawn, and with a digit's pen: thin lines, not areas (~4 strokes x ~25 px x ~3 px each).
+    assert 20 * 50 < drawn_pixels < 20 * 4 * 400
+
+
+def test_an_older_format_build_is_refused_with_its_format_named(tmp_path: Path) -> None:
+    root = build_digitscapes(tmp_path / "old", seed=0, size="tiny")
+    marker = json.loads((root / ".complete").read_text())
+    (root / ".complete").write_text(json.dumps({**marker, "format": 1}))
+    with pytest.raises(LabelpipeError, match="format=1"):
+        build_digitscapes(root, seed=0, size="tiny")
+    with pytest.raises(LabelpipeError, match="unknown source style"):
+        build_digitscapes(tmp_path / "x", size="tiny", source_style="photo")
+
+
+def test_the_default_cache_folder_names_the_format_and_a_non_default_source() -> None:
+    from labelpipe.config import DataConfig
+
+    default = DataConfig().resolved_root().name
+    smooth = DataConfig(digitscapes={"source_style": "smooth"}).resolved_root().name
+    assert default == f"digitscapes-v{FORMAT_VERSION}-default-alpha-s0"
+    assert smooth == f"digitscapes-v{FORMAT_VERSION}-default-alpha-smooth-s0"
