@@ -12,13 +12,14 @@ import math
 
 import numpy as np
 
-from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.histogram import Float16Histogram, float16_bits_at_least
 from labelpipe.pseudo.validation import (
     IGNORE_LABEL,
     flat_float16,
     flat_labels,
     labeling_ratio,
     labels_below,
+    nonnegative_float16_bits,
     same_length,
 )
 
@@ -61,12 +62,13 @@ def cbst_thresholds_from_histogram(hist: Float16Histogram, alpha: float) -> np.n
 
 def cbst_pseudo_labels(label: np.ndarray, conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Keep the predicted class c where ``conf >= thresholds[c]``, else 255. label: (N,) or any shape,
-    uint8; conf: same size, float16; thresholds: (C,). Returns labels in ``label``'s shape and dtype."""
+    uint8; conf: same size, float16 >= 0; thresholds: (C,). Returns labels in ``label``'s shape and dtype.
+    Compares bit patterns (exact for float16 >= 0; see ``float16_bits_at_least``)."""
     shape = np.shape(label)
     label = flat_labels(label)
     conf = flat_float16(conf, "conf")
     same_length(label, conf, "label", "conf")
     thresholds = np.asarray(thresholds, dtype=np.float64)
     labels_below(label, thresholds.size)
-    keep = conf >= thresholds[label]
+    keep = nonnegative_float16_bits(conf, "conf") >= np.take(float16_bits_at_least(thresholds), label)
     return np.where(keep, label, np.asarray(IGNORE_LABEL, dtype=label.dtype)).reshape(shape)

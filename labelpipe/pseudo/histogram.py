@@ -43,6 +43,13 @@ def _first_bits_at_least(threshold: float) -> int:
     return bits
 
 
+def float16_bits_at_least(thresholds: np.ndarray) -> np.ndarray:
+    """(C,) uint16: for each threshold t, the smallest non-negative float16 bit pattern whose value is >= t,
+    so that for float16 values v >= 0, ``v >= t`` exactly when ``v.view(uint16) >= bits`` (an integer
+    comparison: no float16 arithmetic, no float64 temporaries). +inf gives the pattern of +inf."""
+    return np.array([_first_bits_at_least(float(t)) for t in np.asarray(thresholds).reshape(-1)], dtype=np.uint16)
+
+
 class Float16Histogram:
     """Per-class histogram of the bit patterns of non-negative float16 values.
 
@@ -66,13 +73,20 @@ class Float16Histogram:
         self._index = np.empty(int(piece_size), dtype=np.int64)
 
     # ----------------------------------------------------------------------------------------- updates
-    def update(self, label: np.ndarray, values: np.ndarray) -> None:
-        """Add pixels: ``label`` (N,) or any shape, class ids < C; ``values`` same size, float16 >= 0."""
-        label = flat_labels(label)
+    def update(self, label: np.ndarray | None, values: np.ndarray) -> None:
+        """Add pixels: ``label`` (N,) or any shape, class ids < C (None: every pixel in class 0);
+        ``values`` same size, float16 >= 0."""
         values = flat_float16(values, "values")
+        bits = nonnegative_float16_bits(values, "values")
+        if label is None:
+            if self.num_classes != 1:
+                raise ValueError(f"label=None needs a one-class histogram, this one has {self.num_classes}")
+            for start in range(0, bits.size, self._index.size):
+                np.add.at(self._counts[0], bits[start : start + self._index.size], 1)
+            return
+        label = flat_labels(label)
         same_length(label, values, "label", "values")
         labels_below(label, self.num_classes)
-        bits = nonnegative_float16_bits(values, "values")
         flat = self._counts.reshape(-1)
         for start in range(0, label.size, self._index.size):
             piece = slice(start, min(start + self._index.size, label.size))

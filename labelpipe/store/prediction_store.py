@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from labelpipe.errors import LabelpipeError
-from labelpipe.store.atomic import temp_sibling
+from labelpipe.store.atomic import reserve_space, temp_sibling, write_bytes
 
 DEFAULT_COLUMNS = ("label", "conf", "entropy", "variance")
 COLUMN_DTYPES = {
@@ -129,8 +129,12 @@ class PartWriter:
             self.next_part += 1
             self.buffer = []
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, complete: bool = True) -> None:
+        """Write what is buffered (``complete``; not after an error or an interrupt: only whole parts are
+        kept) and wait for the writer thread; re-raises its error."""
+        if complete and self.error is None:
+            self.flush()
+        self.buffer = []
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
@@ -144,15 +148,25 @@ class PartWriter:
             path = self.dir / f"part-{self.rank:03d}-{number:06d}.h5"
             tmp = temp_sibling(path)
             try:
-                with h5py.File(tmp, "w", libver=LIBVER) as fh:
-                    grp = fh.create_group("images")
-                    for image_id, columns in images:
-                        write_image(grp, image_id, columns, self.compression)
-                    _write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
+                # The part is built in memory and written with plain file I/O: HDF5 cannot fail cleanly on a
+                # full disk (h5py segfaults while it cleans up), a Python write raises one OSError (ENOSPC).
+                data = _part_image(tmp, images, self.compression)
+                write_bytes(tmp, data)
                 os.replace(tmp, path)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
-                self.error = exc
+                self.error = exc.with_traceback(None)  # keeps no frame (and no HDF5 object) alive
                 tmp.unlink(missing_ok=True)
+
+
+def _part_image(name: Path, images: list[tuple[str, dict[str, np.ndarray]]], compression: str) -> bytes:
+    """A part file's bytes, built with HDF5's in-memory driver (nothing touches the disk)."""
+    with h5py.File(name, "w", driver="core", backing_store=False, libver=LIBVER) as fh:
+        grp = fh.create_group("images")
+        for image_id, columns in images:
+            write_image(grp, image_id, columns, compression)
+        _write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
+        fh.flush()
+        return fh.id.get_file_image()
 
 
 def _write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) -> None:
@@ -176,6 +190,9 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
         raise LabelpipeError(
             f"{where_parts}: parts lack {len(missing)} images (e.g. {missing[0]}); rerun predict to finish them"
         )
+    # HDF5 cannot fail cleanly on a full disk: make sure the store fits before writing it (the parts'
+    # sizes plus 5 %: the store holds the same compressed chunks).
+    reserve_space(out.parent, int(sum(p.stat().st_size for p in part_files) * 1.05) + (1 << 20), out)
     handles = {p: h5py.File(p, "r") for p in part_files}
     try:
         with h5py.File(tmp, "w", libver=LIBVER) as dst:
@@ -239,16 +256,61 @@ class PredictionStore:
     def shapes(self) -> list[tuple[int, int]]:
         return list(zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist(), strict=True))
 
-    def iter_chunks(self, columns: tuple[str, ...] | None = None, images_per_chunk: int = 64) -> Iterator[dict]:
-        """Yields ``{"ids": [...], "shapes": [...], column: flat concatenated array, ...}``."""
+    def iter_chunks(
+        self,
+        columns: tuple[str, ...] | None = None,
+        images_per_chunk: int | None = None,
+        max_pixels: int | None = None,
+        images: range | None = None,
+        reuse_buffers: bool = False,
+    ) -> Iterator[dict]:
+        """Yields ``{"ids": [...], "shapes": [...], "pieces": [...], column: flat concatenated array, ...}``.
+
+        ``max_pixels`` bounds a chunk in pixels (memory flat in both the number and the size of the
+        images): whole images are packed while they fit, and an image larger than the bound is split into
+        bands of rows. Then ``pieces[i] = (image index, first row, end row)`` and ``shapes[i]`` is that
+        band's (rows, width); ``ids[i]`` repeats the image's id for each of its bands. Without
+        ``max_pixels``, ``images_per_chunk`` whole images (default 64) make a chunk. ``images`` limits the
+        chunks to a range of image indices (a process's shard). Each listed column is read once, straight
+        into the chunk's arrays (``read_direct``); with ``reuse_buffers`` those arrays are reused by the
+        next chunk, so a caller must be done with a chunk before asking for the next one.
+        """
         columns = columns or tuple(c for c in self.columns if not c.startswith("topk"))
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"columns listed twice: {columns}")
         shapes = self.shapes()
-        for start in range(0, len(self.ids), images_per_chunk):
-            ids = self.ids[start : start + images_per_chunk]
-            arrays = [self.read(i, columns) for i in ids]
-            chunk: dict[str, Any] = {"ids": ids, "shapes": shapes[start : start + images_per_chunk]}
+        images = images if images is not None else range(len(self.ids))
+        plan = _chunk_plan(shapes, images, images_per_chunk, max_pixels)
+        buffers: dict[str, np.ndarray] = {}
+        group = self.file["images"]
+        for pieces in plan:
+            sizes = [(end - start) * shapes[i][1] for i, start, end in pieces]
+            total = sum(sizes)
+            chunk: dict[str, Any] = {
+                "ids": [self.ids[i] for i, _, _ in pieces],
+                "shapes": [(end - start, shapes[i][1]) for i, start, end in pieces],
+                "pieces": pieces,
+            }
             for c in columns:
-                chunk[c] = np.concatenate([a[c].ravel() for a in arrays])
+                dataset0 = group[escape_id(self.ids[pieces[0][0]])][c]
+                if reuse_buffers:
+                    if c not in buffers or buffers[c].size < total or buffers[c].dtype != dataset0.dtype:
+                        buffers[c] = np.empty(max(total, _largest_chunk(plan, shapes)), dataset0.dtype)
+                    out = buffers[c][:total]
+                else:
+                    out = np.empty(total, dataset0.dtype)
+                offset = 0
+                for (i, start, end), size in zip(pieces, sizes, strict=True):
+                    dataset = group[escape_id(self.ids[i])][c]
+                    if dataset.ndim != 2:
+                        raise LabelpipeError(f"{self.path}: column {c} of {self.ids[i]} is not a 2-D map")
+                    dest = out[offset : offset + size].reshape(end - start, shapes[i][1])
+                    if dataset.dtype == out.dtype:
+                        dataset.read_direct(dest, source_sel=np.s_[start:end])
+                    else:  # a column stored in another dtype than the first image's (e.g. uint16 labels)
+                        dest[...] = dataset[start:end]
+                    offset += size
+                chunk[c] = out
             yield chunk
 
     def close(self) -> None:
@@ -259,6 +321,44 @@ class PredictionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+DEFAULT_IMAGES_PER_CHUNK = 64
+
+
+def _chunk_plan(
+    shapes: list[tuple[int, int]], images: range, images_per_chunk: int | None, max_pixels: int | None
+) -> list[list[tuple[int, int, int]]]:
+    """Chunks as lists of ``(image index, first row, end row)``: whole images ``images_per_chunk`` at a
+    time, or packed up to ``max_pixels`` pixels with larger images cut into bands of whole rows."""
+    if max_pixels is None:
+        step = images_per_chunk or DEFAULT_IMAGES_PER_CHUNK
+        if step < 1:
+            raise ValueError(f"images_per_chunk must be >= 1, got {step}")
+        return [[(i, 0, shapes[i][0]) for i in images[k : k + step]] for k in range(0, len(images), step)]
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    plan: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    used = 0
+    for i in images:
+        height, width = shapes[i]
+        rows_per_band = max(1, max_pixels // max(width, 1))  # a row wider than the bound is one band
+        for start in range(0, height, rows_per_band):
+            end = min(height, start + rows_per_band)
+            size = (end - start) * width
+            if current and used + size > max_pixels:
+                plan.append(current)
+                current, used = [], 0
+            current.append((i, start, end))
+            used += size
+    if current:
+        plan.append(current)
+    return plan
+
+
+def _largest_chunk(plan: list[list[tuple[int, int, int]]], shapes: list[tuple[int, int]]) -> int:
+    return max((sum((end - start) * shapes[i][1] for i, start, end in pieces) for pieces in plan), default=0)
 
 
 def _decode_attr(value: Any) -> Any:

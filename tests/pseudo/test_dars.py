@@ -4,10 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labelpipe.pseudo.dars import (
+    PIECE_PIXELS,
     dars_pseudo_labels,
     dars_target_counts,
     dars_thresholds,
     dars_thresholds_from_histogram,
+    skip_draws,
 )
 from labelpipe.pseudo.histogram import Float16Histogram
 
@@ -32,10 +34,10 @@ def test_hand_computed_thresholds_and_sampling_ratios():
 
 def test_hand_computed_labels_follow_the_uniform_draws():
     thresholds, ratio = np.array([1.0, 0.875, 0.375]), np.array([2 / 3, 1.0, 1.0])
-    u = np.random.default_rng(7).random(10)
+    u = np.random.default_rng(7).random(10, dtype=np.float32)  # float32 draws, compared with float32(s_c)
     labels = dars_pseudo_labels(LABEL, CONF, thresholds, ratio, np.random.default_rng(7))
     candidate = np.array([1, 1, 1, 0, 0, 0, 1, 0, 0, 1], dtype=bool)
-    expected = np.where(candidate & (u < ratio[LABEL]), LABEL, 255)
+    expected = np.where(candidate & (u < ratio[LABEL].astype(np.float32)), LABEL, 255)
     np.testing.assert_array_equal(labels, expected)
     assert set(np.flatnonzero(labels != 255)) >= {6, 9}  # s = 1 candidates always kept
 
@@ -52,9 +54,31 @@ def test_degenerate_classes_get_threshold_one_and_ratio_zero():
 
 
 def test_generator_draws_split_like_one_draw():
-    whole = np.random.default_rng(123).random(1000)
+    whole = np.random.default_rng(123).random(1000, dtype=np.float32)
     rng = np.random.default_rng(123)
-    np.testing.assert_array_equal(np.concatenate([rng.random(317), rng.random(0), rng.random(683)]), whole)
+    sizes = [317, 0, 1, 3, 679]  # odd sizes split a 64-bit output between two calls
+    np.testing.assert_array_equal(np.concatenate([rng.random(n, dtype=np.float32) for n in sizes]), whole)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 777, 1000])
+def test_skip_draws_starts_where_the_skipped_pixels_end(offset):
+    label, conf = random_predictions(3, 1000, 4)
+    thresholds, ratio = dars_thresholds(label, conf, random_prior(3, 4), 0.4)
+    whole = dars_pseudo_labels(label, conf, thresholds, ratio, np.random.default_rng(11))
+    rng = np.random.default_rng(11)
+    skip_draws(rng, offset)
+    np.testing.assert_array_equal(
+        dars_pseudo_labels(label[offset:], conf[offset:], thresholds, ratio, rng), whole[offset:]
+    )
+
+
+def test_labels_cross_the_internal_pieces_unchanged():
+    label, conf = random_predictions(4, 3 * PIECE_PIXELS + 5, 6)
+    thresholds, ratio = dars_thresholds(label, conf, random_prior(4, 6), 0.5)
+    got = dars_pseudo_labels(label, conf, thresholds, ratio, np.random.default_rng(2))
+    u = np.random.default_rng(2).random(label.size, dtype=np.float32)
+    keep = (conf >= thresholds[label]) & (u < ratio.astype(np.float32)[label])
+    np.testing.assert_array_equal(got, np.where(keep, label, 255))
 
 
 def test_image_by_image_labels_equal_one_call_on_the_concatenation():

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from labelpipe.pseudo import (
     variance_pseudo_labels,
 )
 from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
-from tests.conftest import TINY_RECIPE
+from tests.conftest import REPO, TINY_RECIPE
 
 METHODS = ("threshold", "cbst", "dars", "entropy", "variance")
 ALPHA, ALPHA_T = 0.2, 0.2
@@ -360,3 +363,196 @@ def test_store_missing_a_column_is_refused(data_cache, tmp_path, capsys):
 def test_pseudolabel_before_predict_says_to_predict(data_cache, tmp_path, capsys):
     err = run_expecting_error(tmp_path / "run", "threshold", capsys)
     assert "prediction store not found; run `labelpipe predict` first" in err
+
+
+# ------------------------------------------------------------------------ bring your own predictions
+BYO_CLASSES = 6
+BYO_SHAPE = (20, 50)  # 1,000 pixels an image
+
+
+@pytest.fixture(scope="module")
+def byo_store(tmp_path_factory) -> Path:
+    """A store from the public writer: 7 images, skewed classes, confidences tied at 1.0 (DARS samples)."""
+    from labelpipe.store import PredictionWriter
+
+    path = tmp_path_factory.mktemp("byo") / "predictions.h5"
+    rng = np.random.default_rng(3)
+    with PredictionWriter(path, [f"k{c}" for c in range(BYO_CLASSES)]) as writer:
+        for i in range(7):
+            label = rng.choice(BYO_CLASSES, size=BYO_SHAPE, p=[0.4, 0.25, 0.15, 0.1, 0.07, 0.03]).astype(np.uint8)
+            conf = np.clip(1.0 - rng.exponential(0.05, BYO_SHAPE), 1 / BYO_CLASSES, 1).astype(np.float16)
+            writer.add(
+                f"city{i % 2}/img{i}",
+                label=label,
+                conf=conf,
+                entropy=(rng.random(BYO_SHAPE) * np.log(BYO_CLASSES)).astype(np.float16),
+                variance=rng.exponential(0.2, BYO_SHAPE).astype(np.float16),
+            )
+    return path
+
+
+BYO_PRIOR = [0.3, 0.3, 0.2, 0.1, 0.05, 0.05]
+
+
+def byo(store: Path, out: Path, method: str, *extra: str) -> Path:
+    prior = out.parent / "prior.json"
+    prior.parent.mkdir(parents=True, exist_ok=True)
+    prior.write_text(json.dumps(BYO_PRIOR))
+    args = ["pseudolabel", "--predictions", str(store), "--out", str(out), "--prior", str(prior)]
+    code = labelpipe([*args, "--method", method, "--alpha", "0.4", "--seed", "5", *extra])
+    assert code == 0
+    return out
+
+
+def read_labels(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    with PredictionStore(path) as store:
+        got = [store[i] for i in store.ids]
+        weights = np.concatenate([g["weight"].ravel() for g in got]) if "weight" in got[0] else None
+        return store.ids, np.concatenate([g["label"].ravel() for g in got]), weights
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_byo_labels_do_not_depend_on_the_chunk_size(byo_store, tmp_path, method):
+    pixels = BYO_SHAPE[0] * BYO_SHAPE[1]
+    # one image a chunk; the default (every image in one chunk); 77 pixels: one-row bands, 1 image in 20 chunks
+    budgets = {"one-image": pixels, "default": None, "tiny": 77}
+    results = {}
+    for name, budget in budgets.items():
+        extra = ["--chunk-pixels", str(budget)] if budget else []
+        out = byo(byo_store, tmp_path / name / "out", method, *extra)
+        results[name] = read_labels(out / "labels.h5"), json.loads((out / "report.json").read_text())
+    (ids, labels, weights), report = results["default"]
+    for name in ("one-image", "tiny"):
+        (other_ids, other_labels, other_weights), other_report = results[name]
+        assert other_ids == ids
+        np.testing.assert_array_equal(other_labels, labels, err_msg=name)
+        if weights is not None:
+            np.testing.assert_array_equal(other_weights, weights)
+        assert other_report["params"] == report["params"] and other_report["per_class"] == report["per_class"]
+    _, pred = concatenated(byo_store, ("label", "conf", "entropy", "variance"))
+    expected, expected_weights, thresholds = _in_memory_byo(method, pred)
+    np.testing.assert_array_equal(labels, expected)
+    if thresholds is not None:
+        assert report["params"]["thresholds"] == [float(t) if math.isfinite(t) else None for t in thresholds]
+    assert report["images"] == 7 and report["pixels"] == labels.size
+    assert report["kept_fraction"] == pytest.approx(np.mean(labels != 255))
+
+
+def _in_memory_byo(method: str, pred: dict[str, np.ndarray]):
+    label, conf, prior = pred["label"], pred["conf"], np.array(BYO_PRIOR)
+    if method == "dars":
+        t, s = dars_thresholds(label, conf, prior, 0.4)
+        return dars_pseudo_labels(label, conf, t, s, np.random.default_rng(5)), None, t
+    if method == "cbst":
+        t = cbst_thresholds(label, conf, 0.4, BYO_CLASSES)
+        return cbst_pseudo_labels(label, conf, t), None, t
+    if method == "threshold":
+        return threshold_pseudo_labels(label, conf, 0.9), None, None
+    if method == "entropy":
+        gamma = entropy_threshold(pred["entropy"], 0.2)
+        return entropy_pseudo_labels(label, pred["entropy"], gamma)[0], None, None
+    labels, weights = variance_pseudo_labels(label, pred["variance"])
+    return labels, weights, None
+
+
+def test_byo_path_imports_neither_torch_nor_matplotlib(byo_store, tmp_path):
+    prior = tmp_path / "prior.npy"
+    np.save(prior, np.array(BYO_PRIOR))
+    args = ["pseudolabel", "--predictions", str(byo_store), "--out", str(tmp_path / "out"), "--prior", str(prior)]
+    code = (
+        "import sys\n"
+        "from labelpipe.cli import main\n"
+        f"main({args!r})\n"
+        "loaded = [m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "labels.h5").is_file() and (tmp_path / "out" / "report.json").is_file()
+    assert not (tmp_path / "out" / "plots").exists(), "plots are drawn on request (--plots) only"
+
+
+def test_run_path_imports_no_torch(synthetic, data_cache):
+    args = ["pseudolabel", "--config", str(TINY_RECIPE), "--run", str(synthetic), "--method", "cbst", "--force"]
+    args += ["--export", "none", "--no-plots"]
+    code = f"import sys\nfrom labelpipe.cli import main\nmain({args!r})\nassert 'torch' not in sys.modules\n"
+    env = {**os.environ, "LABELPIPE_DATA": str(data_cache)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_byo_prior_from_masks_equals_the_same_prior_from_a_file(byo_store, tmp_path):
+    masks = tmp_path / "masks" / "city0"
+    masks.mkdir(parents=True)
+    counts = (np.array(BYO_PRIOR) * 400).astype(int)  # 400 labeled pixels in these proportions, + ignored ones
+    flat = np.concatenate([np.repeat(np.arange(BYO_CLASSES, dtype=np.uint8), counts), np.full(100, 255, np.uint8)])
+    Image.fromarray(flat[:250].reshape(10, 25)).save(masks / "a.png")
+    Image.fromarray(flat[250:].reshape(10, 25)).save(masks / "b.png")
+    from_masks = tmp_path / "m" / "out"
+    args = ["pseudolabel", "--predictions", str(byo_store), "--out", str(from_masks), "--method", "dars"]
+    assert labelpipe([*args, "--alpha", "0.4", "--seed", "5", "--prior-from", str(tmp_path / "masks")]) == 0
+    from_file = byo(byo_store, tmp_path / "f" / "out", "dars")
+    assert read_labels(from_masks / "labels.h5")[1].tolist() == read_labels(from_file / "labels.h5")[1].tolist()
+    report = json.loads((from_masks / "report.json").read_text())
+    assert [v["prior"] for v in report["per_class"].values()] == pytest.approx(BYO_PRIOR)
+
+
+def test_byo_is_up_to_date_and_draws_plots_on_request(byo_store, tmp_path, capsys):
+    out = byo(byo_store, tmp_path / "out", "dars", "--plots")
+    assert (out / "plots" / "class_distribution.png").is_file() and (out / "plots" / "histograms.png").is_file()
+    capsys.readouterr()
+    byo(byo_store, tmp_path / "out", "dars")
+    assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "dars"], "needs the labeled class prior"),
+        (["--method", "dars", "--prior", "{prior}"], "6 classes"),
+        (["--method", "entropy", "--prior", "{prior}"], "lacks column(s) entropy"),
+        (["--method", "cbst", "--out", ""], None),
+    ],
+)
+def test_byo_errors_are_one_line(tmp_path, capsys, extra, message):
+    from labelpipe.store import PredictionWriter
+
+    store = tmp_path / "p.h5"
+    with PredictionWriter(store, BYO_CLASSES) as writer:
+        writer.add("a", label=np.zeros((4, 4), np.uint8), conf=np.ones((4, 4), np.float16))
+    prior = tmp_path / "prior.json"
+    prior.write_text("[0.5, 0.5]")
+    extra = [e.replace("{prior}", str(prior)) for e in extra]
+    args = ["pseudolabel", "--predictions", str(store), *extra]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    else:
+        args = args[: args.index("--out")]  # no --out at all
+        message = "needs --out"
+    capsys.readouterr()
+    assert labelpipe(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").is_file(), reason="torchrun is not installed")
+def test_two_processes_give_the_labels_and_thresholds_of_one(byo_store, tmp_path):
+    """torchrun, 2 gloo processes: pass 1's histograms are summed, each rank labels its shard (and skips the
+    random draws of the shard before it): labels.h5 and the report equal one process's."""
+    one = byo(byo_store, tmp_path / "one" / "out", "dars", "--chunk-pixels", "1500")
+    prior = tmp_path / "one" / "prior.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["labelpipe", "--", "pseudolabel", "--predictions", str(byo_store), "--out", str(tmp_path / "two")]
+    cmd += ["--prior", str(prior), "--method", "dars", "--alpha", "0.4", "--seed", "5", "--chunk-pixels", "700"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ids, labels, _ = read_labels(one / "labels.h5")
+    two_ids, two_labels, _ = read_labels(tmp_path / "two" / "labels.h5")
+    assert two_ids == ids
+    np.testing.assert_array_equal(two_labels, labels)
+    report, two_report = (json.loads((d / "report.json").read_text()) for d in (one, tmp_path / "two"))
+    for key in ("params", "per_class", "pixels", "images", "kept_fraction", "kl_prior_pseudo", "histograms"):
+        assert two_report[key] == report[key], key
+    assert not list((tmp_path / "two").glob("labels.part-*"))
