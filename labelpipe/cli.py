@@ -67,6 +67,13 @@ ProtocolOpt = Annotated[str | None, typer.Option("--protocol", help="Protocol of
 DEFAULT_RUN = Path("runs/default")
 
 
+def _one_run(positional: Path | None, option: Path | None) -> Path:
+    """The run of a command that takes it as an argument (as before) or with --run (as every other command)."""
+    if positional is not None and option is not None and positional != option:
+        raise LabelpipeError(f"run given twice ({positional} and --run {option}); pass one of them")
+    return option or positional or DEFAULT_RUN
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -304,12 +311,62 @@ def segment(
     run_segment(sources, out, rt, run, model, model_file, batch_size, probabilities)
 
 
+@app.command(
+    epilog="Example: labelpipe segment --run runs/demo ~/photos/*.jpg --out masks/ --probabilities",
+)
+def segment(
+    sources: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs; PNG/JPEG.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.png, NAME_overlay.jpg, ...")],
+    run: Annotated[Path | None, typer.Option("--run", help="Run whose model to use.")] = None,
+    model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
+    model_file: Annotated[
+        Path | None, typer.Option("--model-file", help="An exported model (labelpipe export): .pt or .onnx.")
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write confidence and entropy maps.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images).")] = 8,
+    device: DeviceOpt = None,
+) -> None:
+    """A trained or exported model on your images: palette masks, overlays and (optionally) confidence maps."""
+    from labelpipe.runtime import setup
+    from labelpipe.stages.segment import run_segment
+
+    rt = setup((device or Device.auto).value)
+    run_segment(sources, out, rt, run, model, model_file, batch_size, probabilities)
+
+
 @app.command()
 def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN) -> None:
     """What each stage of a run has done, from its manifests."""
     from labelpipe.stages.status import show_status
 
     show_status(run)
+
+
+@app.command(epilog="Example: labelpipe report runs/demo   (then open runs/demo/report.html in a browser)")
+def report(
+    run_arg: Annotated[Path | None, typer.Argument(help="Run directory (or --run).", show_default=False)] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory (default: runs/default).")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: RUN/report.html).")] = None,
+) -> None:
+    """One self-contained HTML page of a run: stages, metrics side by side, pseudo-labels, curves, config."""
+    from labelpipe.stages.report import write_report
+
+    print(f"report: {write_report(_one_run(run_arg, run), out)}")
+
+
+@app.command(epilog="Example: labelpipe compare runs/seed0 runs/seed1 runs/seed2 runs/baseline --split target_test")
+def compare(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run directories.", show_default=False)] = None,
+    run: Annotated[list[Path] | None, typer.Option("--run", help="A run directory (repeatable).")] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split's evaluations.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model (pretrain, round-K).")] = None,
+) -> None:
+    """The evaluated models of several runs in one table; runs that differ only in seed as mean +- std."""
+    from labelpipe.stages.compare import run_compare
+
+    run_compare([*(runs or []), *(run or [])], split, model)
 
 
 @app.command(name="run")

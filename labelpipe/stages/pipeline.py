@@ -2,7 +2,8 @@
 
 ``evaluate`` evaluates the run's latest model at that point of the pipeline; when a later
 ``evaluate`` sees a different model (e.g. ``[pretrain, evaluate, selftrain, evaluate]``), it also
-prints a before/after table against the first one.
+prints a before/after table against the first one. At the end ``RUN/report.html`` is written
+(``labelpipe report``).
 """
 
 from __future__ import annotations
@@ -36,3 +37,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, runtime: Runtime) -> None:
                 first = metrics
             elif first["model"] != metrics["model"] and runtime.is_main:
                 print_comparison(first, metrics)
+    if runtime.is_main:
+        from labelpipe.stages.report import write_report
+
+        print(f"report: {write_report(run_dir)}")
