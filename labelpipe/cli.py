@@ -15,7 +15,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click import exceptions as click_exceptions
 
-from labelpipe.errors import LabelpipeError
+from labelpipe.errors import LabelpipeError, os_error_message
 
 app = typer.Typer(
     add_completion=False,
@@ -465,6 +465,14 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # disk full, read-only, a file where a directory belongs: one line, exit 2
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume", file=sys.stderr)

@@ -171,7 +171,7 @@ class SelftrainConfig(Section):
     strong_aug: bool = True
     cutmix_p: float = Field(0.5, ge=0, le=1)  # per unlabeled image, with --strong-aug
     unsup_weight: float = 1.0
-    steps: int | None = None  # per round; None: train.steps
+    steps: int | None = Field(None, ge=1)  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
 
@@ -228,7 +228,14 @@ def parse_set_option(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise LabelpipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=0.02")
     path, raw = item.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw else None
+    try:
+        value: Any = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise LabelpipeError(
+            f"--set {item!r}: the value is not valid YAML; quote strings and close brackets, e.g. --set 'a.b=[1, 2]'"
+        ) from exc
+    if not path.strip() or any(not key.strip() for key in path.split(".")):
+        raise LabelpipeError(f"--set {item!r}: empty key; expected KEY.PATH=VALUE, e.g. --set train.lr=0.02")
     for key in reversed(path.strip().split(".")):
         value = {key: value}
     return value
@@ -267,7 +274,10 @@ def resolve_config(
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         # What defines the run (data, model, training) carries over to later commands; the options of
         # one command (which model to evaluate, a method to try) do not stick.
-        saved = load_yaml(run_dir / "config.yaml")
+        try:
+            saved = load_yaml(run_dir / "config.yaml")
+        except LabelpipeError as exc:
+            raise LabelpipeError(f"{exc} or delete it (the next command that runs a stage writes it again)") from exc
         raw = deep_merge(raw, {k: v for k, v in saved.items() if k in RUN_DEFINING})
     if recipe is not None:
         recipe_raw = load_yaml(recipe)

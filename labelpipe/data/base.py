@@ -154,15 +154,30 @@ def read_pair(
     return image, mask
 
 
+def confined_id(path: Path, number: int, text: str) -> str:
+    """``text`` (a split list's entry) if it names something inside the data root, else a one-line error.
+
+    Ids are relative names: an absolute path or a ``..`` component would make the loaders read files
+    outside the data set, so both are refused (by ``data check`` and by every command that loads it).
+    """
+    posix = text.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or ".." in posix.split("/"):
+        raise LabelpipeError(
+            f"{path}: line {number}: '{text}' points outside the data root; ids are relative names inside it "
+            "(no leading '/', no '..')"
+        )
+    return text
+
+
 def read_split_file(path: Path) -> list[str]:
-    """Ids of a split list: one a line, blank lines and ``#`` comments skipped."""
+    """Ids of a split list: one a line, blank lines and ``#`` comments skipped; each confined to the root."""
     if not path.is_file():
         raise LabelpipeError(f"{path}: split list is missing; create it with one image id per line")
     ids = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if line:
-            ids.append(line)
+            ids.append(confined_id(path, number, line))
     return ids
 
 

@@ -86,6 +86,12 @@ def parse_split_list(path: Path, root: Path) -> list[SplitEntry]:
                 f"{path}: line {number} has {len(tokens)} fields; write an id, an image path, or 'IMAGE MASK'"
             )
         first = tokens[0]
+        for token in tokens:  # a list names images of this data set: '..' would step out of the root
+            if ".." in token.replace("\\", "/").split("/"):
+                raise LabelpipeError(
+                    f"{path}: line {number}: '{token}' points outside the data root ('..'); write paths "
+                    "relative to the root"
+                )
         mask = _normalise_path(tokens[1], Path(root)) if len(tokens) == 2 else None
         if _is_path(first):
             entries.append(SplitEntry(line=number, id=None, image=_normalise_path(first, Path(root)), mask=mask))

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from labelpipe.config import RunConfig, config_to_yaml
 from labelpipe.data import DatasetSource, open_source
 from labelpipe.errors import LabelpipeError
-from labelpipe.models import DeepLabV3Plus, build_model
-from labelpipe.runtime import Runtime
 from labelpipe.store.atomic import atomic_write_json, atomic_write_text, sha256_json
-from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
+from labelpipe.store.manifest import StageDir
+
+if TYPE_CHECKING:  # torch, the models and checkpoints load lazily: pseudolabel's path never imports torch
+    import torch
+
+    from labelpipe.models import DeepLabV3Plus
+    from labelpipe.runtime import Runtime
 
 
 @dataclass
@@ -30,7 +35,18 @@ class StageContext:
         return sha256_json([s.id for s in self.source.split(split)])
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A ``--run`` that names a file (or lies under one) is refused before anything else happens."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise LabelpipeError(f"--run {run_dir}: {path} is a file, not a directory; pass a run directory")
+            return
+
+
 def open_context(config: RunConfig, run_dir: Path, runtime: Runtime) -> StageContext:
+    """The data set and protocol of ``config``, validated; writes nothing (see :func:`write_config`)."""
+    check_run_dir(run_dir)
     data = config.data
     source = open_source(data.root, data.kind, data.digitscapes.model_dump(), default_root=data.resolved_root())
     roles = source.protocol(data.protocol)
@@ -38,10 +54,15 @@ def open_context(config: RunConfig, run_dir: Path, runtime: Runtime) -> StageCon
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"crop_size": default_crop(source, roles["labeled"])})}
         )
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(config))
     return StageContext(config=config, run_dir=run_dir, runtime=runtime, source=source, roles=roles)
+
+
+def write_config(ctx: StageContext) -> None:
+    """Record the resolved config in ``RUN/config.yaml``: called when a stage really starts (its inputs
+    passed their checks), so a rejected command never changes what later commands inherit."""
+    if ctx.runtime.is_main:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ctx.run_dir / "config.yaml", config_to_yaml(ctx.config))
 
 
 def default_crop(source: DatasetSource, split: str, largest: int = 512) -> int:
@@ -58,6 +79,8 @@ def default_crop(source: DatasetSource, split: str, largest: int = 512) -> int:
 
 def model_from_config(config: RunConfig, num_classes: int, with_backbone_weights: bool = True) -> DeepLabV3Plus:
     m = config.model
+    from labelpipe.models import build_model
+
     return build_model(
         num_classes,
         m.backbone,
@@ -77,10 +100,19 @@ def model_path(run_dir: Path, name: str) -> Path:
     raise LabelpipeError(f"--model {name}: unknown model; use pretrain or round-K (e.g. round-2)")
 
 
+def rebuild_command(run_dir: Path, name: str) -> str:
+    """The command that (re)makes model ``name`` of a run."""
+    stage = "pretrain" if name == "pretrain" else "selftrain"
+    return f"labelpipe {stage} --run {run_dir}"
+
+
 def latest_model_name(run_dir: Path) -> str:
+    """The last finished model: the highest round whose training is done, else pretrain (a round that was
+    interrupted or failed is never picked)."""
     rounds = sorted(
         (int(p.parent.parent.name.split("-")[1]), p.parent.parent.name)
         for p in run_dir.glob("selftrain/round-*/train/model.safetensors")
+        if p.parent.parent.name.split("-")[1].isdigit() and StageDir(p.parent).status() == "done"
     )
     if rounds:
         return rounds[-1][1]
@@ -89,9 +121,22 @@ def latest_model_name(run_dir: Path) -> str:
     raise LabelpipeError(f"{run_dir}: no trained model in this run; run `labelpipe pretrain --run {run_dir}` first")
 
 
+def checked_model_path(run_dir: Path, name: str) -> Path:
+    """``model_path`` after checking the file is the one its stage wrote (size, and hash unless untouched)."""
+    path = model_path(run_dir, name)
+    if not path.is_file():
+        raise LabelpipeError(f"{path}: model file not found; run `{rebuild_command(run_dir, name)}` first")
+    return StageDir(path.parent).check_output(path.name, rebuild_command(run_dir, name))
+
+
 def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLabV3Plus, Path]:
     name = name or latest_model_name(ctx.run_dir)
-    path = model_path(ctx.run_dir, name)
+    path = checked_model_path(ctx.run_dir, name)
+    import torch
+
+    from labelpipe.models import build_model
+    from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
+
     meta = read_model_metadata(path)
     if meta.get("num_classes") not in (None, ctx.source.num_classes):
         raise LabelpipeError(
@@ -111,16 +156,38 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
     return name, model, path
 
 
+def prior_cache_key(ctx: StageContext, split: str) -> str:
+    """What the class prior of ``split`` depends on: the data root, the split's ids and the bytes of its masks.
+
+    Another ``--data`` with the same ids, or an edited mask, gives another key (so its masks are read,
+    and validated, again). Hashing the mask files is much cheaper than decoding them.
+    """
+    digest = hashlib.sha256()
+    digest.update(str(Path(ctx.source.root).resolve()).encode())
+    digest.update(f"\0{split}\0{ctx.source.num_classes}\0{ctx.source.ignore_index}".encode())
+    for sample in ctx.source.split(split):
+        digest.update(f"\0{sample.id}\0".encode())
+        if sample.mask is not None and sample.mask.is_file():
+            digest.update(sample.mask.read_bytes())
+    return f"{split}:{digest.hexdigest()}"
+
+
 def class_prior(ctx: StageContext, split: str) -> np.ndarray:
-    """Fraction of labeled pixels of each class (255 excluded), from the split's masks; cached in the run."""
+    """Fraction of labeled pixels of each class (255 excluded), from the split's masks; cached in the run
+    under :func:`prior_cache_key` (an unreadable cache is rebuilt)."""
     cache = ctx.run_dir / "class_prior.json"
-    key = f"{split}:{ctx.split_ids_fingerprint(split)}"
+    key = prior_cache_key(ctx, split)
+    stored: dict = {}
     if cache.is_file():
-        stored = json.loads(cache.read_text())
+        try:
+            stored = json.loads(cache.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as exc:
+            print(f"note: {cache} is unreadable ({type(exc).__name__}); rebuilding it from the masks")
+            stored = {}
         if key in stored:
             return np.asarray(stored[key], np.float64)
-    else:
-        stored = {}
     counts = np.zeros(ctx.source.num_classes, np.int64)
     for sample in ctx.source.split(split):
         if sample.mask is None:
@@ -138,6 +205,8 @@ def class_prior(ctx: StageContext, split: str) -> np.ndarray:
 
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op on CPU."""
+    import torch
+
     if device.type != "cuda" or not enabled:
         return torch.autocast("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

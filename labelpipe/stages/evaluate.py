@@ -12,12 +12,14 @@ from rich.table import Table
 from labelpipe import plots
 from labelpipe.config import RunConfig
 from labelpipe.data import SampleRef
+from labelpipe.data.base import preflight
 from labelpipe.data.transforms import denormalize
 from labelpipe.metrics import CalibrationAccumulator, ConfusionMatrix, summarize
 from labelpipe.runtime import Runtime, all_reduce_sum, barrier
-from labelpipe.stages.common import StageContext, class_prior, load_trained_model, open_context
+from labelpipe.stages.common import StageContext, class_prior, load_trained_model, open_context, write_config
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import atomic_write_json
+from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
 
 
@@ -89,6 +91,12 @@ def print_table(metrics: dict, title: str, console: Console | None = None) -> No
 
 
 def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
+    """Evaluate while holding the ``evaluate`` lock of the run."""
+    with run_lock(run_dir, "evaluate", enabled=runtime.is_main):
+        return _run_evaluate(config, run_dir, runtime)
+
+
+def _run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     ctx = open_context(config, run_dir, runtime)
     config = ctx.config  # with defaults that depend on the data resolved
     split = config.evaluate.split or ctx.roles["test"]
@@ -96,6 +104,8 @@ def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
     name, model, weights = load_trained_model(ctx, config.evaluate.model)
     out_dir = run_dir / "evaluate" / name
     stage = StageDir(out_dir)
+    preflight(samples)  # validate, then act
+    write_config(ctx)
     if runtime.is_main:
         stage.begin("evaluate", "", {"model": str(weights), "split": split})
     cm, cal, rows = measure(ctx, model, samples, config.evaluate.batch_size, config.evaluate.num_samples)

@@ -25,7 +25,7 @@ from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from labelpipe.errors import LabelpipeError
 from labelpipe.models import build_model
 from labelpipe.runtime import select_device
-from labelpipe.stages.common import latest_model_name, model_path
+from labelpipe.stages.common import checked_model_path, latest_model_name, model_path
 from labelpipe.store.atomic import atomic_path, atomic_write_json
 from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
 
@@ -50,7 +50,7 @@ def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dic
     if not run_dir.is_dir():
         raise LabelpipeError(f"{run_dir}: no such run directory; pass the run of a `labelpipe pretrain`")
     name = name or latest_model_name(run_dir)
-    path = model_path(run_dir, name)
+    path = checked_model_path(run_dir, name)  # the file its stage wrote, not a truncated or swapped one
     meta = read_model_metadata(path)
     if "model" not in meta or "num_classes" not in meta:
         raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")

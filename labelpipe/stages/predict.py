@@ -12,17 +12,22 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import h5py
 import torch
 
 from labelpipe import __version__
 from labelpipe.calibration import fit_temperature
 from labelpipe.config import RunConfig
+from labelpipe.data.base import preflight
 from labelpipe.data.dataset import item_seed
 from labelpipe.errors import LabelpipeError
+from labelpipe.errors import LabelpipeError, disk_full_error, is_disk_full
 from labelpipe.runtime import Runtime, all_gather_rows, barrier
 from labelpipe.stages.common import StageContext, load_trained_model, open_context
+from labelpipe.stages.common import StageContext, load_trained_model, open_context, write_config
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import sha256_file, sha256_json
+from labelpipe.store.lock import run_lock, stage_name
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import DEFAULT_COLUMNS, PartWriter, merge_parts
 
@@ -104,6 +109,33 @@ def run_predict(
     model_name: str | None = None,
     out_dir: Path | None = None,
 ) -> Path:
+    """Predict (or resume, or report up to date) while holding the stage's lock in the run."""
+    with run_lock(run_dir, stage_name(run_dir, out_dir or run_dir / "predict"), enabled=runtime.is_main):
+        return _run_predict(config, run_dir, runtime, force, model_name, out_dir)
+
+
+def _parts_disk_full(parts_dir: Path, total: int) -> LabelpipeError:
+    """Disk full while writing parts: the space the rest takes, estimated from the parts already written."""
+    parts = list(parts_dir.glob("part-*.h5"))
+    done = 0
+    for part in parts:
+        with h5py.File(part, "r") as fh:
+            done += len(fh["index/ids"])
+    size = sum(p.stat().st_size for p in parts)
+    per_image = size / done if done else None
+    # The remaining parts, then the merged store (about as large as all the parts together).
+    needed = int(per_image * ((total - done) + total)) if per_image else None
+    return disk_full_error(parts_dir, needed)
+
+
+def _run_predict(
+    config: RunConfig,
+    run_dir: Path,
+    runtime: Runtime,
+    force: bool,
+    model_name: str | None,
+    out_dir: Path | None,
+) -> Path:
     pcfg = config.predict
     if pcfg.batch_size < 1:  # PredictConfig does not bound it
         raise LabelpipeError(f"predict.batch_size={pcfg.batch_size}: must be >= 1")
@@ -131,10 +163,12 @@ def run_predict(
         if runtime.is_main:
             print(f"predict: up to date ({store_path}); use --force to redo")
         return store_path
+    preflight(samples, with_masks=False)  # validate, then act: nothing is removed for a split that fails
     previous = stage.manifest()
     if runtime.is_main and stage.path.exists() and (force or (previous and previous.get("fingerprint") != fingerprint)):
         shutil.rmtree(stage.path)  # other inputs: the parts on disk belong to another prediction
     barrier()
+    write_config(ctx)
     if runtime.is_main:
         stage.begin("predict", fingerprint, inputs)
 
@@ -166,20 +200,27 @@ def run_predict(
     with Progress(disable=not runtime.is_main) as progress:
         task = progress.add_task("predict", total=len(samples) // runtime.world, completed=len(done))
         try:
-            for batch in iterate_predictions(
-                model,
-                ctx.source,
-                mine,
-                runtime.device,
-                config.train.crop_size,
-                pcfg.batch_size,
-                amp=config.train.amp,
-            ):
-                for image_id, main, aux in zip(batch.ids, batch.main, batch.aux, strict=True):
-                    writer.add(image_id, _to_numpy(pixel_columns(main, aux, temperature, pcfg.topk)))
-                progress.advance(task, len(batch.ids))
-        finally:
+            try:
+                for batch in iterate_predictions(
+                    model,
+                    ctx.source,
+                    mine,
+                    runtime.device,
+                    config.train.crop_size,
+                    pcfg.batch_size,
+                    amp=config.train.amp,
+                ):
+                    for image_id, main, aux in zip(batch.ids, batch.main, batch.aux, strict=True):
+                        writer.add(image_id, _to_numpy(pixel_columns(main, aux, temperature, pcfg.topk)))
+                    progress.advance(task, len(batch.ids))
+            except BaseException:
+                writer.close(complete=False)  # stop the writer; the complete parts stay for a resume
+                raise
             writer.close()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise _parts_disk_full(parts_dir, len(samples) // runtime.world) from exc
+            raise
     barrier()
     if runtime.is_main:
         columns = list(DEFAULT_COLUMNS) + (["topk_prob", "topk_class"] if pcfg.topk else [])

@@ -16,14 +16,15 @@ from labelpipe.config import RunConfig, TrainConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, StepBatchSampler, collate
 from labelpipe.data.transforms import weak_transform
-from labelpipe.errors import LabelpipeError
+from labelpipe.errors import Interrupted, LabelpipeError
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
 from labelpipe.runtime import Runtime, barrier, seed_everything, unwrap
-from labelpipe.stages.common import StageContext, class_prior, model_from_config, open_context
+from labelpipe.stages.common import StageContext, class_prior, model_from_config, open_context, write_config
 from labelpipe.stages.evaluate import measure
 from labelpipe.stages.training import TrainJob, train
 from labelpipe.store.atomic import atomic_write_json, sha256_json
 from labelpipe.store.checkpoint import save_model
+from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
 
 
@@ -128,6 +129,11 @@ def model_metadata(config: RunConfig, ctx: StageContext, stage: str) -> dict:
 
 def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
     ctx = open_context(config, run_dir, runtime)
+    with run_lock(run_dir, "pretrain", enabled=runtime.is_main):
+        return _pretrain(ctx, run_dir, runtime, force)
+
+
+def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -> dict:
     config = ctx.config  # with defaults that depend on the data resolved
     cfg = config.train
     labeled = ctx.roles["labeled"]
@@ -146,12 +152,14 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
         if runtime.is_main:
             print(f"pretrain: up to date ({stage.path}); use --force to redo")
         return stage.manifest().get("summary", {})
-    if force and runtime.is_main and stage.path.exists():
-        shutil.rmtree(stage.path)
-    barrier()  # no rank reads the checkpoint of a run that --force is removing
+    # Validate, then act: the data is checked before --force removes anything.
     preflight(samples)
     preflight(ctx.source.split(ctx.roles["val"]))
     class_prior(ctx, labeled)  # reads every labeled mask once: bad values fail here, not at step 5,000
+    if force and runtime.is_main and stage.path.exists():
+        shutil.rmtree(stage.path)
+    barrier()  # no rank reads the checkpoint of a run that --force is removing
+    write_config(ctx)
     if runtime.is_main:
         stage.begin("pretrain", fingerprint, inputs)
 
@@ -190,7 +198,7 @@ def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool
             )
         )
     except BaseException as exc:
-        if runtime.is_main and not isinstance(exc, KeyboardInterrupt):
+        if runtime.is_main and not isinstance(exc, KeyboardInterrupt | Interrupted):
             stage.fail(f"{type(exc).__name__}: {exc}")
         raise
     if runtime.is_main:

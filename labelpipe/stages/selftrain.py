@@ -35,6 +35,7 @@ from labelpipe.config import RunConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
+from labelpipe.errors import Interrupted, LabelpipeError
 from labelpipe.losses import (
     MemoryBank,
     PrototypeBank,
@@ -48,7 +49,14 @@ from labelpipe.losses import (
 )
 from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
-from labelpipe.stages.common import StageContext, class_prior, model_path, open_context
+from labelpipe.stages.common import (
+    StageContext,
+    checked_model_path,
+    class_prior,
+    model_path,
+    open_context,
+    write_config,
+)
 from labelpipe.stages.curves import round_history
 from labelpipe.stages.predict import run_predict
 from labelpipe.stages.pretrain import for_training, make_validator, model_metadata, step_loader
@@ -56,6 +64,7 @@ from labelpipe.stages.pseudolabel import run_pseudolabel
 from labelpipe.stages.training import TrainJob, train
 from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
 from labelpipe.store.checkpoint import load_model_weights, save_model
+from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import escape_id
 from labelpipe.teacher import EMATeacher
@@ -363,6 +372,8 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
     if st.lr is not None:  # rounds fine-tune a trained model: often at a lower rate than pretraining
         cfg = cfg.model_copy(update={"lr": st.lr})
     steps = st.steps or cfg.steps
+    # What this round reads must be what the earlier steps wrote (never a truncated or swapped file).
+    StageDir(labels_path.parent).check_output(labels_path.name, f"labelpipe selftrain --run {ctx.run_dir}")
     labeled = ctx.source.split(ctx.roles["labeled"])
     unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
     inputs = {
@@ -450,7 +461,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
             )
         )
     except BaseException as exc:
-        if rt.is_main and not isinstance(exc, KeyboardInterrupt):
+        if rt.is_main and not isinstance(exc, KeyboardInterrupt | Interrupted):
             out.fail(f"{type(exc).__name__}: {exc}")
         raise
     if rt.is_main:
@@ -463,16 +474,24 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
 
 def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
     ctx = open_context(config, run_dir, runtime)
+    with run_lock(run_dir, "selftrain", enabled=runtime.is_main):
+        return _run_selftrain(ctx, run_dir, runtime, force)
+
+
+def _run_selftrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -> dict:
     config = ctx.config  # with defaults that depend on the data resolved
     st = config.selftrain
     if not model_path(run_dir, "pretrain").is_file():
-        from labelpipe.errors import LabelpipeError
-
         raise LabelpipeError(f"{run_dir}: no pretrained model; run `labelpipe pretrain --run {run_dir}` first")
+    # Validate, then act: the model, the data and the masks are checked before --force removes the rounds.
+    checked_model_path(run_dir, "pretrain")
+    preflight(ctx.source.split(ctx.roles["labeled"]))
+    preflight(ctx.source.split(config.predict.split or ctx.roles["unlabeled"]), with_masks=False)
+    class_prior(ctx, ctx.roles["labeled"])
     if force and runtime.is_main and (run_dir / "selftrain").exists():
         shutil.rmtree(run_dir / "selftrain")
-    preflight(ctx.source.split(ctx.roles["labeled"]))
-    class_prior(ctx, ctx.roles["labeled"])
+    barrier()
+    write_config(ctx)
     rounds: dict[str, Any] = {}
     previous = "pretrain"
     pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
@@ -490,6 +509,7 @@ def run_selftrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: boo
             quiet=not runtime.is_main,
         )
         barrier()
-        rounds[f"round-{k}"] = train_round(ctx, k, model_path(run_dir, previous), labels, StageDir(round_dir / "train"))
+        init = checked_model_path(run_dir, previous)
+        rounds[f"round-{k}"] = train_round(ctx, k, init, labels, StageDir(round_dir / "train"))
         previous = f"round-{k}"
     return rounds

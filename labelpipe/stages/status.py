@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from labelpipe.errors import LabelpipeError
+from labelpipe.store.manifest import effective_status
 
-STYLE = {"done": "green", "running": "yellow", "failed": "red"}
+STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
 
 
 def collect(run_dir: Path) -> list[dict]:
@@ -19,19 +20,27 @@ def collect(run_dir: Path) -> list[dict]:
     for manifest in sorted(run_dir.rglob("manifest.json")):
         try:
             m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             m = {"status": "unreadable"}
+        if not isinstance(m, dict):
+            m = {"status": "unreadable"}
+        status = effective_status(m)  # "running" whose process is gone: interrupted
         stage = str(manifest.parent.relative_to(run_dir))
         summary = m.get("summary") or {}
-        key = next((k for k in ("miou", "pseudo_miou", "kept_fraction", "images") if k in summary), None)
-        if m.get("status") == "running" and (manifest.parent / "checkpoint.pt").is_file():
+        key = next(
+            (k for k in ("miou", "pseudo_miou", "kept_fraction", "images") if isinstance(summary.get(k), int | float)),
+            None,
+        )
+        if status in ("running", "interrupted") and (manifest.parent / "checkpoint.pt").is_file():
             note = "resumable from checkpoint"
+        elif status == "interrupted":
+            note = "its process is gone; run its command again to resume"
         else:
             note = m.get("error", "")
         rows.append(
             {
                 "stage": stage,
-                "status": m.get("status", "?"),
+                "status": status,
                 "wall_s": m.get("wall_s"),
                 "finished": m.get("finished"),
                 "summary": f"{key} {summary[key]:.4g}" if key else "",
@@ -42,6 +51,8 @@ def collect(run_dir: Path) -> list[dict]:
 
 
 def show_status(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LabelpipeError(f"{run_dir}: is a file, not a run directory; pass the --run of an earlier command")
     if not run_dir.is_dir():
         raise LabelpipeError(f"{run_dir}: no such run directory; pass the --run of an earlier command")
     rows = collect(run_dir)

@@ -12,7 +12,11 @@ Logged losses are means over ranks; validation numbers are the same on every ran
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +27,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from labelpipe.config import TrainConfig
-from labelpipe.errors import LabelpipeError
+from labelpipe.errors import Interrupted, LabelpipeError
 from labelpipe.runtime import Runtime, all_gather_objects, all_reduce_sum, unwrap
 from labelpipe.stages.common import autocast
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -148,6 +152,54 @@ def _refresh_curves(job: TrainJob) -> None:
         print(f"note: {job.stage_dir / 'curves.png'} not drawn ({type(exc).__name__}: {exc})")
 
 
+class _StopRequest:
+    """Ctrl-C during training: the first SIGINT asks the loop to stop after the current step (which then
+    saves a checkpoint, so the run resumes exactly there); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(enabled: bool):
+    """Install :class:`_StopRequest` for SIGINT (main thread, one process only: under torchrun the ranks
+    would stop at different steps, so there the default KeyboardInterrupt stays)."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    flags = [torch.isfinite(p).all() for p in unwrap(model).parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _diverged(job: TrainJob, what: str, step: int, last_good: int | None, ckpt_path: Path) -> LabelpipeError:
+    """The one-line error for a loss (or weights) that became NaN or infinite at ``step`` (1-based)."""
+    setting = "selftrain.lr" if job.description.startswith("round") else "train.lr"
+    kept = (
+        f"the last good checkpoint ({ckpt_path}, step {last_good}) is kept"
+        if last_good is not None
+        else "no checkpoint had been written yet"
+    )
+    return LabelpipeError(
+        f"{job.description}: {what} at step {step}; training stopped there and {kept}; lower the learning "
+        f"rate (now {job.cfg.lr:g}; e.g. --set {setting}={job.cfg.lr / 10:g})"
+    )
+
+
 def train(job: TrainJob) -> dict[str, Any]:
     """Run (or resume) training to ``total_steps``; returns the last validation metrics.
 
@@ -171,6 +223,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         # the model was built from the common seed before, and DDP starts every rank from rank 0's weights.
         torch.manual_seed(torch.initial_seed() + 7919 * rt.rank)
     start, last_val = 0, {}
+    last_good: int | None = None  # the step of the last checkpoint known to hold finite weights
     state = load_checkpoint(ckpt_path)
     if state is not None and state.get("fingerprint") == job.fingerprint:
         module = unwrap(model)
@@ -183,6 +236,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         rng = state["rng"]  # one state per rank under DDP (a list), else one
         set_rng_state(rng[rt.rank] if isinstance(rng, list) and len(rng) == rt.world else _first(rng))
         start, last_val = state["step"], state.get("last_val", {})
+        last_good = start
         if rt.is_main and start < job.total_steps:
             print(f"resuming {job.description} from step {start} ({ckpt_path})")
 
@@ -199,6 +253,9 @@ def train(job: TrainJob) -> dict[str, Any]:
             log_file.write(json.dumps(record) + "\n")
 
     def checkpoint(step: int) -> None:
+        nonlocal last_good
+        if not _weights_finite(model):  # never overwrite the last good checkpoint with diverged weights
+            raise _diverged(job, "the weights became NaN or infinite", step, last_good, ckpt_path)
         rngs = all_gather_objects(rng_state())  # a collective: every rank, before rank 0 alone writes
         if not rt.is_main:
             return
@@ -217,6 +274,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                 "last_val": last_val,
             },
         )
+        last_good = step
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -231,11 +289,14 @@ def train(job: TrainJob) -> dict[str, Any]:
     model.train()
     t_last, n_images = time.time(), 0
     curves_at = None  # the step curves.png was last drawn at
-    with progress:
+    with progress, _stop_on_sigint(not rt.distributed) as stop:
         task = progress.add_task(job.description, total=job.total_steps, completed=start, info="")
         for step, batch in zip(range(start, job.total_steps), job.batches(start), strict=False):
             with autocast(rt.device, use_amp):
                 loss, logs = job.objective(batch, step)
+            loss_now = float(loss.detach())
+            if not math.isfinite(loss_now):  # stop before the update spreads it into the weights
+                raise _diverged(job, f"the loss is {loss_now}", step + 1, last_good, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -264,6 +325,8 @@ def train(job: TrainJob) -> dict[str, Any]:
                             writer.add_scalar(f"train/{key}", value, done)
                 progress.update(task, info=f"loss {record['loss']:.3f}")
             if job.validate is not None and (done % cfg.val_every == 0 or done == job.total_steps):
+                if not _weights_finite(model):
+                    raise _diverged(job, "the weights became NaN or infinite", done, last_good, ckpt_path)
                 _sync_buffers(model, rt)
                 last_val = job.validate(model)
                 model.train()
@@ -275,9 +338,16 @@ def train(job: TrainJob) -> dict[str, Any]:
                     for key, value in last_val.items():
                         writer.add_scalar(f"val/{key}", value, done)
                 progress.update(task, info=f"loss {float(loss.detach()):.3f} val mIoU {last_val.get('miou', 0):.3f}")
-            if done % cfg.checkpoint_every == 0 or done == job.total_steps:
+            if done % cfg.checkpoint_every == 0 or done == job.total_steps or stop.requested:
                 checkpoint(done)
             progress.update(task, completed=done)
+            if stop.requested:
+                if log_file is not None:
+                    log_file.close()
+                raise Interrupted(
+                    f"{job.description}: interrupted at step {done} of {job.total_steps}; checkpoint saved to "
+                    f"{ckpt_path}; run the same command again to resume"
+                )
     _sync_buffers(model, rt)  # every rank ends with the weights rank 0 saves
     if log_file is not None:
         log_file.close()

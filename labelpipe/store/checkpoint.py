@@ -44,8 +44,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it takes on disk, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=_tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
 
 
@@ -69,20 +80,35 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 def save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=_tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata={"labelpipe": json.dumps(metadata, default=str)})
 
 
 def read_model_metadata(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LabelpipeError(f"{path}: model file not found; run `labelpipe pretrain` for this run first")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    return json.loads(meta.get("labelpipe", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return json.loads(meta.get("labelpipe", "{}"))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, JSONDecodeError: all "corrupt"
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> LabelpipeError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    stage = "pretrain" if Path(path).parent.name == "pretrain" else "selftrain"
+    return LabelpipeError(
+        f"{path}: not a readable safetensors model ({reason}); rebuild it with `labelpipe {stage} --force` "
+        "on its run"
+    )
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise _unreadable(path, exc) from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LabelpipeError(
