@@ -79,6 +79,9 @@ SELFTRAIN_FLAGS += ["--strong-aug"]
 R101 = ("resnet101", 8, (12, 24, 36))
 NUM_CLASSES = 19
 OVERHEAD_GOAL = 0.10
+# Shares of --budget-s per section (the pseudolabel section runs in the background meanwhile). A section
+# past its share skips its remaining items and says so in the report; rerun it alone with --sections.
+BUDGET_SHARES = {"tests": 0.28, "recipes": 0.36, "memory": 0.20, "throughput": 0.16}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,7 +449,9 @@ def memory_settings(ctx: Context) -> list[tuple[str, str, int, str, int]]:
         for stage in setting.stages:
             for precision in ctx.args.precisions:
                 out += [(recipe, stage, b, precision, max(1, batch // b)) for b in per_gpu]
-    return out
+    # Smallest per-GPU batch of every recipe first: when the time budget runs out, what is left unmeasured
+    # is the largest batches, not whole recipes.
+    return sorted(out, key=lambda s: s[2])
 
 
 def load_memory_setting(recipe: str, stage: str):
@@ -514,8 +519,10 @@ def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> di
     """Peak CUDA memory of gpu_memory.py's steady-state step (its Trainee, see :func:`device_trainee`)."""
     import torch
 
+    from labelpipe.runtime import setup
+
     gm = gpu_memory_module()
-    device = torch.device("cuda")
+    device = setup("cuda").device  # as every labelpipe stage: the device, cudnn.benchmark on
     CudaTrainee = device_trainee(gm, device)  # noqa: N806 - a class
     setting = load_memory_setting(recipe, stage)
     gc.collect()
@@ -526,6 +533,9 @@ def measure_cuda_step(recipe: str, stage: str, batch: int, precision: str) -> di
         with torch.device(device):  # weights, teacher, memory bank, prototypes built on the GPU
             torch.manual_seed(0)
             trainee = CudaTrainee(setting, stage, batch, precision == "bf16", real_contrastive=True)
+        trainee.student.to(memory_format=torch.channels_last)  # as labelpipe's for_training on CUDA
+        if trainee.teacher is not None:
+            trainee.teacher.model.to(memory_format=torch.channels_last)
         trainee.step(0)  # warm-up: gradients and optimizer state exist from here on, as in gpu_memory.py
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -727,6 +737,7 @@ def bare_throughput(model_spec: ThroughputModel, device_name: str, warmup: int, 
     predict_logits = import_first(("labelpipe.inference", "predict_logits"))
     device = torch.device(device_name)
     cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda  # as labelpipe on CUDA (runtime.setup)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     torch.manual_seed(0)
     m = model_spec
@@ -1004,7 +1015,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-work", action="store_true", help="do not delete --work at the end")
     p.add_argument("--cpu-dry-run", action="store_true", help="every section at tiny sizes on the CPU")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget; later items are skipped")
+    p.add_argument("--budget-s", type=float, default=440.0, help="wall-clock budget; items past it are skipped")
     p.add_argument("--steps", type=int, default=120, help="pretrain steps of the recipe runs")
     p.add_argument("--selftrain-steps", type=int, default=None, help="steps of the selftrain round (steps / 2)")
     p.add_argument("--kill-at", type=int, default=None, help="SIGKILL after this logged step (steps / 2)")
@@ -1047,7 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     if dry:
         torch.set_num_threads(1)  # a laptop or CI machine: the runs it starts use one thread too
     started = time.monotonic()
-    ctx = Context(out=out, work=work, dry=dry, args=args, deadline=started + args.budget_s)
+    end = started + args.budget_s
+    ctx = Context(out=out, work=work, dry=dry, args=args, deadline=end)
     env = environment(ctx)
     print(f"GPU check{' (CPU dry run)' if dry else ''}: {env.get('gpu', 'cpu')}; output in {out}", flush=True)
     background = start_pseudolabel(ctx) if "pseudolabel" in args.sections else None
@@ -1063,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {name}", flush=True)
             t0 = time.monotonic()
+            # This section's share of what is left, so that time a section did not use goes to the next ones.
+            later = [n for n in SECTIONS[SECTIONS.index(name) :] if n in args.sections and n in BUDGET_SHARES]
+            share = BUDGET_SHARES[name] / sum(BUDGET_SHARES[n] for n in later)
+            ctx.deadline = t0 + share * max(0.0, end - t0)
             try:
                 steps[name](ctx)
             except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
@@ -1071,6 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.raw.setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
         if background is not None:
             print("== pseudolabel", flush=True)
+            ctx.deadline = max(end, time.monotonic() + 30)
             finish_pseudolabel(ctx, background)
     finally:
         if background is not None and background.poll() is None:
