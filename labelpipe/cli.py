@@ -94,7 +94,7 @@ def _resolve(run: Path, config: Path | None, sets: list[str] | None, **overrides
     return cfg, setup(cfg.device)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe pretrain --config stages/demo.yaml --run runs/demo --device cpu")
 def pretrain(
     data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -125,7 +125,7 @@ def pretrain(
     run_pretrain(cfg, run, rt, force=force)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe evaluate --run runs/demo --model round-2 --split target_test")
 def evaluate(
     data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -152,7 +152,7 @@ def evaluate(
     run_evaluate(cfg, run, rt)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe predict --run runs/demo --temperature auto")
 def predict(
     data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -188,7 +188,7 @@ def predict(
     run_predict(cfg, run, rt, force=force, model_name=model)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe pseudolabel --run runs/demo --method dars --alpha 0.2")
 def pseudolabel(
     data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -225,7 +225,7 @@ def pseudolabel(
     run_pseudolabel(cfg, run, rt, force=force)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe selftrain --run runs/demo --rounds 2 --contrastive")
 def selftrain(
     data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
@@ -272,18 +272,34 @@ def selftrain(
     run_selftrain(cfg, run, rt, force=force)
 
 
-@app.command()
+@app.command(epilog="Example: labelpipe export --run runs/demo --format onnx --out deploy/demo.onnx")
 def export(
-    run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN,
+    run_arg: Annotated[Path | None, typer.Argument(help="Run directory (or --run).", show_default=False)] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory (default: runs/default).")] = None,
     format_: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "torchscript",
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: RUN/export/MODEL.pt|onnx).")] = None,
     device: Annotated[Device, typer.Option("--device", help="Device to trace and check on.")] = Device.cpu,
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
 ) -> None:
-    """The main head of a run's model as TorchScript or ONNX, checked against PyTorch."""
+    """The main head of a run's model as TorchScript or ONNX, checked against PyTorch.
+
+    --config/--set/--data/--seed resolve the run's config as the other commands do; its train.crop_size
+    is the size the exported file is checked at (default: the run's crop).
+    """
     from labelpipe.stages.export import run_export
 
-    run_export(run, format_, model, out, device.value)
+    run_dir = _one_run(run_arg, run)
+    crop = None
+    if config is not None or set_ or data is not None or seed is not None:
+        from labelpipe.config import resolve_config
+
+        cfg = resolve_config(run_dir, config, _drop_none({"seed": seed, "data": {"root": data}}), set_)
+        crop = cfg.train.crop_size
+    run_export(run_dir, format_, model, out, device.value, crop)
 
 
 @app.command(
@@ -336,15 +352,18 @@ def segment(
     run_segment(sources, out, rt, run, model, model_file, batch_size, probabilities)
 
 
-@app.command()
-def status(run: Annotated[Path, typer.Argument(help="Run directory.")] = DEFAULT_RUN) -> None:
+@app.command(epilog="Example: labelpipe status --run runs/demo")
+def status(
+    run_arg: Annotated[Path | None, typer.Argument(help="Run directory (or --run).", show_default=False)] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory (default: runs/default).")] = None,
+) -> None:
     """What each stage of a run has done, from its manifests."""
     from labelpipe.stages.status import show_status
 
-    show_status(run)
+    show_status(_one_run(run_arg, run))
 
 
-@app.command(epilog="Example: labelpipe report runs/demo   (then open runs/demo/report.html in a browser)")
+@app.command(epilog="Example: labelpipe report runs/demo   (then open runs/demo/report.html)")
 def report(
     run_arg: Annotated[Path | None, typer.Argument(help="Run directory (or --run).", show_default=False)] = None,
     run: Annotated[Path | None, typer.Option("--run", help="Run directory (default: runs/default).")] = None,
@@ -356,7 +375,7 @@ def report(
     print(f"report: {write_report(_one_run(run_arg, run), out)}")
 
 
-@app.command(epilog="Example: labelpipe compare runs/seed0 runs/seed1 runs/seed2 runs/baseline --split target_test")
+@app.command(epilog="Example: labelpipe compare runs/seed0 runs/seed1 runs/seed2 --split target_test")
 def compare(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run directories.", show_default=False)] = None,
     run: Annotated[list[Path] | None, typer.Option("--run", help="A run directory (repeatable).")] = None,
@@ -369,22 +388,28 @@ def compare(
     run_compare([*(runs or []), *(run or [])], split, model)
 
 
-@app.command(name="run")
+@app.command(name="run", epilog="Example: labelpipe run stages/demo.yaml --run runs/demo  (what make demo runs)")
 def run_recipe(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe from stages/.")],
+    recipe: Annotated[
+        Path | None, typer.Argument(help="A YAML recipe from stages/ (or --config).", show_default=False)
+    ] = None,
+    data: DataOpt = None,
     run: RunOpt = DEFAULT_RUN,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run a whole recipe (its `pipeline:` list), skipping stages that are up to date."""
+    """Run a whole recipe (its `pipeline:` list), skipping stages that are up to date; then write RUN/report.html."""
     from labelpipe.stages.pipeline import run_pipeline
 
-    cfg, rt = _resolve(run, recipe, set_, seed=seed, device=device)
+    if recipe is not None and config is not None and recipe != config:
+        raise LabelpipeError(f"recipe given twice ({recipe} and --config {config}); pass one of them")
+    cfg, rt = _resolve(run, recipe or config, set_, seed=seed, device=device, data={"root": data})
     run_pipeline(cfg, run, rt)
 
 
-@data_app.command("build")
+@data_app.command("build", epilog="Example: labelpipe data build digitscapes --size tiny")
 def data_build(
     name: Annotated[str, typer.Argument(help="Only 'digitscapes' is built in.")] = "digitscapes",
     root: Annotated[Path | None, typer.Option(help="Where to write it (default: the cache).")] = None,
@@ -409,7 +434,7 @@ def data_build(
     print(f"DigitScapes ({size.value}, blend={blend.value}, source={source_style.value}, seed={seed}) at {out}")
 
 
-@data_app.command("show")
+@data_app.command("show", epilog="Example: labelpipe data show ~/data/streets --split train")
 def data_show(
     root: Annotated[Path, typer.Argument(help="Data set root.")],
     split: Annotated[str | None, typer.Option(help="Split to show (default: the default protocol's labeled).")] = None,
@@ -427,7 +452,7 @@ def data_show(
     print(f"wrote {path}")
 
 
-@data_app.command("check")
+@data_app.command("check", epilog="Example: labelpipe data check ~/data/cityscapes --kind cityscapes")
 def data_check(
     root: Annotated[Path, typer.Argument(help="Data set root.")],
     kind: Annotated[

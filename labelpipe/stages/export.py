@@ -60,14 +60,14 @@ def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dic
     return name, model.eval(), meta
 
 
-def sample_shapes(run_dir: Path) -> list[tuple[int, int, int, int]]:
-    """The run's training crop (from config.yaml, else 64) and a smaller non-square batch of 2.
+def sample_shapes(run_dir: Path, crop: int | None = None) -> list[tuple[int, int, int, int]]:
+    """``crop`` (default: the run's training crop from config.yaml, else 64) and a smaller non-square batch of 2.
 
     The second shape proves the file is not frozen to the size it was exported at.
     """
-    size = DEFAULT_SAMPLE_SIZE
+    size = crop or DEFAULT_SAMPLE_SIZE
     config = run_dir / "config.yaml"
-    if config.is_file():
+    if crop is None and config.is_file():
         from labelpipe.config import load_yaml
 
         size = int(load_yaml(config).get("train", {}).get("crop_size", size))
@@ -141,16 +141,24 @@ def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device) ->
 
 
 def run_export(
-    run_dir: Path, fmt: str, model_name: str | None, out: Path | None, device: torch.device | str = "cpu"
+    run_dir: Path,
+    fmt: str,
+    model_name: str | None,
+    out: Path | None,
+    device: torch.device | str = "cpu",
+    crop: int | None = None,
 ) -> Path:
-    """Export the main head of a run's model; returns the written file (a JSON sits next to it)."""
+    """Export the main head of a run's model; returns the written file (a JSON sits next to it).
+
+    ``crop``: the size of the check's first sample (default: the run's training crop).
+    """
     if fmt not in FORMATS:
         raise LabelpipeError(f"--format {fmt}: unknown format; use {' or '.join(FORMATS)}")
     device = device if isinstance(device, torch.device) else select_device(device)
     name, model, meta = load_run_model(Path(run_dir), model_name)
     wrapper = MainHead(model).to(device).eval()
     out = Path(out) if out is not None else Path(run_dir) / "export" / f"{name}{FORMATS[fmt]}"
-    shapes = sample_shapes(Path(run_dir))
+    shapes = sample_shapes(Path(run_dir), crop)
     tolerance = TOLERANCE[device.type]
     exporter = _export_torchscript if fmt == "torchscript" else _export_onnx
     with atomic_path(out) as tmp:  # checked on the temp file; a failed check leaves nothing behind
