@@ -327,31 +327,6 @@ def segment(
     run_segment(sources, out, rt, run, model, model_file, batch_size, probabilities)
 
 
-@app.command(
-    epilog="Example: labelpipe segment --run runs/demo ~/photos/*.jpg --out masks/ --probabilities",
-)
-def segment(
-    sources: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs; PNG/JPEG.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for NAME.png, NAME_overlay.jpg, ...")],
-    run: Annotated[Path | None, typer.Option("--run", help="Run whose model to use.")] = None,
-    model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
-    model_file: Annotated[
-        Path | None, typer.Option("--model-file", help="An exported model (labelpipe export): .pt or .onnx.")
-    ] = None,
-    probabilities: Annotated[
-        bool, typer.Option("--probabilities", help="Also write confidence and entropy maps.")
-    ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images).")] = 8,
-    device: DeviceOpt = None,
-) -> None:
-    """A trained or exported model on your images: palette masks, overlays and (optionally) confidence maps."""
-    from labelpipe.runtime import setup
-    from labelpipe.stages.segment import run_segment
-
-    rt = setup((device or Device.auto).value)
-    run_segment(sources, out, rt, run, model, model_file, batch_size, probabilities)
-
-
 @app.command(epilog="Example: labelpipe status --run runs/demo")
 def status(
     run_arg: Annotated[Path | None, typer.Argument(help="Run directory (or --run).", show_default=False)] = None,
