@@ -35,7 +35,15 @@ from labelpipe.pseudo.histogram import Float16Histogram
 from labelpipe.pseudo.quality import PseudoQualityAccumulator
 from labelpipe.pseudo.streaming import PASS2_KEYS, apply, fit_from_histogram, histogram_pass, histogram_spec
 from labelpipe.pseudo.validation import IGNORE_LABEL, clamp_nonnegative
-from labelpipe.store.atomic import atomic_path, atomic_write_json, sha256_file, sha256_json, temp_sibling
+from labelpipe.store.atomic import (
+    atomic_path,
+    atomic_write_json,
+    reserve_space,
+    sha256_file,
+    sha256_json,
+    temp_sibling,
+)
+from labelpipe.store.lock import run_lock, stage_name
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import LIBVER, PredictionStore, _chunks, _write_index, merge_parts
 
@@ -579,9 +587,37 @@ def _summary(report: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ a run's store
-def _store_hash(store_path: Path) -> str:
-    manifest = StageDir(store_path.parent).manifest() or {}
-    return manifest.get("outputs", {}).get(store_path.name) or sha256_file(store_path)
+def _store_hash(store_path: Path, run_dir: Path) -> str:
+    """The sha256 of the prediction store, checked: a store ``predict`` wrote must still be the file its
+    manifest records (size, and hash unless untouched) and ``predict`` must have finished; a store made
+    elsewhere (no predict manifest beside it) is hashed."""
+    stage = StageDir(store_path.parent)
+    manifest = stage.manifest()
+    if manifest is None or manifest.get("stage") != "predict":
+        return sha256_file(store_path)
+    command = "predict" if store_path.parent == run_dir / "predict" else "selftrain"
+    stage.check_output(store_path.name, f"labelpipe {command} --run {run_dir}")
+    return manifest["outputs"][store_path.name]
+
+
+def _check_store_model(run_dir: Path, store_path: Path, attrs: dict) -> None:
+    """A store must come from the run's current model of its name (a re-pretrain makes it stale)."""
+    from labelpipe.stages.common import checked_model_path
+
+    name, made_by = attrs.get("model"), attrs.get("model_sha256")
+    if not isinstance(name, str) or not made_by:
+        return
+    try:
+        path = checked_model_path(run_dir, name)
+    except LabelpipeError:
+        return  # no such model in this run (a store from elsewhere): nothing to compare with
+    current = (StageDir(path.parent).manifest() or {}).get("outputs", {}).get(path.name) or sha256_file(path)
+    if current != made_by:
+        command = "predict" if store_path.parent == run_dir / "predict" else "selftrain"
+        raise LabelpipeError(
+            f"{store_path}: made by an earlier {name} model (the run's model has changed since); run "
+            f"`labelpipe {command} --run {run_dir}` to predict with the current one"
+        )
 
 
 def settings_from(config: RunConfig, alpha: float | None = None) -> Settings:
@@ -610,6 +646,23 @@ def run_pseudolabel(
     quiet: bool = False,
     sharded: bool = False,
 ) -> Path:
+    """:func:`_pseudolabel` holding the stage's lock in the run (rank 0 takes it)."""
+    stage_dir = out_dir or run_dir / "pseudolabel" / config.pseudolabel.method
+    with run_lock(run_dir, stage_name(run_dir, stage_dir), enabled=runtime.is_main):
+        return _pseudolabel(config, run_dir, runtime, force, store_path, out_dir, alpha, quiet, sharded)
+
+
+def _pseudolabel(
+    config: RunConfig,
+    run_dir: Path,
+    runtime: Any,
+    force: bool,
+    store_path: Path | None,
+    out_dir: Path | None,
+    alpha: float | None,
+    quiet: bool,
+    sharded: bool,
+) -> Path:
     """Pseudo-labels of a run's store (default ``RUN/predict/predictions.h5``) into
     ``RUN/pseudolabel/METHOD`` (or ``out_dir``). ``runtime``: anything with ``rank``, ``world`` and
     ``is_main`` (a ``labelpipe.runtime.Runtime`` or :class:`Ranks`). With ``sharded`` every rank labels
@@ -626,7 +679,9 @@ def run_pseudolabel(
         return stage.path / "labels.h5"
     prior_split = config.pseudolabel.prior_from or ctx.roles["labeled"]
     source = ctx.source
+    store_hash = _store_hash(store_path, run_dir) if store_path.is_file() else ""  # checked before it is read
     with PredictionStore(store_path, source.num_classes, require=PASS2_KEYS[settings.method]) as store:
+        _check_store_model(run_dir, store_path, store.attrs)
         inputs = {
             "method": settings.method,
             "alpha": settings.alpha,
@@ -636,7 +691,7 @@ def run_pseudolabel(
             "seed": settings.seed,
             "prior_from": prior_split,
             "prior_ids": ctx.split_ids_fingerprint(prior_split),
-            "store": _store_hash(store_path),
+            "store": store_hash,
             "export": config.pseudolabel.export,
         }
         fingerprint = sha256_json(inputs)
@@ -645,14 +700,16 @@ def run_pseudolabel(
             if not quiet and runtime.is_main:
                 print(f"pseudolabel: up to date ({stage.path}); use --force to redo")
             return stage.path / "labels.h5"
+        prior = common.class_prior(ctx, prior_split)  # validates the prior's masks before anything is written
         if hasattr(common, "write_config"):
             common.write_config(ctx)
         # Cheap and deterministic (seeded): redone whole, never resumed.
         if ranks.is_main:
             stage.begin("pseudolabel", fingerprint, inputs)
             _prepare_out(stage.path, settings)
+            # HDF5 cannot fail cleanly on a full disk: the labels (uint8, lzf) take well under half the store.
+            reserve_space(stage.path, store_path.stat().st_size // 2 + (1 << 20), stage.path / "labels.h5")
         _barrier(ranks)
-        prior = common.class_prior(ctx, prior_split)
         split = store.attrs.get("split", ctx.roles["unlabeled"])
         by_id = {s.id: s for s in source.split(split)} if split in source.splits else {}
         # Ground truth only where every image of the store has a mask (research splits such as DigitScapes').

@@ -181,8 +181,9 @@ def _stop_on_sigint(enabled: bool):
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (one device sync)."""
-    flags = [torch.isfinite(p).all() for p in unwrap(model).parameters()]
+    """Whether every parameter and floating buffer (BatchNorm statistics) is finite (one device sync)."""
+    state = unwrap(model).state_dict().values()
+    flags = [torch.isfinite(t).all() for t in state if t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
