@@ -134,6 +134,12 @@ class PseudolabelConfig(Section):
     variance_percentile: float | None = None
     prior_from: str | None = None  # default: the labeled split's masks
     export: Literal["none", "png"] = "none"
+    # Pixels read and labelled at a time (images packed, larger ones cut into bands of rows): bounds memory
+    # whatever the images' number and size; the labels do not depend on it.
+    chunk_pixels: int = Field(4_000_000, ge=1)
+    plots: bool = True  # matplotlib figures next to report.json (~1 s and ~40 MB more)
+
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"chunk_pixels", "plots"})
 
 
 class SelftrainConfig(Section):
@@ -144,6 +150,9 @@ class SelftrainConfig(Section):
         "contrastive_anchor_threshold": 0.3,
         "sce_log_zero": -4.0,
         "cutmix_p": 0.5,
+        "rectified_class_balance": False,
+        "rectified_max_value": 7.0,
+        "rectified_align_corners": False,
     }
 
     rounds: int = Field(2, ge=1)
@@ -166,6 +175,11 @@ class SelftrainConfig(Section):
     rectified_kl_direction: Literal["main||aux", "aux||main"] = "main||aux"  # the paper; authors: aux||main
     rectified_mean_over: Literal["valid", "all"] = "valid"  # the paper; authors: all
     rectified_aux_weight: float = 0.0  # authors: 0.5
+    # The authors' published command: per-class CE weights re-estimated every step from the batch's
+    # pseudo-labels (--class-balance --often-balance --max-value 7), and align_corners=True upsampling.
+    rectified_class_balance: bool = False
+    rectified_max_value: float = Field(7.0, ge=1)
+    rectified_align_corners: bool = False
     denoise: bool = False
     pseudo_source: Literal["stored", "teacher"] = "stored"
     strong_aug: bool = True

@@ -38,6 +38,7 @@ from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.errors import Interrupted, LabelpipeError
 from labelpipe.losses import (
     MemoryBank,
+    OftenBalance,
     PrototypeBank,
     fold_prototypes,
     masked_ce,
@@ -215,9 +216,21 @@ class RoundObjective:
             if self.st.contrastive or self.st.denoise
             else None
         )
+        # The rectification authors' rare-class weights; their 64 x 64 pixels at 512 x 256 crops scale with the crop.
+        crop = ctx.config.train.crop_size or 64
+        self.often_balance = (
+            OftenBalance(c, self.st.rectified_max_value, min_pixels=64 * 64 * crop * crop / (512 * 256))
+            if self.st.rectified and self.st.rectified_class_balance
+            else None
+        )
 
     def extras(self) -> dict[str, Any]:
-        out = {"memory": self.memory, "prototypes": self.prototypes, "teacher": self.teacher}
+        out = {
+            "memory": self.memory,
+            "prototypes": self.prototypes,
+            "teacher": self.teacher,
+            "often_balance": self.often_balance,
+        }
         return {name: part for name, part in out.items() if part is not None}
 
     def __call__(self, batch: tuple[dict, dict], step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -284,6 +297,8 @@ class RoundObjective:
                 kl_direction=st.rectified_kl_direction,
                 mean_over=st.rectified_mean_over,
                 aux_weight=st.rectified_aux_weight,
+                class_weight=self.often_balance(y_u, ignore) if self.often_balance is not None else None,
+                align_corners=st.rectified_align_corners,
             )
         else:
             lam = unsupervised_ce_weight(y_u, st.unsup_weight, ignore)
