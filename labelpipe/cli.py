@@ -64,7 +64,17 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A YAML recipe 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config value: KEY.PATH=VALUE.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
 ProtocolOpt = Annotated[str | None, typer.Option("--protocol", help="Protocol of the data set (e.g. da, semi-1_16).")]
+NprocOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--nproc",
+        help="Run in N processes (torch's elastic launcher): N CPU processes (gloo), or N local GPUs; 'gpus': all.",
+        show_default=False,
+    ),
+]
 DEFAULT_RUN = Path("runs/default")
+# The command line main() was called with: what --nproc relaunches in each process.
+_INVOCATION: list[str] = []
 
 
 def _one_run(positional: Path | None, option: Path | None) -> Path:
@@ -72,6 +82,22 @@ def _one_run(positional: Path | None, option: Path | None) -> Path:
     if positional is not None and option is not None and positional != option:
         raise LabelpipeError(f"run given twice ({positional} and --run {option}); pass one of them")
     return option or positional or DEFAULT_RUN
+
+
+def _relaunched(nproc: str | None, device: Device | None) -> bool:
+    """With --nproc N > 1 outside torchrun: run this command in N processes and return True (exit status of
+    a failed process re-raised); otherwise False, and the command runs here."""
+    if nproc is None:
+        return False
+    from labelpipe.launch import launch, resolve_nproc, under_launcher
+
+    n = resolve_nproc(nproc, (device or Device.auto).value)
+    if n == 1 or under_launcher():  # inside the launched processes (or plain torchrun): run the command
+        return False
+    code = launch(_INVOCATION, n)
+    if code:  # the failed process printed its error; click would swallow a typer.Exit here (standalone_mode off)
+        sys.exit(code)
+    return True
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +134,11 @@ def pretrain(
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     backbone: Annotated[str | None, typer.Option(help="resnet18/34/50/101 or mobilenet_v3_large.")] = None,
     backbone_weights: Annotated[Path | None, typer.Option(help="A torchvision state dict for the backbone.")] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """Supervised training on the labeled (or source) split."""
+    if _relaunched(nproc, device):
+        return
     from labelpipe.stages.pretrain import run_pretrain
 
     cfg, rt = _resolve(
@@ -136,8 +165,11 @@ def evaluate(
     protocol: ProtocolOpt = None,
     split: Annotated[str | None, typer.Option(help="Split to evaluate (default: the protocol's test split).")] = None,
     model: Annotated[str | None, typer.Option(help="pretrain or round-K (default: the latest).")] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """mIoU, per-class IoU, calibration and plots of a run's model."""
+    if _relaunched(nproc, device):
+        return
     from labelpipe.stages.evaluate import run_evaluate
 
     cfg, rt = _resolve(
@@ -166,8 +198,11 @@ def predict(
     split: Annotated[str | None, typer.Option(help="Split to predict (default: the protocol's unlabeled).")] = None,
     temperature: Annotated[str | None, typer.Option(help="A number, or 'auto' to fit T on the val pixels.")] = None,
     topk: Annotated[int | None, typer.Option(help="Also store the k largest probabilities and classes.")] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """Teacher probabilities -> predictions.h5 (label, conf, entropy, variance per pixel)."""
+    if _relaunched(nproc, device):
+        return
     from labelpipe.stages.predict import run_predict
 
     temp: Any = temperature
@@ -245,8 +280,11 @@ def selftrain(
     strong_aug: Annotated[bool | None, typer.Option("--strong-aug/--no-strong-aug")] = None,
     pseudo_source: Annotated[str | None, typer.Option(help="stored or teacher.")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per round.")] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """Rounds of predict -> pseudolabel -> retraining (CE/SCE, contrastive, rectified)."""
+    if _relaunched(nproc, device):
+        return
     from labelpipe.stages.selftrain import run_selftrain
 
     cfg, rt = _resolve(
@@ -318,8 +356,11 @@ def segment(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images).")] = 8,
     device: DeviceOpt = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """A trained or exported model on your images: palette masks, overlays and (optionally) confidence maps."""
+    if _relaunched(nproc, device):
+        return
     from labelpipe.runtime import setup
     from labelpipe.stages.segment import run_segment
 
@@ -444,6 +485,7 @@ def data_check(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors on stderr, exit 2 for bad input or usage (``--debug``: traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _INVOCATION[:] = args  # --nproc relaunches this (with --debug)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
