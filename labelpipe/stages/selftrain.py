@@ -28,27 +28,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from labelpipe.config import RunConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.errors import Interrupted, LabelpipeError
-from labelpipe.losses import (
-    MemoryBank,
-    OftenBalance,
-    PrototypeBank,
-    fold_prototypes,
-    masked_ce,
-    prototype_weights,
-    rectified_loss,
-    symmetric_ce,
-    u2pl_contrastive,
-    unsupervised_ce_weight,
-)
-from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.common import (
     StageContext,
