@@ -28,12 +28,27 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from labelpipe.config import RunConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.errors import Interrupted, LabelpipeError
+from labelpipe.losses import (
+    MemoryBank,
+    OftenBalance,
+    PrototypeBank,
+    fold_prototypes,
+    masked_ce,
+    prototype_weights,
+    rectified_loss,
+    symmetric_ce,
+    u2pl_contrastive,
+    unsupervised_ce_weight,
+)
+from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.common import (
     StageContext,
@@ -373,7 +388,17 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         cfg = cfg.model_copy(update={"lr": st.lr})
     steps = st.steps or cfg.steps
     # What this round reads must be what the earlier steps wrote (never a truncated or swapped file).
-    StageDir(labels_path.parent).check_output(labels_path.name, f"labelpipe selftrain --run {ctx.run_dir}")
+    labels_stage = StageDir(labels_path.parent)
+    labels_stage.check_output(labels_path.name, f"labelpipe selftrain --run {ctx.run_dir}")
+    # ... and made from the round's current prediction store (the labels record the store's hash).
+    store_stage = StageDir(labels_path.parent.parent / "predict")
+    made_from = (labels_stage.manifest() or {}).get("inputs", {}).get("store")
+    store_hash = (store_stage.manifest() or {}).get("outputs", {}).get("predictions.h5")
+    if made_from and store_hash and made_from != store_hash:
+        raise LabelpipeError(
+            f"{labels_path}: made from another prediction store than {store_stage.path / 'predictions.h5'}; "
+            f"run `labelpipe selftrain --run {ctx.run_dir}` again to relabel"
+        )
     labeled = ctx.source.split(ctx.roles["labeled"])
     unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
     inputs = {
