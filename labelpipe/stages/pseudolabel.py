@@ -167,9 +167,9 @@ def _count_classes(values: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _display_histogram(hist: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """``HIST_BINS`` equal-width bins over ``value_range`` from a (65536,) histogram of float16 bit
-    patterns (values outside the range, and the patterns of negative values and NaN, are left out)."""
-    values = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
+    """``HIST_BINS`` equal-width bins over ``value_range`` from a (NUM_BINS,) histogram of non-negative
+    float16 bit patterns (values outside the range are left out)."""
+    values = np.arange(hist.size, dtype=np.uint16).view(np.float16).astype(np.float64)
     lo, hi = value_range
     inside = (values >= lo) & (values <= hi) & (hist > 0)
     bins = np.minimum(((values[inside] - lo) / (hi - lo) * HIST_BINS).astype(np.int64), HIST_BINS - 1)
@@ -181,8 +181,9 @@ class _LabelsFile:
     """``labels.h5`` (or one rank's part of it) written band by band: an image's datasets are created at
     its first band and filled row range by row range."""
 
-    def __init__(self, path: Path, with_weight: bool) -> None:
+    def __init__(self, path: Path, with_weight: bool, compression: str) -> None:
         self.path = path
+        self.compression = compression
         self.tmp = temp_sibling(path)
         self.file = h5py.File(self.tmp, "w", libver=LIBVER)
         self.group = self.file.create_group("images")
@@ -201,7 +202,11 @@ class _LabelsFile:
                 if name == "weight" and not self.with_weight:
                     continue
                 self._current[name] = grp.create_dataset(
-                    name, shape=shape, dtype=dtype, chunks=_chunks(shape), **compression_options("lzf", dtype)
+                    name,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=_chunks(shape),
+                    **compression_options(self.compression, dtype),
                 )
             self.ids.append(image_id)
             self.shapes.append(shape)
@@ -222,6 +227,19 @@ class _LabelsFile:
         if self.file.id.valid:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _compression_of(store: PredictionStore) -> str:
+    """The compression of the store's label column, for labels.h5: a plain store (fast to read) gets
+    plain labels, an lzf one (``predict``'s) lzf labels."""
+    if not store.ids:
+        return "none"
+    from labelpipe.store.prediction_store import escape_id
+
+    dataset = store.file["images"][escape_id(store.ids[0])]["label"]
+    if dataset.compression == "gzip":
+        return f"gzip-{dataset.compression_opts}"
+    return "lzf" if dataset.compression == "lzf" else "none"
 
 
 def _bands(chunk: dict) -> Iterator[tuple[str, int, tuple[int, int], slice]]:
@@ -307,7 +325,7 @@ def label_store(
 
     final = out / "labels.h5"
     part = final if ranks.world == 1 else out / f"labels.part-{ranks.rank:03d}.h5"
-    writer = _LabelsFile(part, with_weight=method == "variance")
+    writer = _LabelsFile(part, with_weight=method == "variance", compression=_compression_of(store))
     try:
         for chunk in store.iter_chunks(tuple(wanted), max_pixels=chunks, images=shard, reuse_buffers=True):
             labels, weights = apply(method, params, chunk, rng)
@@ -328,7 +346,7 @@ def label_store(
                         mask_cache = (image_id, _checked_mask(truth, image_id, shapes[index]))
                     gt = mask_cache[1][rows[0] : rows[1]]
                     pred = chunk["label"][flat].reshape(shape)
-                    gt_counts += np.bincount(gt[gt != IGNORE_LABEL].ravel(), minlength=C)[:C]
+                    gt_counts += _count_classes(gt[gt != IGNORE_LABEL].ravel(), C)
                     conf = chunk["conf"][flat].reshape(shape) if "conf" in chunk else None
                     quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
                     if gap_variance is not None:

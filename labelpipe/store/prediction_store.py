@@ -291,17 +291,21 @@ class PredictionStore:
                 "shapes": [(end - start, shapes[i][1]) for i, start, end in pieces],
                 "pieces": pieces,
             }
+            first = group[escape_id(self.ids[pieces[0][0]])]
+            outs = {}
             for c in columns:
-                dataset0 = group[escape_id(self.ids[pieces[0][0]])][c]
+                dtype = first[c].dtype
                 if reuse_buffers:
-                    if c not in buffers or buffers[c].size < total or buffers[c].dtype != dataset0.dtype:
-                        buffers[c] = np.empty(max(total, _largest_chunk(plan, shapes)), dataset0.dtype)
-                    out = buffers[c][:total]
+                    if c not in buffers or buffers[c].size < total or buffers[c].dtype != dtype:
+                        buffers[c] = np.empty(max(total, _largest_chunk(plan, shapes)), dtype)
+                    outs[c] = buffers[c][:total]
                 else:
-                    out = np.empty(total, dataset0.dtype)
-                offset = 0
-                for (i, start, end), size in zip(pieces, sizes, strict=True):
-                    dataset = group[escape_id(self.ids[i])][c]
+                    outs[c] = np.empty(total, dtype)
+            offset = 0
+            for (i, start, end), size in zip(pieces, sizes, strict=True):
+                image = group[escape_id(self.ids[i])]  # one lookup an image: h5py's are ~0.1 ms each
+                for c, out in outs.items():
+                    dataset = image[c]
                     if dataset.ndim != 2:
                         raise LabelpipeError(f"{self.path}: column {c} of {self.ids[i]} is not a 2-D map")
                     dest = out[offset : offset + size].reshape(end - start, shapes[i][1])
@@ -309,8 +313,8 @@ class PredictionStore:
                         dataset.read_direct(dest, source_sel=np.s_[start:end])
                     else:  # a column stored in another dtype than the first image's (e.g. uint16 labels)
                         dest[...] = dataset[start:end]
-                    offset += size
-                chunk[c] = out
+                offset += size
+            chunk.update(outs)
             yield chunk
 
     def close(self) -> None:

@@ -44,7 +44,10 @@ class PredictionWriter:
     """A prediction store written image by image (see the module docstring).
 
     path: the ``.h5`` file to create (replaced atomically on :meth:`close`). classes: the class names,
-    or their number C (names ``class0`` ...). Every image must bring the same columns: ``label`` and any
+    or their number C (names ``class0`` ...). compression: ``"none"`` (default), ``"lzf"`` or
+    ``"gzip-N"``: ``pseudolabel`` reads the label and conf columns twice, and an lzf column reads ~6x
+    slower than a plain one (~80 vs ~500 MB/s on one core) for ~25% less disk on float16 confidences.
+    Every image must bring the same columns: ``label`` and any
     of ``conf``, ``entropy``, ``variance`` (which ``labelpipe pseudolabel`` methods need: threshold,
     cbst and dars read conf; entropy reads entropy; variance reads variance). ``temperature`` is applied
     by :meth:`add_logits` and recorded in the file; ``attrs`` are extra file attributes (JSON-able).
@@ -54,7 +57,7 @@ class PredictionWriter:
         self,
         path: str | Path,
         classes: list[str] | int,
-        compression: str = "lzf",
+        compression: str = "none",
         temperature: float = 1.0,
         attrs: dict[str, Any] | None = None,
     ) -> None:
@@ -156,7 +159,10 @@ class PredictionWriter:
     def _map_tensor(self, image_id: str, values: Any, what: str):
         import torch
 
-        t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+        if not isinstance(values, torch.Tensor):
+            array = np.asarray(values)
+            values = torch.from_numpy(array if array.flags.writeable else array.copy())  # torch wants writable
+        t = values
         if t.dim() != 3 or t.shape[0] != self.num_classes:
             raise LabelpipeError(f"{image_id}: {what} must be (C={self.num_classes}, H, W), got {tuple(t.shape)}")
         if not t.is_floating_point():

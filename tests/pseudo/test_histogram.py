@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.histogram import NUM_BINS, Float16Histogram
 
 from .synthetic import random_nonnegative_float16, random_predictions
 
@@ -15,7 +15,7 @@ def test_counts_land_in_the_bit_pattern_bins_of_their_class():
     values = np.array([1.0, 1.0, 0.5, 0.25], dtype=np.float16)
     hist.update(np.array([0, 0, 2, 2], dtype=np.uint8), values)
     bits = values.view(np.uint16)
-    assert hist.counts.shape == (3, 65536)
+    assert hist.counts.shape == (3, NUM_BINS) and NUM_BINS == 0x7C01
     assert hist.counts[0, bits[0]] == 2
     assert hist.counts[2, bits[2]] == 1 and hist.counts[2, bits[3]] == 1
     assert hist.counts.sum() == 4
@@ -48,8 +48,8 @@ def test_many_small_updates_equal_one_large_update_and_bincount():
     large = Float16Histogram(5)
     large.update(label, conf)
     np.testing.assert_array_equal(small.counts, large.counts)
-    index = label.astype(np.int64) * 65536 + conf.view(np.uint16)
-    np.testing.assert_array_equal(large.counts.ravel(), np.bincount(index, minlength=5 * 65536))
+    index = label.astype(np.int64) * NUM_BINS + conf.view(np.uint16)
+    np.testing.assert_array_equal(large.counts.ravel(), np.bincount(index, minlength=5 * NUM_BINS))
 
 
 def test_merge_equals_update_on_the_concatenation():
