@@ -95,7 +95,7 @@ class TrainConfig(Section):
     val_every: int = Field(500, ge=1)
     val_limit: int | None = None  # validate on the first N val images (None: all)
     num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     # torch.compile the training model ("off", or a mode: default, reduce-overhead, max-autotune). Pays off
     # on a GPU in long runs; compiling takes ~1 min. The backend is torch's (inductor; eager for a quick check).
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
@@ -120,7 +120,7 @@ class TrainConfig(Section):
 class PredictConfig(Section):
     temperature: float | Literal["auto"] = 1.0
     topk: int = Field(0, ge=0)
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     split: str | None = None  # default: the protocol's unlabeled split
     # Images per part file (the unit a killed predict resumes from); rounded up to a multiple of batch_size.
     images_per_part: int = Field(32, ge=1)
@@ -193,8 +193,8 @@ class SelftrainConfig(Section):
 class EvaluateConfig(Section):
     split: str | None = None  # default: the protocol's test split
     model: str | None = None  # default: the run's latest trained model
-    batch_size: int = 32
-    num_samples: int = 8
+    batch_size: int = Field(32, ge=1)
+    num_samples: int = Field(8, ge=0)
 
 
 STAGES = ("pretrain", "predict", "pseudolabel", "selftrain", "evaluate")

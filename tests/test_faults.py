@@ -599,6 +599,30 @@ def test_steps_below_one_are_rejected_in_set(run, capsys, key):
     assert_one_line(code, err, key)
 
 
+OUT_OF_RANGE = [
+    ("train.log_every=0", "pretrain"),
+    ("train.checkpoint_every=0", "pretrain"),
+    ("train.val_every=0", "selftrain"),
+    ("train.batch_size=0", "pretrain"),
+    ("train.crop_size=4", "pretrain"),
+    ("train.lr=-1", "selftrain"),
+    ("predict.batch_size=0", "predict"),
+    ("predict.images_per_part=0", "predict"),
+    ("evaluate.batch_size=0", "evaluate"),
+    ("selftrain.rounds=0", "selftrain"),
+    ("pseudolabel.alpha=0", "pseudolabel"),
+    ("pseudolabel.tau=2", "pseudolabel"),
+]
+
+
+@pytest.mark.parametrize(("setting", "command"), OUT_OF_RANGE)
+def test_out_of_range_settings_are_rejected(run, capsys, setting, command):
+    before = snapshot(run)
+    code, _, err = cli(args_for(command, run, "--set", setting), capsys)
+    assert_one_line(code, err, setting.split("=")[0])
+    assert snapshot(run) == before
+
+
 # -------------------------------------------------------------------------- H. locks and interrupted stages
 
 
