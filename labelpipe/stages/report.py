@@ -10,7 +10,9 @@ mailed or archived on its own. Sections:
   marked, mIoU, tail mIoU, pixel accuracy, ECE) and the gain of the last model over the first;
 - evaluation plots and sample overlays of each model;
 - pseudo-labels: each round's (and each stand-alone ``pseudolabel``'s) report and plots;
-- training curves of every training stage, and the resolved config.
+- training curves of every training stage;
+- the latest model's overlays on a few test images (drawn as ``segment`` draws them; the one thing
+  the report computes), and the resolved config.
 
 A small inline script marks, after load, how many images decoded (``data-images-loaded`` on
 ``<body>``): the browser test reads it from the rendered DOM.
@@ -46,6 +48,8 @@ figure img { max-width: 100%; border: 1px solid #eee; } figure img:not(.curves) 
 figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 nav a { margin-right: 1em; }
+img.overlay { width: 160px; image-rendering: pixelated; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.2em 0 0.6em; vertical-align: -0.1em; }
 """
 
 # Marks how many images decoded once the page has loaded; the browser test reads these attributes.
@@ -266,6 +270,48 @@ def _curves_section(run_dir: Path) -> str:
     return '<h2 id="curves">Training curves</h2>' + "".join(f"<div>{f}</div>" for f in figures)
 
 
+def _overlays_section(run_dir: Path, n: int = 8) -> str:
+    """The run's latest model on the first ``n`` test images, drawn as ``segment`` draws them (on CPU).
+
+    The only thing the report computes: a few forward passes. Skipped, with a note, when the data set
+    or the model is not at hand.
+    """
+    import tempfile
+
+    import torch
+
+    from labelpipe.config import DataConfig, load_yaml
+    from labelpipe.data import open_source
+    from labelpipe.runtime import Runtime
+    from labelpipe.stages.segment import InputImage, load_run_segmenter, segment_images
+
+    head = '<h2 id="overlays">Sample overlays</h2>'
+    try:
+        raw = load_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+        data = DataConfig.model_validate(raw.get("data", {}))
+        if not data.resolved_root().is_dir():
+            return f'{head}<p class="muted">data set {_e(data.resolved_root())} not found; no overlays</p>'
+        source = open_source(data.resolved_root(), data.kind)
+        split = source.protocol(data.protocol)["test"]
+        samples = source.split(split)[:n]
+        cpu = torch.device("cpu")
+        segmenter = load_run_segmenter(run_dir, None, cpu)
+        with tempfile.TemporaryDirectory() as tmp:
+            items = [InputImage(s.image, f"{i:03d}") for i, s in enumerate(samples)]
+            segment_images(segmenter, items, Path(tmp), Runtime(cpu), batch_size=n, progress=False)
+            figures = [
+                _img(Path(tmp) / f"{item.name}_overlay.jpg", f"{sample.id}", "overlay")
+                for item, sample in zip(items, samples, strict=True)
+            ]
+    except (LabelpipeError, OSError, ValueError) as exc:
+        return f'{head}<p class="muted">no overlays: {_e(exc)}</p>'
+    legend = "".join(
+        f'<span class="swatch" style="background: rgb{tuple(segmenter.palette[c])}"></span>{_e(name)} '
+        for c, name in enumerate(segmenter.classes)
+    )
+    return f"{head}<p>{_e(segmenter.name)} on {_e(split)}: {legend}</p>{''.join(figures)}"
+
+
 def render(run_dir: Path) -> str:
     """The report page of ``run_dir`` as one HTML string."""
     config = run_dir / "config.yaml"
@@ -275,6 +321,7 @@ def render(run_dir: Path) -> str:
         _metrics_section(run_dir),
         _pseudolabel_section(run_dir),
         _curves_section(run_dir),
+        _overlays_section(run_dir) if any(run_dir.glob("**/model.safetensors")) else "",
         f'<h2 id="config">Config</h2><pre>{_e(config_text)}</pre>',
     ]
     nav = "".join(
@@ -284,6 +331,7 @@ def render(run_dir: Path) -> str:
             ("metrics", "metrics"),
             ("pseudolabels", "pseudo-labels"),
             ("curves", "curves"),
+            ("overlays", "overlays"),
             ("config", "config"),
         )
     )

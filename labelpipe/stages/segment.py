@@ -339,9 +339,9 @@ def segment_images(
 ) -> SegmentResult:
     """Segment this rank's share of ``items`` into ``out_dir``; failures are gathered from every rank.
 
-    All ranks must call it (the failures are all-gathered). Batches hold consecutive same-size images,
-    at most ``batch_size`` of them and ``batch_size`` crops' worth of pixels, so memory stays that of
-    ``batch_size`` crop-sized images whatever the photo sizes.
+    With ``runtime.world > 1`` all ranks must call it (the failures are all-gathered). Batches hold
+    consecutive same-size images, at most ``batch_size`` of them and ``batch_size`` crops' worth of
+    pixels, so memory stays that of ``batch_size`` crop-sized images whatever the photo sizes.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -380,7 +380,8 @@ def segment_images(
                     write_outputs(out_dir, item.name, image_rgb, prob[i], segmenter.palette, probabilities)
                     result.written.append(item.name)
             bar.update(task, advance=len(images) + len(bad), info=f"{len(failed)} unreadable" if failed else "")
-    result.failed = [f for share in all_gather_objects(failed) for f in share]
+    # A collective only when this call is one (a caller on rank 0 alone, e.g. the report, passes world 1).
+    result.failed = [f for share in all_gather_objects(failed) for f in share] if runtime.distributed else failed
     return result
 
 

@@ -82,6 +82,7 @@ def test_run_writes_a_self_contained_report_with_every_model_side_by_side(full_r
         f"{100 * (after['miou'] - before['miou']):+.1f}",
     ]
     assert {"tail mIoU", "ECE", "pixel accuracy"} <= set(rows)
+    assert html.count('class="overlay"') == 8  # the latest model on the first test images, as segment draws them
     for section in ('id="pseudolabels"', "round-1: pseudo-labels", 'class="curves"', 'id="config"', "seed: 0"):
         assert section in html, section
 
