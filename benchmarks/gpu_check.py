@@ -28,8 +28,11 @@ GPU. This script is what to run the first time one is available:
    benchmarks/pseudolabel.py (imported, not copied); it runs in the background while the GPU sections run.
 
 Output under ``--out`` (default ``$OUT``): gpu_check.md (a summary table, one row per check, then a table
-per section), gpu_check.json (every figure), logs/ (each command's output). Runs, data and the store go
-to ``--work`` (a temporary folder, deleted at the end unless ``--keep-work``). Exit status 0 when every
+per section), gpu_check.json (every figure), logs.tar.gz (each command's output; three files, since the
+device tool brings back at most 8 from $OUT). Runs, data and the store go
+to ``--work`` (default: a temporary folder, deleted at the end unless ``--keep-work``; a given one is
+kept). ``--budget-s`` (440) is shared out between the sections (BUDGET_SHARES, time one leaves goes to
+the next); an item past its section's share is skipped and listed as such. Exit status 0 when every
 check passed, 1 otherwise.
 
 Without CUDA it prints "no CUDA device: nothing to check" and exits 0; ``--cpu-dry-run`` runs every
@@ -213,7 +216,7 @@ def window_mean(records: list[dict[str, Any]], first: int, last: int) -> float:
 
 
 def section_tests(ctx: Context) -> None:
-    xml = ctx.out / "pytest_cuda.xml"
+    xml = ctx.out / "logs" / "pytest_cuda.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"]
     cmd += ctx.args.pytest_args or [str(ROOT / "tests")]
     rc, seconds, last = run_logged(ctx, cmd, "pytest_cuda", timeout=min(ctx.left(), ctx.args.tests_timeout))
@@ -950,7 +953,7 @@ def start_pseudolabel(ctx: Context) -> subprocess.Popen:
     work = ctx.work / "pseudolabel"
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--pseudolabel-worker", str(work), str(maps), str(distinct), str(height)]
-    cmd += [str(width), str(ctx.out / "pseudolabel.json")]
+    cmd += [str(width), str(ctx.out / "logs" / "pseudolabel.json")]
     log = open(ctx.out / "logs" / "pseudolabel-worker.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ctx.env())
 
@@ -963,7 +966,7 @@ def finish_pseudolabel(ctx: Context, proc: subprocess.Popen) -> None:
         proc.wait()
         ctx.check("pseudolabel", "labelpipe pseudolabel", False, "did not finish within the time budget")
         return
-    path = ctx.out / "pseudolabel.json"
+    path = ctx.out / "logs" / "pseudolabel.json"
     result = json.loads(path.read_text()) if path.is_file() else {"error": f"worker exited {proc.returncode}"}
     ctx.raw["pseudolabel"] = result
     maps = f"{result.get('maps')} x 19x{result.get('height')}x{result.get('width')}"
@@ -1037,6 +1040,23 @@ def write_report(ctx: Context, env: dict[str, Any], seconds: float) -> Path:
     raw = {"environment": env, "seconds": seconds, "checks": [c.__dict__ for c in ctx.checks], **ctx.raw}
     (ctx.out / "gpu_check.json").write_text(json.dumps(raw, indent=1, default=str))
     return path
+
+
+def pack_logs(folder: Path, keep_bytes: int = 256 * 1024) -> Path:
+    """logs/ -> logs.tar.gz (the last ``keep_bytes`` of each file): the device tool brings back at most 8
+    files from $OUT, so the output is gpu_check.md, gpu_check.json and this archive."""
+    import io
+    import tarfile
+
+    archive = folder.with_name("logs.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            data = path.read_bytes()[-keep_bytes:]
+            info = tarfile.TarInfo(f"logs/{path.relative_to(folder)}")
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    shutil.rmtree(folder)
+    return archive
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1137,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - started
     report = write_report(ctx, env, seconds)
+    pack_logs(out / "logs")
     failed = [c for c in ctx.checks if c.ok is False]
     print(f"{len(ctx.checks)} checks, {len(failed)} failed, {seconds:.0f} s: {report}")
     return 1 if failed else 0

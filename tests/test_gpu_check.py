@@ -76,6 +76,7 @@ def test_cpu_dry_run_of_memory_and_pseudolabel_writes_the_report(data_cache, tmp
     cmd += ["--out", str(out), "--work", str(work)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=no_cuda_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "logs.tar.gz"]
     report = (out / "gpu_check.md").read_text()
     assert "CPU dry run" in report and "## memory" in report and "## pseudolabel" in report
     raw = json.loads((out / "gpu_check.json").read_text())
