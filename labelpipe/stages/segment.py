@@ -79,17 +79,24 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def collect_inputs(sources: list[str]) -> list[InputImage]:
+def collect_inputs(sources: list[str], exclude: Path | None = None) -> list[InputImage]:
     """The images named by files, folders (recursive) and globs, each once, with unique output names.
 
     A file is taken whatever its suffix (so a misnamed or broken file is reported, not silently
     dropped); folders and globs contribute their PNG/JPEG files. A source that names nothing is an error.
+    Folders and globs skip what lies under ``exclude`` (the output folder: a second run over ``photos/``
+    with ``--out photos/masks`` must not segment the first run's masks).
     """
+    skip = exclude.resolve() if exclude is not None else None
+
+    def wanted(p: Path) -> bool:
+        return _is_image(p) and (skip is None or not p.resolve().is_relative_to(skip))
+
     found: list[InputImage] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if _is_image(p))
+            files = sorted(p for p in path.rglob("*") if wanted(p))
             if not files:
                 raise LabelpipeError(f"{source}: folder has no PNG or JPEG images")
             found += [InputImage(p, p.relative_to(path).with_suffix("").as_posix()) for p in files]
@@ -97,9 +104,9 @@ def collect_inputs(sources: list[str]) -> list[InputImage]:
             found.append(InputImage(path, path.stem))
         elif glob.has_magic(source):
             matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
-            files = [p for p in matches if _is_image(p)]
+            files = [p for p in matches if wanted(p)]
             for folder in (m for m in matches if m.is_dir()):
-                files += sorted(p for p in folder.rglob("*") if _is_image(p))
+                files += sorted(p for p in folder.rglob("*") if wanted(p))
             if not files:
                 raise LabelpipeError(f"{source}: the pattern matches no PNG or JPEG image")
             found += [InputImage(p, p.stem) for p in files]
@@ -403,7 +410,7 @@ def run_segment(
         raise LabelpipeError(f"--batch-size {batch_size}: must be at least 1")
     if model_file is None and run_dir is None:
         raise LabelpipeError("segment: pass --run RUN (a trained run) or --model-file FILE (an exported model)")
-    items = collect_inputs(sources)
+    items = collect_inputs(sources, exclude=Path(out_dir))
     if not items:
         raise LabelpipeError("segment: no images given; pass image files, folders or globs")
     if model_file is not None:

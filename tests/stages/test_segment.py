@@ -103,6 +103,9 @@ def test_inputs_from_folders_files_and_globs_get_unique_names(tmp_path):
     items = collect_inputs([str(tmp_path / "x"), str(tmp_path / "*" / "*.jpg"), str(tmp_path / "y" / "photo.jpg")])
     assert [i.name for i in items] == ["photo", "photo-2"]  # x/photo.jpg once, then y's under another name
     assert [i.path for i in items] == [tmp_path / "x" / "photo.jpg", tmp_path / "y" / "photo.jpg"]
+    (tmp_path / "x" / "masks").mkdir()  # an earlier run's output inside the folder is not an input
+    Image.new("RGB", (4, 4)).save(tmp_path / "x" / "masks" / "old.png")
+    assert [i.name for i in collect_inputs([str(tmp_path / "x")], exclude=tmp_path / "x" / "masks")] == ["photo"]
     with pytest.raises(LabelpipeError, match="no such file or folder"):
         collect_inputs([str(tmp_path / "missing.png")])
     with pytest.raises(LabelpipeError, match="matches no PNG or JPEG"):
