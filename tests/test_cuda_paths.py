@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import json
 import math
+import pkgutil
 import socket
 import subprocess
 import sys
@@ -47,7 +48,15 @@ def labelpipe_attr(name: str, *modules: str):
 
 
 def training_attr(name: str):
-    return labelpipe_attr(name, "labelpipe.training", "labelpipe.stages.training", "labelpipe.stages.pretrain")
+    """A training-loop helper (train, TrainJob, for_training, wrap_ddp, step_loader), in labelpipe.stages
+    today, in a labelpipe.training package (any of its modules) after the move."""
+    modules = ["labelpipe.training", "labelpipe.stages.training", "labelpipe.stages.pretrain"]
+    try:
+        package = importlib.import_module("labelpipe.training")
+        modules += [info.name for info in pkgutil.walk_packages(package.__path__, "labelpipe.training.")]
+    except (ImportError, AttributeError):  # not moved yet (or a plain module)
+        pass
+    return labelpipe_attr(name, *modules)
 
 
 def gpu_check():
