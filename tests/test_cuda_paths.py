@@ -121,8 +121,7 @@ def run_training_loop(tmp_path: Path, steps: int = 6, **cfg_overrides) -> tuple[
 
 
 def test_autocast_picks_bf16_where_supported_fp16_otherwise(monkeypatch):
-    from labelpipe.stages.common import autocast
-
+    autocast = labelpipe_attr("autocast", "labelpipe.stages.common", "labelpipe.training", "labelpipe.runtime")
     device = torch.device("cuda")
     a = torch.randn(8, 8, device=device)
     with autocast(device, enabled=False):
