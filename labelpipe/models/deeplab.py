@@ -51,7 +51,47 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outs, dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class SegmentationModel(nn.Module):
+    """What every labelpipe model has: ``backbone``, ``classifier``, ``aux_classifier``, ``representation``
+    and a forward returning :class:`SegmentationOutput`."""
+
+    backbone: nn.Module
+    representation: nn.Module
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, decoder and head parameters): the latter train at ``decoder_lr_mult`` x the LR."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+    @torch.no_grad()
+    def calibrate_representation(self, batches: Iterable[torch.Tensor]) -> bool:
+        """Running BatchNorm statistics of the representation head, when it has never been run in training.
+
+        Training without a representation loss skips the head, so its BatchNorm layers keep their initial
+        statistics (mean 0, variance 1); an eval-mode forward (the EMA teacher's) would then see
+        unnormalised features. This sets them to the plain average over ``batches`` (the rest of the
+        network in eval mode, no dropout, no random numbers drawn). Returns whether it calibrated.
+        """
+        norms = [m for m in self.representation.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or any(int(m.num_batches_tracked) > 0 for m in norms):
+            return False
+        was_training = self.training
+        self.eval()
+        self.representation.train()
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        for images in batches:
+            self.forward(images)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        self.train(was_training)
+        return True
+
+
+class DeepLabV3Plus(SegmentationModel):
     def __init__(
         self,
         num_classes: int,
@@ -91,35 +131,3 @@ class DeepLabV3Plus(nn.Module):
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
         aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)
-
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, decoder and head parameters): the latter train at 10x the LR."""
-        backbone = list(self.backbone.parameters())
-        ids = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
-
-    @torch.no_grad()
-    def calibrate_representation(self, batches: Iterable[torch.Tensor]) -> bool:
-        """Running BatchNorm statistics of the representation head, when it has never been run in training.
-
-        Training without a representation loss skips the head, so its BatchNorm layers keep their initial
-        statistics (mean 0, variance 1); an eval-mode forward (the EMA teacher's) would then see
-        unnormalised features. This sets them to the plain average over ``batches`` (the rest of the
-        network in eval mode, no dropout, no random numbers drawn). Returns whether it calibrated.
-        """
-        norms = [m for m in self.representation.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms or any(int(m.num_batches_tracked) > 0 for m in norms):
-            return False
-        was_training = self.training
-        self.eval()
-        self.representation.train()
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-        for images in batches:
-            self.forward(images)
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        self.train(was_training)
-        return True

@@ -88,6 +88,7 @@ def model_from_config(config: RunConfig, num_classes: int, with_backbone_weights
         m.aspp_rates,
         m.rep_dim,
         m.backbone_weights if with_backbone_weights else None,
+        scale=m.scale,
     )
 
 
@@ -147,7 +148,12 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
     if "model" in meta:  # the architecture the weights were trained with wins over the current config
         m = meta["model"]
         model = build_model(
-            ctx.source.num_classes, m["backbone"], m["output_stride"], tuple(m["aspp_rates"]), m["rep_dim"]
+            ctx.source.num_classes,
+            m["backbone"],
+            m["output_stride"],
+            tuple(m["aspp_rates"]),
+            m["rep_dim"],
+            scale=m.get("scale"),  # absent in models trained before scales existed: DeepLabv3+
         )
     load_model_weights(path, model)
     model.to(ctx.runtime.device).eval()

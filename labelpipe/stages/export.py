@@ -55,7 +55,14 @@ def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dic
     if "model" not in meta or "num_classes" not in meta:
         raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
     m = meta["model"]
-    model = build_model(meta["num_classes"], m["backbone"], m["output_stride"], tuple(m["aspp_rates"]), m["rep_dim"])
+    model = build_model(
+        meta["num_classes"],
+        m["backbone"],
+        m["output_stride"],
+        tuple(m["aspp_rates"]),
+        m["rep_dim"],
+        scale=m.get("scale"),  # absent in models trained before scales existed: DeepLabv3+
+    )
     load_model_weights(path, model)
     return name, model.eval(), meta
 

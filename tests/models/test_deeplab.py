@@ -12,7 +12,14 @@ from labelpipe.models import build_model
 
 @pytest.mark.parametrize(
     ("backbone", "stride"),
-    [("resnet18", 16), ("resnet18", 8), ("resnet34", 16), ("resnet50", 16), ("mobilenet_v3_large", 16)],
+    [
+        ("resnet18", 16),
+        ("resnet18", 8),
+        ("resnet34", 16),
+        ("resnet50", 16),
+        ("mobilenet_v3_large", 16),
+        ("efficientnet_lite0", 16),
+    ],
 )
 def test_forward_returns_main_aux_and_representation(backbone, stride):
     model = build_model(7, backbone, stride, (1, 2, 3), rep_dim=32).eval()
