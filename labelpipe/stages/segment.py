@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from labelpipe.data.base import read_image
 from labelpipe.data.transforms import to_model_input
 from labelpipe.errors import LabelpipeError
 from labelpipe.inference import predict_logits
@@ -265,12 +264,18 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         path = self.items[index].path
         try:
-            rgb = read_image(path)
-        except LabelpipeError as exc:  # read_image's message speaks of split lists; name the cause only
-            return index, None, f"{path}: cannot read image ({exc.__cause__ or 'missing'})"
-        except Exception as exc:  # PIL's DecompressionBombError and friends: a bad file, not a bug here
+            rgb = read_photo(path)
+        except Exception as exc:  # OSError, PIL's DecompressionBombError and friends: a bad file, not a bug here
             return index, None, f"{path}: cannot read image ({exc})"
-        return index, torch.from_numpy(np.array(rgb)).permute(2, 0, 1), None  # a writable copy
+        return index, torch.from_numpy(rgb).permute(2, 0, 1), None
+
+
+def read_photo(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, turned upright by its EXIF orientation (as viewers show a phone photo), so
+    that the mask and overlay line up with the photo on screen. Data set images are read by
+    :func:`labelpipe.data.read_image`, which keeps the stored pixel grid (masks are drawn on it)."""
+    with Image.open(path) as im:
+        return np.array(ImageOps.exif_transpose(im).convert("RGB"))  # a writable copy
 
 
 def _batches(

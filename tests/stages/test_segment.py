@@ -116,3 +116,14 @@ def test_segment_without_a_model_is_a_one_line_error(photos, tmp_path, capsys):
     assert run_cli(["segment", str(photos / "a.png"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: segment: pass --run") and "\n" not in err
+
+
+def test_a_phone_photo_is_segmented_upright(pretrained_run, tmp_path):
+    """EXIF orientation 6 (stored landscape, shown portrait): the mask has the shape viewers show."""
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.new("RGB", (48, 32), (90, 120, 40)).save(photo, exif=exif)
+    out = tmp_path / "out"
+    assert run_cli(["segment", "--run", str(pretrained_run), str(photo), "--out", str(out)]) == 0
+    assert Image.open(out / "phone.png").size == (32, 48)
