@@ -396,6 +396,39 @@ def test_corrupt_checkpoint_is_named(run, capsys):
     assert_one_line(code, err, str(stage / "checkpoint.pt"), "--force")
 
 
+class _Payload:
+    """Unpickling this runs ``touch MARKER``: what an attacker's checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "selftrain/round-1/train"])
+def test_planted_pickle_in_a_checkpoint_never_runs_on_resume(run, tmp_path, capsys, stage):
+    import torch
+
+    marker = tmp_path / "pwned"
+    if stage == "pretrain":
+        stage_dir = run / "pretrain"
+        data = json.loads((stage_dir / "manifest.json").read_text())
+        data["status"] = "running"  # a stopped run: the next pretrain resumes from its checkpoint
+        (stage_dir / "manifest.json").write_text(json.dumps(data))
+        (stage_dir / "model.safetensors").unlink()
+        args = args_for("pretrain", run)
+    else:
+        stage_dir = run / stage
+        stage_dir.mkdir(parents=True)
+        args = args_for("selftrain", run, "--rounds", "1", "--steps", "2")
+    (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
+    torch.save({"step": 1, "fingerprint": "x", "evil": _Payload(marker)}, stage_dir / "checkpoint.pt")
+    code, _, err = cli(args, capsys)
+    assert_one_line(code, err, str(stage_dir / "checkpoint.pt"), "--force")
+    assert not marker.exists()
+
+
 def test_corrupt_manifest_means_not_up_to_date(run, capsys):
     (run / "pretrain" / "manifest.json").write_text('{"status": "do')
     code, out, _ = cli(args_for("pretrain", run), capsys)
