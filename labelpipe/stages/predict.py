@@ -11,8 +11,8 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import h5py
+import numpy as np
 import torch
 
 from labelpipe import __version__
@@ -20,10 +20,8 @@ from labelpipe.calibration import fit_temperature
 from labelpipe.config import RunConfig
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import item_seed
-from labelpipe.errors import LabelpipeError
 from labelpipe.errors import LabelpipeError, disk_full_error, is_disk_full
 from labelpipe.runtime import Runtime, all_gather_rows, barrier
-from labelpipe.stages.common import StageContext, load_trained_model, open_context
 from labelpipe.stages.common import StageContext, load_trained_model, open_context, write_config
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import sha256_file, sha256_json
