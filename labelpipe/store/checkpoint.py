@@ -99,8 +99,7 @@ def _unreadable(path: Path, exc: BaseException) -> LabelpipeError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     stage = "pretrain" if Path(path).parent.name == "pretrain" else "selftrain"
     return LabelpipeError(
-        f"{path}: not a readable safetensors model ({reason}); rebuild it with `labelpipe {stage} --force` "
-        "on its run"
+        f"{path}: not a readable safetensors model ({reason}); rebuild it with `labelpipe {stage} --force` on its run"
     )
 
 
