@@ -54,44 +54,64 @@ def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, t
     return _info_nce_from_similarities(positive_sim, negative_sim, temperature)
 
 
-class _GatheredSimilarity(torch.autograd.Function):
-    """(K, M, N) dot products ``<table[index[k, m, n]], anchors[k, m]>``, gradient to ``anchors`` only.
+KEY_BLOCK_BYTES = 4 << 20  # keys gathered at a time by _GatheredInfoNCE: in cache while they are used twice
 
-    The numbers of gathering the (K, M, N, D) keys and a batched mat-vec (up to float rounding), without
-    keeping the keys: at the U2PL+ scale (19 x 256 x 50 x 256) they are 249 MB, freshly allocated (page
-    faults) and saved for the backward. Here the forward gathers one row of ``index`` at a time into a
-    reused buffer, and the backward is ``embedding_bag(index, table, per_sample_weights=grad)``, a fused
-    gather-and-sum. Computed in float32 whatever the autocast state.
-    anchors (K, M, D) float32, table (R, D) float32 (the memory bank's buffer; saved, so a push before
-    the backward raises autograd's in-place error instead of giving wrong gradients), index (K, M, N) long.
+
+class _GatheredInfoNCE(torch.autograd.Function):
+    """The mean InfoNCE over K x M anchors whose N negatives are rows ``index`` of ``table``, and its
+    gradient with respect to the anchors, from one gather of the keys.
+
+    Forward works through the anchors a block at a time: it gathers the block's keys into a reused
+    buffer (a few MB, in cache), takes the similarities, the per-anchor loss and, since the loss of an
+    anchor depends on its own similarities only, that anchor's gradient
+    ``(sum_j softmax_j z_j - z_+) / (tau K M)`` (z_0 = z_+ the positive) while the keys are still in
+    cache. Backward only scales it. The numbers of gathering the (K, M, N, D) keys and letting autograd
+    differentiate (up to float rounding), at the cost of one gather of the 249 MB of keys (U2PL+ scale:
+    19 x 256 x 50 x 256) instead of two: the gather is what the loss spends its time on.
+
+    anchors (K, M, D) float32 unit vectors; positive (K, 1, D) or (K, M, D), no gradient; table (R, D)
+    float32 (the memory bank's buffer; saved, so a push before the backward raises autograd's in-place
+    error instead of giving wrong gradients); index (K, M, N) long.
     """
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, table: Tensor, index: Tensor) -> Tensor:
+    def forward(ctx, anchors: Tensor, positive: Tensor, table: Tensor, index: Tensor, temperature: float) -> Tensor:
         k, m, n = index.shape
-        out = anchors.new_empty(k, m, n)
         d = table.shape[1]
-        buffer = anchors.new_empty(m * n, d)
-        for row in range(k):
-            torch.index_select(table, 0, index[row].reshape(-1), out=buffer)
-            # Multiply-and-sum in the scratch buffer: a batched (N, D) @ (D, 1) mat-vec is slow on CPU.
-            out[row] = buffer.view(m, n, d).mul_(anchors[row].unsqueeze(1)).sum(dim=-1)
-        ctx.save_for_backward(table, index)
-        return out
+        rows = k * m
+        flat_anchors = anchors.reshape(rows, d)
+        flat_index = index.reshape(rows, n)
+        flat_positive = positive.expand(k, m, d).reshape(rows, d)
+        positive_logit = (flat_anchors * flat_positive).sum(-1) / temperature
+        losses = anchors.new_empty(rows)
+        grad = anchors.new_empty(rows, d)
+        block = max(1, KEY_BLOCK_BYTES // max(1, n * d * table.element_size()))
+        keys_buffer = anchors.new_empty(min(block, rows) * n, d)
+        scratch = torch.empty_like(keys_buffer)
+        for start in range(0, rows, block):
+            end = min(start + block, rows)
+            size = end - start
+            keys = torch.index_select(table, 0, flat_index[start:end].reshape(-1), out=keys_buffer[: size * n])
+            keys = keys.view(size, n, d)
+            products = torch.mul(keys, flat_anchors[start:end].unsqueeze(1), out=scratch[: size * n].view(size, n, d))
+            logits = torch.cat([positive_logit[start:end, None], products.sum(-1) / temperature], dim=1)
+            log_norm = torch.logsumexp(logits, dim=1)
+            losses[start:end] = log_norm - logits[:, 0]
+            weights = torch.exp(logits - log_norm[:, None])  # softmax over [positive, negatives]
+            weighted = torch.mul(keys, weights[:, 1:, None], out=products)
+            grad[start:end] = weighted.sum(1) + (weights[:, :1] - 1.0) * flat_positive[start:end]
+        grad.mul_(1.0 / (temperature * rows))
+        ctx.save_for_backward(grad, table)
+        ctx.anchors_shape = anchors.shape
+        return losses.mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
-        table, index = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        grad, _table = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        k, m, n = index.shape
-        if n == 0:
-            return grad_out.new_zeros(k, m, table.shape[1]), None, None
-        grad = F.embedding_bag(
-            index.reshape(k * m, n), table, mode="sum", per_sample_weights=grad_out.reshape(k * m, n).to(table.dtype)
-        )
-        return grad.view(k, m, table.shape[1]), None, None
+            return None, None, None, None, None
+        return (grad * grad_out).view(ctx.anchors_shape), None, None, None, None
 
 
 def contrastive_loss(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.5) -> Tensor:
@@ -458,7 +478,8 @@ def u2pl_contrastive(
     if keep is not None:
         neg_class, neg_pixel = neg_class[keep], neg_pixel[keep]
     # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
-    neg_feats = F.normalize(t_feats.float(), dim=1)[neg_pixel]
+    # index_select, not t[idx]: advanced indexing of rows is several times slower on CPU.
+    neg_feats = F.normalize(t_feats.float(), dim=1).index_select(0, neg_pixel)
     if gather is not None:  # DDP: every rank's negatives enter every rank's queues, in rank order
         neg_class, neg_feats = gather(neg_class), gather(neg_feats)
         keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, shared_generator)
@@ -480,17 +501,18 @@ def u2pl_contrastive(
 
     k = classes.numel()
     anchor_pixels = _sample_anchor_indices(anchors[classes], num_anchors, generator)
-    anchor_feats = F.normalize(student_feats[anchor_pixels].float(), dim=-1)
+    anchor_rows = student_feats.index_select(0, anchor_pixels.reshape(-1)).view(k, num_anchors, -1)
+    anchor_feats = F.normalize(anchor_rows.float(), dim=-1)
     positive = F.normalize(prototypes.prototypes.to(device)[classes], dim=-1)[:, None, :]
     # The queues hold unit vectors (pushed normalised above): no second normalisation of K*M*N keys.
     rows = memory.sample_rows(classes, num_anchors * num_negatives, generator)
+    if memory.table.dtype == torch.float32:  # loss and gradient from one gather of the K*M*N keys
+        index = rows.view(k, num_anchors, -1)
+        return _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature), stats
     positive_sim = (anchor_feats * positive).sum(dim=-1, keepdim=True)
-    if memory.table.dtype == torch.float32:  # similarities without materialising the K*M*N keys
-        negative_sim = _GatheredSimilarity.apply(anchor_feats, memory.table, rows.view(k, num_anchors, -1))
-    else:
-        negative_keys = memory.table.index_select(0, rows.view(-1)).float()
-        negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
-        negative_sim = torch.matmul(negative_keys, anchor_feats.unsqueeze(-1)).squeeze(-1)
+    negative_keys = memory.table.index_select(0, rows.view(-1)).float()  # a float16 bank: keys in float32
+    negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
+    negative_sim = torch.matmul(negative_keys, anchor_feats.unsqueeze(-1)).squeeze(-1)
     loss = _info_nce_from_similarities(positive_sim, negative_sim, temperature).mean()
     return loss, stats
 

@@ -592,3 +592,29 @@ def test_u2pl_under_ddp_needs_the_shared_generator():
     memory, prototypes = MemoryBank(19, 16), PrototypeBank(19, 16)
     with pytest.raises(ValueError, match="shared_generator"):
         u2pl_contrastive(*random_batch(seed=2), memory, prototypes, gather=lambda t: t)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 7 * 4 * 4, 1 << 22])  # one anchor, a few, all in one block
+def test_one_gather_loss_and_gradient_equal_autograd_on_the_materialised_keys(monkeypatch, block_bytes):
+    """The fused loss gathers each key once and forms the anchors' gradient in the forward; it must give
+    autograd's loss and gradient of the InfoNCE on the explicitly gathered (K, M, N, D) keys."""
+    from labelpipe.losses import contrastive
+
+    monkeypatch.setattr(contrastive, "KEY_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(5)
+    k, m, n, d = 3, 7, 4, 6
+    table = F.normalize(torch.randn(40, d, generator=g), dim=1)
+    index = torch.randint(0, 40, (k, m, n), generator=g)
+    positive = F.normalize(torch.randn(k, 1, d, generator=g), dim=-1)
+    raw = torch.randn(k, m, d, generator=g, requires_grad=True)
+    loss = contrastive._GatheredInfoNCE.apply(F.normalize(raw, dim=-1), positive, table, index, 0.5)
+    (grad,) = torch.autograd.grad(loss * 3.0, raw)
+
+    raw_ref = raw.detach().clone().requires_grad_(True)
+    anchors = F.normalize(raw_ref, dim=-1)
+    keys = table[index]  # (K, M, N, D)
+    logits = torch.cat([(anchors * positive).sum(-1, keepdim=True), (keys @ anchors.unsqueeze(-1)).squeeze(-1)], -1)
+    expected = (torch.logsumexp(logits / 0.5, -1) - logits[..., 0] / 0.5).mean()
+    (expected * 3.0).backward()
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(grad, raw_ref.grad, rtol=1e-5, atol=1e-7)
