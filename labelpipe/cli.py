@@ -252,28 +252,57 @@ def pseudolabel(
     method: Annotated[Method | None, typer.Option(help="threshold, cbst, dars, entropy or variance.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Labeling ratio (cbst, dars).")] = None,
     tau: Annotated[float | None, typer.Option(help="Confidence threshold (threshold).")] = None,
-    prior_from: Annotated[str | None, typer.Option(help="Split whose masks give the class prior.")] = None,
+    prior_from: Annotated[
+        str | None,
+        typer.Option(help="Split whose masks give the class prior (with --predictions: a folder of PNG masks)."),
+    ] = None,
     export: Annotated[str | None, typer.Option(help="'png': also write palette PNGs and a list file.")] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Any network's prediction store (labelpipe.store.PredictionWriter): no run or model."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (with --predictions).")] = None,
+    prior: Annotated[Path | None, typer.Option(help="Class prior, .json or .npy (with --predictions).")] = None,
+    chunk_pixels: Annotated[int | None, typer.Option(help="Pixels read and labelled at a time.")] = None,
+    plots: Annotated[
+        bool | None,
+        typer.Option("--plots/--no-plots", help="Draw figures (default: yes in a run, no with --predictions)."),
+    ] = None,
 ) -> None:
     """Pseudo-labels from predictions.h5 -> labels.h5, report.json and plots."""
-    from labelpipe.stages.pseudolabel import run_pseudolabel
+    # No torch on this path (seconds and ~1 GB): the config is resolved without the device set-up, and a
+    # process group is joined only under torchrun.
+    from labelpipe.config import resolve_config
+    from labelpipe.stages import pseudolabel as stage
 
-    cfg, rt = _resolve(
-        run,
-        config,
-        set_,
-        seed=seed,
-        device=device,
-        data={"root": data, "protocol": protocol},
-        pseudolabel={
-            "method": method,
-            "alpha": alpha,
-            "tau": tau,
-            "prior_from": prior_from,
-            "export": export,
-        },
-    )
-    run_pseudolabel(cfg, run, rt, force=force)
+    settings = {
+        "method": method,
+        "alpha": alpha,
+        "tau": tau,
+        "export": export,
+        "chunk_pixels": chunk_pixels,
+        "plots": plots if plots is not None or predictions is None else False,
+    }
+    if predictions is not None:
+        if out is None:
+            raise LabelpipeError("--predictions needs --out DIR (where labels.h5 and report.json go)")
+        cfg = resolve_config(None, config, _drop_none({"seed": seed, "pseudolabel": settings}), set_)
+        stage.pseudolabel_store(
+            predictions,
+            out,
+            stage.settings_from(cfg),
+            prior=prior,
+            prior_from=Path(prior_from) if prior_from else None,
+            ranks=stage.process_ranks(),
+            force=force,
+        )
+        return
+    if out is not None or prior is not None:
+        raise LabelpipeError("--out and --prior go with --predictions; a run writes to RUN/pseudolabel/METHOD")
+    overrides = {"seed": seed, "device": device, "data": {"root": data, "protocol": protocol}}
+    overrides["pseudolabel"] = {**settings, "prior_from": prior_from}
+    cfg = resolve_config(run, config, _drop_none(overrides), set_)
+    stage.run_pseudolabel(cfg, run, stage.process_ranks(), force=force, sharded=True)
 
 
 @app.command(epilog="Example: labelpipe selftrain --run runs/demo --rounds 2 --contrastive")

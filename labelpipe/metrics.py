@@ -5,18 +5,26 @@ One confusion matrix over the whole evaluation set, never an average of per-imag
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the numpy paths (pseudolabel's report) never load torch
+    import torch
 
 
 class ConfusionMatrix:
     """Accumulates a (C, C) matrix, rows = ground truth, columns = prediction, on any device."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: str | torch.device = "cpu") -> None:
+        import torch
+
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        import torch
+
         keep = target != self.ignore_index
         t = target[keep].long().to(self.mat.device)
         p = pred[keep].long().to(self.mat.device)
@@ -25,6 +33,8 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum over DDP ranks (no-op outside torch.distributed)."""
+        import torch
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.mat)
 
@@ -68,6 +78,8 @@ class CalibrationAccumulator:
         self.correct_sum = np.zeros(bins, np.float64)
 
     def update(self, conf: torch.Tensor, correct: torch.Tensor) -> None:
+        import torch
+
         conf = conf.detach().float().flatten()
         correct = correct.detach().float().flatten()
         idx = torch.clamp((conf * self.bins).long(), max=self.bins - 1)
@@ -76,7 +88,13 @@ class CalibrationAccumulator:
         self.correct_sum += torch.bincount(idx, weights=correct, minlength=self.bins).double().cpu().numpy()
 
     def update_numpy(self, conf: np.ndarray, correct: np.ndarray) -> None:
-        self.update(torch.from_numpy(np.asarray(conf, np.float32)), torch.from_numpy(np.asarray(correct)))
+        """:meth:`update` in numpy (no torch): the same float32 bins, sums in float64."""
+        conf = np.asarray(conf, np.float32).reshape(-1)
+        correct = np.asarray(correct).reshape(-1)
+        idx = np.minimum((conf * np.float32(self.bins)).astype(np.int64), self.bins - 1)
+        self.count += np.bincount(idx, minlength=self.bins)
+        self.conf_sum += np.bincount(idx, weights=conf, minlength=self.bins)
+        self.correct_sum += np.bincount(idx, weights=correct.astype(np.float64), minlength=self.bins)
 
     def ece(self) -> float:
         total = self.count.sum()

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 from labelpipe import __version__
@@ -25,37 +24,11 @@ from labelpipe.runtime import Runtime, all_gather_rows, barrier
 from labelpipe.stages.common import StageContext, load_trained_model, open_context, write_config
 from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import sha256_file, sha256_json
+from labelpipe.store.columns import columns_to_numpy as _to_numpy
+from labelpipe.store.columns import pixel_columns
 from labelpipe.store.lock import run_lock, stage_name
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import DEFAULT_COLUMNS, PartWriter, merge_parts
-
-
-def pixel_columns(main: torch.Tensor, aux: torch.Tensor, temperature: float, topk: int = 0) -> dict[str, torch.Tensor]:
-    """(C, H, W) main / aux logits -> the per-pixel columns as (H, W) tensors (``topk_*``: (k, H, W))."""
-    logp = torch.log_softmax(main.float() / temperature, 0)
-    logp_aux = torch.log_softmax(aux.float() / temperature, 0)
-    p = logp.exp()
-    conf, label = p.max(0)
-    out = {
-        "label": label,
-        "conf": conf,
-        "entropy": (-(p * logp).sum(0)).clamp_min(0),  # not -(...).clamp_min(0): that is -0 everywhere
-        "variance": (p * (logp - logp_aux)).sum(0).clamp_min(0),
-    }
-    if topk:
-        prob, cls = p.topk(topk, dim=0)
-        out["topk_prob"], out["topk_class"] = prob, cls
-    return out
-
-
-def _to_numpy(columns: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, t in columns.items():
-        if name in ("label", "topk_class"):
-            out[name] = t.to(torch.uint8 if int(t.max()) < 256 else torch.int32).cpu().numpy()
-        else:
-            out[name] = t.to(torch.float16).cpu().numpy()
-    return out
 
 
 def calibrate(ctx: StageContext, model: torch.nn.Module, max_pixels: int = 500_000) -> dict:
