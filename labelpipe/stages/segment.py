@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from labelpipe.inference import predict_logits
 from labelpipe.models import SegmentationOutput
 from labelpipe.plots import colorize
 from labelpipe.runtime import Runtime, all_gather_objects, barrier
-from labelpipe.store.atomic import atomic_path, atomic_write_json
+from labelpipe.store.atomic import atomic_write_json, temp_sibling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_CROP = 512
@@ -315,7 +316,7 @@ def write_outputs(
 ) -> list[str]:
     """Write NAME.png, NAME_overlay.jpg (and the two maps) from ``prob`` (C, H, W) softmax; returns file names.
 
-    rgb: (H, W, 3) uint8. Each file is written under a temporary name and renamed into place.
+    rgb: (H, W, 3) uint8.
     """
     c = prob.shape[0]
     conf, pred_t = prob.max(0)
@@ -334,8 +335,16 @@ def write_outputs(
             grey = (value.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             files.append((f"{name}_{suffix}.png", Image.fromarray(grey, mode="L"), {"format": "PNG"}))
     for file_name, image, options in files:
-        with atomic_path(out_dir / file_name) as tmp:
+        # Written under a temporary name and renamed: a killed run leaves whole files or none. Not fsynced
+        # (unlike a stage's artifacts): four fsyncs per image would dominate on many small photos, and
+        # what a power cut loses, running the command again rewrites.
+        final = out_dir / file_name
+        tmp = temp_sibling(final)
+        try:
             image.save(tmp, **options)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
     return [f for f, _, _ in files]
 
 
@@ -415,16 +424,16 @@ def run_segment(
         raise LabelpipeError(f"--batch-size {batch_size}: must be at least 1")
     if model_file is None and run_dir is None:
         raise LabelpipeError("segment: pass --run RUN (a trained run) or --model-file FILE (an exported model)")
-    items = collect_inputs(sources, exclude=Path(out_dir))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LabelpipeError(f"--out {out_dir}: is a file; pass a folder")
+    items = collect_inputs(sources, exclude=out_dir)
     if not items:
         raise LabelpipeError("segment: no images given; pass image files, folders or globs")
     if model_file is not None:
         segmenter = load_file_segmenter(Path(model_file), runtime.device, run_dir)
     else:
         segmenter = load_run_segmenter(Path(run_dir), model_name, runtime.device)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LabelpipeError(f"--out {out_dir}: is a file; pass a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = segment_images(segmenter, items, out_dir, runtime, batch_size, probabilities)
     barrier()
