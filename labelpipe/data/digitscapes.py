@@ -714,6 +714,8 @@ def _write_build(folder: Path, seed: int, size: str, blend: str, source_style: s
             "unlabeled": f"target_train_{fraction}_unlabeled",
             **evaluation,
         }
+    # The upper bound of both protocols: every target_train image with its mask (nothing left unlabeled).
+    protocols["oracle"] = {"labeled": "target_train", "unlabeled": "target_train", **evaluation}
     meta = {
         "digitscapes": {
             "seed": seed,

@@ -193,6 +193,8 @@ def test_dataset_yaml_declares_classes_palette_and_protocols(tiny_root: Path) ->
     }
     assert source.protocol("semi-1_16")["labeled"] == "target_train_1_16_labeled"
     assert source.protocol("semi-1_8")["unlabeled"] == "target_train_1_8_unlabeled"
+    assert source.protocol("oracle")["labeled"] == "target_train"
+    assert source.protocol("oracle")["test"] == "target_test"
 
 
 def test_rebuilding_a_complete_root_is_a_no_op(tiny_root: Path) -> None:
