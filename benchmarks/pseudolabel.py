@@ -78,8 +78,11 @@ def synthetic_probs(index: int, height: int, width: int) -> np.ndarray:
     return rest.astype(np.float16)
 
 
-def make_inputs(workdir: Path, n_maps: int, height: int, width: int, with_probs: bool) -> dict[str, Path]:
-    """The case's float16 maps (``.npy``, when the authors' pipeline runs on it) and its store; reused."""
+def make_inputs(
+    workdir: Path, n_maps: int, height: int, width: int, with_probs: bool, distinct: int = 0
+) -> dict[str, Path]:
+    """The case's float16 maps (``.npy``, when the authors' pipeline runs on it) and its store; reused.
+    ``distinct`` > 0: the store repeats the columns of that many distinct maps (see :func:`write_store`)."""
     name = f"{n_maps}x{height}x{width}"
     paths = {"store": workdir / f"store-{name}.h5", "probs": workdir / f"probs-{name}.npy"}
     if with_probs and not paths["probs"].is_file():
@@ -93,6 +96,7 @@ def make_inputs(workdir: Path, n_maps: int, height: int, width: int, with_probs:
     if not paths["store"].is_file():
         probs = paths["probs"] if with_probs else None
         worker = ["--worker", "write", str(paths["store"]), str(n_maps), str(height), str(width), str(probs or "")]
+        worker += [str(distinct)]
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, *worker], check=True, env={**os.environ, **ONE_THREAD})
         print(f"  wrote {paths['store'].name} in {time.perf_counter() - start:.1f} s", flush=True)
@@ -118,17 +122,31 @@ def count_maps(path: Path) -> int:
         return reader(f)[0][0]
 
 
-def write_store(store: Path, n_maps: int, height: int, width: int, probs_path: str) -> None:
+def write_store(store: Path, n_maps: int, height: int, width: int, probs_path: str, distinct: int = 0) -> None:
+    """The store of ``n_maps`` maps, reduced by ``PredictionWriter.add_probabilities``. With ``distinct``
+    in (0, n_maps), only that many maps are generated and reduced (~15 s each at 19 x 1024 x 2048 on a
+    loaded core) and the store repeats their columns under ``n_maps`` ids with ``PredictionWriter.add``:
+    what pseudolabel reads is the same amount of data, the content repeats."""
     import torch
 
-    from labelpipe.store import PredictionWriter
+    from labelpipe.store import PredictionStore, PredictionWriter
 
     torch.set_num_threads(1)
     tmp = store.with_suffix(".tmp.h5")
-    with PredictionWriter(tmp, [f"class{c}" for c in range(NUM_CLASSES)]) as writer:
-        for i in range(n_maps):
+    classes = [f"class{c}" for c in range(NUM_CLASSES)]
+    generated = distinct if 0 < distinct < n_maps else n_maps
+    with PredictionWriter(tmp, classes) as writer:
+        for i in range(generated):
             probs = read_map(Path(probs_path), i) if probs_path else synthetic_probs(i, height, width)
             writer.add_probabilities(f"city{i % 18}/map{i:05d}", probs)
+    if generated < n_maps:
+        seed = tmp.with_suffix(".distinct.h5")
+        tmp.rename(seed)
+        with PredictionStore(seed) as source, PredictionWriter(tmp, classes) as writer:
+            columns = [source.read(image_id) for image_id in source.ids]
+            for i in range(n_maps):
+                writer.add(f"city{i % 18}/map{i:05d}", **columns[i % generated])
+        seed.unlink()
     tmp.rename(store)
 
 
@@ -281,13 +299,23 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/labelpipe-bench-pseudolabel"))
     parser.add_argument("--keep", action="store_true", help="keep the maps and stores in --workdir")
     parser.add_argument("--baseline-max-gb", type=float, default=3.0, help="skip the authors' pipeline above")
+    parser.add_argument("--cases", choices=("all", "small", "big"), default="all", help="256 x 512, 1024 x 2048")
+    parser.add_argument("--small", type=int, nargs="+", help="numbers of 256 x 512 maps (default 100 400)")
+    parser.add_argument("--big", type=int, nargs="+", help="numbers of 1024 x 2048 maps (default 16 64)")
+    parser.add_argument(
+        "--distinct-maps", type=int, default=4, help="distinct 1024 x 2048 maps, repeated in the store (0: all)"
+    )
+    parser.add_argument("--baseline-big", action="store_true", help="also run the authors' on 1024 x 2048 maps")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         kind, rest = args.worker[0], args.worker[1:]
         if kind == "write":
-            write_store(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), rest[4] if len(rest) > 4 else "")
+            distinct = int(rest[5]) if len(rest) > 5 else 0
+            write_store(
+                Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), rest[4] if len(rest) > 4 else "", distinct
+            )
         elif kind == "authors":
             (Path(rest[1]) / "result.json").write_text(json.dumps(authors_pipeline(Path(rest[0]), Path(rest[1]))))
         elif kind == "components":
@@ -295,8 +323,9 @@ def main() -> None:
         return
 
     repeat = 1 if args.quick else args.repeat
-    small, big = ([20], [4]) if args.quick else ([100, 400], [16, 64])
-    cases = [(n, 256, 512) for n in small] + [(n, 1024, 2048) for n in big]
+    small, big = ([20], [4]) if args.quick else (args.small or [100, 400], args.big or [16, 64])
+    cases = [(n, 256, 512) for n in small if args.cases != "big"]
+    cases += [(n, 1024, 2048) for n in big if args.cases != "small"]
     args.workdir.mkdir(parents=True, exist_ok=True)
     prior = args.workdir / "prior.npy"
     np.save(prior, PRIOR)
@@ -306,8 +335,10 @@ def main() -> None:
             name = f"{n_maps} x 19x{height}x{width}"
             pixels = n_maps * height * width
             with_baseline = pixels * BASELINE_BYTES_PER_PIXEL / 1e9 <= args.baseline_max_gb
+            with_baseline &= height == 256 or args.baseline_big or args.quick
+            distinct = args.distinct_maps if height > 256 and not with_baseline else 0
             print(f"{name}: preparing", flush=True)
-            paths = make_inputs(args.workdir, n_maps, height, width, with_baseline)
+            paths = make_inputs(args.workdir, n_maps, height, width, with_baseline, distinct)
             out = args.workdir / f"out-{n_maps}x{height}x{width}"
             authors_out = args.workdir / f"authors-{n_maps}x{height}x{width}"
             runs: dict[str, list[dict]] = {"labelpipe": [], "authors": []}
