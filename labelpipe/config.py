@@ -144,8 +144,17 @@ class PredictConfig(Section):
     images_per_part: int = Field(32, ge=1)
 
 
+def registered_method(name: str) -> str:
+    """``name`` when a pseudo-label generator of that name is registered (``labelpipe.pseudo.registry``).
+    The method cannot be a ``Literal``: generators register at run time. Imported here, lazily: the
+    registry is numpy only, and this module must not import it (nor torch) for every command."""
+    from labelpipe.pseudo.registry import check_method
+
+    return check_method(name)
+
+
 class PseudolabelConfig(Section):
-    method: Literal["threshold", "cbst", "dars", "entropy", "variance"] = "dars"
+    method: str = "dars"  # a registered pseudo-label generator (labelpipe.pseudo.registry)
     alpha: float = Field(0.2, gt=0, le=1)
     tau: float = Field(0.9, ge=0, le=1)
     alpha_t: float = Field(0.2, gt=0, lt=1)  # entropy: fraction of unreliable pixels
@@ -158,6 +167,11 @@ class PseudolabelConfig(Section):
     plots: bool = True  # matplotlib figures next to report.json (~1 s and ~40 MB more)
 
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"chunk_pixels", "plots"})
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered_method(name)
 
 
 class SelftrainConfig(Section):
@@ -176,7 +190,7 @@ class SelftrainConfig(Section):
 
     rounds: int = Field(2, ge=1)
     alphas: tuple[float, ...] = (0.2, 0.5)
-    method: Literal["threshold", "cbst", "dars", "entropy", "variance"] = "dars"
+    method: str = "dars"  # the rounds' pseudo-label generator (labelpipe.pseudo.registry)
     loss: Literal["ce", "sce"] = "ce"
     sce_xi: tuple[float, float] = (1.0, 0.1)
     sce_log_zero: float = Field(-4.0, lt=0)  # RCE's clamp of log 0 (Wang et al.)
@@ -211,15 +225,17 @@ class SelftrainConfig(Section):
     lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered_method(name)
+
 
 class EvaluateConfig(Section):
     split: str | None = None  # default: the protocol's test split
     model: str | None = None  # default: the run's latest trained model
     batch_size: int = Field(32, ge=1)
     num_samples: int = Field(8, ge=0)
-
-
-STAGES = ("pretrain", "predict", "pseudolabel", "selftrain", "evaluate")
 
 
 class RunConfig(Section):

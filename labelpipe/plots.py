@@ -110,15 +110,6 @@ def reliability(bin_conf: list[float], bin_acc: list[float], bin_count: list[int
     return save(fig, path)
 
 
-def histograms(series: dict[str, np.ndarray], path: Path, bins: int = 50) -> Path:
-    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3), squeeze=False)
-    for ax, (name, values) in zip(axes[0], series.items(), strict=True):
-        ax.hist(values.astype(np.float32), bins=bins, color="tab:gray")
-        ax.set_title(name)
-        ax.set_yscale("log")
-    return save(fig, path)
-
-
 def class_distributions(dists: dict[str, np.ndarray], names: list[str], path: Path, title: str) -> Path:
     """Side-by-side bars of class distributions (DARS Figure 1: prior vs pseudo-labels vs truth)."""
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))

@@ -541,11 +541,26 @@ def prototype_weights(feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tens
     return weights.view(b, h, w, -1).permute(0, 3, 1, 2) if spatial else weights
 
 
-def denoise_pseudo_labels(probs: Tensor, feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:
+def denoise_pseudo_labels(
+    probs: Tensor,
+    feats: Tensor,
+    prototypes: PrototypeBank | Tensor,
+    labels: Tensor | None = None,
+    ignore_index: int = 255,
+) -> Tensor:
     """U2PL+ prototypical denoising (Eq. 19-20): ``argmax_c w_c p_c`` with :func:`prototype_weights`.
 
-    probs (P, C) and feats (P, D), or (B, C, H, W) and (B, D, H, W) at the same resolution; returns
-    (P,) or (B, H, W) long.
+    probs (P, C) and feats (P, D), or (B, C, H, W) and (B, D, h, w); returns (P,) or (B, H, W) long.
+    Spatial weights computed at the features' resolution (stride 4) are upsampled bilinearly to the
+    probabilities' resolution and the argmax is taken there, so a label the prototypes do not change
+    keeps its full-resolution boundary (upsampling the 256-d features instead would hold 135 MB at
+    2 x 257 x 257). With ``labels``, pixels labelled ``ignore_index`` stay ignored (only kept labels
+    are denoised).
     """
-    weights = prototype_weights(feats, prototypes)
-    return (weights * probs.detach().float()).argmax(dim=1)
+    weights = prototype_weights(feats.float(), prototypes)
+    if probs.dim() == 4 and weights.shape[-2:] != probs.shape[-2:]:
+        weights = F.interpolate(weights, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+    denoised = (weights * probs.detach().float()).argmax(dim=1)
+    if labels is None:
+        return denoised
+    return torch.where(labels != ignore_index, denoised, labels)

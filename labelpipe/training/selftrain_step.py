@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from labelpipe.config import RunConfig, SelftrainConfig
 from labelpipe.data.dataset import item_seed
-from labelpipe.losses import PrototypeBank, fold_prototypes, prototype_weights
+from labelpipe.losses import PrototypeBank, denoise_pseudo_labels, fold_prototypes
 from labelpipe.pseudo import alpha_schedule, entropy_split_torch
 from labelpipe.teacher import EMATeacher
 from labelpipe.training.terms import LOSS_TERMS, StepTensors, TermSetup, term_names
@@ -74,22 +74,6 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
         return torch.where(m, t[donor], t)
 
     return images, [None if t is None else mix(t) for t in targets]
-
-
-def denoise_labels(
-    probs: torch.Tensor, rep: torch.Tensor, prototypes: PrototypeBank, labels: torch.Tensor, ignore: int
-) -> torch.Tensor:
-    """U2PL+ prototypical denoising of the kept pseudo-labels (B, H, W): ``argmax_c w_c p_c``.
-
-    The prototype weights ``w`` (B, C, h, w) are computed on the representation (stride 4) and
-    upsampled bilinearly to the probabilities' resolution; the argmax is taken there, so a label the
-    prototypes do not change keeps its full-resolution boundary. (Upsampling the 256-d features
-    instead would hold 135 MB at 2 x 257 x 257 and cost ~10 % of a step.)
-    """
-    weights = prototype_weights(rep.float(), prototypes)
-    weights = F.interpolate(weights, size=probs.shape[-2:], mode="bilinear", align_corners=False)
-    denoised = (weights * probs.float()).argmax(1)
-    return torch.where(labels != ignore, denoised, labels)
 
 
 def contrastive_pixels(
@@ -280,7 +264,7 @@ class SelftrainStep:
                 reliable = entropy_split_torch(pixel_entropy(probs_u), alpha_t, inside_u)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
             if st.denoise:
-                y_u = denoise_labels(probs_u, t_u.rep, self.setup.prototypes, y_u, ignore)
+                y_u = denoise_pseudo_labels(probs_u, t_u.rep, self.setup.prototypes, y_u, ignore)
 
         # 3. CutMix: the teacher's outputs on the unlabeled images are mixed with the same boxes, since the
         # contrastive loss pairs them pixel by pixel with the student's features and the mixed labels.

@@ -203,7 +203,7 @@ def test_denoising_keeps_full_resolution_labels_the_prototypes_do_not_change():
     """Prototype weights are upsampled, not the labels: with no prototype seen (uniform weights) the
     denoised labels are exactly the argmax at full resolution, not a blocky stride-4 copy."""
     from labelpipe.losses import PrototypeBank
-    from labelpipe.training.selftrain_step import denoise_labels
+    from labelpipe.losses import denoise_pseudo_labels as denoise_labels
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(2, 5, 16, 16, generator=g), 1)
