@@ -48,12 +48,15 @@ class SourceStyle(str, Enum):
     smooth = "smooth"
 
 
-class Method(str, Enum):
-    threshold = "threshold"
-    cbst = "cbst"
-    dars = "dars"
-    entropy = "entropy"
-    variance = "variance"
+def _method_option() -> Any:
+    """``--method NAME``: a plain string, checked against the registered pseudo-label generators by the
+    config (``pseudolabel.method``'s validator); the help lists them (the registry is numpy only)."""
+    from labelpipe.pseudo.registry import generator_names
+
+    return typer.Option(help=f"Pseudo-label generator: {', '.join(generator_names())}.")
+
+
+MethodOpt = Annotated[str | None, _method_option()]
 
 
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set root (default: the embedded DigitScapes).")]
@@ -249,7 +252,7 @@ def pseudolabel(
     set_: SetOpt = None,
     force: ForceOpt = False,
     protocol: ProtocolOpt = None,
-    method: Annotated[Method | None, typer.Option(help="threshold, cbst, dars, entropy or variance.")] = None,
+    method: MethodOpt = None,
     alpha: Annotated[float | None, typer.Option(help="Labeling ratio (cbst, dars).")] = None,
     tau: Annotated[float | None, typer.Option(help="Confidence threshold (threshold).")] = None,
     prior_from: Annotated[
@@ -316,7 +319,7 @@ def selftrain(
     force: ForceOpt = False,
     protocol: ProtocolOpt = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds of predict -> pseudolabel -> train.")] = None,
-    method: Annotated[Method | None, typer.Option(help="Pseudo-label method.")] = None,
+    method: MethodOpt = None,
     alpha: Annotated[list[float] | None, typer.Option(help="Labeling ratio per round (repeat).")] = None,
     loss: Annotated[str | None, typer.Option(help="ce or sce.")] = None,
     contrastive: Annotated[bool | None, typer.Option("--contrastive/--no-contrastive")] = None,

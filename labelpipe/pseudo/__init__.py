@@ -1,10 +1,11 @@
 """Pseudo-label generators (ALGORITHMS.md section 2) and their quality metrics (section 5).
 
 Pure numpy: arrays in, arrays out. One module per method: ``threshold``, ``cbst``, ``dars`` (seed 002),
-``entropy`` (U2PL, seed 003; torch online split in ``entropy_online``), ``variance`` (seed 000);
+``entropy`` (U2PL, seed 003; torch online split in ``entropy_online``), ``variance`` (seed 000), each
+registering its generator in ``registry`` (which every other layer derives its list of methods from);
 ``histogram`` gives exact float16 order statistics in one streaming pass and ``streaming`` drives the
-two passes over a prediction store. ``entropy_split_torch`` / ``entropy_threshold_torch`` are imported
-lazily so that importing this package does not import torch.
+two passes over a prediction store for any registered generator. ``entropy_split_torch`` /
+``entropy_threshold_torch`` are imported lazily so that importing this package does not import torch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from labelpipe.pseudo.entropy import (
 )
 from labelpipe.pseudo.histogram import Float16Histogram
 from labelpipe.pseudo.quality import PseudoQualityAccumulator, pseudo_label_quality, uncertainty_gap
-from labelpipe.pseudo.streaming import METHODS, PASS1_KEYS, PASS2_KEYS, apply, fit_thresholds
+from labelpipe.pseudo.registry import (
+    Histogram,
+    PseudoLabelGenerator,
+    generator_names,
+    get_generator,
+    register_generator,
+)
+from labelpipe.pseudo.streaming import apply, fit_thresholds
 from labelpipe.pseudo.threshold import threshold_pseudo_labels
 from labelpipe.pseudo.validation import IGNORE_LABEL
 from labelpipe.pseudo.variance import (
@@ -49,10 +57,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "IGNORE_LABEL",
-    "METHODS",
-    "PASS1_KEYS",
-    "PASS2_KEYS",
     "Float16Histogram",
+    "Histogram",
+    "PseudoLabelGenerator",
     "PseudoQualityAccumulator",
     "alpha_schedule",
     "apply",
@@ -69,7 +76,10 @@ __all__ = [
     "entropy_threshold_from_histogram",
     "entropy_threshold_torch",
     "fit_thresholds",
+    "generator_names",
+    "get_generator",
     "pseudo_label_quality",
+    "register_generator",
     "threshold_pseudo_labels",
     "uncertainty_gap",
     "variance_cutoff",

@@ -9,10 +9,13 @@ A class with no predicted pixel gets ``t_c = +inf``, which keeps nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from labelpipe.pseudo.histogram import Float16Histogram, float16_bits_at_least
+from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, register_generator
 from labelpipe.pseudo.validation import (
     IGNORE_LABEL,
     flat_float16,
@@ -72,3 +75,30 @@ def cbst_pseudo_labels(label: np.ndarray, conf: np.ndarray, thresholds: np.ndarr
     labels_below(label, thresholds.size)
     keep = nonnegative_float16_bits(conf, "conf") >= np.take(float16_bits_at_least(thresholds), label)
     return np.where(keep, label, np.asarray(IGNORE_LABEL, dtype=label.dtype)).reshape(shape)
+
+
+def _fit(hist: Float16Histogram, settings: Mapping[str, Any], prior: None) -> dict[str, Any]:
+    alpha = labeling_ratio(settings["alpha"])
+    class_counts = hist.class_counts()
+    return {
+        "alpha": alpha,
+        "class_counts": class_counts,
+        "n_pixels": int(class_counts.sum()),
+        "thresholds": cbst_thresholds_from_histogram(hist, alpha),
+    }
+
+
+def _label(params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: Any) -> tuple[np.ndarray, None]:
+    return cbst_pseudo_labels(piece["label"], piece["conf"], params["thresholds"]), None
+
+
+register_generator(
+    PseudoLabelGenerator(
+        name="cbst",
+        settings=("alpha",),
+        histogram=Histogram("conf", per_class=True),
+        pass2_columns=("label", "conf"),
+        fit=_fit,
+        label=_label,
+    )
+)

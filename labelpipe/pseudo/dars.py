@@ -26,11 +26,13 @@ random bits, and no 8-byte temporary per pixel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from labelpipe.pseudo.histogram import Float16Histogram, float16_bits_at_least
+from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, register_generator
 from labelpipe.pseudo.validation import (
     IGNORE_LABEL,
     class_prior,
@@ -181,3 +183,39 @@ def dars_pseudo_labels(
         else:
             out[piece] = np.where(keep, cls, IGNORE_LABEL)
     return out.reshape(shape)
+
+
+def _fit(hist: Float16Histogram, settings: Mapping[str, Any], prior: np.ndarray) -> dict[str, Any]:
+    alpha = labeling_ratio(settings["alpha"])
+    class_counts = hist.class_counts()
+    n_pixels = int(class_counts.sum())
+    thresholds, sampling_ratio = dars_thresholds_from_histogram(hist, prior, alpha, n_pixels)
+    return {
+        "alpha": alpha,
+        "class_counts": class_counts,
+        "n_pixels": n_pixels,
+        "thresholds": thresholds,
+        "sampling_ratio": sampling_ratio,
+        "target_counts": dars_target_counts(prior, alpha, n_pixels),
+        "candidate_counts": np.array([hist.count_at_least(c, t) for c, t in enumerate(thresholds)], dtype=np.int64),
+    }
+
+
+def _label(
+    params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, None]:
+    return dars_pseudo_labels(piece["label"], piece["conf"], params["thresholds"], params["sampling_ratio"], rng), None
+
+
+register_generator(
+    PseudoLabelGenerator(
+        name="dars",
+        settings=("alpha",),
+        histogram=Histogram("conf", per_class=True),
+        pass2_columns=("label", "conf"),
+        fit=_fit,
+        label=_label,
+        random=True,
+        needs_prior=True,
+    )
+)

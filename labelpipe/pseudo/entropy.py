@@ -18,10 +18,13 @@ The online per-batch version of this split is ``entropy_online.entropy_split_tor
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, register_generator
 from labelpipe.pseudo.validation import (
     IGNORE_LABEL,
     clamp_nonnegative,
@@ -82,3 +85,25 @@ def entropy_pseudo_labels(label: np.ndarray, entropy: np.ndarray, gamma: float) 
     reliable = entropy < np.float64(gamma)
     labels = np.where(reliable, label, np.asarray(IGNORE_LABEL, dtype=label.dtype))
     return labels.reshape(shape), (~reliable).reshape(shape)
+
+
+def _fit(hist: Float16Histogram, settings: Mapping[str, Any], prior: None) -> dict[str, Any]:
+    alpha_t = unit_fraction(settings["alpha_t"], "alpha_t")
+    gamma = entropy_threshold_from_histogram(hist, alpha_t)
+    return {"alpha_t": alpha_t, "gamma": gamma, "n_reliable": hist.count_below_overall(gamma), "n_pixels": hist.total()}
+
+
+def _label(params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: Any) -> tuple[np.ndarray, None]:
+    return entropy_pseudo_labels(piece["label"], piece["entropy"], params["gamma"])[0], None
+
+
+register_generator(
+    PseudoLabelGenerator(
+        name="entropy",
+        settings=("alpha_t",),
+        histogram=Histogram("entropy"),
+        pass2_columns=("label", "entropy"),
+        fit=_fit,
+        label=_label,
+    )
+)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
+from labelpipe.pseudo.registry import PseudoLabelGenerator, register_generator
 from labelpipe.pseudo.validation import IGNORE_LABEL, finite_number, flat_float16, flat_labels, same_length
 
 
@@ -20,3 +24,17 @@ def threshold_pseudo_labels(label: np.ndarray, conf: np.ndarray, tau: float) -> 
     same_length(label, conf, "label", "conf")
     tau = finite_number(tau, "tau")
     return np.where(conf > np.float64(tau), label, np.asarray(IGNORE_LABEL, dtype=label.dtype)).reshape(shape)
+
+
+def _fit(hist: None, settings: Mapping[str, Any], prior: None) -> dict[str, Any]:
+    return {"tau": float(settings["tau"])}
+
+
+def _label(params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: Any) -> tuple[np.ndarray, None]:
+    return threshold_pseudo_labels(piece["label"], piece["conf"], params["tau"]), None
+
+
+# No pass 1: tau is given.
+register_generator(
+    PseudoLabelGenerator(name="threshold", settings=("tau",), pass2_columns=("label", "conf"), fit=_fit, label=_label)
+)

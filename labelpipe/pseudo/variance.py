@@ -12,10 +12,13 @@ percentile: the cutoff is the value at rank ``max(1, ceil(percentile / 100 * N))
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, register_generator
 from labelpipe.pseudo.validation import (
     IGNORE_LABEL,
     clamp_nonnegative,
@@ -82,3 +85,35 @@ def variance_pseudo_labels(
     label: (N,) or any shape, uint8; variance: same size, float16. Returns ``(labels, weights)``."""
     cutoff = None if percentile is None else variance_cutoff(variance, percentile)
     return variance_pseudo_labels_at_cutoff(label, variance, cutoff)
+
+
+def _histogram(settings: Mapping[str, Any]) -> Histogram | None:
+    # The variances are read in pass 1 only when a percentile cut is asked for.
+    return None if settings["variance_percentile"] is None else Histogram("variance")
+
+
+def _fit(hist: Float16Histogram | None, settings: Mapping[str, Any], prior: None) -> dict[str, Any]:
+    percentile = settings["variance_percentile"]
+    params: dict[str, Any] = {"percentile": percentile, "cutoff": None}
+    if hist is not None:
+        params.update(cutoff=variance_cutoff_from_histogram(hist, percentile), n_pixels=hist.total())
+    return params
+
+
+def _label(
+    params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    return variance_pseudo_labels_at_cutoff(piece["label"], piece["variance"], params["cutoff"])
+
+
+register_generator(
+    PseudoLabelGenerator(
+        name="variance",
+        optional_settings=("variance_percentile",),
+        histogram=_histogram,
+        pass2_columns=("label", "variance"),
+        fit=_fit,
+        label=_label,
+        weights=True,
+    )
+)

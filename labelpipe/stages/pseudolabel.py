@@ -1,4 +1,4 @@
-"""``labelpipe pseudolabel --method {threshold,cbst,dars,entropy,variance}``.
+"""``labelpipe pseudolabel --method NAME``, NAME a registered generator (``labelpipe.pseudo.registry``).
 
 Streams over the prediction store in at most two passes (``labelpipe.pseudo.streaming``): pass 1
 fits the thresholds from float16 histograms, pass 2 labels the pixels and accumulates the report.
@@ -33,7 +33,8 @@ from labelpipe.errors import LabelpipeError
 from labelpipe.pseudo.dars import PIECE_PIXELS, skip_draws
 from labelpipe.pseudo.histogram import Float16Histogram
 from labelpipe.pseudo.quality import PseudoQualityAccumulator
-from labelpipe.pseudo.streaming import PASS2_KEYS, apply, fit_from_histogram, histogram_pass, histogram_spec
+from labelpipe.pseudo.registry import PseudoLabelGenerator, get_generator
+from labelpipe.pseudo.streaming import apply, fit_from_histogram, histogram_pass
 from labelpipe.pseudo.validation import IGNORE_LABEL, clamp_nonnegative
 from labelpipe.store.atomic import (
     atomic_path,
@@ -120,7 +121,11 @@ def shard_of(n_images: int, ranks: Ranks) -> range:
 # --------------------------------------------------------------------------------------------- inputs
 @dataclass
 class Settings:
-    """What a pseudolabel run computes with (the config's ``pseudolabel`` section, resolved)."""
+    """What a pseudolabel run computes with (the config's ``pseudolabel`` section, resolved).
+
+    ``fields``: every setting that defines the result (``PseudolabelConfig.fingerprint_fields()``), what
+    the fingerprint hashes and what a generator reads its settings from; the named attributes override it
+    (``alpha`` per self-training round)."""
 
     method: str
     alpha: float
@@ -131,6 +136,26 @@ class Settings:
     chunk_pixels: int
     export_png: bool = False
     plots: bool = True
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def generator(self) -> PseudoLabelGenerator:
+        try:
+            return get_generator(self.method)
+        except ValueError as exc:
+            raise LabelpipeError(str(exc)) from exc
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that define the labels, by config name: ``fields`` with the attributes applied."""
+        return {
+            **self.fields,
+            "method": self.method,
+            "alpha": self.alpha,
+            "tau": self.tau,
+            "alpha_t": self.alpha_t,
+            "variance_percentile": self.variance_percentile,
+            "export": "png" if self.export_png else "none",
+        }
 
 
 @dataclass
@@ -268,7 +293,8 @@ def label_store(
 
     prior: (C,) labeled class fractions (dars needs it; every method reports KL(prior || pseudo)).
     """
-    method, C = settings.method, len(classes)
+    method, generator, C = settings.method, settings.generator, len(classes)
+    values = settings.fingerprint_fields()
     truth = truth or GroundTruth()
     has_gt = truth.read_mask is not None
     shard = shard_of(len(store.ids), ranks)
@@ -276,41 +302,30 @@ def label_store(
     chunks = settings.chunk_pixels
 
     # Pass 1: the histogram of this rank's shard, summed over the ranks, then the parameters.
-    spec = histogram_spec(method, C, settings.variance_percentile)
+    spec = generator.pass1(values)
     hist = None
     if spec is not None:
-        key, rows = spec
-        columns = (key, "label") if rows > 1 else (key,)
         hist = histogram_pass(
             method,
-            store.iter_chunks(columns, max_pixels=chunks, images=shard, reuse_buffers=True),
+            store.iter_chunks(spec.columns(), max_pixels=chunks, images=shard, reuse_buffers=True),
             C,
-            settings.variance_percentile,
+            values,
         )
         assert hist is not None
         hist.counts[...] = _sum_across(ranks, hist.counts)
-    params = fit_from_histogram(
-        method,
-        hist,
-        C,
-        prior=prior,
-        alpha=settings.alpha,
-        tau=settings.tau,
-        alpha_t=settings.alpha_t,
-        percentile=settings.variance_percentile,
-    )
+    params = fit_from_histogram(method, hist, C, prior, values)
 
     # Pass 2: what it reads. The method's columns; the research report also wants conf (calibration, the
     # confidence's uncertainty gap) and variance (its gap) when they are stored.
-    value_key = PASS2_KEYS[method][1]
-    wanted = list(PASS2_KEYS[method])
+    value_key = generator.value_column
+    wanted = list(generator.pass2_columns)
     if has_gt:
         wanted += [c for c in ("conf", "variance") if c in store.columns and c not in wanted]
     # Counts of the predicted classes and the value histogram for the plot come free from pass 1's
     # histogram where it is per class (cbst, dars) or of the same column (entropy, variance cut).
     pred_counts = hist.class_counts() if hist is not None and hist.num_classes == C else np.zeros(C, np.int64)
     count_pred = not (hist is not None and hist.num_classes == C)
-    value_hist = None if (spec is not None and spec[0] == value_key) else Float16Histogram(1)
+    value_hist = None if (spec is not None and spec.column == value_key) else Float16Histogram(1)
 
     rng = np.random.default_rng(settings.seed)
     pixels_before = sum(shapes[i][0] * shapes[i][1] for i in range(shard.start))
@@ -325,7 +340,7 @@ def label_store(
 
     final = out / "labels.h5"
     part = final if ranks.world == 1 else out / f"labels.part-{ranks.rank:03d}.h5"
-    writer = _LabelsFile(part, with_weight=method == "variance", compression=_compression_of(store))
+    writer = _LabelsFile(part, with_weight=generator.weights, compression=_compression_of(store))
     try:
         for chunk in store.iter_chunks(tuple(wanted), max_pixels=chunks, images=shard, reuse_buffers=True):
             labels, weights = apply(method, params, chunk, rng)
@@ -358,7 +373,7 @@ def label_store(
         labels_attrs = {
             "classes": classes,
             "num_classes": C,
-            "columns": ["label"] + (["weight"] if method == "variance" else []),
+            "columns": ["label"] + (["weight"] if generator.weights else []),
             "method": method,
         }
         writer.close(labels_attrs)
@@ -389,7 +404,7 @@ def label_store(
     if settings.export_png:
         _export_png(final, out / "export", palette or [], C)
     value_counts = (hist if value_hist is None else value_hist).overall()
-    value_range = HIST_RANGES[value_key] or (0.0, float(np.log(C)))
+    value_range = HIST_RANGES.get(value_key) or (0.0, float(np.log(C)))
     return _report(
         method=method,
         settings=settings,
@@ -650,6 +665,7 @@ def settings_from(config: RunConfig, alpha: float | None = None) -> Settings:
         chunk_pixels=pcfg.chunk_pixels,
         export_png=pcfg.export == "png",
         plots=pcfg.plots,
+        fields=pcfg.fingerprint_fields(),
     )
 
 
@@ -698,19 +714,14 @@ def _pseudolabel(
     prior_split = config.pseudolabel.prior_from or ctx.roles["labeled"]
     source = ctx.source
     store_hash = _store_hash(store_path, run_dir) if store_path.is_file() else ""  # checked before it is read
-    with PredictionStore(store_path, source.num_classes, require=PASS2_KEYS[settings.method]) as store:
+    with PredictionStore(store_path, source.num_classes, require=settings.generator.pass2_columns) as store:
         _check_store_model(run_dir, store_path, store.attrs)
         inputs = {
-            "method": settings.method,
-            "alpha": settings.alpha,
-            "tau": settings.tau,
-            "alpha_t": settings.alpha_t,
-            "variance_percentile": settings.variance_percentile,
+            **settings.fingerprint_fields(),
             "seed": settings.seed,
-            "prior_from": prior_split,
+            "prior_from": prior_split,  # resolved: None means the labeled split
             "prior_ids": ctx.split_ids_fingerprint(prior_split),
             "store": store_hash,
-            "export": config.pseudolabel.export,
         }
         fingerprint = sha256_json(inputs)
         up_to_date = _gather(ranks, not force and stage.is_up_to_date(fingerprint))[0]
@@ -825,7 +836,8 @@ def pseudolabel_store(
     (without one, a uniform prior is reported for them)."""
     if prior is not None and prior_from is not None:
         raise LabelpipeError("--prior and --prior-from: give one of them")
-    with PredictionStore(predictions, require=PASS2_KEYS[settings.method]) as store:
+    generator = settings.generator
+    with PredictionStore(predictions, require=generator.pass2_columns) as store:
         classes = [str(c) for c in store.attrs.get("classes") or []]
         C = store.attrs.get("num_classes")
         if not isinstance(C, int) or C < 1:
@@ -835,23 +847,21 @@ def pseudolabel_store(
             prior_values = read_prior(prior, classes)
         elif prior_from is not None:
             prior_values = prior_from_masks(prior_from, C)
-        elif settings.method == "dars":
-            raise LabelpipeError("--method dars needs the labeled class prior: pass --prior FILE or --prior-from DIR")
+        elif generator.needs_prior:
+            raise LabelpipeError(
+                f"--method {settings.method} needs the labeled class prior: pass --prior FILE or --prior-from DIR"
+            )
         else:
             prior_values = np.full(C, 1.0 / C)
         stat = predictions.stat()
         inputs = {
-            "method": settings.method,
-            "alpha": settings.alpha,
-            "tau": settings.tau,
-            "alpha_t": settings.alpha_t,
-            "variance_percentile": settings.variance_percentile,
+            **settings.fingerprint_fields(),
             "seed": settings.seed,
-            "prior": prior_values.tolist(),
+            "prior": prior_values.tolist(),  # hashed by value: it comes from a file, not a split
             # size and mtime, not a hash: reading a 100 GB store twice to fingerprint it is not cheap
             "store": {"path": str(predictions.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-            "export": "png" if settings.export_png else "none",
         }
+        inputs.pop("prior_from", None)  # --prior-from DIR: its masks are hashed as the prior's values
         fingerprint = sha256_json(inputs)
         stage = StageDir(out)
         if _gather(ranks, not force and stage.is_up_to_date(fingerprint))[0]:

@@ -4,10 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import labelpipe.pseudo as pseudo
-from labelpipe.pseudo.streaming import METHODS, PASS1_KEYS, PASS2_KEYS, apply, fit_thresholds
+from labelpipe.pseudo.registry import generator_names
+from labelpipe.pseudo.streaming import apply, fit_thresholds
 
 from .synthetic import random_nonnegative_float16, random_predictions, random_prior
 
+METHODS = generator_names()
 SETTINGS = {"alpha": 0.4, "tau": 0.9, "alpha_t": 0.2, "percentile": 90.0}
 
 
@@ -86,8 +88,20 @@ def test_fit_reads_a_one_shot_iterator_once():
     assert params["n_pixels"] == 200 and params["n_reliable"] <= 160
 
 
-def test_method_keys_are_declared():
-    assert set(PASS1_KEYS) == set(PASS2_KEYS) == set(METHODS) == set(pseudo.METHODS)
+def test_the_builtin_generators_are_registered_and_read_store_columns():
+    from labelpipe.store.prediction_store import DEFAULT_COLUMNS
+
+    assert set(METHODS) == {"threshold", "cbst", "dars", "entropy", "variance"}
+    for name in METHODS:
+        generator = pseudo.get_generator(name)
+        spec = generator.pass1({**SETTINGS, "variance_percentile": 90.0})
+        read = set(generator.pass2_columns) | set(spec.columns() if spec else ())
+        assert generator.pass2_columns[0] == "label" and read <= set(DEFAULT_COLUMNS), name
+    assert [n for n in METHODS if pseudo.get_generator(n).weights] == ["variance"]
+    assert [n for n in METHODS if pseudo.get_generator(n).random] == ["dars"]
+    # variance reads its column in pass 1 only for a percentile cut; threshold never
+    assert pseudo.get_generator("variance").pass1({"variance_percentile": None}) is None
+    assert pseudo.get_generator("threshold").pass1(SETTINGS) is None
 
 
 def test_invalid_usage_raises():

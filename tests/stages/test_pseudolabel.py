@@ -25,10 +25,11 @@ from labelpipe.pseudo import (
     threshold_pseudo_labels,
     variance_pseudo_labels,
 )
+from labelpipe.pseudo.registry import generator_names
 from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
 from tests.conftest import REPO, TINY_RECIPE
 
-METHODS = ("threshold", "cbst", "dars", "entropy", "variance")
+METHODS = generator_names()  # the registered generators (the built-ins, at collection)
 ALPHA, ALPHA_T = 0.2, 0.2
 PLOTS = ("class_distribution.png", "histograms.png", "samples.png", "reliability.png")
 
