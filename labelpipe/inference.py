@@ -7,6 +7,7 @@ import math
 import torch
 
 from labelpipe.models import SegmentationOutput
+from labelpipe.runtime import autocast
 
 
 def _windows(length: int, crop: int, stride: int) -> list[int]:
@@ -28,9 +29,8 @@ def predict_logits(
     ``crop`` overlapping by ``overlap``, and logits are averaged where windows overlap.
     """
     b, _, h, w = images.shape
-    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp and images.is_cuda)
     if h <= crop and w <= crop:
-        with autocast:
+        with autocast(images.device, amp):
             out: SegmentationOutput = model(images, with_rep=False)
         return out.main.float(), out.aux.float()
     stride = max(1, math.ceil(crop * (1 - overlap)))
@@ -39,7 +39,7 @@ def predict_logits(
     for top in _windows(h, crop, stride):
         for left in _windows(w, crop, stride):
             tile = images[:, :, top : top + crop, left : left + crop]
-            with autocast:
+            with autocast(images.device, amp):
                 out = model(tile, with_rep=False)
             if main is None:
                 c = out.main.shape[1]

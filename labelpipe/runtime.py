@@ -59,6 +59,14 @@ def setup(device: str) -> Runtime:
     return Runtime(device=dev, rank=rank, world=world)
 
 
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op on CPU (which trains in float32)."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under ``torch.compile`` and DDP wrappers (in any nesting): what to save and load.
 
