@@ -8,7 +8,10 @@ CUDA); HDF5 writes run in a writer thread; a killed run resumes after its last c
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -70,6 +73,17 @@ def calibrate(ctx: StageContext, model: torch.nn.Module, max_pixels: int = 500_0
         )
     order = torch.argsort(image, stable=True)  # image order, whichever rank inferred the image
     return fit_temperature(z[order], y[order])
+
+
+def _test_kill_after_part(writer: PartWriter) -> None:
+    """Test hook: ``LABELPIPE_TEST_KILL_AFTER_PART=k`` SIGKILLs this process once k parts are on disk
+    (written by the writer thread, in order), so the kill/resume test kills at a known point."""
+    kill_at = os.environ.get("LABELPIPE_TEST_KILL_AFTER_PART")
+    if not kill_at or writer.next_part < int(kill_at):
+        return
+    while len(writer.parts()) < int(kill_at) and writer.error is None and writer.thread.is_alive():
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_predict(
@@ -184,6 +198,7 @@ def _run_predict(
                     for image_id, main, aux in zip(batch.ids, batch.main, batch.aux, strict=True):
                         writer.add(image_id, _to_numpy(pixel_columns(main, aux, temperature, pcfg.topk)))
                     progress.advance(task, len(batch.ids))
+                    _test_kill_after_part(writer)
             except BaseException:
                 writer.close(complete=False)  # stop the writer; the complete parts stay for a resume
                 raise

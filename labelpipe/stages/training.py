@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -201,6 +202,15 @@ def _diverged(job: TrainJob, what: str, step: int, last_good: int | None, ckpt_p
     )
 
 
+def _test_kill_after_step(done: int) -> None:
+    """Test hook: ``LABELPIPE_TEST_KILL_AFTER_STEP=k`` SIGKILLs this process right after step k (and its
+    checkpoint, when step k writes one), so the kill/resume tests kill at a known point instead of racing
+    a polling loop against the process."""
+    kill_at = os.environ.get("LABELPIPE_TEST_KILL_AFTER_STEP")
+    if kill_at and done == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train(job: TrainJob) -> dict[str, Any]:
     """Run (or resume) training to ``total_steps``; returns the last validation metrics.
 
@@ -341,6 +351,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                 progress.update(task, info=f"loss {float(loss.detach()):.3f} val mIoU {last_val.get('miou', 0):.3f}")
             if done % cfg.checkpoint_every == 0 or done == job.total_steps or stop.requested:
                 checkpoint(done)
+            _test_kill_after_step(done)
             progress.update(task, completed=done)
             if stop.requested:
                 if log_file is not None:
