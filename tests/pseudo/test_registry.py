@@ -201,3 +201,31 @@ def test_an_unregistered_method_in_settings_is_a_clean_error():
 
     with pytest.raises(LabelpipeError, match="unknown pseudo-label method"):
         assert Settings(TOY, 0.2, 0.9, 0.2, None, 0, 1000).generator
+
+
+def test_a_module_dropped_into_the_package_registers_itself(tmp_path, monkeypatch):
+    """The README's recipe: a new module in ``labelpipe/pseudo/`` is found by the registry's scan, with
+    no import added anywhere (here the package's search path gets a temporary folder)."""
+    import sys
+
+    import labelpipe.pseudo as package
+    from labelpipe.pseudo import registry
+
+    (tmp_path / "toy_dropped_in.py").write_text(
+        "from labelpipe.pseudo.registry import PseudoLabelGenerator, register_generator\n"
+        "from labelpipe.pseudo.threshold import threshold_pseudo_labels\n"
+        "register_generator(PseudoLabelGenerator(\n"
+        "    name='toy_dropped_in', settings=('tau',), pass2_columns=('label', 'conf'),\n"
+        "    fit=lambda hist, settings, prior: {'tau': settings['tau']},\n"
+        "    label=lambda params, piece, rng: (\n"
+        "        threshold_pseudo_labels(piece['label'], piece['conf'], params['tau']), None),\n"
+        "))\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_scanned", False)
+    try:
+        assert "toy_dropped_in" in generator_names()
+        assert PseudolabelConfig(method="toy_dropped_in", tau=0.5).method == "toy_dropped_in"
+    finally:
+        unregister_generator("toy_dropped_in")
+        sys.modules.pop("labelpipe.pseudo.toy_dropped_in", None)
