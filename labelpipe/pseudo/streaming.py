@@ -43,16 +43,6 @@ def _chunk_array(chunk: Mapping[str, np.ndarray], key: str, method: str) -> np.n
     return np.asarray(chunk[key])
 
 
-def histogram_spec(
-    method: str, num_classes: int, settings: Mapping[str, Any] | None = None, **named: Any
-) -> tuple[str, int] | None:
-    """What pass 1 of ``method`` histograms with these settings: ``(column, rows)`` (rows = C for a
-    per-class histogram, 1 for an overall one), or None when pass 1 reads nothing (threshold; variance
-    without a percentile)."""
-    spec = get_generator(method).pass1(_settings(settings, named))
-    return None if spec is None else (spec.column, spec.rows(num_classes))
-
-
 def histogram_pass(
     method: str,
     chunks: Iterable[Mapping[str, np.ndarray]],
