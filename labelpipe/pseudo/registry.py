@@ -20,14 +20,14 @@ Adding a generator is one module (see README, "Adding a pseudo-label generator")
     from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, register_generator
 
     def fit(hist, settings, prior):              # hist: Float16Histogram of pass 1 (or None)
-        return {"threshold": hist.kth_largest(0, 1) * settings["tau"]}
+        return {"threshold": hist.kth_largest_overall(max(1, math.ceil(settings["alpha"] * hist.total())))}
 
     def label(params, piece, rng):               # piece: {"label": (n,) uint8, "conf": (n,) float16}
         keep = piece["conf"] >= params["threshold"]
         return np.where(keep, piece["label"], 255).astype(np.uint8), None
 
     register_generator(PseudoLabelGenerator(
-        name="my_method", settings=("tau",), histogram=Histogram("conf", per_class=False),
+        name="my_method", settings=("alpha",), histogram=Histogram("conf", per_class=False),
         pass2_columns=("label", "conf"), fit=fit, label=label))
 
 Built-in generators live in this package's modules and are found by importing them (every module of
