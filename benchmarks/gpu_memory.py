@@ -28,20 +28,28 @@ full copy of the gradients for SGD's weight decay, count at the optimizer step).
 
 - pretrain (labelpipe/stages/pretrain.py): B images -> CE(main) + aux_weight * CE(aux), ignore 255;
   no representation head (``with_rep=False``, frozen).
-- selftrain (labelpipe/stages/selftrain.py, RoundObjective.__call__, followed line by line): the EMA
-  teacher (a second model copy, eval, no grad) on the labeled and the weak unlabeled half where the
-  recipe uses one (online pseudo-labels, contrastive or denoising), its online entropy labels and
-  prototype denoising; CutMix; the student on cat(B labeled, B unlabeled); representation heads as
-  RoundObjective asks (the student's only with the contrastive loss, the teacher's with contrastive
-  or denoising); the recipe's supervised and unsupervised losses (CE / SCE / rectified: the real
-  functions, so their memory is included); stored variance weights where the method stores them;
-  the memory bank (C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes) and prototypes, where
-  RoundObjective allocates them (the bank with the contrastive loss, prototypes also for denoising).
-  The contrastive loss itself (u2pl_contrastive) has data-dependent shapes (nonzero), which fake tensors
-  cannot run; a stand-in allocates what it would hold at once: the real contrastive_pixels inputs, class
-  ranks, the negatives mask, the gathered negative keys (assumed 2 per labeled pixel and min(r_h, C) -
-  r_l = 17 per unreliable unlabeled pixel, alpha_t at its start value) and M anchors for every class,
-  with gradient to the representation head.
+- selftrain: labelpipe's own step, :class:`labelpipe.training.selftrain_step.SelftrainStep`, built with
+  ``SelftrainStep.build(config, student, ...)`` from the recipe's config as ``labelpipe selftrain`` builds
+  it, fed a random batch as the stage's loaders give it (labeled image + mask; unlabeled strong image,
+  the weak view for the teacher where the recipe has one and CutMix, stored labels, variance weights for
+  the variance method, the crops' padding mask). So everything the step computes is measured: the EMA
+  teacher (a second model copy, no grad) where the recipe needs one, its online labels and prototype
+  denoising, CutMix, one student forward with the representation head only where a term reads it, the
+  recipe's loss terms (CE / SCE / rectified, contrastive), and the state the step allocates (the memory
+  bank, C x memory_capacity x rep_dim fp32: 557 MiB for 19 classes, only with the contrastive loss;
+  prototypes). What fake tensors cannot run is adapted around the step, not copied into it:
+  * ``EMATeacher`` deep-copies the student, which fake tensors cannot: the copy is the architecture
+    built again (:class:`Rebuilt`), given the student's weights by the teacher's update at step 0;
+  * the step's log values (``float(loss)``) read 0 (:class:`LogScalarsAreZero`);
+  * the online entropy split indexes the valid pixels (a data-dependent shape): the fake batch carries
+    no padding mask (a kept copy of <= B x H x W floats, negligible);
+  * u2pl_contrastive has data-dependent shapes (nonzero): the contrastive term is replaced by a stand-in
+    (:class:`StandInContrastive`) that allocates what it would hold at once: the real contrastive_pixels
+    inputs, class ranks, the negatives mask, the gathered negative keys (assumed 2 per labeled pixel and
+    min(r_h, C) - r_l = 17 per unreliable unlabeled pixel, alpha_t at its start value) and M anchors for
+    every class, with gradient to the representation head;
+  * the step calls the teacher twice at the top level, which MemTracker takes for a second iteration:
+    :class:`PeakTracker` restarts that module's (unused) per-module statistics.
 
 Per-GPU batch: the recipes give no GPU counts, so there are rows for per-GPU batches 2, 4 and 8 below
 the recipe batch (recipe batch / that many GPUs under torchrun + DDP) and for the recipe batch on one
@@ -65,7 +73,7 @@ fragmentation (+10-20 %), NCCL buffers, torch.compile, validation passes.
 
 ``--validate`` checks the estimator on small settings (resnet18 OS16, crop 64 and 128, 19 classes, batch 4)
 against the same step on real CPU tensors, measured twice: by MemTracker (shows what fake mode
-changes: nothing, up to 0.1 MiB) and by the CPU allocator's own allocation / free events
+changes: nothing for pretrain, up to 0.1 MiB; the selftrain stand-in, below) and by the CPU allocator's own allocation / free events
 from torch.profiler (independent of MemTracker). Its selftrain row runs the real u2pl_contrastive on
 real tensors; with random weights no class has anchors (p > 0.3) there, while the stand-in assumes
 all C classes do (C x M x D x 8 bytes: ~9 MiB at that size, negligible at the recipes' sizes).
@@ -87,25 +95,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from labelpipe.config import DataConfig, RunConfig, resolve_config
-from labelpipe.losses import (
-    MemoryBank,
-    PrototypeBank,
-    class_ranks,
-    masked_ce,
-    rectified_loss,
-    symmetric_ce,
-    u2pl_contrastive,
-    unsupervised_ce_weight,
-)
+from labelpipe.losses import MemoryBank, PrototypeBank, class_ranks
 from labelpipe.models import build_model
-from labelpipe.pseudo import alpha_schedule, entropy_split_torch
-from labelpipe.training.selftrain_step import contrastive_pixels, cutmix, denoise_labels
 from labelpipe.stages.training import build_optimizer
 from labelpipe.teacher import EMATeacher
+from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
+from labelpipe.training.terms import Contrastive, StepTensors, TermSetup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ("cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes", "synthia_to_cityscapes", "demo")
@@ -152,8 +152,7 @@ class Setting:
 
     @property
     def uses_teacher(self) -> bool:
-        st = self.config.selftrain
-        return st.pseudo_source == "teacher" or st.contrastive or st.denoise
+        return SelftrainStep.needs_teacher(self.config.selftrain)
 
     @property
     def stages(self) -> list[str]:
@@ -194,6 +193,16 @@ class PeakTracker(MemTracker):
     """MemTracker keeping only the global peak: its per-module peak snapshots, unused here, are updated
     for every module at every op and cost ~80 % of the time (same totals, 4-5x faster)."""
 
+    def _pre_fw_hook(self, module: nn.Module, inputs) -> None:
+        # The step calls the EMA teacher twice (labeled, unlabeled half) at the top level, which MemTracker
+        # takes for a second iteration and refuses; its per-module statistics are unused here, so the
+        # module's are started afresh (its parameters' storages are known already and count once).
+        name = self._mod_tracker.get_known_fqn(module)
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                del self.memory_tracking[module]
+        super()._pre_fw_hook(module, inputs)
+
     def _update_peak_stats(self, peak_state) -> None:
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
@@ -208,21 +217,81 @@ class NoHook:
         pass
 
 
-class TwoCalls(nn.Module):
-    """Calls the teacher on the labeled and the unlabeled half under one parent module (MemTracker
-    refuses a second top-level call of the same module within one tracked region)."""
+class LogScalarsAreZero(TorchDispatchMode):
+    """Reading a fake tensor's value (``float(loss)`` for the step's logs) gives 0 instead of failing.
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    Fake tensors have no data; the step converts its loss terms and the kept fraction to Python floats for
+    the log, which nothing in the step's computation reads back (no data-dependent branch or shape).
+    """
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, with_rep: bool):
-        # RoundObjective runs the teacher on the labeled half only where the representation is read.
-        return (self.model(a, with_rep=with_rep) if with_rep else None), self.model(b, with_rep=with_rep)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return 0.0 if dtype.is_floating_point else (False if dtype == torch.bool else 0)
+        return func(*args, **(kwargs or {}))
+
+
+class Rebuilt:
+    """What the step's EMA teacher is deep-copied from: the student's architecture built again.
+
+    Fake tensors can be neither deep-copied nor moved (``.to`` swaps parameters, which fails for them):
+    the copy is built where the student is (``build`` runs under the caller's device), its ``.to`` is a
+    no-op, and the teacher's update at step 0 copies the student's weights and buffers.
+    """
+
+    def __init__(self, build) -> None:
+        self.build = build
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        model = self.build()
+        model.to = lambda *args, **kwargs: model  # already on the student's device
+        return model
+
+
+class StandInContrastive(Contrastive):
+    """The contrastive term with ``u2pl_contrastive`` replaced by a stand-in of its sizes (fake tensors).
+
+    u2pl_contrastive's nonzero / sampling steps have data-dependent shapes, which fake tensors cannot run.
+    The stand-in holds, until it returns as the real call's locals are, the real ``contrastive_pixels``
+    inputs, class ranks, the negatives mask, the gathered negative keys (``NEGATIVES_PER_LABELED`` per
+    labeled pixel, ``min(r_h, C) - r_l`` per unreliable unlabeled pixel at the recipe's starting alpha_t)
+    and M anchors for every class; only the anchors carry a gradient (to the representation head).
+    """
+
+    def __init__(self, setup: TermSetup, alpha_t: float) -> None:
+        super().__init__(setup)
+        self.alpha_t = alpha_t
+
+    def __call__(self, t: StepTensors) -> tuple[torch.Tensor, dict[str, float]]:
+        st, ignore = self.setup.st, self.setup.ignore_index
+        pixels = contrastive_pixels(t.rep, t.t_l, t.t_u, t.y_l, t.y_u, ignore, t.inside_u)
+        feats, probs = pixels["student_feats"], pixels["teacher_probs"].float()
+        p, c = probs.shape
+        rank = class_ranks(probs)
+        negatives = ((rank >= R_L) & (rank < min(R_H, c))).T  # (C, P) bool, as negative_masks returns it
+        del rank  # negative_masks' own
+        n_labeled = p // 2
+        n_unreliable = int((p - n_labeled) * self.alpha_t)
+        rows = n_labeled * NEGATIVES_PER_LABELED + n_unreliable * (min(R_H, c) - R_L)
+        neg_class, neg_pixel = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        neg_feats = F.normalize(pixels["teacher_feats"].float(), dim=1).new_empty(rows, feats.shape[1])
+        anchors = torch.randint(0, p, (c, st.contrastive_anchors), generator=t.generator)
+        anchor_feats = F.normalize(feats[anchors].float(), dim=-1)
+        negative_sim = torch.randn(c, st.contrastive_anchors, st.contrastive_negatives)
+        loss = (anchor_feats.sum(-1, keepdim=True) + negative_sim).logsumexp(-1).mean()
+        del negatives, neg_class, neg_pixel, neg_feats  # (kept alive up to here)
+        return st.lambda_contrastive * loss, {}
 
 
 @dataclass
 class Trainee:
+    """One training step of a stage on ``setting``'s model, per-GPU ``batch``.
+
+    selftrain runs labelpipe's own step (:class:`SelftrainStep`, built from the recipe's config and the
+    student as ``labelpipe selftrain`` builds it); pretrain its objective (CE + aux_weight * CE).
+    ``teacher``, ``memory`` and ``prototypes`` are the step's own (None where the recipe has none).
+    """
+
     setting: Setting
     stage: str
     batch: int  # per GPU
@@ -230,6 +299,7 @@ class Trainee:
     real_contrastive: bool  # real tensors only: u2pl_contrastive itself instead of the stand-in
     student: nn.Module = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
+    objective: SelftrainStep | None = None
     teacher: EMATeacher | None = None
     memory: MemoryBank | None = None
     prototypes: PrototypeBank | None = None
@@ -246,23 +316,37 @@ class Trainee:
         self.optimizer = build_optimizer(self.student, s.config.train)
         for group in self.optimizer.param_groups:
             group["foreach"] = True  # what torch uses for CUDA tensors
-        if self.stage == "selftrain":
-            st = s.config.selftrain
-            if s.uses_teacher:
-                # EMATeacher deep-copies the student, which fake tensors do not support: the same
-                # architecture built again, then its update at step 0 copies the student's weights.
-                self.teacher = EMATeacher.__new__(EMATeacher)
-                self.teacher.max_momentum = st.ema_momentum
-                self.teacher.model = build().eval().requires_grad_(False)
-                self.teacher.update(self.student, 0)
-            if st.contrastive:  # as RoundObjective: the bank only where the contrastive loss reads it
-                self.memory = MemoryBank(s.num_classes, m.rep_dim, capacity=st.memory_capacity)
-            if st.contrastive or st.denoise:
-                self.prototypes = PrototypeBank(s.num_classes, m.rep_dim, momentum=st.prototype_momentum)
+        if self.stage != "selftrain":
+            return
+        st = s.config.selftrain
+        self.objective = SelftrainStep.build(
+            s.config,
+            self.student,
+            Rebuilt(build),
+            s.num_classes,
+            IGNORE,
+            self.device,
+            total_steps=st.steps or s.config.train.steps,
+        )
+        self.teacher = self.objective.teacher
+        if self.teacher is not None:
+            self.teacher.update(self.student, 0)  # the copy: the student's weights and buffers
+        if not self.real_contrastive:
+            alpha_t = s.config.pseudolabel.alpha_t
+            self.objective.terms = [
+                StandInContrastive(self.objective.setup, alpha_t) if isinstance(term, Contrastive) else term
+                for term in self.objective.terms
+            ]
+        parts = self.objective.components()
+        self.memory, self.prototypes = parts.get("memory"), parts.get("prototypes")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
 
     @property
     def uses_rep(self) -> bool:
-        return self.stage == "selftrain" and self.setting.config.selftrain.contrastive
+        return self.stage == "selftrain" and SelftrainStep.needs_student_rep(self.setting.config.selftrain)
 
     def other_state(self) -> list[torch.Tensor]:
         tensors = []
@@ -270,6 +354,7 @@ class Trainee:
             tensors += [*self.teacher.model.parameters(), *self.teacher.model.buffers()]
         if self.memory is not None:
             tensors += [self.memory.feats, self.memory.ptr, self.memory.count]
+        if self.prototypes is not None:
             tensors += [self.prototypes.prototypes, self.prototypes.seen]
         return tensors
 
@@ -295,99 +380,25 @@ class Trainee:
         loss_aux = F.cross_entropy(out.aux.float(), y, ignore_index=IGNORE)
         return loss_main + s.config.train.aux_weight * loss_aux
 
-    def selftrain_loss(self, step: int) -> torch.Tensor:
+    def selftrain_batch(self) -> tuple[dict, dict]:
+        """A random batch as selftrain's loaders give it: labeled {image, mask}; unlabeled {image (strong),
+        image_weak, mask (stored pseudo-labels), valid (crop padding), weight (variance method only)}."""
         s, b, c = self.setting, self.batch, self.setting.num_classes
-        st, cfg = s.config.selftrain, s.config.train
-        gen = torch.Generator().manual_seed(step)
-        x_l = torch.randn(b, 3, s.crop, s.crop)
-        y_l = torch.randint(0, c, (b, s.crop, s.crop))
-        x_u = torch.randn(b, 3, s.crop, s.crop)
-        x_u_weak = torch.randn(b, 3, s.crop, s.crop) if self.teacher is not None and st.strong_aug else x_u
-        y_u = torch.randint(0, c, (b, s.crop, s.crop))
-        w_u = torch.rand(b, s.crop, s.crop) if st.method == "variance" else None  # stored variance weights
-        inside_u = torch.ones_like(y_u, dtype=torch.bool)  # the crops' padding mask
+        size = (b, s.crop, s.crop)
+        labeled = {"image": torch.randn(b, 3, s.crop, s.crop), "mask": torch.randint(0, c, size)}
+        unlabeled = {"image": torch.randn(b, 3, s.crop, s.crop), "mask": torch.randint(0, c, size)}
+        if self.teacher is not None and s.config.selftrain.strong_aug:  # selftrain's weak view for the teacher
+            unlabeled["image_weak"] = torch.randn(b, 3, s.crop, s.crop)
+        if not isinstance(next(self.student.parameters()), FakeTensor):
+            # The online entropy split indexes the valid pixels (a data-dependent shape fake tensors cannot
+            # run): without the mask the fake step holds no copy of <= B x H x W floats (negligible).
+            unlabeled["valid"] = torch.ones(size, dtype=torch.bool)
+        if s.config.selftrain.method == "variance":  # the stored exp(-variance) weights
+            unlabeled["weight"] = torch.rand(size)
+        return labeled, unlabeled
 
-        t_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_l, t_u = TwoCalls(self.teacher.model)(x_l, x_u_weak, with_rep=st.contrastive or st.denoise)
-            t_out = (t_l, t_u)
-            probs_u = torch.softmax(t_u.main.float(), 1)
-            if st.pseudo_source == "teacher":
-                alpha_t = alpha_schedule(s.config.pseudolabel.alpha_t, 0, st.steps or cfg.steps)
-                entropy = -(probs_u * torch.log(probs_u.clamp_min(1e-12))).sum(1)
-                # selftrain passes the padding mask here; its boolean indexing has a data-dependent shape that
-                # fake tensors cannot run (a kept copy of <= B x H x W floats, negligible).
-                reliable = entropy_split_torch(entropy, alpha_t)
-                y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, IGNORE))
-            if st.denoise:
-                y_u = denoise_labels(probs_u, t_u.rep, self.prototypes, y_u, IGNORE)
-
-        if st.strong_aug:
-            t_main, t_rep = (t_out[1].main, t_out[1].rep) if t_out is not None else (None, None)
-            x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(x_u, [y_u, w_u, inside_u, t_main, t_rep], gen)
-            if t_out is not None:
-                t_out = (t_out[0], t_out[1]._replace(main=t_main, rep=t_rep))
-
-        out = self.student(torch.cat([x_l, x_u]), with_rep=self.uses_rep)
-        main_l, main_u = out.main[:b].float(), out.main[b:].float()
-        aux_l, aux_u = out.aux[:b].float(), out.aux[b:].float()
-        sup = F.cross_entropy(main_l, y_l, ignore_index=IGNORE) + cfg.aux_weight * F.cross_entropy(
-            aux_l, y_l, ignore_index=IGNORE
-        )
-        if st.rectified:
-            unsup = rectified_loss(
-                main_u,
-                aux_u,
-                y_u,
-                ignore_index=IGNORE,
-                kl_direction=st.rectified_kl_direction,
-                mean_over=st.rectified_mean_over,
-                aux_weight=st.rectified_aux_weight,
-            )
-        else:
-            lam = unsupervised_ce_weight(y_u, st.unsup_weight, IGNORE)
-            if st.loss == "sce":
-                unsup = lam * symmetric_ce(main_u, y_u, st.sce_xi[0], st.sce_xi[1], IGNORE, weight=w_u)
-            else:
-                unsup = lam * masked_ce(main_u, y_u, IGNORE, weight=w_u)
-        loss = sup + unsup
-        if st.contrastive and t_out is not None:
-            pixels = contrastive_pixels(out.rep, t_out[0], t_out[1], y_l, y_u, IGNORE, inside_u)
-            loss = loss + st.lambda_contrastive * self.contrastive(pixels, gen)
-        return loss
-
-    def contrastive(self, pixels: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        st = self.setting.config.selftrain
-        if self.real_contrastive:
-            loss, _ = u2pl_contrastive(
-                **pixels,
-                memory=self.memory,
-                prototypes=self.prototypes,
-                num_anchors=st.contrastive_anchors,
-                num_negatives=st.contrastive_negatives,
-                temperature=st.contrastive_temperature,
-                generator=gen,
-                ignore_index=IGNORE,
-            )
-            return loss
-        # Stand-in with the sizes of u2pl_contrastive's tensors (its nonzero / sampling steps have
-        # data-dependent shapes), held until it returns as its locals are. Only the anchors carry a gradient.
-        feats, probs = pixels["student_feats"], pixels["teacher_probs"].float()
-        p, c = probs.shape
-        rank = class_ranks(probs)
-        negatives = ((rank >= R_L) & (rank < min(R_H, c))).T  # (C, P) bool, as negative_masks returns it
-        del rank  # negative_masks' own
-        n_labeled = p // 2
-        n_unreliable = int((p - n_labeled) * self.setting.config.pseudolabel.alpha_t)
-        rows = n_labeled * NEGATIVES_PER_LABELED + n_unreliable * (min(R_H, c) - R_L)
-        neg_class, neg_pixel = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
-        neg_feats = F.normalize(pixels["teacher_feats"].float(), dim=1).new_empty(rows, feats.shape[1])
-        anchors = torch.randint(0, p, (c, st.contrastive_anchors), generator=gen)
-        anchor_feats = F.normalize(feats[anchors].float(), dim=-1)
-        negative_sim = torch.randn(c, st.contrastive_anchors, st.contrastive_negatives)
-        loss = (anchor_feats.sum(-1, keepdim=True) + negative_sim).logsumexp(-1).mean()
-        del negatives, neg_class, neg_pixel, neg_feats  # (kept alive up to here)
+    def selftrain_loss(self, step: int) -> torch.Tensor:
+        loss, _ = self.objective(self.selftrain_batch(), step)
         return loss
 
     def step(self, step: int) -> None:
@@ -435,7 +446,10 @@ def measure(
     ``tracker=False`` (real tensors only) measures with the CPU allocator's events instead of MemTracker.
     """
     t0 = time.perf_counter()
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+    with (
+        FakeTensorMode() if fake else contextlib.nullcontext(),
+        LogScalarsAreZero() if fake else contextlib.nullcontext(),
+    ):
         torch.manual_seed(0)
         trainee = Trainee(setting, stage, batch, amp, real_contrastive=not fake)
         if tracker:
