@@ -73,10 +73,10 @@ fragmentation (+10-20 %), NCCL buffers, torch.compile, validation passes.
 
 ``--validate`` checks the estimator on small settings (resnet18 OS16, crop 64 and 128, 19 classes, batch 4)
 against the same step on real CPU tensors, measured twice: by MemTracker (shows what fake mode
-changes: nothing for pretrain, up to 0.1 MiB; the selftrain stand-in, below) and by the CPU allocator's own allocation / free events
-from torch.profiler (independent of MemTracker). Its selftrain row runs the real u2pl_contrastive on
-real tensors; with random weights no class has anchors (p > 0.3) there, while the stand-in assumes
-all C classes do (C x M x D x 8 bytes: ~9 MiB at that size, negligible at the recipes' sizes).
+changes: nothing for pretrain, up to 0.1 MiB; the selftrain stand-in, below) and by the CPU allocator's
+own allocation / free events from torch.profiler (independent of MemTracker). Its selftrain row runs the
+real u2pl_contrastive on real tensors; with random weights no class has anchors (p > 0.3) there, while
+the stand-in assumes all C classes do (C x M x D x 8 bytes: ~9 MiB at that size, negligible at the recipes' sizes).
 
     python benchmarks/gpu_memory.py [--recipes demo stages/voc_semi_1464.yaml ...] [--batch N ...]
                                     [--precision fp32 bf16]
