@@ -40,9 +40,31 @@ def test_output_stride_sets_the_high_level_resolution(stride, expected):
 
 
 def test_batch_of_one_trains():
-    model = build_model(3, "resnet18", 16, (1, 2, 3)).train()
-    out = model(torch.randn(1, 3, 32, 32))
-    (out.main.mean() + out.aux.mean() + out.rep.mean()).backward()
+    """A batch of one image (a last batch, one rank's share) trains: no BatchNorm error on the 1 x 1 image-pooling
+    branch, a finite gradient that reaches all three heads, and an SGD step that lowers the loss on that image."""
+    torch.manual_seed(0)
+    model = build_model(3, "resnet18", 16, (1, 2, 3), rep_dim=8).train()
+    x, y = torch.randn(1, 3, 32, 32), torch.randint(0, 3, (1, 32, 32))
+
+    def loss_of() -> torch.Tensor:
+        torch.manual_seed(1)  # the same dropout mask in both forwards (train mode: the image's own statistics)
+        out = model(x)
+        ce = torch.nn.functional.cross_entropy
+        return ce(out.main, y) + 0.4 * ce(out.aux, y) + out.rep.pow(2).mean()
+
+    loss = loss_of()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for head in (model.classifier, model.aux_classifier, model.representation):
+        grads = [p.grad for p in head.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+    before = model.classifier.weight.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert not torch.equal(model.classifier.weight, before)
+    with torch.no_grad():
+        after = loss_of()
+    assert float(after) < float(loss.detach())
 
 
 def test_parameter_groups_split_backbone_from_heads():
