@@ -17,8 +17,6 @@ from labelpipe.store.atomic import atomic_write_json, atomic_write_text, sha256_
 from labelpipe.store.manifest import StageDir
 
 if TYPE_CHECKING:  # torch, the models and checkpoints load lazily: pseudolabel's path never imports torch
-    import torch
-
     from labelpipe.models import DeepLabV3Plus
     from labelpipe.runtime import Runtime
 
@@ -207,13 +205,3 @@ def class_prior(ctx: StageContext, split: str) -> np.ndarray:
     if ctx.runtime.is_main:
         atomic_write_json(cache, stored)
     return prior
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op on CPU."""
-    import torch
-
-    if device.type != "cuda" or not enabled:
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)

@@ -29,8 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from labelpipe.config import TrainConfig
 from labelpipe.errors import Interrupted, LabelpipeError
-from labelpipe.runtime import Runtime, all_gather_objects, all_reduce_sum, unwrap
-from labelpipe.stages.common import autocast
+from labelpipe.runtime import Runtime, all_gather_objects, all_reduce_sum, autocast, unwrap
 from labelpipe.store.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
