@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from labelpipe.config import resolve_config
+from labelpipe.context import class_prior, load_trained_model, open_context
 from labelpipe.data.dataset import SegmentationDataset, collate
+from labelpipe.inference.measure import measure, summarize
 from labelpipe.runtime import setup
-from labelpipe.stages.common import class_prior, load_trained_model, open_context
-from labelpipe.stages.evaluate import measure, summarize
 
 
 @torch.no_grad()

@@ -12,17 +12,17 @@ gradient hook on every parameter of a module it sees run, which torch refuses wi
 The fake tensors live on the CPU: fake CUDA tensors build, but autograd's backward asks the (absent)
 CUDA driver for a device context and fails. Consequences: MemTracker's 512-byte CUDA rounding is not
 applied (negligible), and bf16 runs under ``torch.autocast("cpu", torch.bfloat16)``, not CUDA
-autocast as labelpipe does on a GPU (labelpipe/stages/common.py). The two autocast op lists differ
+autocast as labelpipe does on a GPU (labelpipe/context.py). The two autocast op lists differ
 slightly (e.g. CUDA runs softmax in fp32, CPU in bf16); for this model's ops (conv, batch norm, relu,
 pooling, interpolate, cat, cross-entropy) the output dtypes agree. channels_last (used on CUDA) is
 left out: same bytes.
 
-One step, as labelpipe's training loop runs it (labelpipe/stages/training.py ``train``): the
+One step, as labelpipe's training loop runs it (labelpipe/training/loop.py ``train``): the
 objective under autocast, then ``zero_grad(set_to_none=True)``, ``backward``, ``optimizer.step``
 (and the EMA teacher's update). A warm-up step runs first, untracked, so the measured step is a
 steady-state one: the previous step's gradients are still allocated during the forward (zero_grad
 comes after the objective) and the optimizer state exists. The optimizer is the recipe's
-(labelpipe.stages.training.build_optimizer: SGD with momentum or AdamW, two parameter groups) with
+(labelpipe.training.loop.build_optimizer: SGD with momentum or AdamW, two parameter groups) with
 ``foreach=True``, the implementation torch picks for CUDA tensors (its list-wide temporaries, e.g. a
 full copy of the gradients for SGD's weight decay, count at the optimizer step).
 
@@ -65,7 +65,7 @@ copies, loss tensors, backward / optimizer temporaries) = total peak - the two s
 MemTracker's module hooks would keep the outputs of a module that no loss reads alive until the step
 ends (labelpipe frees them when the objective returns); no such module runs here: the
 representation head runs only where a loss reads it (``with_rep``) and is frozen otherwise, as in
-labelpipe.stages.pretrain.for_training.
+labelpipe.training.setup.for_training.
 
 Not included (printed with the table): the CUDA context (~0.5 GiB per process), cuDNN / cuBLAS
 workspaces (algorithm-dependent, larger with cudnn.benchmark), the caching allocator's rounding and
@@ -102,8 +102,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from labelpipe.config import DataConfig, RunConfig, resolve_config
 from labelpipe.losses import MemoryBank, PrototypeBank, class_ranks
 from labelpipe.models import build_model
-from labelpipe.stages.training import build_optimizer
 from labelpipe.teacher import EMATeacher
+from labelpipe.training.loop import build_optimizer
 from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
 from labelpipe.training.terms import Contrastive, StepTensors, TermSetup
 
@@ -311,7 +311,7 @@ class Trainee:
             return build_model(s.num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim)
 
         self.student = build().train()
-        # labelpipe.stages.pretrain.for_training freezes the representation head unless a loss reads it.
+        # labelpipe.training.setup.for_training freezes the representation head unless a loss reads it.
         self.student.representation.requires_grad_(self.uses_rep)
         self.optimizer = build_optimizer(self.student, s.config.train)
         for group in self.optimizer.param_groups:

@@ -47,7 +47,7 @@ from labelpipe.config import RunConfig
 from labelpipe.losses import denoise_pseudo_labels
 from labelpipe.models import build_model
 from labelpipe.pseudo import entropy_split_torch
-from labelpipe.stages.training import build_optimizer
+from labelpipe.training.loop import build_optimizer
 from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels, pixel_entropy
 from labelpipe.training.terms import LOSS_TERMS, Contrastive, StepTensors
 
@@ -161,7 +161,7 @@ class Bench:
     unlabeled: dict
 
     def run(self, index: int) -> None:
-        """The training loop's step: objective, zero_grad, backward, SGD, EMA (labelpipe.stages.training)."""
+        """The training loop's step: objective, zero_grad, backward, SGD, EMA (labelpipe.training.loop)."""
         loss, _ = self.step((self.labeled, self.unlabeled), index)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -50,7 +50,7 @@ def labelpipe_attr(name: str, *modules: str):
 def training_attr(name: str):
     """A training-loop helper (train, TrainJob, for_training, wrap_ddp, step_loader), in labelpipe.stages
     today, in a labelpipe.training package (any of its modules) after the move."""
-    modules = ["labelpipe.training", "labelpipe.stages.training", "labelpipe.stages.pretrain"]
+    modules = ["labelpipe.training", "labelpipe.training.loop", "labelpipe.stages.pretrain"]
     try:
         package = importlib.import_module("labelpipe.training")
         modules += [info.name for info in pkgutil.walk_packages(package.__path__, "labelpipe.training.")]
@@ -121,7 +121,7 @@ def run_training_loop(tmp_path: Path, steps: int = 6, **cfg_overrides) -> tuple[
 
 
 def test_autocast_picks_bf16_where_supported_fp16_otherwise(monkeypatch):
-    autocast = labelpipe_attr("autocast", "labelpipe.stages.common", "labelpipe.training", "labelpipe.runtime")
+    autocast = labelpipe_attr("autocast", "labelpipe.context", "labelpipe.training", "labelpipe.runtime")
     device = torch.device("cuda")
     a = torch.randn(8, 8, device=device)
     with autocast(device, enabled=False):
@@ -198,10 +198,10 @@ def test_setup_turns_cudnn_benchmark_on():
 
 def test_loader_workers_deliver_the_in_process_batches_in_pinned_memory(data_cache, tmp_path):
     from labelpipe.config import resolve_config
+    from labelpipe.context import open_context
     from labelpipe.data.dataset import SegmentationDataset
     from labelpipe.data.transforms import weak_transform
     from labelpipe.runtime import Runtime
-    from labelpipe.stages.common import open_context
 
     step_loader = training_attr("step_loader")
     config = resolve_config(None, recipe=TINY_RECIPE)

@@ -89,6 +89,7 @@ def worker(out_dir: Path, run_dir: Path) -> None:
     import torch.nn.functional as F
 
     import labelpipe.stages.pretrain as pretrain
+    import labelpipe.training.setup as training_setup
     from labelpipe.config import resolve_config
     from labelpipe.models import build_model
     from labelpipe.runtime import all_gather_rows, setup
@@ -121,7 +122,7 @@ def worker(out_dir: Path, run_dir: Path) -> None:
     reference = build_model(5, "resnet18", 16, (1, 2, 3), 16).eval()
     reference.load_state_dict(model.state_dict())
     model.representation.requires_grad_(False)
-    sgd_step(pretrain.wrap_ddp(model, rt, sync_bn=False), model.parameters(), *batch(r))
+    sgd_step(training_setup.wrap_ddp(model, rt, sync_bn=False), model.parameters(), *batch(r))
     (x0, y0), (x1, y1) = batch(0), batch(1)
     sgd_step(reference, reference.parameters(), torch.cat([x0, x1]), torch.cat([y0, y1]))
     result["ddp_step_error"] = max(

@@ -456,8 +456,8 @@ def test_class_prior_key_depends_on_root_and_mask_bytes(labeled_run, tiny_root, 
     import torch
 
     from labelpipe.config import resolve_config
+    from labelpipe.context import open_context, prior_cache_key
     from labelpipe.runtime import Runtime
-    from labelpipe.stages.common import open_context, prior_cache_key
 
     def key(root: Path) -> str:
         cfg = resolve_config(labeled_run, overrides={"data": {"root": str(root)}})
@@ -473,7 +473,7 @@ def test_class_prior_key_depends_on_root_and_mask_bytes(labeled_run, tiny_root, 
 
 
 def test_evaluate_never_picks_an_unfinished_round(run, capsys):
-    from labelpipe.stages.common import latest_model_name
+    from labelpipe.context import latest_model_name
 
     round_dir = run / "selftrain" / "round-1" / "train"
     round_dir.mkdir(parents=True)

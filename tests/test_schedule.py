@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from labelpipe.config import TrainConfig
-from labelpipe.stages.training import lr_factor, poly_schedule
+from labelpipe.training.loop import lr_factor, poly_schedule
 
 
 def test_poly_without_warmup_matches_the_formula():

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from labelpipe.context import checked_model_path, latest_model_name, model_path
 from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from labelpipe.errors import LabelpipeError
 from labelpipe.models import build_model
 from labelpipe.runtime import select_device
-from labelpipe.stages.common import checked_model_path, latest_model_name, model_path
 from labelpipe.store.atomic import atomic_path, atomic_write_json
 from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
 

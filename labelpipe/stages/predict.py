@@ -20,12 +20,12 @@ import torch
 from labelpipe import __version__
 from labelpipe.calibration import fit_temperature
 from labelpipe.config import RunConfig
+from labelpipe.context import StageContext, load_trained_model, open_context, write_config
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import item_seed
 from labelpipe.errors import LabelpipeError, disk_full_error, is_disk_full
+from labelpipe.inference.loop import iterate_predictions
 from labelpipe.runtime import Runtime, all_gather_rows, barrier
-from labelpipe.stages.common import StageContext, load_trained_model, open_context, write_config
-from labelpipe.stages.inference_loop import iterate_predictions
 from labelpipe.store.atomic import sha256_file, sha256_json
 from labelpipe.store.columns import columns_to_numpy as _to_numpy
 from labelpipe.store.columns import pixel_columns

@@ -635,7 +635,7 @@ def _store_hash(store_path: Path, run_dir: Path) -> str:
 
 def _check_store_model(run_dir: Path, store_path: Path, attrs: dict) -> None:
     """A store must come from the run's current model of its name (a re-pretrain makes it stale)."""
-    from labelpipe.stages.common import checked_model_path
+    from labelpipe.context import checked_model_path
 
     name, made_by = attrs.get("model"), attrs.get("model_sha256")
     if not isinstance(name, str) or not made_by:
@@ -701,7 +701,7 @@ def _pseudolabel(
     ``RUN/pseudolabel/METHOD`` (or ``out_dir``). ``runtime``: anything with ``rank``, ``world`` and
     ``is_main`` (a ``labelpipe.runtime.Runtime`` or :class:`Ranks`). With ``sharded`` every rank labels
     its share of the images (the CLI under torchrun); otherwise rank 0 does it all (``selftrain``)."""
-    from labelpipe.stages import common
+    from labelpipe import context as common
 
     ranks = Ranks(runtime.rank, runtime.world) if sharded else Ranks()
     ctx = common.open_context(config, run_dir, runtime)

@@ -29,9 +29,9 @@ from typing import Any
 
 from labelpipe import __version__
 from labelpipe.errors import LabelpipeError
-from labelpipe.stages.curves import round_history
 from labelpipe.stages.status import collect
 from labelpipe.store.atomic import atomic_write_text
+from labelpipe.training.curves import round_history
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;

@@ -21,12 +21,7 @@ import h5py
 import numpy as np
 
 from labelpipe.config import RunConfig
-from labelpipe.data.base import preflight
-from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
-from labelpipe.data.transforms import strong_photometric, weak_transform
-from labelpipe.errors import Interrupted, LabelpipeError
-from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
-from labelpipe.stages.common import (
+from labelpipe.context import (
     StageContext,
     checked_model_path,
     class_prior,
@@ -34,17 +29,22 @@ from labelpipe.stages.common import (
     open_context,
     write_config,
 )
-from labelpipe.stages.curves import round_history
+from labelpipe.data.base import preflight
+from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
+from labelpipe.data.transforms import strong_photometric, weak_transform
+from labelpipe.errors import Interrupted, LabelpipeError
+from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.predict import run_predict
-from labelpipe.stages.pretrain import for_training, make_validator, model_metadata, step_loader
 from labelpipe.stages.pseudolabel import run_pseudolabel
-from labelpipe.stages.training import TrainJob, train
 from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
 from labelpipe.store.checkpoint import load_model_weights, save_model
 from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
 from labelpipe.store.prediction_store import escape_id
+from labelpipe.training.curves import round_history
+from labelpipe.training.loop import TrainJob, train
 from labelpipe.training.selftrain_step import SelftrainStep
+from labelpipe.training.setup import for_training, make_validator, model_metadata, step_loader
 
 
 class LabelStoreReader:
@@ -130,7 +130,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         out.begin("selftrain-train", fingerprint, inputs)
 
     seed_everything(config.seed + k)
-    from labelpipe.stages.common import model_from_config
+    from labelpipe.context import model_from_config
 
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)

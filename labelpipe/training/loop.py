@@ -144,7 +144,7 @@ def _sync_buffers(module: torch.nn.Module, rt: Runtime) -> None:
 def _refresh_curves(job: TrainJob) -> None:
     """Redraw ``curves.png`` from ``log.jsonl`` (rank 0). A figure that cannot be drawn must not stop
     a training run: it is reported and the run goes on."""
-    from labelpipe.stages.curves import write_curves
+    from labelpipe.training.curves import write_curves
 
     try:
         write_curves(job.stage_dir, job.curve_rounds() if job.curve_rounds else None, job.description)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from labelpipe.config import TrainConfig
 from labelpipe.runtime import Runtime
-from labelpipe.stages.curves import round_history
-from labelpipe.stages.training import TrainJob, train
+from labelpipe.training.curves import round_history
+from labelpipe.training.loop import TrainJob, train
 
 
 class Quadratic(torch.nn.Module):

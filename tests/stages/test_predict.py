@@ -43,8 +43,8 @@ def copy_run(pretrained_run: Path, dst: Path) -> Path:
 def model_and_samples(run: Path):
     """The run's model, its data set and the unlabeled samples, opened as the stage opens them."""
     from labelpipe.config import resolve_config
+    from labelpipe.context import load_trained_model, open_context
     from labelpipe.runtime import Runtime
-    from labelpipe.stages.common import load_trained_model, open_context
 
     ctx = open_context(resolve_config(run, TINY_RECIPE), run, Runtime(device=torch.device("cpu")))
     _, model, _ = load_trained_model(ctx, None)
@@ -104,7 +104,7 @@ def test_store_holds_every_unlabeled_image_with_the_documented_columns(predicted
 
 
 def test_columns_agree_with_the_models_logits(predicted):
-    from labelpipe.stages.inference_loop import iterate_predictions
+    from labelpipe.inference.loop import iterate_predictions
 
     ctx, model, samples = model_and_samples(predicted)
     with PredictionStore(predicted / "predict" / "predictions.h5") as store:
@@ -145,7 +145,7 @@ def test_temperature_auto_records_the_fit_and_uses_it(calibrated_topk):
     t = summary["temperature"]
     assert t != 1.0
     ctx, model, samples = model_and_samples(calibrated_topk)
-    from labelpipe.stages.inference_loop import iterate_predictions
+    from labelpipe.inference.loop import iterate_predictions
 
     batch = next(
         iterate_predictions(model, ctx.source, samples[:1], torch.device("cpu"), ctx.config.train.crop_size, 1)
