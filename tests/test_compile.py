@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -19,6 +20,7 @@ def test_unwrap_peels_compile_and_data_parallel():
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in unwrap(compiled).state_dict())
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_weights(data_cache, tmp_path):
     run = tmp_path / "run"
     common = ["--config", str(TINY_RECIPE), "--run", str(run), "--device", "cpu"]

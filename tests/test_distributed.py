@@ -162,6 +162,7 @@ def test_rank_shares_partition_every_global_batch_across_epochs():
     assert first != second  # ...of its own seed
 
 
+@pytest.mark.slow
 def test_ddp_ranks_gather_uneven_rows_average_gradients_and_end_with_the_same_weights(data_cache, tmp_path):
     from safetensors.torch import load_file
 
@@ -188,6 +189,7 @@ def test_ddp_ranks_gather_uneven_rows_average_gradients_and_end_with_the_same_we
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_ranks_gives_the_one_process_confusion_matrix(pretrained_run, data_cache, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)
@@ -206,6 +208,7 @@ def test_evaluate_on_two_ranks_gives_the_one_process_confusion_matrix(pretrained
     assert double["ece"] == pytest.approx(single["ece"], abs=1e-9)  # float sums in another order
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_ranks_resumes_after_sigkill(data_cache, tmp_path):
     run = tmp_path / "run"
     args = tiny("pretrain", run, "--steps", "20", "--set", "train.val_every=1000")
@@ -240,6 +243,7 @@ def test_pretrain_on_two_ranks_resumes_after_sigkill(data_cache, tmp_path):
     assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
+@pytest.mark.slow
 def test_predict_on_two_ranks_joins_shards_into_the_one_process_store(pretrained_run, data_cache, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)
@@ -270,6 +274,7 @@ if __name__ == "__main__":
     worker(*(Path(a) for a in sys.argv[1:] if a != "--"))
 
 
+@pytest.mark.slow
 def test_selftrain_on_two_ranks_with_every_loss(pretrained_run, data_cache, tmp_path):
     """A round under DDP with the contrastive (memory bank fed from both ranks), rectified and denoising
     terms, and one without the representation head (frozen): DDP runs without searching for unused
@@ -303,6 +308,7 @@ def test_selftrain_on_two_ranks_with_every_loss(pretrained_run, data_cache, tmp_
     assert (run / "selftrain" / "round-1" / "train" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_temperature_fit_on_two_ranks_equals_one_process(pretrained_run, data_cache, tmp_path):
     """--temperature auto: each rank infers half of the val images, the sampled pixels are gathered in image
     order, and both ranks fit the T of one process."""

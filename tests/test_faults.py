@@ -744,6 +744,7 @@ def test_status_of_a_live_stage_stays_running(run):
 # ------------------------------------------------------------------------------------ I. Ctrl-C (SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_130(pretrained_run, tmp_path):
     import signal
     import time

@@ -27,6 +27,7 @@ def _mount_tmpfs(where: Path, kib: int) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)]).returncode == 0
 
 
+@pytest.mark.slow
 def test_predict_on_a_full_tmpfs_ends_in_one_line_and_resumes(pretrained_run, tmp_path):
     mount = tmp_path / "small"
     # Room for the run (model, checkpoint, ...) plus ~300 KiB: the 776 KiB store of 160 images does not fit.

@@ -59,6 +59,7 @@ def test_export_via_cli_honours_out(run_copy, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_in_onnxruntime(run_copy):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import TINY_RECIPE, run_cli
 
 
+@pytest.mark.slow
 def test_run_recipe_prints_before_and_after(data_cache, tmp_path, capsys):
     run = tmp_path / "run"
     args = [

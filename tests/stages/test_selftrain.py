@@ -25,6 +25,7 @@ def run(pretrained_run, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_two_rounds_end_to_end(run, capsys):
     assert (
         run_cli(
@@ -193,6 +194,7 @@ def test_cutmix_mixes_every_target_at_its_own_resolution():
         assert torch.equal(mixed_rep[:, k], small[:, 0])
 
 
+@pytest.mark.slow
 def test_denoising_alone_keeps_its_prototypes(run):
     """Without the contrastive loss (which otherwise updates them) denoising still folds the teacher's
     features into the prototypes, rather than comparing against prototypes never seen."""

@@ -126,6 +126,7 @@ def test_a_registered_toy_term_changes_the_loss_and_its_gradient(toy_term):
     assert rep_grads and any(float(g.abs().sum()) > 0 for g in rep_grads)
 
 
+@pytest.mark.slow
 def test_a_toy_term_trains_a_real_round(toy_term, pretrained_run, tmp_path):
     """The stage runs a round whose objective includes the test's term (in-process: the registry is ours)."""
     import json
