@@ -133,7 +133,7 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
     path = checked_model_path(ctx.run_dir, name)
     import torch
 
-    from labelpipe.models import build_model
+    from labelpipe.models import build_model_from_metadata
     from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
 
     meta = read_model_metadata(path)
@@ -144,15 +144,7 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
         )
     model = model_from_config(ctx.config, ctx.source.num_classes, with_backbone_weights=False)
     if "model" in meta:  # the architecture the weights were trained with wins over the current config
-        m = meta["model"]
-        model = build_model(
-            ctx.source.num_classes,
-            m["backbone"],
-            m["output_stride"],
-            tuple(m["aspp_rates"]),
-            m["rep_dim"],
-            scale=m.get("scale"),  # absent in models trained before scales existed: DeepLabv3+
-        )
+        model = build_model_from_metadata(ctx.source.num_classes, meta["model"])
     load_model_weights(path, model)
     model.to(ctx.runtime.device).eval()
     if ctx.runtime.device.type == "cuda":

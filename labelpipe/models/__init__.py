@@ -20,6 +20,7 @@ __all__ = [
     "SegmentationModel",
     "SegmentationOutput",
     "build_model",
+    "build_model_from_metadata",
 ]
 
 
@@ -53,3 +54,18 @@ def build_model(
     if path is not None:
         load_backbone_weights(model.backbone, path)
     return model
+
+
+def build_model_from_metadata(num_classes: int, spec: dict) -> SegmentationModel:
+    """The architecture a saved model was trained with, from its metadata's ``model`` section (no weights).
+
+    Models saved before scales existed have no ``scale``: they are DeepLabv3+.
+    """
+    return build_model(
+        num_classes,
+        spec["backbone"],
+        spec["output_stride"],
+        tuple(spec["aspp_rates"]),
+        spec["rep_dim"],
+        scale=spec.get("scale"),
+    )

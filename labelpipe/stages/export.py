@@ -24,7 +24,7 @@ from torch import nn
 from labelpipe.context import checked_model_path, latest_model_name, model_path
 from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from labelpipe.errors import LabelpipeError
-from labelpipe.models import build_model
+from labelpipe.models import build_model_from_metadata
 from labelpipe.runtime import select_device
 from labelpipe.store.atomic import atomic_path, atomic_write_json
 from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
@@ -54,15 +54,7 @@ def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dic
     meta = read_model_metadata(path)
     if "model" not in meta or "num_classes" not in meta:
         raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
-    m = meta["model"]
-    model = build_model(
-        meta["num_classes"],
-        m["backbone"],
-        m["output_stride"],
-        tuple(m["aspp_rates"]),
-        m["rep_dim"],
-        scale=m.get("scale"),  # absent in models trained before scales existed: DeepLabv3+
-    )
+    model = build_model_from_metadata(meta["num_classes"], meta["model"])
     load_model_weights(path, model)
     return name, model.eval(), meta
 
