@@ -45,6 +45,7 @@ def test_every_help_ends_with_an_example(name, capsys):
     assert example > out.rfind("Show this message and exit"), out[-400:]
 
 
+@pytest.mark.slow
 def test_status_and_export_take_the_run_as_argument_or_option(pretrained_run, tmp_path, capsys):
     assert run_cli(["status", "--run", str(pretrained_run)]) == 0
     assert "pretrain" in capsys.readouterr().out

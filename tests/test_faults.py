@@ -273,6 +273,7 @@ def test_damaged_model_is_named_with_the_command_that_rebuilds_it(run, capsys, d
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_middle], ids=["truncated", "swapped"])
+@pytest.mark.slow
 def test_pretrain_is_not_up_to_date_with_a_damaged_model(run, capsys, damage):
     model = run / "pretrain" / "model.safetensors"
     good = sha256_file(model)
@@ -283,6 +284,7 @@ def test_pretrain_is_not_up_to_date_with_a_damaged_model(run, capsys, damage):
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_middle], ids=["truncated", "swapped"])
+@pytest.mark.slow
 def test_damaged_store_is_repredicted_not_up_to_date(run, capsys, damage):
     store = run / "predict" / "predictions.h5"
     damage(store)
@@ -303,6 +305,7 @@ def test_pseudolabel_refuses_a_damaged_store(run, capsys, damage):
 
 
 @pytest.mark.parametrize("damage", [truncate, flip_middle], ids=["truncated", "swapped"])
+@pytest.mark.slow
 def test_damaged_labels_are_relabeled_not_up_to_date(run, capsys, damage):
     labels = run / "pseudolabel" / "dars" / "labels.h5"
     damage(labels)
@@ -335,6 +338,7 @@ def test_pseudolabel_refuses_a_store_of_an_earlier_model(run, capsys):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_predict_redoes_a_store_of_an_earlier_model(run, capsys):
     _repretrain(run)
     code, out, _ = cli(args_for("predict", run), capsys)
@@ -407,6 +411,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "selftrain/round-1/train"])
+@pytest.mark.slow
 def test_planted_pickle_in_a_checkpoint_never_runs_on_resume(run, tmp_path, capsys, stage):
     import torch
 
@@ -429,6 +434,7 @@ def test_planted_pickle_in_a_checkpoint_never_runs_on_resume(run, tmp_path, caps
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_corrupt_manifest_means_not_up_to_date(run, capsys):
     (run / "pretrain" / "manifest.json").write_text('{"status": "do')
     code, out, _ = cli(args_for("pretrain", run), capsys)
@@ -436,6 +442,7 @@ def test_corrupt_manifest_means_not_up_to_date(run, capsys):
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_corrupt_class_prior_cache_is_rebuilt(run, capsys):
     cache = run / "class_prior.json"
     cache.write_text("{not json")
@@ -548,6 +555,7 @@ def test_read_only_run_says_so_when_a_stage_must_write(read_only_run, capsys, ar
 # ------------------------------------------------------------------------------- E. disk full (ENOSPC)
 
 
+@pytest.mark.slow
 def test_disk_full_in_predict_keeps_complete_parts_and_resumes(run, capsys, monkeypatch):
     from labelpipe.store.prediction_store import PredictionStore
 
@@ -581,6 +589,7 @@ def test_disk_full_in_predict_keeps_complete_parts_and_resumes(run, capsys, monk
         ("evaluate", "*.png", ".png"),
     ],
 )
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_what_was_done(run, capsys, monkeypatch, command, pattern, needle):
     monkeypatch.setenv(INJECT_ENOSPC, pattern)
     force = ["--force"] if command in WITH_FORCE else []
@@ -598,6 +607,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_done(run, capsys, monkeypatch,
 
 
 @pytest.mark.parametrize("lr", ["1e10", "inf"])
+@pytest.mark.slow
 def test_diverging_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(run, capsys, lr):
     import torch
 
@@ -710,6 +720,7 @@ def test_lock_of_a_dead_process_is_taken_over(run, capsys):
     assert not lock_path(run, "pretrain").exists()
 
 
+@pytest.mark.slow
 def test_killed_stage_shows_interrupted_and_its_temporaries_are_swept(run, capsys):
     from labelpipe.stages.status import collect
 

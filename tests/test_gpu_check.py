@@ -32,6 +32,7 @@ def no_cuda_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.mark.slow
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

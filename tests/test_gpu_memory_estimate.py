@@ -32,6 +32,7 @@ def test_fake_estimate_equals_the_real_step(gm):
     assert abs(fake.peak / allocator.peak - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_selftrain_state_holds_teacher_bank_and_ddp_buckets(gm):
     setting = gm.small_setting("selftrain")
     one = gm.measure(setting, "selftrain", 2, amp=True)

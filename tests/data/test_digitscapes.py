@@ -78,6 +78,7 @@ def _digit_presence(source, split: str) -> np.ndarray:
     return counts
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tiny_root: Path, tmp_path: Path) -> None:
     again = build_digitscapes(tmp_path / "again", seed=0, size="tiny")
     other = build_digitscapes(tmp_path / "other", seed=1, size="tiny")
@@ -211,6 +212,7 @@ def test_rebuilding_with_other_parameters_is_refused(tiny_root: Path) -> None:
         build_digitscapes(tiny_root, seed=0, size="tiny", blend="diff")
 
 
+@pytest.mark.slow
 def test_a_foreign_non_empty_root_is_refused_and_an_empty_one_is_used(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -232,6 +234,7 @@ def test_unknown_size_or_blend_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_montage_png_is_written(tiny_root: Path, tmp_path: Path) -> None:
     source = load_folder_dataset(tiny_root)
     out = write_montage(source, "target_train", tmp_path / "sheet" / "montage.png", n=6, seed=1)
@@ -241,6 +244,7 @@ def test_montage_png_is_written(tiny_root: Path, tmp_path: Path) -> None:
         assert image.width > 200 and image.height > 100
 
 
+@pytest.mark.slow
 def test_targets_are_format_1_pixel_for_pixel_and_smooth_is_format_1s_source(tiny_root: Path, tmp_path: Path) -> None:
     for split in ("target_train", "target_val", "target_test"):
         assert _pixel_digest(tiny_root, split) == FORMAT_1_PIXEL_DIGESTS[split], split
@@ -293,6 +297,7 @@ def test_distractor_strokes_are_drawn_only_away_from_digits() -> None:
     assert 20 * 50 < drawn_pixels < 20 * 4 * 400
 
 
+@pytest.mark.slow
 def test_an_older_format_build_is_refused_with_its_format_named(tmp_path: Path) -> None:
     root = build_digitscapes(tmp_path / "old", seed=0, size="tiny")
     marker = json.loads((root / ".complete").read_text())

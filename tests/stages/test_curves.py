@@ -31,6 +31,7 @@ def content(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), np.float32)
 
 
+@pytest.mark.slow
 def test_curves_are_redrawn_at_each_validation_and_at_the_end(tmp_path):
     model = Quadratic()
     curves = tmp_path / "curves.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from labelpipe.inference import predict_logits
@@ -12,6 +13,7 @@ from labelpipe.models import build_model
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_plots(pretrained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)
@@ -27,6 +29,7 @@ def test_evaluate_writes_metrics_and_plots(pretrained_run, tmp_path, capsys):
     assert "mIoU" in printed and "digit-9" in printed
 
 
+@pytest.mark.slow
 def test_evaluate_other_split_and_unknown_model(pretrained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)

@@ -27,6 +27,7 @@ def reference_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated in torch 2.9+
+@pytest.mark.slow
 def test_torchscript_export_loads_and_matches_pytorch(run_copy):
     path = run_export(run_copy, "torchscript", None, None, "cpu")
     assert path == run_copy / "export" / "pretrain.pt"
@@ -47,6 +48,7 @@ def test_torchscript_export_loads_and_matches_pytorch(run_copy):
     assert 0.0 <= info["check"]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_via_cli_honours_out(run_copy, tmp_path, capsys):
     from labelpipe.cli import main
 

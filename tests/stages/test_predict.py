@@ -136,6 +136,7 @@ def calibrated_topk(pretrained_run, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_temperature_auto_records_the_fit_and_uses_it(calibrated_topk):
     manifest = json.loads((calibrated_topk / "predict" / "manifest.json").read_text())
     summary = manifest["summary"]
@@ -159,6 +160,7 @@ def test_temperature_auto_records_the_fit_and_uses_it(calibrated_topk):
         np.testing.assert_allclose(stored["entropy"].astype(np.float64), expected["entropy"], rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_topk_adds_sorted_probabilities_and_classes(calibrated_topk):
     with PredictionStore(calibrated_topk / "predict" / "predictions.h5", require=("topk_prob", "topk_class")) as store:
         assert store.columns[-2:] == ["topk_prob", "topk_class"]

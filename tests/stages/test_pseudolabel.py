@@ -258,6 +258,7 @@ def test_stage_labels_equal_the_in_memory_generator_on_the_predicted_store(predi
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_stage_labels_equal_the_in_memory_generator_on_many_classes(synthetic, method, no_png_rendering):
     report = check_stage_equals_in_memory(synthetic, method, tau=0.9)
     if method in ("cbst", "dars"):
@@ -268,6 +269,7 @@ def test_stage_labels_equal_the_in_memory_generator_on_many_classes(synthetic, m
         assert any(0 < s < 1 for s in sampling), "the ties at 1.0 should make DARS sample"
 
 
+@pytest.mark.slow
 def test_plots_are_rendered(predicted):
     out = pseudolabel(predicted, "dars", "--force")
     for name in PLOTS:
@@ -275,6 +277,7 @@ def test_plots_are_rendered(predicted):
             assert im.size[0] > 100 and im.size[1] > 100, name
 
 
+@pytest.mark.slow
 def test_dars_is_reproducible_by_seed(synthetic, no_png_rendering):
     def dars_labels(seed: int) -> np.ndarray:
         out = pseudolabel(synthetic, "dars", "--force", seed=seed)
@@ -287,6 +290,7 @@ def test_dars_is_reproducible_by_seed(synthetic, no_png_rendering):
     assert abs(int(np.sum(first != 255)) - int(np.sum(other != 255))) < 0.05 * np.sum(first != 255)
 
 
+@pytest.mark.slow
 def test_png_export_writes_palette_images_and_a_list(synthetic, no_png_rendering):
     out = pseudolabel(synthetic, "cbst", "--export", "png")
     source, roles = open_data(synthetic)

@@ -45,6 +45,7 @@ def expected_labels(run: Path, image: Path) -> np.ndarray:
     return main[0].argmax(0).numpy().astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_segment_writes_masks_overlays_and_maps_and_skips_a_broken_file(pretrained_run, photos, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["segment", "--run", str(pretrained_run), str(photos), "--out", str(out), "--device", "cpu"]
@@ -77,6 +78,7 @@ def test_masks_carry_the_data_set_palette(pretrained_run, tiny_root, photos, tmp
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch 2.9+
+@pytest.mark.slow
 def test_an_exported_torchscript_model_gives_the_same_masks(pretrained_run, photos, tmp_path):
     from labelpipe.stages.export import run_export
 
