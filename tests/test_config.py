@@ -42,7 +42,17 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 @pytest.mark.parametrize(
     "recipe",
-    ["demo", "tiny", "cityscapes_semi_1_8", "voc_semi_1464", "gta5_to_cityscapes", "synthia_to_cityscapes"],
+    [
+        "demo",
+        "tiny",
+        "cityscapes_semi_1_8",
+        "voc_semi_1464",
+        "gta5_to_cityscapes",
+        "synthia_to_cityscapes",
+        "digitscapes_dars",
+        "digitscapes_u2pl",
+        "digitscapes_rectify",
+    ],
 )
 def test_shipped_recipes_validate(recipe):
     from tests.conftest import REPO

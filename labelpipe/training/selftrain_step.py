@@ -133,7 +133,7 @@ class SelftrainStep:
         setup: TermSetup,
         names: list[str],
         *,
-        alpha_t: tuple[float, float],
+        alpha_t: float,
         seed: int,
         round_index: int,
         total_steps: int,
