@@ -240,6 +240,7 @@ DATA_FAULTS = [
 
 
 @pytest.mark.parametrize(("fault", "command"), DATA_FAULTS)
+@pytest.mark.slow
 def test_broken_data_is_rejected_before_force_removes_anything(run, tiny_copy, capsys, fault, command):
     needle = _break(tiny_copy, fault)
     force = ["--force"] if command in WITH_FORCE else []
@@ -262,6 +263,7 @@ def test_data_check_rejects_ids_outside_the_root(tiny_copy, capsys, entry):
 
 @pytest.mark.parametrize("damage", [truncate, flip_middle], ids=["truncated", "swapped"])
 @pytest.mark.parametrize("command", ["predict", "evaluate", "selftrain", "export"])
+@pytest.mark.slow
 def test_damaged_model_is_named_with_the_command_that_rebuilds_it(run, capsys, damage, command):
     model = run / "pretrain" / "model.safetensors"
     damage(model)
@@ -722,7 +724,7 @@ def test_lock_of_a_dead_process_is_taken_over(run, capsys):
 
 @pytest.mark.slow
 def test_killed_stage_shows_interrupted_and_its_temporaries_are_swept(run, capsys):
-    from labelpipe.stages.status import collect
+    from labelpipe.store.run_summary import collect
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -743,7 +745,7 @@ def test_killed_stage_shows_interrupted_and_its_temporaries_are_swept(run, capsy
 
 
 def test_status_of_a_live_stage_stays_running(run):
-    from labelpipe.stages.status import collect
+    from labelpipe.store.run_summary import collect
 
     manifest = run / "predict" / "manifest.json"
     data = json.loads(manifest.read_text())

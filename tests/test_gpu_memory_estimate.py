@@ -22,6 +22,7 @@ def gm():
     sys.modules.pop("gpu_memory", None)
 
 
+@pytest.mark.slow
 def test_fake_estimate_equals_the_real_step(gm):
     setting = gm.small_setting("pretrain")
     fake = gm.measure(setting, "pretrain", 2, amp=False)

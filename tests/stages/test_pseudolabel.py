@@ -417,6 +417,7 @@ def read_labels(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_byo_labels_do_not_depend_on_the_chunk_size(byo_store, tmp_path, method):
     pixels = BYO_SHAPE[0] * BYO_SHAPE[1]
     # one image a chunk; the default (every image in one chunk); 77 pixels: one-row bands, 1 image in 20 chunks
