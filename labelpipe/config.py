@@ -180,6 +180,8 @@ class SelftrainConfig(Section):
         "contrastive_r_l": 3,
         "contrastive_r_h": 20,
         "contrastive_anchor_threshold": 0.3,
+        "contrastive_anchor_source": "reliable",
+        "contrastive_average": "qualified",
         "sce_log_zero": -4.0,
         "cutmix_p": 0.5,
         "rectified_class_balance": False,
@@ -202,6 +204,12 @@ class SelftrainConfig(Section):
     contrastive_r_l: int = Field(3, ge=1)  # Eq. 26: labeled negatives of c rank c among their top r_l
     contrastive_r_h: int = Field(20, ge=2)  # Eq. 27: unlabeled ones rank c in [r_l, r_h) (clipped to C)
     contrastive_anchor_threshold: float = Field(0.3, ge=0, lt=1)  # anchors need teacher p_c above it
+    # Unlabeled anchors: reliable pixels (the paper), or the lowest alpha_t entropy percentile of the batch
+    # (the authors' low_entropy_mask; alpha_t = pseudolabel.alpha_t on its schedule).
+    contrastive_anchor_source: Literal["reliable", "low_entropy"] = "reliable"
+    # Mean over the classes in the loss (the paper), or the sum over the number of valid classes, those
+    # skipped for lack of anchors or keys included (the authors' code).
+    contrastive_average: Literal["qualified", "all_valid"] = "qualified"
     memory_capacity: int = 30000  # per-class queue of negative keys
     prototype_momentum: float = 0.999  # U2PL+; 0 gives U2PL's batch-mean prototypes
     rectified: bool = False

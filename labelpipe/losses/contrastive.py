@@ -17,6 +17,12 @@ ground truth on labeled pixels and the (denoised) pseudo-label on unlabeled pixe
 - ``loss_c = CE([<a, z+>, <a, z-_1..N>] / tau, target 0)`` with cosine similarities, averaged over
   anchors and classes (Eq. 10).
 
+Authors' forms, as options (paper form the default): ``anchor_source="low_entropy"`` takes the unlabeled
+anchors from the pixels in the lowest ``alpha_t`` entropy percentile of the batch (``train_semi.py``'s
+``low_entropy_mask``) instead of the reliable ones; ``average="all_valid"`` divides the sum of the
+per-class losses by the number of *valid* classes (any anchor-pool pixel of the class, before the
+``p_c`` threshold), counting classes skipped for lack of anchors, keys or prototype.
+
 Unlike the authors' code: one-hot labels cover every image of the batch; the labeled-negative rule
 only asks ``y != c``; the unlabeled-negative rule does not ask for pseudo-label c; and the negatives of
 class c always come from class c's own queue (a class without a queue or prototype is skipped).
@@ -24,7 +30,9 @@ class c always come from class c's own queue (a class without a queue or prototy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -356,6 +364,38 @@ def anchor_masks(
     return ((target[:, None] == classes[None, :]) & (probs > threshold)).T
 
 
+def percentile_linear(values: Tensor, q: float) -> Tensor:
+    """``numpy.percentile(values, 100 q)`` (linear interpolation) of a non-empty 1-d tensor, as a 0-d tensor.
+
+    By sorting, not ``torch.quantile``: that one refuses inputs of more than 16 M elements.
+    """
+    ordered = values.flatten().sort().values
+    position = q * (ordered.numel() - 1)
+    lo = int(math.floor(position))
+    hi = min(lo + 1, ordered.numel() - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+
+def low_entropy_mask(probs: Tensor, is_labeled: Tensor, alpha: float, valid: Tensor | None = None) -> Tensor:
+    """(P,) bool: unlabeled (valid) pixels whose entropy is at most the ``100 alpha``-th percentile of the
+    entropies of the batch's unlabeled valid pixels (the authors' ``low_entropy_mask``, U2PL ``train_semi.py``).
+
+    probs (P, C) teacher probabilities; is_labeled, valid (P,) bool; alpha in [0, 1] (alpha_t, a fraction).
+    Entropy ``-sum_c p_c log(p_c + 1e-10)`` and ``np.percentile``'s linear interpolation, as theirs; the
+    percentile is over this process's batch (theirs is per GPU too). All False without unlabeled pixels.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    pool = ~is_labeled.to(torch.bool)
+    if valid is not None:
+        pool = pool & valid.to(torch.bool)
+    if not bool(pool.any()):
+        return pool
+    probs = probs.detach().float()
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=1)
+    return pool & (entropy <= percentile_linear(entropy[pool], alpha))
+
+
 def _sample_anchor_indices(candidates: Tensor, num_anchors: int, generator: torch.Generator | None) -> Tensor:
     """(K, M) pixel indices from candidates (K, P) bool (each row non-empty).
 
@@ -440,6 +480,9 @@ def u2pl_contrastive(
     ignore_index: int = 255,
     gather: Callable[[Tensor], Tensor] | None = None,
     shared_generator: torch.Generator | None = None,
+    anchor_source: Literal["reliable", "low_entropy"] = "reliable",
+    low_entropy_alpha: float | None = None,
+    average: Literal["qualified", "all_valid"] = "qualified",
 ) -> tuple[Tensor, dict[str, int]]:
     """The U2PL+ contrastive loss of one batch (Algorithm 1); see the module docstring.
 
@@ -459,9 +502,23 @@ def u2pl_contrastive(
     unlabeled images, never a labeled pixel). ``generator`` draws that subset and the anchors and
     negatives of this process; under DDP ``shared_generator`` (the same state on every rank) draws the
     subset of the gathered negatives, so that every rank's queues stay identical.
+
+    The authors' forms (module docstring): ``anchor_source="low_entropy"`` draws the unlabeled anchors
+    from :func:`low_entropy_mask` with ``low_entropy_alpha`` (the scheduled alpha_t, a fraction; required
+    then) instead of ``reliable`` (prototypes and negatives keep the reliable split);
+    ``average="all_valid"`` returns ``sum_c loss_c / V`` with V the classes having any anchor-pool pixel
+    (before the ``anchor_threshold``), instead of the mean over the K classes in the loss. Since every
+    class has M anchors, that is the mean times ``K / V``. Their code also returns 0 when V <= 1; not
+    adopted (a batch of one class still has a loss). stats adds ``valid_classes`` (V).
     """
     if gather is not None and shared_generator is None:
         raise ValueError("u2pl_contrastive with gather needs shared_generator (the same state on every rank)")
+    if anchor_source not in ("reliable", "low_entropy"):
+        raise ValueError(f"anchor_source must be 'reliable' or 'low_entropy', got {anchor_source!r}")
+    if average not in ("qualified", "all_valid"):
+        raise ValueError(f"average must be 'qualified' or 'all_valid', got {average!r}")
+    if anchor_source == "low_entropy" and low_entropy_alpha is None:
+        raise ValueError("anchor_source='low_entropy' needs low_entropy_alpha (the scheduled alpha_t)")
     device = student_feats.device
     t_feats = teacher_feats.detach()
     probs = teacher_probs.detach().float()
@@ -487,17 +544,26 @@ def u2pl_contrastive(
             neg_class, neg_feats = neg_class[keep], neg_feats[keep]
     memory.push(neg_class, neg_feats)
 
-    anchors = anchor_masks(probs, labels, is_labeled, reliable, labels, anchor_threshold, valid)
+    if anchor_source == "low_entropy":
+        anchor_pool = low_entropy_mask(probs, is_labeled, float(low_entropy_alpha), valid)
+    else:
+        anchor_pool = reliable
+    anchors = anchor_masks(probs, labels, is_labeled, anchor_pool, labels, anchor_threshold, valid)
     candidates_per_class = anchors.sum(dim=1)
     usable = (candidates_per_class > 0) & (memory.count > 0) & prototypes.seen.to(device)
     classes = usable.nonzero().squeeze(1)
+    # Valid classes (the authors' denominator): any pool pixel of the class, whatever its p_c (probs > -1).
+    valid_classes = int(anchor_masks(probs, labels, is_labeled, anchor_pool, labels, -1.0, valid).any(dim=1).sum())
     stats = {
         "classes": int(classes.numel()),
+        "valid_classes": valid_classes,
         "anchor_candidates": int(candidates_per_class.sum()),
         "negatives_pushed": int(neg_class.numel()),
     }
     if classes.numel() == 0 or num_anchors == 0:
         return student_feats.sum() * 0.0, stats
+    # Every class in the loss is valid (its anchors are pool pixels), so valid_classes >= k here.
+    scale = classes.numel() / valid_classes if average == "all_valid" else 1.0
 
     k = classes.numel()
     anchor_pixels = _sample_anchor_indices(anchors[classes], num_anchors, generator)
@@ -508,13 +574,13 @@ def u2pl_contrastive(
     rows = memory.sample_rows(classes, num_anchors * num_negatives, generator)
     if memory.table.dtype == torch.float32:  # loss and gradient from one gather of the K*M*N keys
         index = rows.view(k, num_anchors, -1)
-        return _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature), stats
+        return scale * _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature), stats
     positive_sim = (anchor_feats * positive).sum(dim=-1, keepdim=True)
     negative_keys = memory.table.index_select(0, rows.view(-1)).float()  # a float16 bank: keys in float32
     negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
     negative_sim = torch.matmul(negative_keys, anchor_feats.unsqueeze(-1)).squeeze(-1)
     loss = _info_nce_from_similarities(positive_sim, negative_sim, temperature).mean()
-    return loss, stats
+    return scale * loss, stats
 
 
 def prototype_weights(feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:

@@ -251,6 +251,7 @@ class SelftrainStep:
         inside_u = unlabeled["valid"].to(dev) if "valid" in unlabeled else None  # False on crop padding
 
         # 1-2. The teacher and the targets it gives.
+        alpha_t = alpha_schedule(self.alpha_t, min(step, self.total_steps), self.total_steps)
         t_l = t_u = None
         if self.uses_teacher:
             # The labeled half only feeds the prototypes and the contrastive loss.
@@ -260,7 +261,6 @@ class SelftrainStep:
             if st.pseudo_source == "teacher":
                 # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels of the
                 # batch (padding excluded from the percentile and from the labels) unreliable.
-                alpha_t = alpha_schedule(self.alpha_t, step, self.total_steps)
                 reliable = entropy_split_torch(pixel_entropy(probs_u), alpha_t, inside_u)
                 y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
             if st.denoise:
@@ -294,6 +294,7 @@ class SelftrainStep:
             generator=gen,
             shared=shared,
             step=step,
+            alpha_t=alpha_t,
         )
 
         # 5. The terms, summed in order.

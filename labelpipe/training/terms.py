@@ -87,6 +87,7 @@ class StepTensors:
     generator: torch.Generator
     shared: torch.Generator | None
     step: int
+    alpha_t: float | None = None  # the entropy split's alpha_t at this step (U2PL Eq. 13), a fraction
 
 
 class LossTerm:
@@ -238,6 +239,9 @@ class Contrastive(LossTerm):
             ignore_index=setup.ignore_index,
             gather=setup.gather,
             shared_generator=t.shared,
+            anchor_source=st.contrastive_anchor_source,
+            low_entropy_alpha=t.alpha_t,
+            average=st.contrastive_average,
         )
         logs = {"loss_contrastive": float(contra.detach()), "contrastive_classes": stats["classes"]}
         return st.lambda_contrastive * contra, logs
