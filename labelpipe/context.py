@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from labelpipe.store.atomic import atomic_write_json, atomic_write_text, sha256_
 from labelpipe.store.manifest import StageDir
 
 if TYPE_CHECKING:  # torch, the models and checkpoints load lazily: pseudolabel's path never imports torch
+    import torch
+
     from labelpipe.models import DeepLabV3Plus
     from labelpipe.runtime import Runtime
 
@@ -197,3 +199,20 @@ def class_prior(ctx: StageContext, split: str) -> np.ndarray:
     if ctx.runtime.is_main:
         atomic_write_json(cache, stored)
     return prior
+
+
+def load_run_model(run_dir: Path, name: str | None) -> tuple[str, torch.nn.Module, dict[str, Any]]:
+    """(name, eval-mode model on CPU, metadata) from the weights file alone (no data set needed)."""
+    from labelpipe.models import build_model_from_metadata
+    from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
+
+    if not run_dir.is_dir():
+        raise LabelpipeError(f"{run_dir}: no such run directory; pass the run of a `labelpipe pretrain`")
+    name = name or latest_model_name(run_dir)
+    path = checked_model_path(run_dir, name)  # the file its stage wrote, not a truncated or swapped one
+    meta = read_model_metadata(path)
+    if "model" not in meta or "num_classes" not in meta:
+        raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
+    model = build_model_from_metadata(meta["num_classes"], meta["model"])
+    load_model_weights(path, model)
+    return name, model.eval(), meta

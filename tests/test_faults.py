@@ -724,7 +724,7 @@ def test_lock_of_a_dead_process_is_taken_over(run, capsys):
 
 @pytest.mark.slow
 def test_killed_stage_shows_interrupted_and_its_temporaries_are_swept(run, capsys):
-    from labelpipe.stages.status import collect
+    from labelpipe.store.run_summary import collect
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -745,7 +745,7 @@ def test_killed_stage_shows_interrupted_and_its_temporaries_are_swept(run, capsy
 
 
 def test_status_of_a_live_stage_stays_running(run):
-    from labelpipe.stages.status import collect
+    from labelpipe.store.run_summary import collect
 
     manifest = run / "predict" / "manifest.json"
     data = json.loads(manifest.read_text())

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from labelpipe.errors import LabelpipeError
-from labelpipe.stages.report import evaluations
+from labelpipe.store.run_summary import evaluations
 
 RESULT_SECTIONS = ("data", "model", "train", "predict", "pseudolabel", "selftrain")
 

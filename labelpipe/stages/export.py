@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from labelpipe.context import checked_model_path, latest_model_name, model_path
+from labelpipe.context import load_run_model, model_path
 from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from labelpipe.errors import LabelpipeError
-from labelpipe.models import build_model_from_metadata
 from labelpipe.runtime import select_device
 from labelpipe.store.atomic import atomic_path, atomic_write_json
-from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}  # CUDA convolutions may run in TF32
@@ -43,20 +40,6 @@ class MainHead(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image, with_rep=False).main
-
-
-def load_run_model(run_dir: Path, name: str | None) -> tuple[str, nn.Module, dict[str, Any]]:
-    """(name, eval-mode model on CPU, metadata) from the weights file alone (no data set needed)."""
-    if not run_dir.is_dir():
-        raise LabelpipeError(f"{run_dir}: no such run directory; pass the run of a `labelpipe pretrain`")
-    name = name or latest_model_name(run_dir)
-    path = checked_model_path(run_dir, name)  # the file its stage wrote, not a truncated or swapped one
-    meta = read_model_metadata(path)
-    if "model" not in meta or "num_classes" not in meta:
-        raise LabelpipeError(f"{path}: no labelpipe metadata (model, classes); train it with labelpipe")
-    model = build_model_from_metadata(meta["num_classes"], meta["model"])
-    load_model_weights(path, model)
-    return name, model.eval(), meta
 
 
 def sample_shapes(run_dir: Path, crop: int | None = None) -> list[tuple[int, int, int, int]]:

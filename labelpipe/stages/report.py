@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from labelpipe import __version__
 from labelpipe.errors import LabelpipeError
-from labelpipe.stages.status import collect
 from labelpipe.store.atomic import atomic_write_text
+from labelpipe.store.run_summary import collect, evaluations, model_order, read_json
 from labelpipe.training.curves import round_history
 
 STYLE = """
@@ -85,28 +84,6 @@ def _img(path: Path, caption: str, css_class: str = "") -> str:
     cls = f' class="{css_class}"' if css_class else ""
     img = f'<img{cls} alt="{_e(caption)}" src="data:{mime};base64,{data}">'
     return f"<figure>{img}<figcaption>{_e(caption)}</figcaption></figure>"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _model_order(name: str) -> tuple[int, str]:
-    """pretrain first, then round-1, round-2, ..., then anything else by name."""
-    if name == "pretrain":
-        return (0, "")
-    if name.startswith("round-") and name[6:].isdigit():
-        return (int(name[6:]), "")
-    return (10**6, name)
-
-
-def evaluations(run_dir: Path) -> list[dict[str, Any]]:
-    """Every ``evaluate/<model>/metrics.json`` of a run, pretrain first, then by round."""
-    found = [m for p in run_dir.glob("evaluate/*/metrics.json") if (m := _read_json(p)) and "per_class_iou" in m]
-    return sorted(found, key=lambda m: _model_order(m.get("model", "")))
 
 
 def _stages_section(run_dir: Path) -> str:
@@ -198,7 +175,7 @@ def _metrics_section(run_dir: Path) -> str:
 
 
 def _pseudolabel_block(title: str, stage_dir: Path, history: dict[str, Any] | None) -> str:
-    report = _read_json(stage_dir / "report.json")
+    report = read_json(stage_dir / "report.json")
     if report is None:
         return ""
     rows = [
@@ -247,7 +224,7 @@ def _pseudolabel_block(title: str, stage_dir: Path, history: dict[str, Any] | No
 def _pseudolabel_section(run_dir: Path) -> str:
     parts = []
     history = {f"round-{h['round']}": h for h in round_history(run_dir / "selftrain")}
-    rounds = sorted(run_dir.glob("selftrain/round-*/pseudolabel"), key=lambda p: _model_order(p.parent.name))
+    rounds = sorted(run_dir.glob("selftrain/round-*/pseudolabel"), key=lambda p: model_order(p.parent.name))
     for d in rounds:
         parts.append(_pseudolabel_block(f"{d.parent.name}: pseudo-labels", d, history.get(d.parent.name)))
     for d in sorted(run_dir.glob("pseudolabel/*")):
@@ -261,7 +238,7 @@ def _pseudolabel_section(run_dir: Path) -> str:
 def _curves_section(run_dir: Path) -> str:
     stages = [run_dir / "pretrain"] + sorted(
         (p.parent for p in run_dir.glob("selftrain/round-*/train/curves.png")),
-        key=lambda p: _model_order(p.parent.name),
+        key=lambda p: model_order(p.parent.name),
     )
     figures = [_img(d / "curves.png", str(d.relative_to(run_dir)), "curves") for d in stages]
     figures = [f for f in figures if f]

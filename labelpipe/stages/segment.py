@@ -191,7 +191,7 @@ def _crop_of(run_dir: Path | None, sidecar: dict[str, Any]) -> int:
 
 def load_run_segmenter(run_dir: Path, model_name: str | None, device: torch.device) -> Segmenter:
     """A run's trained model (``pretrain``, ``round-K``; default the latest), from its weights file."""
-    from labelpipe.stages.export import load_run_model
+    from labelpipe.context import load_run_model
 
     name, model, meta = load_run_model(run_dir, model_name)
     model.to(device).eval()
@@ -240,7 +240,7 @@ def load_file_segmenter(path: Path, device: torch.device, run_dir: Path | None =
         raise LabelpipeError(f"--model-file {path}: unknown format; use a TorchScript .pt or an ONNX .onnx file")
     classes = sidecar.get("classes")
     if not classes and run_dir is not None and run_dir.is_dir():
-        from labelpipe.stages.export import load_run_model
+        from labelpipe.context import load_run_model
 
         classes = load_run_model(run_dir, None)[2].get("classes")
     if not classes:  # nothing says: ask the model how many classes it has

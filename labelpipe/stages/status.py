@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,44 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from labelpipe.errors import LabelpipeError
-from labelpipe.store.manifest import effective_status
+from labelpipe.store.run_summary import collect
 
 STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
-
-
-def collect(run_dir: Path) -> list[dict]:
-    rows = []
-    for manifest in sorted(run_dir.rglob("manifest.json")):
-        try:
-            m = json.loads(manifest.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            m = {"status": "unreadable"}
-        if not isinstance(m, dict):
-            m = {"status": "unreadable"}
-        status = effective_status(m)  # "running" whose process is gone: interrupted
-        stage = str(manifest.parent.relative_to(run_dir))
-        summary = m.get("summary") or {}
-        key = next(
-            (k for k in ("miou", "pseudo_miou", "kept_fraction", "images") if isinstance(summary.get(k), int | float)),
-            None,
-        )
-        if status in ("running", "interrupted") and (manifest.parent / "checkpoint.pt").is_file():
-            note = "resumable from checkpoint"
-        elif status == "interrupted":
-            note = "its process is gone; run its command again to resume"
-        else:
-            note = m.get("error", "")
-        rows.append(
-            {
-                "stage": stage,
-                "status": status,
-                "wall_s": m.get("wall_s"),
-                "finished": m.get("finished"),
-                "summary": f"{key} {summary[key]:.4g}" if key else "",
-                "note": note,
-            }
-        )
-    return rows
 
 
 def show_status(run_dir: Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from labelpipe.context import load_run_model
 from labelpipe.errors import LabelpipeError
-from labelpipe.stages.export import load_run_model, run_export
+from labelpipe.stages.export import run_export
 
 
 @pytest.fixture()

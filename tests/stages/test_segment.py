@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from labelpipe.context import load_run_model
 from labelpipe.data import open_source
 from labelpipe.data.transforms import to_model_input
 from labelpipe.errors import LabelpipeError
 from labelpipe.inference import predict_logits
-from labelpipe.stages.export import load_run_model
 from labelpipe.stages.segment import collect_inputs
 from tests.conftest import run_cli
 
