@@ -165,8 +165,12 @@ class PseudolabelConfig(Section):
     # whatever the images' number and size; the labels do not depend on it.
     chunk_pixels: int = Field(2_000_000, ge=1)
     plots: bool = True  # matplotlib figures next to report.json (~1 s and ~40 MB more)
+    # DARS random sampling: keep each candidate with probability s_c (the paper), or per image and class
+    # exactly round(s_c * m) of its m candidates (the authors' randperm; labels whole images at a time).
+    dars_sampling: Literal["bernoulli", "exact_count"] = "bernoulli"
 
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"chunk_pixels", "plots"})
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"dars_sampling": "bernoulli"}
 
     @field_validator("method")
     @classmethod

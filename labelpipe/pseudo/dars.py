@@ -22,6 +22,17 @@ other half), labelling images one by one, or in chunks of any size, with one gen
 a single call on their concatenation; :func:`skip_draws` jumps a generator over the draws of the pixels
 before a shard (another process's images) without generating them. float32 draws, not float64: half the
 random bits, and no 8-byte temporary per pixel.
+
+Exact-count sampling (``pseudolabel.dars_sampling: exact_count``, the authors' code): per image and class,
+of the image's ``m`` candidates keep exactly ``k = floor(s_c * m + 0.5)`` (drop ``m - k``), chosen
+uniformly at random, where Bernoulli sampling keeps ``s_c * m`` in expectation.
+:func:`dars_exact_count_labels` draws the same one float32 ``u`` per pixel, in order, and keeps the ``k``
+candidates of the smallest ``u`` (ties by pixel order): ranking i.i.d. uniform keys is a uniform random
+permutation (the authors' ``randperm``), and the draws stay those of the randomness contract, so sharding
+(:func:`skip_draws`) is unchanged. Limitation: the count is per *image*, so each image must be labelled in
+one call (one piece): the streaming driver then hands the generator whole images and the pseudolabel stage
+raises its chunk to the largest image (memory: ~20 bytes a pixel of that image). With that, the labels do
+not depend on ``chunk_pixels``.
 """
 
 from __future__ import annotations
@@ -185,13 +196,83 @@ def dars_pseudo_labels(
     return out.reshape(shape)
 
 
+SAMPLING_MODES = ("bernoulli", "exact_count")
+
+
+def exact_keep_count(sampling_ratio: float, candidates: int) -> int:
+    """``k = floor(s * m + 0.5)``: the candidates of one class an image keeps under exact-count sampling."""
+    return min(candidates, int(np.floor(sampling_ratio * candidates + 0.5)))
+
+
+def dars_exact_count_labels(
+    label: np.ndarray,
+    conf: np.ndarray,
+    thresholds: np.ndarray,
+    sampling_ratio: np.ndarray,
+    rng: np.random.Generator,
+    image_pixels: list[int] | tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Algorithm 1 with the authors' exact-count sampling: per image and class c, of the ``m`` pixels
+    predicted c with ``conf >= t_c``, keep the :func:`exact_keep_count` ``k`` whose draw ``u`` is smallest.
+
+    label, conf: (N,) (or any shape, flattened in C order) uint8 / float16 >= 0, the images one after the
+    other; thresholds, sampling_ratio: (C,); image_pixels: the images' sizes in pixels, summing to N (None:
+    one image). ``u = rng.random(N, dtype=np.float32)``, one per pixel in order, as
+    :func:`dars_pseudo_labels` draws. Returns labels (255 where not kept) in ``label``'s shape and dtype.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    shape = np.shape(label)
+    label = flat_labels(label)
+    conf = flat_float16(conf, "conf")
+    same_length(label, conf, "label", "conf")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
+    if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
+        raise ValueError(
+            f"thresholds and sampling_ratio must both be (C,), got {thresholds.shape} and {sampling_ratio.shape}"
+        )
+    if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
+        raise ValueError("sampling_ratio must lie in [0, 1]")
+    sizes = [label.size] if image_pixels is None else [int(n) for n in image_pixels]
+    if any(n < 0 for n in sizes) or sum(sizes) != label.size:
+        raise ValueError(f"image_pixels must be >= 0 and sum to the {label.size} pixels, got a sum of {sum(sizes)}")
+    labels_below(label, thresholds.size)
+    num_classes = thresholds.size
+    candidate = nonnegative_float16_bits(conf, "conf") >= np.take(float16_bits_at_least(thresholds), label)
+    out = np.full_like(label, IGNORE_LABEL)
+    start = 0
+    for size in sizes:
+        image = slice(start, start + size)
+        start += size
+        u = rng.random(size, dtype=np.float32)
+        idx = np.flatnonzero(candidate[image])
+        if idx.size == 0:
+            continue
+        cls = label[image][idx].astype(np.int64)
+        # Candidates by class, then by draw (lexsort is stable: ties by pixel order); rank within the class.
+        order = np.lexsort((u[idx], cls))
+        counts = np.bincount(cls, minlength=num_classes)
+        keep_counts = np.array([exact_keep_count(sampling_ratio[c], int(counts[c])) for c in range(num_classes)])
+        group_start = np.cumsum(counts) - counts
+        sorted_cls = cls[order]
+        rank = np.arange(idx.size) - group_start[sorted_cls]
+        kept = idx[order[rank < keep_counts[sorted_cls]]]
+        out[image][kept] = label[image][kept]
+    return out.reshape(shape)
+
+
 def _fit(hist: Float16Histogram, settings: Mapping[str, Any], prior: np.ndarray) -> dict[str, Any]:
     alpha = labeling_ratio(settings["alpha"])
     class_counts = hist.class_counts()
     n_pixels = int(class_counts.sum())
     thresholds, sampling_ratio = dars_thresholds_from_histogram(hist, prior, alpha, n_pixels)
+    sampling = settings.get("dars_sampling") or "bernoulli"  # absent from the settings when the default
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"dars_sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     return {
         "alpha": alpha,
+        "sampling": sampling,
         "class_counts": class_counts,
         "n_pixels": n_pixels,
         "thresholds": thresholds,
@@ -204,6 +285,11 @@ def _fit(hist: Float16Histogram, settings: Mapping[str, Any], prior: np.ndarray)
 def _label(
     params: Mapping[str, Any], piece: Mapping[str, np.ndarray], rng: np.random.Generator
 ) -> tuple[np.ndarray, None]:
+    if params.get("sampling", "bernoulli") == "exact_count":  # the piece is one whole image (per_image)
+        labels = dars_exact_count_labels(
+            piece["label"], piece["conf"], params["thresholds"], params["sampling_ratio"], rng
+        )
+        return labels, None
     return dars_pseudo_labels(piece["label"], piece["conf"], params["thresholds"], params["sampling_ratio"], rng), None
 
 
@@ -211,11 +297,13 @@ register_generator(
     PseudoLabelGenerator(
         name="dars",
         settings=("alpha",),
+        optional_settings=("dars_sampling",),
         histogram=Histogram("conf", per_class=True),
         pass2_columns=("label", "conf"),
         fit=_fit,
         label=_label,
         random=True,
         needs_prior=True,
+        per_image=lambda params: params.get("sampling") == "exact_count",
     )
 )

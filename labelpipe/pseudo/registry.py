@@ -96,6 +96,9 @@ class PseudoLabelGenerator:
         exactly one float32 per pixel, in order, for sharded and chunked labels to equal one pass's.
     needs_prior: ``fit`` needs the labeled class prior (``--predictions`` then needs ``--prior``).
     display_column: the float16 column whose histogram the report plots (default: the last pass-2 column).
+    per_image: ``label`` must see one whole image per call (a per-image rule such as DARS's exact-count
+        sampling), not pieces of ``PIECE_PIXELS``; a callable of the fitted params when that depends on
+        them. The driver then needs the chunk's image sizes, and callers must not cut images into bands.
     """
 
     name: str
@@ -109,6 +112,11 @@ class PseudoLabelGenerator:
     random: bool = False
     needs_prior: bool = False
     display_column: str | None = None
+    per_image: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def labels_per_image(self, params: Mapping[str, Any]) -> bool:
+        """Whether pass 2 must hand ``label`` whole images with these fitted params."""
+        return bool(self.per_image(params)) if callable(self.per_image) else self.per_image
 
     def pass1(self, settings: Mapping[str, Any]) -> Histogram | None:
         """What pass 1 histograms with these settings (None: pass 1 reads nothing)."""

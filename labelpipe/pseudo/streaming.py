@@ -114,13 +114,17 @@ def apply(
     params: Mapping[str, Any],
     chunk: Mapping[str, np.ndarray],
     rng: np.random.Generator | None = None,
+    image_pixels: list[int] | tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Pass 2: pseudo-labels of one chunk with the fitted ``params``. Returns ``(labels, weights)`` in the
     shape of ``chunk["label"]``: labels uint8 (255 = not kept); weights float16 for the generators that
     emit them (variance), else None. ``rng`` is needed by the random ones (dars) only: use one generator
     for all chunks, in a fixed order.
     Works ``PIECE_PIXELS`` pixels at a time: the temporaries of the per-pixel rules (float64 comparisons,
-    float32 weights) never exceed a few hundred kB, and the labels are those of one call on the chunk."""
+    float32 weights) never exceed a few hundred kB, and the labels are those of one call on the chunk.
+    A generator that labels per image (``labels_per_image``, e.g. DARS exact-count sampling) gets one whole
+    image at a time instead: ``image_pixels`` lists the chunk's images' sizes (None: the chunk is one
+    image); the chunk must hold whole images only."""
     generator = get_generator(method)
     if params.get("method", method) != method:
         raise ValueError(f"params were fitted for {params['method']!r}, not {method!r}")
@@ -133,8 +137,15 @@ def apply(
         same_length(flat["label"], flat[key], "label", key)
     labels = np.empty(flat["label"].shape, flat["label"].dtype)
     weights = np.empty(flat["label"].shape, np.float16) if generator.weights else None
-    for start in range(0, labels.size, PIECE_PIXELS):
-        piece = slice(start, start + PIECE_PIXELS)
+    if generator.labels_per_image(params):
+        sizes = [labels.size] if image_pixels is None else [int(n) for n in image_pixels]
+        if sum(sizes) != labels.size:
+            raise ValueError(f"image_pixels sum to {sum(sizes)}, not the chunk's {labels.size} pixels")
+        bounds = np.cumsum([0, *sizes])
+        pieces = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    else:
+        pieces = [slice(start, start + PIECE_PIXELS) for start in range(0, labels.size, PIECE_PIXELS)]
+    for piece in pieces:
         got, got_weights = generator.label(params, {key: values[piece] for key, values in flat.items()}, rng)
         labels[piece] = got
         if weights is not None:

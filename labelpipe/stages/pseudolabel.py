@@ -342,8 +342,12 @@ def label_store(
     part = final if ranks.world == 1 else out / f"labels.part-{ranks.rank:03d}.h5"
     writer = _LabelsFile(part, with_weight=generator.weights, compression=_compression_of(store))
     try:
+        per_image = generator.labels_per_image(params)
+        if per_image:  # a per-image rule (DARS exact counts) needs whole images: no band may cut one
+            chunks = max([chunks, *(shapes[i][0] * shapes[i][1] for i in shard)])
         for chunk in store.iter_chunks(tuple(wanted), max_pixels=chunks, images=shard, reuse_buffers=True):
-            labels, weights = apply(method, params, chunk, rng)
+            image_pixels = [rows * width for rows, width in chunk["shapes"]] if per_image else None
+            labels, weights = apply(method, params, chunk, rng, image_pixels)
             n_pixels += labels.size
             kept_counts += _count_classes(labels, C)
             if count_pred:
