@@ -60,6 +60,8 @@ def test_two_rounds_end_to_end(run, capsys):
         losses = [r for r in log if "loss" in r]
         assert len(losses) == 4
         assert all(r["loss_contrastive"] >= 0 and "loss_unsup" in r for r in losses)
+        # Not the constant 0 of a step where no class qualifies: anchors were found and the loss is positive.
+        assert any(r["contrastive_classes"] > 0 and r["loss_contrastive"] > 0 for r in losses), losses
     # round 2 starts from round 1: its predictions come from round 1's model
     r2 = json.loads((run / "selftrain/round-2/predict/manifest.json").read_text())
     assert r2["inputs"]["model"] == "round-1"
