@@ -286,3 +286,36 @@ def test_the_contrastive_term_passes_the_options_and_the_scheduled_alpha(monkeyp
     term(t)
     assert seen["anchor_source"] == "low_entropy" and seen["average"] == "all_valid"
     assert seen["low_entropy_alpha"] == 0.15
+
+
+def test_a_real_step_passes_the_scheduled_alpha_and_trains_with_both_options(monkeypatch):
+    """SelftrainStep -> Contrastive term -> u2pl_contrastive: alpha_t on its schedule (0.2 (1 - 4/10) at step
+    4 of 10) reaches the loss, which is finite and has a gradient with the authors' anchors and averaging."""
+    import labelpipe.training.terms as terms
+    from tests.training.test_terms import batch, make_step, tiny_config
+
+    seen = {}
+    real = terms.u2pl_contrastive
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        loss, stats = real(**kwargs)
+        seen["stats"] = stats
+        return loss, stats
+
+    monkeypatch.setattr(terms, "u2pl_contrastive", spy)
+    config = tiny_config(
+        contrastive=True,
+        strong_aug=False,
+        contrastive_anchor_threshold=0.0,
+        contrastive_anchor_source="low_entropy",
+        contrastive_average="all_valid",
+    )
+    step, model = make_step(config)
+    model.eval()
+    loss, logs = step(batch(), 4)
+    assert seen["low_entropy_alpha"] == pytest.approx(0.2 * (1 - 4 / 10))
+    assert seen["anchor_source"] == "low_entropy" and seen["average"] == "all_valid"
+    assert seen["stats"]["valid_classes"] >= seen["stats"]["classes"] > 0 and logs["loss_contrastive"] > 0
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.representation.parameters()) > 0
