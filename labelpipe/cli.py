@@ -149,8 +149,8 @@ def pretrain(
         str | None,
         typer.Option(
             help="Model scale for CPUs: n, s or m = EfficientNet-Lite0 with a light FPN decoder (64/96/128 channels, "
-            "representation 64/128/256); n trains ~5x, s ~3x, m ~2x faster than the default ResNet-18 DeepLabv3+ on "
-            "64x64 crops. Default: DeepLabv3+, the papers' head."
+            "representation 64/128/256); single-threaded n trains 4-5x, s ~3x, m ~2x faster than the default "
+            "ResNet-18 DeepLabv3+ on 64x64 crops (BENCHMARKS.md). Default: DeepLabv3+, the papers' head."
         ),
     ] = None,
     nproc: NprocOpt = None,

@@ -38,8 +38,8 @@ class ScaleSpec:
 
 
 # Training speed on 64 x 64 crops, batch 16, CPU, relative to the demo's ResNet-18 OS16 DeepLabv3+
-# (benchmarks/train_throughput.py, interleaved; BENCHMARKS.md): n ~5x (Lite0's first five stages, the
-# 1152-channel blocks left out), s ~3x, m ~2x.
+# (benchmarks/train_throughput.py, interleaved, 1 thread; BENCHMARKS.md): n 4-5x (Lite0's first five
+# stages, the 1152-channel blocks left out), s ~3x, m ~2x. At 2 threads on a loaded machine n was only 2x.
 SCALES: dict[str, ScaleSpec] = {
     "n": ScaleSpec("efficientnet_lite0", 16, 64, 64, lite_stages=5),
     "s": ScaleSpec("efficientnet_lite0", 32, 96, 128),
