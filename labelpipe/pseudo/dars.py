@@ -149,6 +149,28 @@ def skip_draws(rng: np.random.Generator, n_pixels: int) -> None:
         rng.random(1, dtype=np.float32)
 
 
+def _checked_inputs(
+    label: np.ndarray, conf: np.ndarray, thresholds: np.ndarray, sampling_ratio: np.ndarray, rng: np.random.Generator
+) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated Algorithm-1 inputs: (label's shape, flat uint8 labels, flat float16 conf, (C,) float64
+    thresholds, (C,) float64 sampling ratios in [0, 1])."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    shape = np.shape(label)
+    label = flat_labels(label)
+    conf = flat_float16(conf, "conf")
+    same_length(label, conf, "label", "conf")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
+    if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
+        raise ValueError(
+            f"thresholds and sampling_ratio must both be (C,), got {thresholds.shape} and {sampling_ratio.shape}"
+        )
+    if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
+        raise ValueError("sampling_ratio must lie in [0, 1]")
+    return shape, label, conf, thresholds, sampling_ratio
+
+
 def dars_pseudo_labels(
     label: np.ndarray,
     conf: np.ndarray,
@@ -165,20 +187,7 @@ def dars_pseudo_labels(
     ``PIECE_PIXELS`` at a time and compares the confidences' bit patterns (exact for float16 >= 0), so its
     temporaries do not grow with N.
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    shape = np.shape(label)
-    label = flat_labels(label)
-    conf = flat_float16(conf, "conf")
-    same_length(label, conf, "label", "conf")
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
-    if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
-        raise ValueError(
-            f"thresholds and sampling_ratio must both be (C,), got {thresholds.shape} and {sampling_ratio.shape}"
-        )
-    if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
-        raise ValueError("sampling_ratio must lie in [0, 1]")
+    shape, label, conf, thresholds, sampling_ratio = _checked_inputs(label, conf, thresholds, sampling_ratio, rng)
     labels_below(label, thresholds.size)
     bits = nonnegative_float16_bits(conf, "conf")
     threshold_bits = float16_bits_at_least(thresholds)
@@ -221,20 +230,7 @@ def dars_exact_count_labels(
     one image). ``u = rng.random(N, dtype=np.float32)``, one per pixel in order, as
     :func:`dars_pseudo_labels` draws. Returns labels (255 where not kept) in ``label``'s shape and dtype.
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    shape = np.shape(label)
-    label = flat_labels(label)
-    conf = flat_float16(conf, "conf")
-    same_length(label, conf, "label", "conf")
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    sampling_ratio = np.asarray(sampling_ratio, dtype=np.float64)
-    if thresholds.shape != sampling_ratio.shape or thresholds.ndim != 1:
-        raise ValueError(
-            f"thresholds and sampling_ratio must both be (C,), got {thresholds.shape} and {sampling_ratio.shape}"
-        )
-    if np.any((sampling_ratio < 0) | (sampling_ratio > 1)):
-        raise ValueError("sampling_ratio must lie in [0, 1]")
+    shape, label, conf, thresholds, sampling_ratio = _checked_inputs(label, conf, thresholds, sampling_ratio, rng)
     sizes = [label.size] if image_pixels is None else [int(n) for n in image_pixels]
     if any(n < 0 for n in sizes) or sum(sizes) != label.size:
         raise ValueError(f"image_pixels must be >= 0 and sum to the {label.size} pixels, got a sum of {sum(sizes)}")
