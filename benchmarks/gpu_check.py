@@ -47,6 +47,7 @@ compiles with the eager backend), which exercises this script's own code, not th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.util
@@ -532,15 +533,10 @@ def device_trainee(gm, device: Any) -> type:
             return func(*args, **kwargs)
 
     class DeviceTrainee(gm.Trainee):
-        def step(self, step: int) -> None:
-            objective = self.pretrain_loss if self.stage == "pretrain" else self.selftrain_loss
+        @contextlib.contextmanager
+        def autocast(self):
             with InputsOnDevice(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                loss = objective(step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.teacher is not None:
-                self.teacher.update(self.student, step)
+                yield
 
     return DeviceTrainee
 

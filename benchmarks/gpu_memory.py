@@ -401,9 +401,13 @@ class Trainee:
         loss, _ = self.objective(self.selftrain_batch(), step)
         return loss
 
+    def autocast(self):
+        """The precision context of one step (a subclass on a GPU swaps in CUDA's; the step stays this one)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp)
+
     def step(self, step: int) -> None:
         objective = self.pretrain_loss if self.stage == "pretrain" else self.selftrain_loss
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             loss = objective(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
