@@ -276,6 +276,8 @@ def pseudolabel(
     # No torch on this path (seconds and ~1 GB): the config is resolved without the device set-up, and a
     # process group is joined only under torchrun.
     from labelpipe.config import resolve_config
+    from labelpipe.pseudo.labelling import settings_from
+    from labelpipe.pseudo.ranks import process_ranks
     from labelpipe.stages import pseudolabel as stage
 
     settings = {
@@ -293,10 +295,10 @@ def pseudolabel(
         stage.pseudolabel_store(
             predictions,
             out,
-            stage.settings_from(cfg),
+            settings_from(cfg),
             prior=prior,
             prior_from=Path(prior_from) if prior_from else None,
-            ranks=stage.process_ranks(),
+            ranks=process_ranks(),
             force=force,
         )
         return
@@ -305,7 +307,7 @@ def pseudolabel(
     overrides = {"seed": seed, "device": device, "data": {"root": data, "protocol": protocol}}
     overrides["pseudolabel"] = {**settings, "prior_from": prior_from}
     cfg = resolve_config(run, config, _drop_none(overrides), set_)
-    stage.run_pseudolabel(cfg, run, stage.process_ranks(), force=force, sharded=True)
+    stage.run_pseudolabel(cfg, run, process_ranks(), force=force, sharded=True)
 
 
 @app.command(epilog="Example: labelpipe selftrain --run runs/demo --rounds 2 --contrastive")

@@ -96,6 +96,12 @@ class CalibrationAccumulator:
         self.conf_sum += np.bincount(idx, weights=conf, minlength=self.bins)
         self.correct_sum += np.bincount(idx, weights=correct.astype(np.float64), minlength=self.bins)
 
+    def merge(self, other: CalibrationAccumulator) -> None:
+        """Add ``other``'s bins (another process's share of the same pixels) to this one's."""
+        self.count += other.count
+        self.conf_sum += other.conf_sum
+        self.correct_sum += other.correct_sum
+
     def ece(self) -> float:
         total = self.count.sum()
         if total == 0:

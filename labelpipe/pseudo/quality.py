@@ -66,6 +66,13 @@ class PseudoQualityAccumulator:
         self.n_pixels = 0
         self._certainty = np.zeros(4)  # sum correct, count correct, sum wrong, count wrong
 
+    def merge(self, other: PseudoQualityAccumulator) -> None:
+        """Add ``other``'s counts (another process's share of the same labelling) to this one's."""
+        self.confusion += other.confusion
+        self.pseudo_counts += other.pseudo_counts
+        self.n_pixels += other.n_pixels
+        self._certainty += other._certainty
+
     def _checked(self, values: np.ndarray, name: str) -> np.ndarray:
         values = flat_labels(values, name)
         bad = (values >= self.num_classes) & (values != IGNORE_LABEL)

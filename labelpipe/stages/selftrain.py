@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,10 @@ from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.errors import Interrupted, LabelpipeError
+from labelpipe.pseudo.labelling import settings_from
+from labelpipe.pseudo.run_store import label_run_store
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
 from labelpipe.stages.predict import run_predict
-from labelpipe.stages.pseudolabel import run_pseudolabel
 from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
 from labelpipe.store.checkpoint import load_model_weights, save_model
 from labelpipe.store.lock import run_lock
@@ -240,19 +242,13 @@ def _run_selftrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bo
     rounds: dict[str, Any] = {}
     previous = "pretrain"
     pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
+    pl_ctx = replace(ctx, config=pl_config)  # the rounds label with selftrain's method
     for k in range(1, st.rounds + 1):
         round_dir = run_dir / "selftrain" / f"round-{k}"
         alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
         store = run_predict(config, run_dir, runtime, model_name=previous, out_dir=round_dir / "predict")
-        labels = run_pseudolabel(
-            pl_config,
-            run_dir,
-            runtime,
-            store_path=store,
-            out_dir=round_dir / "pseudolabel",
-            alpha=alpha,
-            quiet=not runtime.is_main,
-        )
+        settings = settings_from(pl_config, alpha)
+        labels = label_run_store(pl_ctx, settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main)
         barrier()
         init = checked_model_path(run_dir, previous)
         rounds[f"round-{k}"] = train_round(ctx, k, init, labels, StageDir(round_dir / "train"))

@@ -51,7 +51,8 @@ def escape_id(image_id: str) -> str:
 LIBVER = ("v110", "latest")
 
 
-def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HDF5 chunk shape of an image dataset: at most 256 along each axis."""
     return tuple(min(s, 256) for s in shape)
 
 
@@ -81,7 +82,7 @@ def write_image(group: h5py.Group, image_id: str, columns: dict[str, np.ndarray]
         g.create_dataset(
             name,
             data=array.astype(dtype, copy=False),
-            chunks=_chunks(array.shape),
+            chunks=chunk_shape(array.shape),
             **compression_options(compression, dtype),
         )
 
@@ -164,12 +165,13 @@ def _part_image(name: Path, images: list[tuple[str, dict[str, np.ndarray]]], com
         grp = fh.create_group("images")
         for image_id, columns in images:
             write_image(grp, image_id, columns, compression)
-        _write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
+        write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
         fh.flush()
         return fh.id.get_file_image()
 
 
-def _write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) -> None:
+def write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) -> None:
+    """The store's ``index`` group: the image ids in store order and each image's (height, width)."""
     idx = fh.require_group("index")
     idx.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
     idx.create_dataset("height", data=np.array([s[-2] for s in shapes], np.int32))
@@ -202,7 +204,7 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
                 src = handles[where[image_id]]["images"][escape_id(image_id)]
                 src.file.copy(src, grp, name=escape_id(image_id))
                 shapes.append(src["label"].shape)
-            _write_index(dst, order, shapes)
+            write_index(dst, order, shapes)
             for key, value in attrs.items():
                 dst.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         os.replace(tmp, out)

@@ -34,7 +34,7 @@ import numpy as np
 
 from labelpipe.errors import LabelpipeError
 from labelpipe.store.atomic import temp_sibling
-from labelpipe.store.prediction_store import COLUMN_DTYPES, LIBVER, _write_index, compression_options, write_image
+from labelpipe.store.prediction_store import COLUMN_DTYPES, LIBVER, compression_options, write_image, write_index
 
 PIXEL_COLUMNS = ("label", "conf", "entropy", "variance")
 BAND_PIXELS = 1 << 20  # pixels of a (C, H, W) map reduced at a time: ~C x 4 MB of float32 temporaries
@@ -203,7 +203,7 @@ class PredictionWriter:
             self.abort()
             raise LabelpipeError(f"{self.path}: no image was added; nothing written")
         try:
-            _write_index(self._file, self._ids, self._shapes)
+            write_index(self._file, self._ids, self._shapes)
             attrs = {
                 **self.attrs,
                 "classes": self.classes,

@@ -197,7 +197,7 @@ def test_a_missing_required_setting_is_named():
 
 
 def test_an_unregistered_method_in_settings_is_a_clean_error():
-    from labelpipe.stages.pseudolabel import Settings
+    from labelpipe.pseudo.labelling import Settings
 
     with pytest.raises(LabelpipeError, match="unknown pseudo-label method"):
         assert Settings(TOY, 0.2, 0.9, 0.2, None, 0, 1000).generator

@@ -79,7 +79,7 @@ def no_png_rendering(monkeypatch):
     """Plots are drawn by matplotlib in seconds a run: here they only touch their files (the stage still
     computes what they show); ``test_plots_are_rendered`` draws them."""
     from labelpipe import plots
-    from labelpipe.stages import pseudolabel as stage
+    from labelpipe.pseudo import report
 
     def touch(*args, **kwargs) -> Path:
         path = next(a for a in (*args, *kwargs.values()) if isinstance(a, Path))
@@ -89,7 +89,7 @@ def no_png_rendering(monkeypatch):
 
     for name in ("class_distributions", "image_grid", "reliability"):
         monkeypatch.setattr(plots, name, touch)
-    monkeypatch.setattr(stage, "_plot_hists", touch)
+    monkeypatch.setattr(report, "plot_histograms", touch)
 
 
 def open_data(run: Path):

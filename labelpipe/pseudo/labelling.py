@@ -1,0 +1,430 @@
+"""Labelling a prediction store: ``labels.h5`` and the report, for any registered generator.
+
+:func:`label_store` streams over the store in at most two passes (``labelpipe.pseudo.streaming``):
+pass 1 fits the thresholds from float16 histograms, pass 2 labels the pixels and accumulates the
+report. The store is read in chunks bounded in pixels (``pseudolabel.chunk_pixels``; images packed,
+larger ones cut into bands of rows), each column a pass needs read once into reused buffers, so memory
+is flat in the number and the size of the images; the labels do not depend on the chunk size. Under
+torchrun every rank histograms its shard of the images, the histograms are summed across ranks, and
+every rank labels its shard: thresholds and labels equal those of one process.
+
+The stage directory around it (fingerprint, manifest, ``report.json``): :func:`labels_up_to_date`,
+:func:`begin_labels`, :func:`finish_labels`, shared by ``labelpipe pseudolabel`` (a run's store or
+``--predictions``) and self-training's rounds (``labelpipe.pseudo.run_store``).
+
+No torch here (nor matplotlib unless plots are drawn): torch is loaded only to join and use a process
+group when there are many processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from labelpipe.errors import LabelpipeError
+from labelpipe.pseudo.dars import skip_draws
+from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.prior import count_classes
+from labelpipe.pseudo.quality import PseudoQualityAccumulator
+from labelpipe.pseudo.ranks import Ranks, barrier, gather, shard_of, sum_across
+from labelpipe.pseudo.registry import PseudoLabelGenerator, get_generator
+from labelpipe.pseudo.report import HIST_RANGES, build_report, display_histogram, print_report, sample_rows, summary
+from labelpipe.pseudo.streaming import apply, fit_from_histogram, histogram_pass
+from labelpipe.pseudo.validation import IGNORE_LABEL, clamp_nonnegative
+from labelpipe.store.atomic import atomic_path, atomic_write_json, reserve_space, temp_sibling
+from labelpipe.store.manifest import StageDir
+from labelpipe.store.prediction_store import (
+    LIBVER,
+    PredictionStore,
+    chunk_shape,
+    compression_options,
+    escape_id,
+    merge_parts,
+    write_index,
+)
+
+if TYPE_CHECKING:
+    from labelpipe.config import RunConfig
+    from labelpipe.metrics import CalibrationAccumulator
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Settings:
+    """What a pseudolabel run computes with (the config's ``pseudolabel`` section, resolved).
+
+    ``fields``: every setting that defines the result (``PseudolabelConfig.fingerprint_fields()``), what
+    the fingerprint hashes and what a generator reads its settings from; the named attributes override it
+    (``alpha`` per self-training round)."""
+
+    method: str
+    alpha: float
+    tau: float
+    alpha_t: float
+    variance_percentile: float | None
+    seed: int
+    chunk_pixels: int
+    export_png: bool = False
+    plots: bool = True
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def generator(self) -> PseudoLabelGenerator:
+        try:
+            return get_generator(self.method)
+        except ValueError as exc:
+            raise LabelpipeError(str(exc)) from exc
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that define the labels, by config name: ``fields`` with the attributes applied."""
+        return {
+            **self.fields,
+            "method": self.method,
+            "alpha": self.alpha,
+            "tau": self.tau,
+            "alpha_t": self.alpha_t,
+            "variance_percentile": self.variance_percentile,
+            "export": "png" if self.export_png else "none",
+        }
+
+
+def settings_from(config: RunConfig, alpha: float | None = None) -> Settings:
+    """The :class:`Settings` of ``config`` (its ``pseudolabel`` section and seed); ``alpha`` overrides."""
+    pcfg = config.pseudolabel
+    return Settings(
+        method=pcfg.method,
+        alpha=pcfg.alpha if alpha is None else alpha,
+        tau=pcfg.tau,
+        alpha_t=pcfg.alpha_t,
+        variance_percentile=pcfg.variance_percentile,
+        seed=config.seed,
+        chunk_pixels=pcfg.chunk_pixels,
+        export_png=pcfg.export == "png",
+        plots=pcfg.plots,
+        fields=pcfg.fingerprint_fields(),
+    )
+
+
+@dataclass
+class GroundTruth:
+    """Optional research inputs: masks of the store's images (quality metrics) and RGB images (samples)."""
+
+    read_mask: Callable[[str], np.ndarray] | None = None  # image id -> (H, W) uint8 mask
+    read_rgb: Callable[[str], np.ndarray] | None = None  # image id -> (H, W, 3) uint8 image
+    sample_ids: set[str] = field(default_factory=set)
+
+
+# ------------------------------------------------------------------------------------------- labelling
+class LabelsFile:
+    """``labels.h5`` (or one rank's part of it) written band by band: an image's datasets are created at
+    its first band and filled row range by row range."""
+
+    def __init__(self, path: Path, with_weight: bool, compression: str) -> None:
+        self.path = path
+        self.compression = compression
+        self.tmp = temp_sibling(path)
+        self.file = h5py.File(self.tmp, "w", libver=LIBVER)
+        self.group = self.file.create_group("images")
+        self.with_weight = with_weight
+        self.ids: list[str] = []
+        self.shapes: list[tuple[int, int]] = []
+        self._current: dict[str, h5py.Dataset] = {}
+
+    def write(self, image_id: str, shape: tuple[int, int], rows: tuple[int, int], labels, weights) -> None:
+        """Rows ``rows`` (first, end) of image ``image_id`` of size ``shape``: labels (and weights)."""
+        if not self.ids or self.ids[-1] != image_id:
+            grp = self.group.create_group(escape_id(image_id))
+            self._current = {}
+            for name, dtype in (("label", labels.dtype), ("weight", np.float16)):
+                if name == "weight" and not self.with_weight:
+                    continue
+                self._current[name] = grp.create_dataset(
+                    name,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=chunk_shape(shape),
+                    **compression_options(self.compression, dtype),
+                )
+            self.ids.append(image_id)
+            self.shapes.append(shape)
+        self._current["label"][rows[0] : rows[1]] = labels
+        if self.with_weight:
+            self._current["weight"][rows[0] : rows[1]] = weights
+
+    def close(self, attrs: dict[str, Any]) -> Path:
+        write_index(self.file, self.ids, self.shapes)
+        for key, value in attrs.items():
+            self.file.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        self.file.close()
+        with atomic_path(self.path) as final:
+            os.replace(self.tmp, final)
+        return self.path
+
+    def discard(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def compression_of(store: PredictionStore) -> str:
+    """The compression of the store's label column, for labels.h5: a plain store (fast to read) gets
+    plain labels, an lzf one (``predict``'s) lzf labels."""
+    if not store.ids:
+        return "none"
+    dataset = store.file["images"][escape_id(store.ids[0])]["label"]
+    if dataset.compression == "gzip":
+        return f"gzip-{dataset.compression_opts}"
+    return "lzf" if dataset.compression == "lzf" else "none"
+
+
+def bands(chunk: dict) -> Iterator[tuple[str, int, tuple[int, int], slice]]:
+    """(image id, image index, (first row, end row), slice of the chunk's flat arrays) per band."""
+    offset = 0
+    for image_id, (index, start, end), (rows, width) in zip(
+        chunk["ids"], chunk["pieces"], chunk["shapes"], strict=True
+    ):
+        yield image_id, index, (start, end), slice(offset, offset + rows * width)
+        offset += rows * width
+
+
+def label_store(
+    store: PredictionStore,
+    out: Path,
+    settings: Settings,
+    classes: list[str],
+    prior: np.ndarray,
+    ranks: Ranks = Ranks(),
+    truth: GroundTruth | None = None,
+    palette: list[tuple[int, int, int]] | None = None,
+) -> dict[str, Any]:
+    """Label ``store`` into ``out/labels.h5`` and return the report (JSON-able); draws the plots and the
+    PNG export when ``settings`` asks. Every rank calls it with its ``ranks``; rank 0 writes the files
+    and returns the full report (the others return theirs, for their shard only).
+
+    prior: (C,) labeled class fractions (dars needs it; every method reports KL(prior || pseudo)).
+    """
+    method, generator, C = settings.method, settings.generator, len(classes)
+    values = settings.fingerprint_fields()
+    truth = truth or GroundTruth()
+    has_gt = truth.read_mask is not None
+    shard = shard_of(len(store.ids), ranks)
+    shapes = store.shapes()
+    chunks = settings.chunk_pixels
+
+    # Pass 1: the histogram of this rank's shard, summed over the ranks, then the parameters.
+    spec = generator.pass1(values)
+    hist = None
+    if spec is not None:
+        hist = histogram_pass(
+            method,
+            store.iter_chunks(spec.columns(), max_pixels=chunks, images=shard, reuse_buffers=True),
+            C,
+            values,
+        )
+        assert hist is not None
+        hist.counts[...] = sum_across(ranks, hist.counts)
+    params = fit_from_histogram(method, hist, C, prior, values)
+
+    # Pass 2: what it reads. The method's columns; the research report also wants conf (calibration, the
+    # confidence's uncertainty gap) and variance (its gap) when they are stored.
+    value_key = generator.value_column
+    wanted = list(generator.pass2_columns)
+    if has_gt:
+        wanted += [c for c in ("conf", "variance") if c in store.columns and c not in wanted]
+    # Counts of the predicted classes and the value histogram for the plot come free from pass 1's
+    # histogram where it is per class (cbst, dars) or of the same column (entropy, variance cut).
+    pred_counts = hist.class_counts() if hist is not None and hist.num_classes == C else np.zeros(C, np.int64)
+    count_pred = not (hist is not None and hist.num_classes == C)
+    value_hist = None if (spec is not None and spec.column == value_key) else Float16Histogram(1)
+
+    rng = np.random.default_rng(settings.seed)
+    pixels_before = sum(shapes[i][0] * shapes[i][1] for i in range(shard.start))
+    skip_draws(rng, pixels_before)  # this shard's draws start where the previous shards' end
+    kept_counts = np.zeros(C, np.int64)
+    gt_counts = np.zeros(C, np.int64)
+    quality = PseudoQualityAccumulator(C, prior)
+    gap_variance = PseudoQualityAccumulator(C, prior) if has_gt and "variance" in wanted else None
+    calib = _calibration() if has_gt and "conf" in wanted else None
+    n_pixels = 0
+    mask_cache: tuple[str, np.ndarray] | None = None
+
+    final = out / "labels.h5"
+    part = final if ranks.world == 1 else out / f"labels.part-{ranks.rank:03d}.h5"
+    writer = LabelsFile(part, with_weight=generator.weights, compression=compression_of(store))
+    try:
+        per_image = generator.labels_per_image(params)
+        if per_image:  # a per-image rule (DARS exact counts) needs whole images: no band may cut one
+            chunks = max([chunks, *(shapes[i][0] * shapes[i][1] for i in shard)])
+        for chunk in store.iter_chunks(tuple(wanted), max_pixels=chunks, images=shard, reuse_buffers=True):
+            image_pixels = [rows * width for rows, width in chunk["shapes"]] if per_image else None
+            labels, weights = apply(method, params, chunk, rng, image_pixels)
+            n_pixels += labels.size
+            kept_counts += count_classes(labels, C)
+            if count_pred:
+                pred_counts += count_classes(chunk["label"], C)
+            if value_hist is not None:
+                value_hist.update(None, clamp_nonnegative(chunk[value_key]))
+            for image_id, index, rows, flat in bands(chunk):
+                shape = (rows[1] - rows[0], shapes[index][1])
+                lab = labels[flat].reshape(shape)
+                writer.write(
+                    image_id, shapes[index], rows, lab, None if weights is None else weights[flat].reshape(shape)
+                )
+                if has_gt:
+                    if mask_cache is None or mask_cache[0] != image_id:
+                        mask_cache = (image_id, _checked_mask(truth, image_id, shapes[index]))
+                    gt = mask_cache[1][rows[0] : rows[1]]
+                    pred = chunk["label"][flat].reshape(shape)
+                    gt_counts += count_classes(gt[gt != IGNORE_LABEL].ravel(), C)
+                    conf = chunk["conf"][flat].reshape(shape) if "conf" in chunk else None
+                    quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
+                    if gap_variance is not None:
+                        var = chunk["variance"][flat].reshape(shape)
+                        gap_variance.update(lab, gt, certainty=np.exp(-var.astype(np.float32)), pred=pred)
+                    if calib is not None and conf is not None:
+                        valid = gt != IGNORE_LABEL
+                        calib.update_numpy(conf[valid].astype(np.float32), (pred == gt)[valid])
+        labels_attrs = {
+            "classes": classes,
+            "num_classes": C,
+            "columns": ["label"] + (["weight"] if generator.weights else []),
+            "method": method,
+        }
+        writer.close(labels_attrs)
+    finally:
+        writer.discard()
+
+    # Every rank's counts, summed; rank 0 joins the parts into labels.h5 in store order.
+    kept_counts = sum_across(ranks, kept_counts)
+    if count_pred:
+        pred_counts = sum_across(ranks, pred_counts)
+    if value_hist is not None:
+        value_hist.counts[...] = sum_across(ranks, value_hist.counts)
+    n_pixels = int(sum_across(ranks, np.array([n_pixels], np.int64))[0])
+    if has_gt:
+        gt_counts = sum_across(ranks, gt_counts)
+        quality, gap_variance, calib = _merge_accumulators(ranks, quality, gap_variance, calib)
+    if ranks.world > 1:
+        barrier(ranks)  # every part is complete
+        if ranks.is_main:
+            parts = [out / f"labels.part-{r:03d}.h5" for r in range(ranks.world)]
+            merge_parts(parts, final, store.ids, labels_attrs)
+            for p in parts:
+                p.unlink()
+        barrier(ranks)
+    if not ranks.is_main:
+        return {}
+
+    if settings.export_png:
+        export_png(final, out / "export", palette or [], C)
+    value_counts = (hist if value_hist is None else value_hist).overall()
+    value_range = HIST_RANGES.get(value_key) or (0.0, float(np.log(C)))
+    return build_report(
+        method=method,
+        settings=settings,
+        classes=classes,
+        prior=prior,
+        params=params,
+        n_images=len(store.ids),
+        n_pixels=n_pixels,
+        kept_counts=kept_counts,
+        pred_counts=pred_counts,
+        temperature=store.attrs.get("temperature"),
+        quality=quality if has_gt else None,
+        gap_variance=gap_variance,
+        calib=calib,
+        gt_counts=gt_counts,
+        display={value_key: (display_histogram(value_counts, value_range), value_range)},
+        out=out,
+        samples=sample_rows(store, final, truth, palette) if settings.plots and truth.read_rgb else [],
+    )
+
+
+def _calibration() -> CalibrationAccumulator:
+    from labelpipe.metrics import CalibrationAccumulator
+
+    return CalibrationAccumulator()
+
+
+def _checked_mask(truth: GroundTruth, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    assert truth.read_mask is not None
+    mask = truth.read_mask(image_id)
+    if mask.shape != tuple(shape):
+        raise LabelpipeError(f"{image_id}: mask size {mask.shape} differs from the prediction's {tuple(shape)}")
+    return mask
+
+
+def _merge_accumulators(ranks: Ranks, quality, gap_variance, calib):
+    """Rank 0 gets the sum of every rank's quality / calibration accumulators (their fields add up)."""
+    if ranks.world <= 1:
+        return quality, gap_variance, calib
+    gathered = gather(ranks, (quality, gap_variance, calib))
+    for other in gathered[1:]:
+        for mine, theirs in zip((quality, gap_variance, calib), other, strict=True):
+            if mine is not None:
+                mine.merge(theirs)
+    return quality, gap_variance, calib
+
+
+def export_png(labels_path: Path, export_dir: Path, palette: list[tuple[int, int, int]], C: int) -> None:
+    """Palette PNGs of the labels, one image at a time (read back from labels.h5), and a list file."""
+    from PIL import Image
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    lut = [v for rgb in palette for v in rgb] + [255] * 3 * (256 - len(palette))
+    with PredictionStore(labels_path) as labels:
+        for image_id in labels.ids:
+            im = Image.fromarray(labels.read(image_id, ("label",))["label"], mode="P")
+            im.putpalette(lut)
+            im.save(export_dir / f"{image_id.replace('/', '__')}.png")
+        (export_dir / "list.txt").write_text("".join(f"{i}\t{i.replace('/', '__')}.png\n" for i in labels.ids))
+
+
+# ------------------------------------------------------------------------------ the stage directory
+def labels_up_to_date(stage: StageDir, fingerprint: str, ranks: Ranks, force: bool, quiet: bool) -> bool:
+    """Whether ``stage`` already holds the labels of ``fingerprint`` (rank 0's answer, on every rank);
+    says so unless ``quiet``. Labelling is cheap and deterministic (seeded): redone whole, never resumed."""
+    if not gather(ranks, not force and stage.is_up_to_date(fingerprint))[0]:
+        return False
+    if not quiet and ranks.is_main:
+        print(f"pseudolabel: up to date ({stage.path}); use --force to redo")
+    return True
+
+
+def begin_labels(
+    stage: StageDir, settings: Settings, fingerprint: str, inputs: dict, ranks: Ranks, reserve: int = 0
+) -> None:
+    """Rank 0 starts the stage's manifest, removes an earlier run's files (PNGs, plots, stray parts of a
+    killed many-process run: they are not this run's) and reserves ``reserve`` bytes for labels.h5;
+    every rank waits for it."""
+    if ranks.is_main:
+        stage.begin("pseudolabel", fingerprint, inputs)
+        shutil.rmtree(stage.path / "export", ignore_errors=True)
+        shutil.rmtree(stage.path / "plots", ignore_errors=True)
+        for stale in stage.path.glob("labels.part-*.h5"):
+            stale.unlink()
+        if reserve:
+            reserve_space(stage.path, reserve, stage.path / "labels.h5")
+    barrier(ranks)
+
+
+def finish_labels(
+    stage: StageDir, settings: Settings, report: dict, classes: list[str], ranks: Ranks, quiet: bool
+) -> Path:
+    """Rank 0 writes ``report.json``, completes the manifest and prints the report (unless ``quiet``);
+    returns the path of labels.h5 on every rank."""
+    if ranks.is_main:
+        atomic_write_json(stage.path / "report.json", report)
+        outputs = ["labels.h5", "report.json"] + (["export/list.txt"] if settings.export_png else [])
+        stage.finish(outputs, summary(report))
+        if not quiet:
+            print_report(report, classes)
+    return stage.path / "labels.h5"
