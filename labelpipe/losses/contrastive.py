@@ -30,7 +30,9 @@ class c always come from class c's own queue (a class without a queue or prototy
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -60,6 +62,35 @@ def _info_nce_per_anchor(anchors: Tensor, positive: Tensor, negatives: Tensor, t
     positive_sim = (anchors * positive).sum(dim=-1, keepdim=True)
     negative_sim = torch.matmul(negatives, anchors.unsqueeze(-1)).squeeze(-1)
     return _info_nce_from_similarities(positive_sim, negative_sim, temperature)
+
+
+HUGE_PAGE_BYTES = 2 << 20
+MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.zeros(shape)``; on Linux CPUs, for buffers of a huge page or more, backed by transparent huge
+    pages (2 MB, ``madvise(MADV_HUGEPAGE)`` before the first touch).
+
+    The memory bank is read by random rows: with 4 kB pages nearly every key gathered misses the TLB
+    (584 MB of queues span 150,000 pages), and the gather runs ~2x slower. Where the kernel allows THP
+    only on request (``/sys/kernel/mm/transparent_hugepage/enabled`` = ``madvise``, a common default)
+    this is the request; elsewhere (CUDA, other systems, a refused call) it is plain ``torch.zeros``.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or not sys.platform.startswith("linux"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(numel + HUGE_PAGE_BYTES // itemsize, dtype=dtype)  # room to align to a huge page
+    offset = (-raw.data_ptr()) % HUGE_PAGE_BYTES // itemsize
+    buffer = raw[offset : offset + numel]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(nbytes), MADV_HUGEPAGE)
+    except (OSError, AttributeError):  # no libc symbol: plain pages
+        pass
+    return buffer.zero_().view(shape)
 
 
 KEY_BLOCK_BYTES = 4 << 20  # keys gathered at a time by _GatheredInfoNCE: in cache while they are used twice
@@ -95,19 +126,23 @@ class _GatheredInfoNCE(torch.autograd.Function):
         grad = anchors.new_empty(rows, d)
         block = max(1, KEY_BLOCK_BYTES // max(1, n * d * table.element_size()))
         keys_buffer = anchors.new_empty(min(block, rows) * n, d)
-        scratch = torch.empty_like(keys_buffer)
+        sims_buffer = anchors.new_empty(min(block, rows), 1, n)
         for start in range(0, rows, block):
             end = min(start + block, rows)
             size = end - start
             keys = torch.index_select(table, 0, flat_index[start:end].reshape(-1), out=keys_buffer[: size * n])
             keys = keys.view(size, n, d)
-            products = torch.mul(keys, flat_anchors[start:end].unsqueeze(1), out=scratch[: size * n].view(size, n, d))
-            logits = torch.cat([positive_logit[start:end, None], products.sum(-1) / temperature], dim=1)
+            # Per anchor a row vector times the keys' transpose, (1, D) x (D, N): on CPU ~1.5x faster than
+            # mul + sum, and ~8x faster than the (N, D) x (D, 1) product. Operands contiguous (or one
+            # transposed view): bmm's fast path.
+            sims = torch.bmm(flat_anchors[start:end].unsqueeze(1), keys.transpose(1, 2), out=sims_buffer[:size])
+            logits = torch.cat([positive_logit[start:end, None], sims.squeeze(1) / temperature], dim=1)
             log_norm = torch.logsumexp(logits, dim=1)
             losses[start:end] = log_norm - logits[:, 0]
             weights = torch.exp(logits - log_norm[:, None])  # softmax over [positive, negatives]
-            weighted = torch.mul(keys, weights[:, 1:, None], out=products)
-            grad[start:end] = weighted.sum(1) + (weights[:, :1] - 1.0) * flat_positive[start:end]
+            # sum_j softmax_j z_j over the negatives, (1, N) x (N, D) per anchor, straight into grad.
+            torch.bmm(weights[:, None, 1:].contiguous(), keys, out=grad[start:end].unsqueeze(1))
+            grad[start:end].addcmul_(weights[:, :1] - 1.0, flat_positive[start:end])
         grad.mul_(1.0 / (temperature * rows))
         ctx.save_for_backward(grad, table)
         ctx.anchors_shape = anchors.shape
@@ -158,7 +193,7 @@ class MemoryBank:
         self.num_classes = num_classes
         self.dim = dim
         self.capacity = capacity
-        self.feats = torch.zeros(num_classes, capacity, dim, device=device, dtype=dtype)
+        self.feats = zeros_on_huge_pages((num_classes, capacity, dim), dtype, torch.device(device or "cpu"))
         self.ptr = torch.zeros(num_classes, dtype=torch.long, device=self.feats.device)
         self.count = torch.zeros(num_classes, dtype=torch.long, device=self.feats.device)
 

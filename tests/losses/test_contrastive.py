@@ -618,3 +618,22 @@ def test_one_gather_loss_and_gradient_equal_autograd_on_the_materialised_keys(mo
     (expected * 3.0).backward()
     assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
     assert torch.allclose(grad, raw_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_memory_bank_buffer_is_zeroed_and_huge_page_aligned_on_linux_cpu():
+    """The queues' buffer is zeros of the bank's shape; on Linux CPUs a buffer of >= 2 MB starts on a
+    2 MB boundary (so madvise(MADV_HUGEPAGE) can back it with huge pages), and push/get still work."""
+    import sys
+
+    from labelpipe.losses import contrastive
+
+    bank = contrastive.MemoryBank(num_classes=3, dim=64, capacity=4096)  # 3 MB of float32
+    assert bank.feats.shape == (3, 4096, 64) and bank.feats.dtype == torch.float32
+    assert bool((bank.feats == 0).all())
+    if sys.platform.startswith("linux"):
+        assert bank.feats.data_ptr() % contrastive.HUGE_PAGE_BYTES == 0
+    rows = F.normalize(torch.randn(5, 64), dim=1)
+    bank.push(1, rows)
+    assert torch.equal(bank.get(1), rows)
+    small = contrastive.zeros_on_huge_pages((2, 3), torch.float16, torch.device("cpu"))
+    assert small.shape == (2, 3) and small.dtype == torch.float16 and not small.any()
