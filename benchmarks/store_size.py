@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labelpipe.stages.predict import _to_numpy, pixel_columns  # noqa: E402
+from labelpipe.store.columns import columns_to_numpy, pixel_columns  # noqa: E402
 from labelpipe.store.prediction_store import PartWriter, merge_parts  # noqa: E402
 
 COMPRESSIONS = ("lzf", "gzip-1", "none")
@@ -70,7 +70,7 @@ def make_maps(kind: str, n: int, seed: int) -> list[tuple[str, dict[str, np.ndar
             main = smooth_logits(gen, 11, (4, 4), (16, 16), (64, 64), sharpen=3.0, bias=bias)
             aux = main + smooth_logits(gen, 11, (4, 4), (16, 16), (64, 64), sharpen=0.3)
             image_id = f"t{i:05d}"
-        out.append((image_id, _to_numpy(pixel_columns(main, aux, 1.0, TOPK))))
+        out.append((image_id, columns_to_numpy(pixel_columns(main, aux, 1.0, TOPK))))
     return out
 
 

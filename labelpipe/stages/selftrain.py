@@ -34,10 +34,10 @@ from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import strong_photometric, weak_transform
 from labelpipe.errors import Interrupted, LabelpipeError
+from labelpipe.inference.predictions import predict_store
 from labelpipe.pseudo.labelling import settings_from
 from labelpipe.pseudo.run_store import label_run_store
 from labelpipe.runtime import Runtime, all_gather_rows, barrier, seed_everything
-from labelpipe.stages.predict import run_predict
 from labelpipe.store.atomic import atomic_write_json, sha256_file, sha256_json
 from labelpipe.store.checkpoint import load_model_weights, save_model
 from labelpipe.store.lock import run_lock
@@ -246,7 +246,7 @@ def _run_selftrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bo
     for k in range(1, st.rounds + 1):
         round_dir = run_dir / "selftrain" / f"round-{k}"
         alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
-        store = run_predict(config, run_dir, runtime, model_name=previous, out_dir=round_dir / "predict")
+        store = predict_store(ctx, previous, round_dir / "predict")
         settings = settings_from(pl_config, alpha)
         labels = label_run_store(pl_ctx, settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main)
         barrier()
