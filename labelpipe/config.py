@@ -186,6 +186,7 @@ class SelftrainConfig(Section):
         "contrastive_anchor_threshold": 0.3,
         "contrastive_anchor_source": "reliable",
         "contrastive_average": "qualified",
+        "contrastive_negative_source": "unreliable",
         "sce_log_zero": -4.0,
         "cutmix_p": 0.5,
         "rectified_class_balance": False,
@@ -214,6 +215,8 @@ class SelftrainConfig(Section):
     # Mean over the classes in the loss (the paper), or the sum over the number of valid classes, those
     # skipped for lack of anchors or keys included (the authors' code).
     contrastive_average: Literal["qualified", "all_valid"] = "qualified"
+    # Unlabeled negative keys: unreliable pixels (U2PL), or reliable ones (the control of U2PL Table III).
+    contrastive_negative_source: Literal["unreliable", "reliable"] = "unreliable"
     memory_capacity: int = 30000  # per-class queue of negative keys
     prototype_momentum: float = 0.999  # U2PL+; 0 gives U2PL's batch-mean prototypes
     rectified: bool = False

@@ -358,19 +358,25 @@ def negative_masks(
     r_h: int = 20,
     ignore_index: int = 255,
     valid: Tensor | None = None,
+    negative_source: Literal["unreliable", "reliable"] = "unreliable",
 ) -> Tensor:
     """(C, P) bool: pixel p is a negative key of class c (U2PL+ Eq. 25-27), ``r_h`` clipped to C.
 
     probs (P, C) teacher probabilities; labels (P,); is_labeled, reliable, valid (P,) bool
-    (``valid`` = False removes a pixel, e.g. crop padding; default all valid).
+    (``valid`` = False removes a pixel, e.g. crop padding; default all valid). The unlabeled candidates
+    are the unreliable pixels (U2PL's point), or with ``negative_source="reliable"`` the reliable ones
+    instead (the control of U2PL Table III: the same rank rule, the reliable pixels as the pool).
     """
+    if negative_source not in ("unreliable", "reliable"):
+        raise ValueError(f"negative_source must be 'unreliable' or 'reliable', got {negative_source!r}")
     num_classes = probs.shape[1]
     r_h = min(r_h, num_classes)
     rank = class_ranks(probs)
     classes = torch.arange(num_classes, device=probs.device)
     annotated = is_labeled & (labels != ignore_index)
     labeled_neg = annotated[:, None] & (labels[:, None] != classes[None, :]) & (rank < r_l)
-    unlabeled_neg = (~is_labeled & ~reliable)[:, None] & (rank >= r_l) & (rank < r_h)
+    pool = reliable if negative_source == "reliable" else ~reliable
+    unlabeled_neg = (~is_labeled & pool)[:, None] & (rank >= r_l) & (rank < r_h)
     negatives = labeled_neg | unlabeled_neg
     if valid is not None:
         negatives = negatives & valid[:, None]
@@ -518,6 +524,7 @@ def u2pl_contrastive(
     anchor_source: Literal["reliable", "low_entropy"] = "reliable",
     low_entropy_alpha: float | None = None,
     average: Literal["qualified", "all_valid"] = "qualified",
+    negative_source: Literal["unreliable", "reliable"] = "unreliable",
 ) -> tuple[Tensor, dict[str, int]]:
     """The U2PL+ contrastive loss of one batch (Algorithm 1); see the module docstring.
 
@@ -545,6 +552,8 @@ def u2pl_contrastive(
     (before the ``anchor_threshold``), instead of the mean over the K classes in the loss. Since every
     class has M anchors, that is the mean times ``K / V``. Their code also returns 0 when V <= 1; not
     adopted (a batch of one class still has a loss). stats adds ``valid_classes`` (V).
+    ``negative_source="reliable"`` pushes reliable instead of unreliable unlabeled pixels as negatives
+    (:func:`negative_masks`; the control of U2PL Table III).
     """
     if gather is not None and shared_generator is None:
         raise ValueError("u2pl_contrastive with gather needs shared_generator (the same state on every rank)")
@@ -564,7 +573,7 @@ def u2pl_contrastive(
     if update_prototypes:
         fold_prototypes(prototypes, t_feats, labels, is_labeled, reliable, valid, ignore_index, gather)
 
-    negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid)
+    negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid, negative_source)
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
     keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, generator)
     if keep is not None:

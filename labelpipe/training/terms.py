@@ -242,6 +242,7 @@ class Contrastive(LossTerm):
             anchor_source=st.contrastive_anchor_source,
             low_entropy_alpha=t.alpha_t,
             average=st.contrastive_average,
+            negative_source=st.contrastive_negative_source,
         )
         logs = {"loss_contrastive": float(contra.detach()), "contrastive_classes": stats["classes"]}
         return st.lambda_contrastive * contra, logs

@@ -19,6 +19,7 @@ from labelpipe.losses.contrastive import (
     MemoryBank,
     PrototypeBank,
     low_entropy_mask,
+    negative_masks,
     percentile_linear,
     u2pl_contrastive,
 )
@@ -286,6 +287,60 @@ def test_the_contrastive_term_passes_the_options_and_the_scheduled_alpha(monkeyp
     term(t)
     assert seen["anchor_source"] == "low_entropy" and seen["average"] == "all_valid"
     assert seen["low_entropy_alpha"] == 0.15
+    assert seen["negative_source"] == "unreliable"  # the default reaches the loss too
+
+
+# ---------------------------------------------------------------- negatives: unreliable (U2PL) vs reliable
+
+
+def test_negative_source_swaps_the_unlabeled_pool_and_keeps_the_labeled_negatives():
+    """Hand-checked masks on 4 pixels, 3 classes: pixel 0 labeled (y=0), pixels 1-3 unlabeled, pixel 1
+    reliable. Ranks of every pixel: class 0 first, then 1, then 2 (probs descending). With r_l = 1, r_h = 3:
+    the labeled pixel is a negative of no class (rank < 1 is its own class); an unlabeled pool pixel is a
+    negative of classes 1 and 2 (ranks 1, 2)."""
+    probs = torch.tensor([[0.6, 0.3, 0.1]] * 4)
+    labels = torch.tensor([0, 0, 0, 0])
+    is_labeled = torch.tensor([True, False, False, False])
+    reliable = torch.tensor([False, True, False, False])
+    unreliable = negative_masks(probs, labels, is_labeled, reliable, r_l=1, r_h=3)
+    only_reliable = negative_masks(probs, labels, is_labeled, reliable, r_l=1, r_h=3, negative_source="reliable")
+    expected_unreliable = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    expected_reliable = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(unreliable, expected_unreliable)
+    assert torch.equal(only_reliable, expected_reliable)
+    # Labeled negatives are the same under both (r_l = 2: the labeled pixel is a negative of class 1).
+    a = negative_masks(probs, labels, is_labeled, reliable, r_l=2, r_h=3)
+    b = negative_masks(probs, labels, is_labeled, reliable, r_l=2, r_h=3, negative_source="reliable")
+    assert bool(a[1, 0]) and bool(b[1, 0]) and torch.equal(a[:, 0], b[:, 0])
+    with pytest.raises(ValueError, match="negative_source"):
+        negative_masks(probs, labels, is_labeled, reliable, negative_source="all")
+
+
+def test_negative_source_changes_what_the_queues_receive_and_is_fingerprinted():
+    g = torch.Generator().manual_seed(3)
+    num_pixels, num_classes, dim = 64, 4, 8
+    probs = torch.softmax(torch.randn(num_pixels, num_classes, generator=g) * 3, dim=1)
+    is_labeled = torch.arange(num_pixels) < 16
+    reliable = ~is_labeled & (torch.arange(num_pixels) % 2 == 0)
+    labels = probs.argmax(1)
+    pushed = {}
+    for source in ("unreliable", "reliable"):
+        memory, prototypes = MemoryBank(num_classes, dim, capacity=128), PrototypeBank(num_classes, dim)
+        feats = torch.randn(num_pixels, dim, generator=torch.Generator().manual_seed(0))
+        _, stats = u2pl_contrastive(
+            feats.clone().requires_grad_(True), feats, probs, labels, is_labeled, reliable, memory, prototypes,
+            num_anchors=4, num_negatives=3, r_l=1, r_h=4, generator=torch.Generator().manual_seed(1),
+            negative_source=source,
+        )  # fmt: skip
+        pushed[source] = stats["negatives_pushed"]
+    # r_l = 1, r_h = 4: every unlabeled pool pixel is a negative of the 3 classes it does not predict.
+    assert pushed["unreliable"] == 3 * int((~is_labeled & ~reliable).sum())
+    assert pushed["reliable"] == 3 * int(reliable.sum())
+    assert "contrastive_negative_source" not in SelftrainConfig().fingerprint_fields()
+    assert (
+        SelftrainConfig(contrastive_negative_source="reliable").fingerprint_fields()["contrastive_negative_source"]
+        == "reliable"
+    )
 
 
 def test_a_real_step_passes_the_scheduled_alpha_and_trains_with_both_options(monkeypatch):
