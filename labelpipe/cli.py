@@ -467,7 +467,7 @@ def run_recipe(
     set_: SetOpt = None,
 ) -> None:
     """Run a whole recipe (its `pipeline:` list), skipping stages that are up to date; then write RUN/report.html."""
-    from labelpipe.stages.pipeline import run_pipeline
+    from labelpipe.pipeline import run_pipeline
 
     if recipe is not None and config is not None and recipe != config:
         raise LabelpipeError(f"recipe given twice ({recipe} and --config {config}); pass one of them")

@@ -259,8 +259,8 @@ def _overlays_section(run_dir: Path, n: int = 8) -> str:
 
     from labelpipe.config import DataConfig, load_yaml
     from labelpipe.data import open_source
+    from labelpipe.inference.segmenter import InputImage, load_run_segmenter, segment_images
     from labelpipe.runtime import Runtime
-    from labelpipe.stages.segment import InputImage, load_run_segmenter, segment_images
 
     head = '<h2 id="overlays">Sample overlays</h2>'
     try:

@@ -30,7 +30,8 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +53,7 @@ def sweep_stale_temporaries(directory: Path, recursive: bool = True) -> list[Pat
         return removed
     for path in (directory.rglob if recursive else directory.glob)(".*.tmp-*"):
         match = _TEMP.match(path.name)
-        if not match or match["host"] != _HOST or _alive(int(match["pid"])) or not path.is_file():
+        if not match or match["host"] != _HOST or pid_alive(int(match["pid"])) or not path.is_file():
             continue
         path.unlink(missing_ok=True)
         removed.append(path)

@@ -26,7 +26,7 @@ from typing import Any
 
 from labelpipe import __version__
 from labelpipe.errors import LabelpipeError
-from labelpipe.store.atomic import _alive, atomic_write_json, sha256_file, sweep_stale_temporaries
+from labelpipe.store.atomic import atomic_write_json, pid_alive, sha256_file, sweep_stale_temporaries
 
 HOST = socket.gethostname()
 
@@ -156,6 +156,6 @@ def effective_status(manifest: dict[str, Any]) -> str:
     (on this host) no longer exists: a killed stage, resumable by running its command again."""
     status = manifest.get("status", "?")
     if status == "running" and manifest.get("host") == HOST and isinstance(manifest.get("pid"), int):
-        if manifest["pid"] != os.getpid() and not _alive(manifest["pid"]):
+        if manifest["pid"] != os.getpid() and not pid_alive(manifest["pid"]):
             return "interrupted"
     return status

@@ -1,5 +1,8 @@
 """``labelpipe run RECIPE``: the recipe's stages in order; each skips itself when up to date.
 
+It sits above ``labelpipe.stages`` (as the CLI does), the one module besides ``labelpipe.cli`` that
+calls the verbs: no stage imports another.
+
 ``evaluate`` evaluates the run's latest model at that point of the pipeline; when a later
 ``evaluate`` sees a different model (e.g. ``[pretrain, evaluate, selftrain, evaluate]``), it also
 prints a before/after table against the first one. At the end ``RUN/report.html`` is written
