@@ -14,6 +14,7 @@ from labelpipe.config import RunConfig, config_to_yaml
 from labelpipe.data import DatasetSource, open_source
 from labelpipe.errors import LabelpipeError
 from labelpipe.store.atomic import atomic_write_json, atomic_write_text, sha256_json
+from labelpipe.store.lock import check_run_dir
 from labelpipe.store.manifest import StageDir
 
 if TYPE_CHECKING:  # torch, the models and checkpoints load lazily: pseudolabel's path never imports torch
@@ -33,15 +34,6 @@ class StageContext:
 
     def split_ids_fingerprint(self, split: str) -> str:
         return sha256_json([s.id for s in self.source.split(split)])
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A ``--run`` that names a file (or lies under one) is refused before anything else happens."""
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise LabelpipeError(f"--run {run_dir}: {path} is a file, not a directory; pass a run directory")
-            return
 
 
 def open_context(config: RunConfig, run_dir: Path, runtime: Runtime) -> StageContext:

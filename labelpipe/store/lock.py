@@ -43,8 +43,8 @@ def holder(path: Path) -> dict:
         return {}
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """A run directory that is a file, or lies under one, is refused with one line."""
+def check_run_dir(run_dir: Path) -> None:
+    """A ``--run`` that names a file (or lies under one) is refused with one line, before anything else."""
     for path in (run_dir, *run_dir.parents):
         if path.exists():
             if not path.is_dir():
@@ -85,7 +85,7 @@ def run_lock(run_dir: Path, stage: str, enabled: bool = True) -> Iterator[Path |
     empty: a command that was rejected leaves the run as it was.
     """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     if not enabled:
         yield None
         return
