@@ -232,8 +232,8 @@ def labelpipe_command(store: Path, out: Path, prior: Path, *extra: str) -> list[
 def components(store: Path, out: Path) -> dict:
     """Seconds of each part of the stage, in this (fresh) process."""
     start = time.perf_counter()
+    from labelpipe.pseudo.labelling import Settings, label_store
     from labelpipe.pseudo.streaming import apply, fit_from_histogram, histogram_pass
-    from labelpipe.stages import pseudolabel as stage
     from labelpipe.store.prediction_store import PredictionStore
 
     times = {"import": time.perf_counter() - start}
@@ -251,9 +251,9 @@ def components(store: Path, out: Path) -> dict:
         for piece in predictions.iter_chunks(("label", "conf"), None, chunk, None, True):
             apply("dars", params, piece, rng)
         times["pass 2: read + label"] = time.perf_counter() - start
-        settings = stage.Settings("dars", ALPHA, 0.9, 0.2, None, SEED, chunk, plots=False)
+        settings = Settings("dars", ALPHA, 0.9, 0.2, None, SEED, chunk, plots=False)
         start = time.perf_counter()
-        stage.label_store(predictions, out, settings, [f"class{c}" for c in range(NUM_CLASSES)], PRIOR)
+        label_store(predictions, out, settings, [f"class{c}" for c in range(NUM_CLASSES)], PRIOR)
         times["label_store (both passes + labels.h5 + counts)"] = time.perf_counter() - start
     return times
 

@@ -1,11 +1,15 @@
-"""Pseudo-label generators (ALGORITHMS.md section 2) and their quality metrics (section 5).
+"""Pseudo-label generators (ALGORITHMS.md section 2), their quality metrics (section 5), and the labelling
+of a prediction store.
 
-Pure numpy: arrays in, arrays out. One module per method: ``threshold``, ``cbst``, ``dars`` (seed 002),
-``entropy`` (U2PL, seed 003; torch online split in ``entropy_online``), ``variance`` (seed 000), each
-registering its generator in ``registry`` (which every other layer derives its list of methods from);
-``histogram`` gives exact float16 order statistics in one streaming pass and ``streaming`` drives the
-two passes over a prediction store for any registered generator. ``entropy_split_torch`` /
-``entropy_threshold_torch`` are imported lazily so that importing this package does not import torch.
+The generators are pure numpy: arrays in, arrays out. One module per method: ``threshold``, ``cbst``,
+``dars`` (seed 002), ``entropy`` (U2PL, seed 003; torch online split in ``entropy_online``), ``variance``
+(seed 000), each registering its generator in ``registry`` (which every other layer derives its list of
+methods from); ``histogram`` gives exact float16 order statistics in one streaming pass and ``streaming``
+drives the two passes over a prediction store for any registered generator. Around them, with I/O and no
+torch: ``labelling`` (``label_store``: labels.h5 and the report of a store; the stage directory),
+``run_store`` (a run's store), ``report``, ``prior`` (a prior from a file or masks) and ``ranks`` (many
+processes). ``entropy_split_torch`` / ``entropy_threshold_torch`` are imported lazily so that importing
+this package does not import torch.
 """
 
 from __future__ import annotations
