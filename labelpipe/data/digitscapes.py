@@ -514,7 +514,7 @@ def _pen_stroke(rng: np.random.Generator, side: int, digit_px: tuple[int, int]) 
     return ink
 
 
-def _draw_distractors(
+def draw_distractors(
     rng: np.random.Generator, canvas: np.ndarray, digit_ink: np.ndarray, digit_px: tuple[int, int], count: int
 ) -> None:
     """Draw ``count`` pen strokes into ``canvas`` (in place), each in a colour that contrasts with what is
@@ -628,7 +628,7 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     if textured:
         # Drawn last, but only where no digit is, so the order does not matter; the scene's own
         # generator continues, so the digits above are what the same scene's digits would be anyway.
-        _draw_distractors(rng, canvas, digit_ink, spec.digit_px, int(rng.integers(0, spec.max_digits + 2)))
+        draw_distractors(rng, canvas, digit_ink, spec.digit_px, int(rng.integers(0, spec.max_digits + 2)))
     image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
     return image, mask, drawn
 

@@ -17,8 +17,8 @@ from labelpipe.data.digitscapes import (
     PALETTE,
     SIZES,
     SPLIT_PLANS,
-    _draw_distractors,
     build_digitscapes,
+    draw_distractors,
     load_digit_images,
     long_tail_order,
     prepare_kit,
@@ -285,7 +285,7 @@ def test_distractor_strokes_are_drawn_only_away_from_digits() -> None:
     drawn_pixels = 0
     for _ in range(20):
         canvas = np.full((64, 64, 3), 128.0, np.float32)
-        _draw_distractors(rng, canvas, digit_ink, (18, 34), count=4)
+        draw_distractors(rng, canvas, digit_ink, (18, 34), count=4)
         changed = np.abs(canvas - 128).max(axis=2) > 0
         grown = digit_ink.copy()
         for _ in range(2):
