@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 
     from labelpipe.pseudo.histogram import Float16Histogram
 
-# Modules of labelpipe.pseudo that define no generator and import torch (the discovery must not load it).
-_NOT_SCANNED = frozenset({"entropy_online"})
+# Modules of labelpipe.pseudo that define no generator: torch's online split, and the labelling of a store
+# around the generators (I/O, the run's data set): importing them to find generators would only cost time.
+_NOT_SCANNED = frozenset({"entropy_online", "labelling", "prior", "ranks", "report", "run_store"})
 
 
 @dataclass(frozen=True)

@@ -229,3 +229,22 @@ def test_a_module_dropped_into_the_package_registers_itself(tmp_path, monkeypatc
     finally:
         unregister_generator("toy_dropped_in")
         sys.modules.pop("labelpipe.pseudo.toy_dropped_in", None)
+
+
+def test_finding_the_generators_imports_only_generator_modules():
+    """The registry imports every module of labelpipe.pseudo to find the built-ins, except the ones it lists
+    as defining none: the labelling around them (the run's data set, h5py) is not loaded by a config check."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from labelpipe.pseudo.registry import generator_names\n"
+        "generator_names()\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('labelpipe.pseudo.', 'labelpipe.context', 'h5py'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out.replace("'", '"')))
+    assert {"labelpipe.pseudo.dars", "labelpipe.pseudo.variance"} <= loaded  # the built-ins registered
+    unwanted = {"labelpipe.pseudo.labelling", "labelpipe.pseudo.run_store", "labelpipe.context", "h5py"}
+    assert not loaded & unwanted
