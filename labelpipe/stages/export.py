@@ -9,37 +9,26 @@ normalisation (ImageNet mean / std of RGB in [0, 1]).
 
     RUN/export/<model>.pt | <model>.onnx    the model
     RUN/export/<model>.json                 classes, normalisation, the check
+
+The exporters and their checks are :mod:`labelpipe.models.export`.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 from labelpipe.context import load_run_model, model_path
 from labelpipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from labelpipe.errors import LabelpipeError
+from labelpipe.models.export import MainHead, export_onnx, export_torchscript
 from labelpipe.runtime import select_device
 from labelpipe.store.atomic import atomic_path, atomic_write_json
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}  # CUDA convolutions may run in TF32
 DEFAULT_SAMPLE_SIZE = 64
-
-
-class MainHead(nn.Module):
-    """``model(x).main``: (B, 3, H, W) normalised images -> (B, C, H, W) logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image, with_rep=False).main
 
 
 def sample_shapes(run_dir: Path, crop: int | None = None) -> list[tuple[int, int, int, int]]:
@@ -55,71 +44,6 @@ def sample_shapes(run_dir: Path, crop: int | None = None) -> list[tuple[int, int
         size = int(load_yaml(config).get("train", {}).get("crop_size", size))
     small = max(32, size // 2)
     return [(1, 3, size, size), (2, 3, small, small + 16)]
-
-
-def _max_abs_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
-    a = torch.as_tensor(a).float().cpu()
-    b = b.float().cpu()
-    if a.shape != b.shape:
-        raise LabelpipeError(
-            f"exported model gives shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}; report this as a bug"
-        )
-    return float((a - b).abs().max())
-
-
-def _export_torchscript(wrapper: nn.Module, tmp: Path, shapes, device: torch.device) -> tuple[float, str]:
-    example = torch.randn(shapes[0], device=device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic is traced as ops
-        # torch.jit is deprecated in favour of torch.export, but TorchScript is what was asked for.
-        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-        traced = torch.jit.trace(wrapper, example)
-        torch.jit.save(traced, str(tmp))
-        loaded = torch.jit.load(str(tmp), map_location=device)
-    diff = 0.0
-    with torch.no_grad():
-        for shape in shapes:
-            x = torch.randn(shape, device=device)
-            diff = max(diff, _max_abs_diff(loaded(x), wrapper(x)))
-    return diff, "torch.jit.load"
-
-
-def _export_onnx(wrapper: nn.Module, tmp: Path, shapes, device: torch.device) -> tuple[float | None, str | None]:
-    example = torch.randn(shapes[0], device=device)
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-    try:
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(tmp),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes={"image": dims},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    except ImportError as exc:
-        raise LabelpipeError(
-            f"--format onnx needs the onnx and onnxscript packages ({exc}); pip install 'labelpipe[export]'"
-        ) from exc
-    try:
-        import onnxruntime
-    except ImportError:
-        print(
-            "export: onnxruntime is not installed; the ONNX file was NOT run to check it "
-            "(pip install onnxruntime to check)"
-        )
-        return None, None
-    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    diff = 0.0
-    with torch.no_grad():
-        for shape in shapes:
-            x = torch.randn(shape, device=device)
-            (out,) = session.run(None, {input_name: x.cpu().numpy()})
-            diff = max(diff, _max_abs_diff(out, wrapper(x)))
-    return diff, f"onnxruntime {onnxruntime.__version__}"
 
 
 def run_export(
@@ -142,7 +66,7 @@ def run_export(
     out = Path(out) if out is not None else Path(run_dir) / "export" / f"{name}{FORMATS[fmt]}"
     shapes = sample_shapes(Path(run_dir), crop)
     tolerance = TOLERANCE[device.type]
-    exporter = _export_torchscript if fmt == "torchscript" else _export_onnx
+    exporter = export_torchscript if fmt == "torchscript" else export_onnx
     with atomic_path(out) as tmp:  # checked on the temp file; a failed check leaves nothing behind
         diff, checked_with = exporter(wrapper, tmp, shapes, device)
         if diff is not None and diff > tolerance:
