@@ -1,4 +1,9 @@
-"""Model inference on whole images: batched, sliding-window where an image exceeds the crop."""
+"""Model inference on whole images: batched, sliding-window where an image exceeds the crop.
+
+Here :func:`predict_logits`; in the modules: ``loop`` (batches of a data set's images), ``measure``
+(evaluation), ``predictions`` (a run's model into a prediction store: ``predict`` and self-training's
+rounds) and ``segmenter`` (models and the loop of ``segment``).
+"""
 
 from __future__ import annotations
 
