@@ -108,6 +108,68 @@ def _check_sample(source: DatasetSource, sample: SampleRef) -> _SampleResult:
 
 
 _COUNTERS = ("missing_image", "missing_mask", "unreadable", "size_mismatch", "bad_values")
+_SampleKey = tuple[str, Path, Path | None]  # (id, image, mask): a sample in several splits is read once
+
+
+def _key(sample: SampleRef) -> _SampleKey:
+    return (sample.id, sample.image, sample.mask)
+
+
+def _check_distinct_samples(
+    source: DatasetSource, names: list[str], progress: Callable[[int, int], None] | None
+) -> dict[_SampleKey, _SampleResult]:
+    """Check each distinct sample of the splits ``names`` once, in split order; ``progress(done, total)``."""
+    distinct: dict[_SampleKey, SampleRef] = {}
+    for name in names:
+        for sample in source.splits[name]:
+            distinct.setdefault(_key(sample), sample)
+    results: dict[_SampleKey, _SampleResult] = {}
+    for done, (key, sample) in enumerate(distinct.items(), start=1):
+        results[key] = _check_sample(source, sample)
+        if progress is not None:
+            progress(done, len(distinct))
+    return results
+
+
+def _pixel_counts(source: DatasetSource, results: Iterable[_SampleResult]) -> dict[str, Any]:
+    """``class_pixels`` ({class: pixels}) and ``ignored_pixels`` summed over the masks read in ``results``."""
+    pixels = np.zeros(source.num_classes + 1, dtype=np.int64)
+    for result in results:
+        if result.pixels is not None:
+            pixels += result.pixels
+    return {
+        "class_pixels": dict(zip(source.classes, pixels[: source.num_classes].tolist(), strict=True)),
+        "ignored_pixels": int(pixels[source.num_classes]),
+    }
+
+
+def _split_report(
+    source: DatasetSource, name: str, results: dict[_SampleKey, _SampleResult]
+) -> tuple[dict[str, Any], list[str]]:
+    """The report of split ``name`` from its samples' results, and the split's own problems (empty,
+    ids listed more than once)."""
+    samples = source.splits[name]
+    problems = []
+    if not samples:
+        problems.append(f"{source.root}: split '{name}' is empty")
+    ids = [sample.id for sample in samples]
+    duplicates = len(ids) - len(set(ids))
+    if duplicates:
+        problems.append(f"{source.root}: split '{name}' lists {duplicates} image ids more than once")
+    mine = [results[_key(sample)] for sample in samples]
+    counts = {counter: sum(int(getattr(result, counter)) for result in mine) for counter in _COUNTERS}
+    report = {
+        "images": len(samples),
+        "masks": sum(sample.mask is not None for sample in samples),
+        "missing_images": counts["missing_image"],
+        "missing_masks": counts["missing_mask"],
+        "unreadable": counts["unreadable"],
+        "size_mismatches": counts["size_mismatch"],
+        "bad_mask_values": counts["bad_values"],
+        "duplicates": duplicates,
+        **_pixel_counts(source, mine),
+    }
+    return report, problems
 
 
 def check_dataset(
@@ -133,64 +195,21 @@ def check_dataset(
     for name in names:
         if name not in source.splits:
             source.split(name)  # raises the one-line "no split named ..." error
-    # Problems the adapter found while loading (GTA5 pairs it skipped, ...).
+    results = _check_distinct_samples(source, names, progress)
+    # Problems the adapter found while loading (GTA5 pairs it skipped, ...), then the files', then the splits'.
     problems: list[str] = list(getattr(source, "problems", []))
-
-    distinct: dict[tuple[str, Path, Path | None], SampleRef] = {}
-    for name in names:
-        for sample in source.splits[name]:
-            distinct.setdefault((sample.id, sample.image, sample.mask), sample)
-    results: dict[tuple[str, Path, Path | None], _SampleResult] = {}
-    total = len(distinct)
-    for done, (key, sample) in enumerate(distinct.items(), start=1):
-        results[key] = result = _check_sample(source, sample)
-        problems.extend(result.problems)
-        if progress is not None:
-            progress(done, total)
-
-    num_classes = source.num_classes
+    problems += [line for result in results.values() for line in result.problems]
     split_reports: dict[str, dict[str, Any]] = {}
     for name in names:
-        samples = source.splits[name]
-        if not samples:
-            problems.append(f"{source.root}: split '{name}' is empty")
-        ids = [sample.id for sample in samples]
-        duplicates = len(ids) - len(set(ids))
-        if duplicates:
-            problems.append(f"{source.root}: split '{name}' lists {duplicates} image ids more than once")
-        pixels = np.zeros(num_classes + 1, dtype=np.int64)
-        counts = dict.fromkeys(_COUNTERS, 0)
-        for sample in samples:
-            result = results[(sample.id, sample.image, sample.mask)]
-            for counter in _COUNTERS:
-                counts[counter] += int(getattr(result, counter))
-            if result.pixels is not None:
-                pixels += result.pixels
-        split_reports[name] = {
-            "images": len(samples),
-            "masks": sum(sample.mask is not None for sample in samples),
-            "missing_images": counts["missing_image"],
-            "missing_masks": counts["missing_mask"],
-            "unreadable": counts["unreadable"],
-            "size_mismatches": counts["size_mismatch"],
-            "bad_mask_values": counts["bad_values"],
-            "duplicates": duplicates,
-            "class_pixels": dict(zip(source.classes, pixels[:num_classes].tolist(), strict=True)),
-            "ignored_pixels": int(pixels[num_classes]),
-        }
-
-    total_pixels = np.zeros(num_classes + 1, dtype=np.int64)
-    for result in results.values():
-        if result.pixels is not None:
-            total_pixels += result.pixels
+        split_reports[name], split_problems = _split_report(source, name, results)
+        problems += split_problems
     return {
         "dataset": source.name,
         "root": str(source.root),
         "classes": list(source.classes),
         "ignore_index": source.ignore_index,
         "splits": split_reports,
-        "class_pixels": dict(zip(source.classes, total_pixels[:num_classes].tolist(), strict=True)),
-        "ignored_pixels": int(total_pixels[num_classes]),
+        **_pixel_counts(source, results.values()),
         "problems": problems,
         "ok": not problems,
     }
