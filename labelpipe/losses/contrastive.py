@@ -437,7 +437,7 @@ def low_entropy_mask(probs: Tensor, is_labeled: Tensor, alpha: float, valid: Ten
     return pool & (entropy <= percentile_linear(entropy[pool], alpha))
 
 
-def _sample_anchor_indices(candidates: Tensor, num_anchors: int, generator: torch.Generator | None) -> Tensor:
+def sample_anchor_indices(candidates: Tensor, num_anchors: int, generator: torch.Generator | None) -> Tensor:
     """(K, M) pixel indices from candidates (K, P) bool (each row non-empty).
 
     Without replacement where a row has at least M candidates, with replacement otherwise.
@@ -539,11 +539,9 @@ def u2pl_contrastive(
     stats (ints): ``classes`` (classes in the loss), ``anchor_candidates``, ``negatives_pushed``.
     ``memory`` and ``prototypes`` must live on the features' device.
 
-    A class with more negatives in one batch than its queue holds pushes a uniform random subset of
-    ``capacity`` of them (a FIFO would keep the last pixels pushed: the bottom rows of the last
-    unlabeled images, never a labeled pixel). ``generator`` draws that subset and the anchors and
-    negatives of this process; under DDP ``shared_generator`` (the same state on every rank) draws the
-    subset of the gathered negatives, so that every rank's queues stay identical.
+    ``generator`` draws this process's random subset of negatives to push (a class with more than its
+    queue holds), anchors and keys; under DDP ``shared_generator`` (the same state on every rank) draws
+    the subset of the gathered negatives, so that every rank's queues stay identical.
 
     The authors' forms (module docstring): ``anchor_source="low_entropy"`` draws the unlabeled anchors
     from :func:`low_entropy_mask` with ``low_entropy_alpha`` (the scheduled alpha_t, a fraction; required
@@ -555,6 +553,53 @@ def u2pl_contrastive(
     ``negative_source="reliable"`` pushes reliable instead of unreliable unlabeled pixels as negatives
     (:func:`negative_masks`; the control of U2PL Table III).
     """
+    _check_options(gather, shared_generator, anchor_source, average, low_entropy_alpha)
+    device = student_feats.device
+    t_feats = teacher_feats.detach()
+    probs = teacher_probs.detach().float()
+    labels = labels.to(device=device, dtype=torch.long)
+    is_labeled = is_labeled.to(device=device, dtype=torch.bool)
+    reliable = reliable.to(device=device, dtype=torch.bool)
+
+    # (1) prototypes, (2) negatives: both from the teacher, before the anchors look at the queues.
+    if update_prototypes:
+        fold_prototypes(prototypes, t_feats, labels, is_labeled, reliable, valid, ignore_index, gather)
+    negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid, negative_source)
+    pushed = _push_negatives(negatives, t_feats, memory, generator, gather, shared_generator)
+
+    # (3) the anchor candidates, and the classes with some, a non-empty queue and a prototype.
+    anchors, valid_classes = _anchor_candidates(
+        probs, labels, is_labeled, reliable, anchor_threshold, valid, anchor_source, low_entropy_alpha
+    )
+    candidates_per_class = anchors.sum(dim=1)
+    usable = (candidates_per_class > 0) & (memory.count > 0) & prototypes.seen.to(device)
+    classes = usable.nonzero().squeeze(1)
+    stats = {
+        "classes": int(classes.numel()),
+        "valid_classes": valid_classes,
+        "anchor_candidates": int(candidates_per_class.sum()),
+        "negatives_pushed": pushed,
+    }
+    if classes.numel() == 0 or num_anchors == 0:
+        return student_feats.sum() * 0.0, stats
+
+    # (4) the InfoNCE of the sampled anchors and keys, averaged over anchors and classes.
+    # Every class in the loss is valid (its anchors are pool pixels), so valid_classes >= k here.
+    scale = classes.numel() / valid_classes if average == "all_valid" else 1.0
+    loss = _sampled_info_nce(
+        student_feats, anchors[classes], classes, prototypes, memory, num_anchors, num_negatives, temperature, generator
+    )
+    return scale * loss, stats
+
+
+def _check_options(
+    gather: Callable[[Tensor], Tensor] | None,
+    shared_generator: torch.Generator | None,
+    anchor_source: str,
+    average: str,
+    low_entropy_alpha: float | None,
+) -> None:
+    """ValueError for a combination of :func:`u2pl_contrastive`'s options that has no meaning."""
     if gather is not None and shared_generator is None:
         raise ValueError("u2pl_contrastive with gather needs shared_generator (the same state on every rank)")
     if anchor_source not in ("reliable", "low_entropy"):
@@ -563,54 +608,79 @@ def u2pl_contrastive(
         raise ValueError(f"average must be 'qualified' or 'all_valid', got {average!r}")
     if anchor_source == "low_entropy" and low_entropy_alpha is None:
         raise ValueError("anchor_source='low_entropy' needs low_entropy_alpha (the scheduled alpha_t)")
-    device = student_feats.device
-    t_feats = teacher_feats.detach()
-    probs = teacher_probs.detach().float()
-    labels = labels.to(device=device, dtype=torch.long)
-    is_labeled = is_labeled.to(device=device, dtype=torch.bool)
-    reliable = reliable.to(device=device, dtype=torch.bool)
 
-    if update_prototypes:
-        fold_prototypes(prototypes, t_feats, labels, is_labeled, reliable, valid, ignore_index, gather)
 
-    negatives = negative_masks(probs, labels, is_labeled, reliable, r_l, r_h, ignore_index, valid, negative_source)
+def _anchor_candidates(
+    probs: Tensor,
+    labels: Tensor,
+    is_labeled: Tensor,
+    reliable: Tensor,
+    threshold: float,
+    valid: Tensor | None,
+    anchor_source: str,
+    low_entropy_alpha: float | None,
+) -> tuple[Tensor, int]:
+    """The (C, P) anchor candidates of each class (:func:`anchor_masks`) among the labeled pixels and the
+    pool of unlabeled ones (``reliable``, or the low-entropy ones), and the number of valid classes (the
+    authors' denominator): those with any pool pixel, whatever its p_c (``probs > -1``)."""
+    if anchor_source == "low_entropy":
+        pool = low_entropy_mask(probs, is_labeled, float(low_entropy_alpha), valid)
+    else:
+        pool = reliable
+    anchors = anchor_masks(probs, labels, is_labeled, pool, labels, threshold, valid)
+    valid_classes = int(anchor_masks(probs, labels, is_labeled, pool, labels, -1.0, valid).any(dim=1).sum())
+    return anchors, valid_classes
+
+
+def _push_negatives(
+    negatives: Tensor,
+    teacher_feats: Tensor,
+    memory: MemoryBank,
+    generator: torch.Generator | None,
+    gather: Callable[[Tensor], Tensor] | None,
+    shared_generator: torch.Generator | None,
+) -> int:
+    """Push the unit-normalised teacher features of the (C, P) ``negatives`` into each class's queue;
+    returns how many were pushed.
+
+    A class with more negatives in one batch than its queue holds pushes a uniform random subset of
+    ``capacity`` of them (a FIFO would keep the last pixels pushed: the bottom rows of the last
+    unlabeled images, never a labeled pixel), drawn from ``generator``; under DDP every rank's negatives
+    are gathered and subsampled again with ``shared_generator``, so that every rank's queues stay identical.
+    """
     neg_class, neg_pixel = negatives.nonzero(as_tuple=True)
     keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, generator)
     if keep is not None:
         neg_class, neg_pixel = neg_class[keep], neg_pixel[keep]
     # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
     # index_select, not t[idx]: advanced indexing of rows is several times slower on CPU.
-    neg_feats = F.normalize(t_feats.float(), dim=1).index_select(0, neg_pixel)
+    neg_feats = F.normalize(teacher_feats.float(), dim=1).index_select(0, neg_pixel)
     if gather is not None:  # DDP: every rank's negatives enter every rank's queues, in rank order
         neg_class, neg_feats = gather(neg_class), gather(neg_feats)
         keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, shared_generator)
         if keep is not None:
             neg_class, neg_feats = neg_class[keep], neg_feats[keep]
     memory.push(neg_class, neg_feats)
+    return int(neg_class.numel())
 
-    if anchor_source == "low_entropy":
-        anchor_pool = low_entropy_mask(probs, is_labeled, float(low_entropy_alpha), valid)
-    else:
-        anchor_pool = reliable
-    anchors = anchor_masks(probs, labels, is_labeled, anchor_pool, labels, anchor_threshold, valid)
-    candidates_per_class = anchors.sum(dim=1)
-    usable = (candidates_per_class > 0) & (memory.count > 0) & prototypes.seen.to(device)
-    classes = usable.nonzero().squeeze(1)
-    # Valid classes (the authors' denominator): any pool pixel of the class, whatever its p_c (probs > -1).
-    valid_classes = int(anchor_masks(probs, labels, is_labeled, anchor_pool, labels, -1.0, valid).any(dim=1).sum())
-    stats = {
-        "classes": int(classes.numel()),
-        "valid_classes": valid_classes,
-        "anchor_candidates": int(candidates_per_class.sum()),
-        "negatives_pushed": int(neg_class.numel()),
-    }
-    if classes.numel() == 0 or num_anchors == 0:
-        return student_feats.sum() * 0.0, stats
-    # Every class in the loss is valid (its anchors are pool pixels), so valid_classes >= k here.
-    scale = classes.numel() / valid_classes if average == "all_valid" else 1.0
 
+def _sampled_info_nce(
+    student_feats: Tensor,
+    candidates: Tensor,
+    classes: Tensor,
+    prototypes: PrototypeBank,
+    memory: MemoryBank,
+    num_anchors: int,
+    num_negatives: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Mean InfoNCE (Eq. 10) over M anchors per class of ``classes`` (K,), drawn from ``candidates``
+    (K, P) bool: the student features as anchors, each class's prototype as the positive key, N negatives
+    per anchor drawn from the class's queue (``generator`` draws the anchors, then the negatives)."""
     k = classes.numel()
-    anchor_pixels = _sample_anchor_indices(anchors[classes], num_anchors, generator)
+    device = student_feats.device
+    anchor_pixels = sample_anchor_indices(candidates, num_anchors, generator)
     anchor_rows = student_feats.index_select(0, anchor_pixels.reshape(-1)).view(k, num_anchors, -1)
     anchor_feats = F.normalize(anchor_rows.float(), dim=-1)
     positive = F.normalize(prototypes.prototypes.to(device)[classes], dim=-1)[:, None, :]
@@ -618,13 +688,12 @@ def u2pl_contrastive(
     rows = memory.sample_rows(classes, num_anchors * num_negatives, generator)
     if memory.table.dtype == torch.float32:  # loss and gradient from one gather of the K*M*N keys
         index = rows.view(k, num_anchors, -1)
-        return scale * _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature), stats
+        return _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature)
     positive_sim = (anchor_feats * positive).sum(dim=-1, keepdim=True)
     negative_keys = memory.table.index_select(0, rows.view(-1)).float()  # a float16 bank: keys in float32
     negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)
     negative_sim = torch.matmul(negative_keys, anchor_feats.unsqueeze(-1)).squeeze(-1)
-    loss = _info_nce_from_similarities(positive_sim, negative_sim, temperature).mean()
-    return scale * loss, stats
+    return _info_nce_from_similarities(positive_sim, negative_sim, temperature).mean()
 
 
 def prototype_weights(feats: Tensor, prototypes: PrototypeBank | Tensor) -> Tensor:

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from labelpipe.losses.contrastive import (
     MemoryBank,
     PrototypeBank,
-    _sample_anchor_indices,
     anchor_masks,
     batch_prototypes,
     class_ranks,
     contrastive_loss,
     denoise_pseudo_labels,
     negative_masks,
+    sample_anchor_indices,
     subsample_per_class,
     u2pl_contrastive,
 )
@@ -339,7 +339,7 @@ def test_anchor_sampling_without_replacement_when_enough():
     candidates[0, ::2] = True  # 25 candidates >= 10: unique draws
     candidates[1, [3, 7]] = True  # 2 candidates < 10: with replacement
     candidates[2, :10] = True  # exactly 10: a permutation of them
-    idx = _sample_anchor_indices(candidates, 10, g)
+    idx = sample_anchor_indices(candidates, 10, g)
     assert idx.shape == (3, 10)
     assert len(set(idx[0].tolist())) == 10 and all(i % 2 == 0 for i in idx[0].tolist())
     assert set(idx[1].tolist()) == {3, 7}
