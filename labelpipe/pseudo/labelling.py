@@ -214,118 +214,45 @@ def label_store(
     method, generator, C = settings.method, settings.generator, len(classes)
     values = settings.fingerprint_fields()
     truth = truth or GroundTruth()
-    has_gt = truth.read_mask is not None
     shard = shard_of(len(store.ids), ranks)
-    shapes = store.shapes()
-    chunks = settings.chunk_pixels
 
     # Pass 1: the histogram of this rank's shard, summed over the ranks, then the parameters.
     spec = generator.pass1(values)
-    hist = None
-    if spec is not None:
-        hist = histogram_pass(
-            method,
-            store.iter_chunks(spec.columns(), max_pixels=chunks, images=shard, reuse_buffers=True),
-            C,
-            values,
-        )
-        assert hist is not None
-        hist.counts[...] = sum_across(ranks, hist.counts)
+    hist = None if spec is None else _summed_histogram(store, settings, spec.columns(), C, shard, ranks)
     params = fit_from_histogram(method, hist, C, prior, values)
 
-    # Pass 2: what it reads. The method's columns; the research report also wants conf (calibration, the
-    # confidence's uncertainty gap) and variance (its gap) when they are stored.
-    value_key = generator.value_column
-    wanted = list(generator.pass2_columns)
-    if has_gt:
-        wanted += [c for c in ("conf", "variance") if c in store.columns and c not in wanted]
-    # Counts of the predicted classes and the value histogram for the plot come free from pass 1's
-    # histogram where it is per class (cbst, dars) or of the same column (entropy, variance cut).
-    pred_counts = hist.class_counts() if hist is not None and hist.num_classes == C else np.zeros(C, np.int64)
-    count_pred = not (hist is not None and hist.num_classes == C)
-    value_hist = None if (spec is not None and spec.column == value_key) else Float16Histogram(1)
-
-    rng = np.random.default_rng(settings.seed)
-    pixels_before = sum(shapes[i][0] * shapes[i][1] for i in range(shard.start))
-    skip_draws(rng, pixels_before)  # this shard's draws start where the previous shards' end
-    kept_counts = np.zeros(C, np.int64)
-    gt_counts = np.zeros(C, np.int64)
-    quality = PseudoQualityAccumulator(C, prior)
-    gap_variance = PseudoQualityAccumulator(C, prior) if has_gt and "variance" in wanted else None
-    calib = _calibration() if has_gt and "conf" in wanted else None
-    n_pixels = 0
-    mask_cache: tuple[str, np.ndarray] | None = None
-
+    # Pass 2: label this rank's shard into its labels file, counting what the report needs.
+    columns = _pass2_columns(generator, store, truth)
+    tally = _Pass2Tally(C, prior, truth, columns, generator.value_column, hist, spec)
     final = out / "labels.h5"
-    part = final if ranks.world == 1 else out / f"labels.part-{ranks.rank:03d}.h5"
-    writer = LabelsFile(part, with_weight=generator.weights, compression=compression_of(store))
+    labels_attrs = {
+        "classes": classes,
+        "num_classes": C,
+        "columns": ["label"] + (["weight"] if generator.weights else []),
+        "method": method,
+    }
+    writer = LabelsFile(
+        final if ranks.world == 1 else _part_path(out, ranks.rank),
+        with_weight=generator.weights,
+        compression=compression_of(store),
+    )
     try:
-        per_image = generator.labels_per_image(params)
-        if per_image:  # a per-image rule (DARS exact counts) needs whole images: no band may cut one
-            chunks = max([chunks, *(shapes[i][0] * shapes[i][1] for i in shard)])
-        for chunk in store.iter_chunks(tuple(wanted), max_pixels=chunks, images=shard, reuse_buffers=True):
-            image_pixels = [rows * width for rows, width in chunk["shapes"]] if per_image else None
-            labels, weights = apply(method, params, chunk, rng, image_pixels)
-            n_pixels += labels.size
-            kept_counts += count_classes(labels, C)
-            if count_pred:
-                pred_counts += count_classes(chunk["label"], C)
-            if value_hist is not None:
-                value_hist.update(None, clamp_nonnegative(chunk[value_key]))
-            for image_id, index, rows, flat in bands(chunk):
-                shape = (rows[1] - rows[0], shapes[index][1])
-                lab = labels[flat].reshape(shape)
-                writer.write(
-                    image_id, shapes[index], rows, lab, None if weights is None else weights[flat].reshape(shape)
-                )
-                if has_gt:
-                    if mask_cache is None or mask_cache[0] != image_id:
-                        mask_cache = (image_id, _checked_mask(truth, image_id, shapes[index]))
-                    gt = mask_cache[1][rows[0] : rows[1]]
-                    pred = chunk["label"][flat].reshape(shape)
-                    gt_counts += count_classes(gt[gt != IGNORE_LABEL].ravel(), C)
-                    conf = chunk["conf"][flat].reshape(shape) if "conf" in chunk else None
-                    quality.update(lab, gt, certainty=conf, pred=pred if conf is not None else None)
-                    if gap_variance is not None:
-                        var = chunk["variance"][flat].reshape(shape)
-                        gap_variance.update(lab, gt, certainty=np.exp(-var.astype(np.float32)), pred=pred)
-                    if calib is not None and conf is not None:
-                        valid = gt != IGNORE_LABEL
-                        calib.update_numpy(conf[valid].astype(np.float32), (pred == gt)[valid])
-        labels_attrs = {
-            "classes": classes,
-            "num_classes": C,
-            "columns": ["label"] + (["weight"] if generator.weights else []),
-            "method": method,
-        }
+        _label_shard(store, settings, params, shard, columns, writer, tally)
         writer.close(labels_attrs)
     finally:
         writer.discard()
 
     # Every rank's counts, summed; rank 0 joins the parts into labels.h5 in store order.
-    kept_counts = sum_across(ranks, kept_counts)
-    if count_pred:
-        pred_counts = sum_across(ranks, pred_counts)
-    if value_hist is not None:
-        value_hist.counts[...] = sum_across(ranks, value_hist.counts)
-    n_pixels = int(sum_across(ranks, np.array([n_pixels], np.int64))[0])
-    if has_gt:
-        gt_counts = sum_across(ranks, gt_counts)
-        quality, gap_variance, calib = _merge_accumulators(ranks, quality, gap_variance, calib)
+    tally.sum_across(ranks)
     if ranks.world > 1:
-        barrier(ranks)  # every part is complete
-        if ranks.is_main:
-            parts = [out / f"labels.part-{r:03d}.h5" for r in range(ranks.world)]
-            merge_parts(parts, final, store.ids, labels_attrs)
-            for p in parts:
-                p.unlink()
-        barrier(ranks)
+        _join_parts(out, final, store.ids, labels_attrs, ranks)
     if not ranks.is_main:
         return {}
 
     if settings.export_png:
         export_png(final, out / "export", palette or [], C)
-    value_counts = (hist if value_hist is None else value_hist).overall()
+    value_key = generator.value_column
+    value_counts = (hist if tally.value_hist is None else tally.value_hist).overall()
     value_range = HIST_RANGES.get(value_key) or (0.0, float(np.log(C)))
     return build_report(
         method=method,
@@ -334,18 +261,160 @@ def label_store(
         prior=prior,
         params=params,
         n_images=len(store.ids),
-        n_pixels=n_pixels,
-        kept_counts=kept_counts,
-        pred_counts=pred_counts,
+        n_pixels=tally.n_pixels,
+        kept_counts=tally.kept_counts,
+        pred_counts=tally.pred_counts,
         temperature=store.attrs.get("temperature"),
-        quality=quality if has_gt else None,
-        gap_variance=gap_variance,
-        calib=calib,
-        gt_counts=gt_counts,
+        quality=tally.quality if tally.has_gt else None,
+        gap_variance=tally.gap_variance,
+        calib=tally.calib,
+        gt_counts=tally.gt_counts,
         display={value_key: (display_histogram(value_counts, value_range), value_range)},
         out=out,
         samples=sample_rows(store, final, truth, palette) if settings.plots and truth.read_rgb else [],
     )
+
+
+def _summed_histogram(
+    store: PredictionStore, settings: Settings, columns: tuple[str, ...], C: int, shard: range, ranks: Ranks
+) -> Float16Histogram:
+    """Pass 1's histogram of ``columns`` over this rank's ``shard``, summed over the ranks (on every rank)."""
+    chunks = store.iter_chunks(columns, max_pixels=settings.chunk_pixels, images=shard, reuse_buffers=True)
+    hist = histogram_pass(settings.method, chunks, C, settings.fingerprint_fields())
+    assert hist is not None  # the method has a pass 1
+    hist.counts[...] = sum_across(ranks, hist.counts)
+    return hist
+
+
+def _pass2_columns(generator: PseudoLabelGenerator, store: PredictionStore, truth: GroundTruth) -> list[str]:
+    """The store columns pass 2 reads: the method's; the research report also wants conf (calibration,
+    the confidence's uncertainty gap) and variance (its gap) when they are stored."""
+    wanted = list(generator.pass2_columns)
+    if truth.read_mask is not None:
+        wanted += [c for c in ("conf", "variance") if c in store.columns and c not in wanted]
+    return wanted
+
+
+class _Pass2Tally:
+    """What pass 2 counts for the report besides writing the labels: the kept and predicted class counts,
+    the pixels, the value histogram of the plot and, with ground truth, its class counts and the quality,
+    uncertainty-gap and calibration accumulators. Each rank counts its shard; :meth:`sum_across` totals."""
+
+    def __init__(
+        self,
+        C: int,
+        prior: np.ndarray,
+        truth: GroundTruth,
+        columns: list[str],
+        value_key: str,
+        hist: Float16Histogram | None,
+        spec: Any,
+    ) -> None:
+        self.C, self.truth, self.value_key = C, truth, value_key
+        self.has_gt = truth.read_mask is not None
+        # Counts of the predicted classes and the value histogram for the plot come free from pass 1's
+        # histogram where it is per class (cbst, dars) or of the same column (entropy, variance cut).
+        self.count_pred = not (hist is not None and hist.num_classes == C)
+        self.pred_counts = np.zeros(C, np.int64) if self.count_pred else hist.class_counts()
+        self.value_hist = None if (spec is not None and spec.column == value_key) else Float16Histogram(1)
+        self.kept_counts = np.zeros(C, np.int64)
+        self.gt_counts = np.zeros(C, np.int64)
+        self.n_pixels = 0
+        self.quality = PseudoQualityAccumulator(C, prior)
+        self.gap_variance = PseudoQualityAccumulator(C, prior) if self.has_gt and "variance" in columns else None
+        self.calib = _calibration() if self.has_gt and "conf" in columns else None
+        self._mask: tuple[str, np.ndarray] | None = None  # the image whose mask was read last, and its mask
+
+    def add_chunk(self, chunk: dict, labels: np.ndarray) -> None:
+        """A chunk's labels (flat, all its bands) and the predictions and values they came from."""
+        self.n_pixels += labels.size
+        self.kept_counts += count_classes(labels, self.C)
+        if self.count_pred:
+            self.pred_counts += count_classes(chunk["label"], self.C)
+        if self.value_hist is not None:
+            self.value_hist.update(None, clamp_nonnegative(chunk[self.value_key]))
+
+    def add_band_truth(
+        self, image_id: str, image_shape: tuple[int, int], rows: tuple[int, int], labels: np.ndarray, band: dict
+    ) -> None:
+        """One band's (rows, W) labels against the ground truth of its rows; ``band``: the chunk's columns
+        of the band, reshaped to (rows, W)."""
+        if self._mask is None or self._mask[0] != image_id:
+            self._mask = (image_id, _checked_mask(self.truth, image_id, image_shape))
+        gt = self._mask[1][rows[0] : rows[1]]
+        pred = band["label"]
+        self.gt_counts += count_classes(gt[gt != IGNORE_LABEL].ravel(), self.C)
+        conf = band.get("conf")
+        self.quality.update(labels, gt, certainty=conf, pred=pred if conf is not None else None)
+        if self.gap_variance is not None:
+            var = band["variance"]
+            self.gap_variance.update(labels, gt, certainty=np.exp(-var.astype(np.float32)), pred=pred)
+        if self.calib is not None and conf is not None:
+            valid = gt != IGNORE_LABEL
+            self.calib.update_numpy(conf[valid].astype(np.float32), (pred == gt)[valid])
+
+    def sum_across(self, ranks: Ranks) -> None:
+        """Every rank's counts summed (on every rank); the accumulators merged on rank 0."""
+        self.kept_counts = sum_across(ranks, self.kept_counts)
+        if self.count_pred:
+            self.pred_counts = sum_across(ranks, self.pred_counts)
+        if self.value_hist is not None:
+            self.value_hist.counts[...] = sum_across(ranks, self.value_hist.counts)
+        self.n_pixels = int(sum_across(ranks, np.array([self.n_pixels], np.int64))[0])
+        if self.has_gt:
+            self.gt_counts = sum_across(ranks, self.gt_counts)
+            self.quality, self.gap_variance, self.calib = _merge_accumulators(
+                ranks, self.quality, self.gap_variance, self.calib
+            )
+
+
+def _label_shard(
+    store: PredictionStore,
+    settings: Settings,
+    params: Any,
+    shard: range,
+    columns: list[str],
+    writer: LabelsFile,
+    tally: _Pass2Tally,
+) -> None:
+    """Pass 2 over this rank's ``shard`` of images: label each chunk, write it band by band, count it.
+
+    The random draws (ties, DARS) continue where the previous shards' end, so the labels do not depend
+    on the number of ranks."""
+    shapes = store.shapes()
+    rng = np.random.default_rng(settings.seed)
+    skip_draws(rng, sum(shapes[i][0] * shapes[i][1] for i in range(shard.start)))
+    per_image = settings.generator.labels_per_image(params)
+    chunks = settings.chunk_pixels
+    if per_image:  # a per-image rule (DARS exact counts) needs whole images: no band may cut one
+        chunks = max([chunks, *(shapes[i][0] * shapes[i][1] for i in shard)])
+    for chunk in store.iter_chunks(tuple(columns), max_pixels=chunks, images=shard, reuse_buffers=True):
+        image_pixels = [rows * width for rows, width in chunk["shapes"]] if per_image else None
+        labels, weights = apply(settings.method, params, chunk, rng, image_pixels)
+        tally.add_chunk(chunk, labels)
+        for image_id, index, rows, flat in bands(chunk):
+            shape = (rows[1] - rows[0], shapes[index][1])
+            lab = labels[flat].reshape(shape)
+            writer.write(image_id, shapes[index], rows, lab, None if weights is None else weights[flat].reshape(shape))
+            if tally.has_gt:
+                band = {c: chunk[c][flat].reshape(shape) for c in ("label", "conf", "variance") if c in chunk}
+                tally.add_band_truth(image_id, shapes[index], rows, lab, band)
+
+
+def _part_path(out: Path, rank: int) -> Path:
+    """One rank's labels file under many processes, joined into labels.h5 by rank 0."""
+    return out / f"labels.part-{rank:03d}.h5"
+
+
+def _join_parts(out: Path, final: Path, ids: list[str], attrs: dict[str, Any], ranks: Ranks) -> None:
+    """Rank 0 joins every rank's part into ``final`` in store order (``ids``), once all are complete."""
+    barrier(ranks)  # every part is complete
+    if ranks.is_main:
+        parts = [_part_path(out, r) for r in range(ranks.world)]
+        merge_parts(parts, final, ids, attrs)
+        for p in parts:
+            p.unlink()
+    barrier(ranks)
 
 
 def _calibration() -> CalibrationAccumulator:
