@@ -187,20 +187,6 @@ def _weights_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _diverged(job: TrainJob, what: str, step: int, last_good: int | None, ckpt_path: Path) -> LabelpipeError:
-    """The one-line error for a loss (or weights) that became NaN or infinite at ``step`` (1-based)."""
-    setting = "selftrain.lr" if job.description.startswith("round") else "train.lr"
-    kept = (
-        f"the last good checkpoint ({ckpt_path}, step {last_good}) is kept"
-        if last_good is not None
-        else "no checkpoint had been written yet"
-    )
-    return LabelpipeError(
-        f"{job.description}: {what} at step {step}; training stopped there and {kept}; lower the learning "
-        f"rate (now {job.cfg.lr:g}; e.g. --set {setting}={job.cfg.lr / 10:g})"
-    )
-
-
 def _test_kill_after_step(done: int) -> None:
     """Test hook: ``LABELPIPE_TEST_KILL_AFTER_STEP=k`` SIGKILLs this process right after step k (and its
     checkpoint, when step k writes one), so the kill/resume tests kill at a known point instead of racing
@@ -210,83 +196,186 @@ def _test_kill_after_step(done: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(job: TrainJob) -> dict[str, Any]:
-    """Run (or resume) training to ``total_steps``; returns the last validation metrics.
+@dataclass
+class _Optimization:
+    """What a step updates and a checkpoint saves besides the weights: the optimizer, its poly LR schedule
+    and the AMP gradient scaler (which only scales when AMP runs in float16: CUDA without bfloat16)."""
 
-    Rank 0 redraws ``curves.png`` after every validation and at the end.
-    """
-    cfg, rt, model = job.cfg, job.runtime, job.model
-    ckpt_path = job.stage_dir / "checkpoint.pt"
-    optimizer = build_optimizer(model, cfg)
-    horizon = cfg.schedule_steps or job.total_steps
-    if horizon < job.total_steps:
-        raise LabelpipeError(
-            f"train.schedule_steps={horizon} is shorter than the {job.total_steps} steps to train: the poly "
-            "schedule would reach zero first; raise it or leave it unset (= the steps)"
-        )
-    scheduler = poly_schedule(optimizer, horizon, cfg.poly_power, cfg.warmup_steps)
-    use_amp = cfg.amp and rt.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool
 
-    if rt.distributed and rt.rank > 0:
-        # Each rank its own stream for dropout and the like (rank 0 keeps the one-process stream);
-        # the model was built from the common seed before, and DDP starts every rank from rank 0's weights.
-        torch.manual_seed(torch.initial_seed() + 7919 * rt.rank)
-    start, last_val = 0, {}
-    last_good: int | None = None  # the step of the last checkpoint known to hold finite weights
-    state = load_checkpoint(ckpt_path)
-    if state is not None and state.get("fingerprint") == job.fingerprint:
-        module = unwrap(model)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+    @classmethod
+    def build(cls, job: TrainJob) -> _Optimization:
+        """The optimizer, schedule and scaler of ``job``; refuses a poly horizon shorter than the run."""
+        cfg = job.cfg
+        optimizer = build_optimizer(job.model, cfg)
+        horizon = cfg.schedule_steps or job.total_steps
+        if horizon < job.total_steps:
+            raise LabelpipeError(
+                f"train.schedule_steps={horizon} is shorter than the {job.total_steps} steps to train: the poly "
+                "schedule would reach zero first; raise it or leave it unset (= the steps)"
+            )
+        scheduler = poly_schedule(optimizer, horizon, cfg.poly_power, cfg.warmup_steps)
+        use_amp = cfg.amp and job.runtime.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+        return cls(optimizer, scheduler, scaler, use_amp)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward through the (scaled) loss, one optimizer step, one schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        """The backbone's learning rate now (the decoder's is ``decoder_lr_mult`` times it)."""
+        return self.scheduler.get_last_lr()[0]
+
+
+class _Checkpoints:
+    """``checkpoint.pt`` of a run: resume from it, write it (never with diverged weights), and remember the
+    step of the last one known to hold finite weights, which the divergence error names."""
+
+    def __init__(self, job: TrainJob, opt: _Optimization) -> None:
+        self.job, self.opt = job, opt
+        self.path = job.stage_dir / "checkpoint.pt"
+        self.last_good: int | None = None
+
+    def resume(self) -> tuple[int, dict[str, Any]]:
+        """Restore everything a checkpoint of this fingerprint holds (weights, optimizer, schedule, scaler,
+        extras, RNG streams); returns the step to start from and the last validation metrics, ``(0, {})``
+        without one (or with one of other settings, which the run then overwrites)."""
+        job, rt = self.job, self.job.runtime
+        state = load_checkpoint(self.path)
+        if state is None or state.get("fingerprint") != job.fingerprint:
+            return 0, {}
+        unwrap(job.model).load_state_dict(state["model"])
+        self.opt.optimizer.load_state_dict(state["optimizer"])
+        self.opt.scheduler.load_state_dict(state["scheduler"])
+        self.opt.scaler.load_state_dict(state["scaler"])
         for name, component in job.extras.items():
             component.load_state_dict(state["extras"][name])
         rng = state["rng"]  # one state per rank under DDP (a list), else one
         set_rng_state(rng[rt.rank] if isinstance(rng, list) and len(rng) == rt.world else _first(rng))
-        start, last_val = state["step"], state.get("last_val", {})
-        last_good = start
+        start = self.last_good = state["step"]
         if rt.is_main and start < job.total_steps:
-            print(f"resuming {job.description} from step {start} ({ckpt_path})")
+            print(f"resuming {job.description} from step {start} ({self.path})")
+        return start, state.get("last_val", {})
 
-    log_path = job.stage_dir / "log.jsonl"
-    log_file = None
-    if rt.is_main:  # drop records past the checkpoint we resume from, then append live
-        kept = _read_log(log_path, start)
-        log_path.write_text("".join(line + "\n" for line in kept))
-        log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed below
-    writer = _tensorboard(job.stage_dir, rt.is_main)
-
-    def log(record: dict[str, Any]) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_good
-        if not _weights_finite(model):  # never overwrite the last good checkpoint with diverged weights
-            raise _diverged(job, "the weights became NaN or infinite", step, last_good, ckpt_path)
+    def save(self, step: int, last_val: dict[str, Any]) -> None:
+        """Write the checkpoint after ``step`` steps (rank 0; every rank must call: the RNG states are gathered)."""
+        job, rt = self.job, self.job.runtime
+        if not _weights_finite(job.model):  # never overwrite the last good checkpoint with diverged weights
+            raise self.diverged("the weights became NaN or infinite", step)
         rngs = all_gather_objects(rng_state())  # a collective: every rank, before rank 0 alone writes
         if not rt.is_main:
             return
-        module = unwrap(model)
         save_checkpoint(
-            ckpt_path,
+            self.path,
             {
                 "fingerprint": job.fingerprint,
                 "step": step,
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "model": unwrap(job.model).state_dict(),
+                "optimizer": self.opt.optimizer.state_dict(),
+                "scheduler": self.opt.scheduler.state_dict(),
+                "scaler": self.opt.scaler.state_dict(),
                 "extras": {k: v.state_dict() for k, v in job.extras.items()},
                 "rng": rngs if rt.distributed else rngs[0],
                 "last_val": last_val,
             },
         )
-        last_good = step
+        self.last_good = step
 
-    progress = Progress(
+    def diverged(self, what: str, step: int) -> LabelpipeError:
+        """The one-line error for a loss (or weights) that became NaN or infinite at ``step`` (1-based)."""
+        job = self.job
+        setting = "selftrain.lr" if job.description.startswith("round") else "train.lr"
+        kept = (
+            f"the last good checkpoint ({self.path}, step {self.last_good}) is kept"
+            if self.last_good is not None
+            else "no checkpoint had been written yet"
+        )
+        return LabelpipeError(
+            f"{job.description}: {what} at step {step}; training stopped there and {kept}; lower the learning "
+            f"rate (now {job.cfg.lr:g}; e.g. --set {setting}={job.cfg.lr / 10:g})"
+        )
+
+
+class _RunRecords:
+    """What a run leaves to read (rank 0): ``log.jsonl`` (cut back to the step it resumes from, then
+    appended live), TensorBoard scalars and ``curves.png``. Every rank calls it: the logged train numbers
+    are averaged over the ranks first."""
+
+    def __init__(self, job: TrainJob, start: int) -> None:
+        self.job = job
+        self.log_file = None
+        if job.runtime.is_main:  # drop records past the checkpoint we resume from, then append live
+            log_path = job.stage_dir / "log.jsonl"
+            kept = _read_log(log_path, start)
+            log_path.write_text("".join(line + "\n" for line in kept))
+            self.log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+        self.writer = _tensorboard(job.stage_dir, job.runtime.is_main)
+        self.t_last, self.n_images = time.time(), 0  # throughput since the last train record
+        self.curves_at: int | None = None  # the step curves.png was last drawn at
+
+    def count_images(self, n: int) -> None:
+        """``n`` more images trained on (this rank's), for the throughput of the next train record."""
+        self.n_images += n
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+
+    def train(self, step: int, loss: torch.Tensor, logs: dict[str, Any], lr: float) -> dict[str, Any]:
+        """The train record of ``step``: loss and logs as means over the ranks, the LR, images per second."""
+        elapsed = time.time() - self.t_last
+        loss_value, logs = _mean_over_ranks(loss, logs, self.job.runtime.world)
+        record = {
+            "step": step,
+            "loss": loss_value,
+            "lr": lr,
+            "images_per_s": round(self.n_images / max(elapsed, 1e-9), 2),
+            **logs,
+        }
+        self.t_last, self.n_images = time.time(), 0
+        self._write(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        return record
+
+    def validation(self, step: int, metrics: dict[str, float]) -> None:
+        """The validation record of ``step``; rank 0 redraws ``curves.png`` with it."""
+        self._write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        if self.job.runtime.is_main:
+            _refresh_curves(self.job)
+            self.curves_at = step
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"val/{key}", value, step)
+
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+    def finish(self) -> None:
+        """At the end of the run: the final curves (unless the last validation drew them) and TensorBoard."""
+        if self.job.runtime.is_main:
+            self.close()
+            if self.curves_at != self.job.total_steps or not (self.job.stage_dir / "curves.png").is_file():
+                _refresh_curves(self.job)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -294,76 +383,84 @@ def train(job: TrainJob) -> dict[str, Any]:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        disable=not rt.is_main,
+        disable=not enabled,
     )
+
+
+def _seed_rank(rt: Runtime) -> None:
+    """Each rank its own stream for dropout and the like (rank 0 keeps the one-process stream); the model
+    was built from the common seed before, and DDP starts every rank from rank 0's weights."""
+    if rt.distributed and rt.rank > 0:
+        torch.manual_seed(torch.initial_seed() + 7919 * rt.rank)
+
+
+def _optimizer_step(
+    job: TrainJob, opt: _Optimization, ckpt: _Checkpoints, batch: Any, step: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Step ``step`` (0-based): the objective under autocast, a stop before a non-finite loss reaches the
+    weights, the update, then the stage's after-step hook (e.g. the EMA teacher)."""
+    with autocast(job.runtime.device, opt.use_amp):
+        loss, logs = job.objective(batch, step)
+    loss_now = float(loss.detach())
+    if not math.isfinite(loss_now):  # stop before the update spreads it into the weights
+        raise ckpt.diverged(f"the loss is {loss_now}", step + 1)
+    opt.update(loss)
+    if job.after_step is not None:
+        _sync_buffers(job.model, job.runtime)  # an EMA teacher copies them: the same teacher on every rank
+        job.after_step(step)
+    return loss, logs
+
+
+def _validate(job: TrainJob, ckpt: _Checkpoints, records: _RunRecords, step: int) -> dict[str, float]:
+    """Validate the model after ``step`` steps (rank 0's BatchNorm statistics on every rank) and record it."""
+    if not _weights_finite(job.model):
+        raise ckpt.diverged("the weights became NaN or infinite", step)
+    _sync_buffers(job.model, job.runtime)
+    assert job.validate is not None
+    metrics = job.validate(job.model)
+    job.model.train()
+    records.validation(step, metrics)
+    return metrics
+
+
+def train(job: TrainJob) -> dict[str, Any]:
+    """Run (or resume) training to ``total_steps``; returns the last validation metrics.
+
+    Every ``log_every`` steps a train record, every ``val_every`` a validation (rank 0 redraws
+    ``curves.png`` after each and at the end), every ``checkpoint_every`` a checkpoint. A first Ctrl-C
+    stops after the current step with a checkpoint (:class:`Interrupted`, exit 130); a non-finite loss
+    or weights stop the run with a one-line error naming the last good checkpoint.
+    """
+    cfg, model, total = job.cfg, job.model, job.total_steps
+    opt = _Optimization.build(job)
+    _seed_rank(job.runtime)  # before the resume, which restores each rank's stream
+    ckpt = _Checkpoints(job, opt)
+    start, last_val = ckpt.resume()
+    records = _RunRecords(job, start)
+    progress = _progress_bar(job.runtime.is_main)
     model.train()
-    t_last, n_images = time.time(), 0
-    curves_at = None  # the step curves.png was last drawn at
-    with progress, _stop_on_sigint(not rt.distributed) as stop:
-        task = progress.add_task(job.description, total=job.total_steps, completed=start, info="")
-        for step, batch in zip(range(start, job.total_steps), job.batches(start), strict=False):
-            with autocast(rt.device, use_amp):
-                loss, logs = job.objective(batch, step)
-            loss_now = float(loss.detach())
-            if not math.isfinite(loss_now):  # stop before the update spreads it into the weights
-                raise _diverged(job, f"the loss is {loss_now}", step + 1, last_good, ckpt_path)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if job.after_step is not None:
-                _sync_buffers(model, rt)  # an EMA teacher copies them: the same teacher on every rank
-                job.after_step(step)
-            n_images += logs.pop("images", 0)
+    with progress, _stop_on_sigint(not job.runtime.distributed) as stop:
+        task = progress.add_task(job.description, total=total, completed=start, info="")
+        for step, batch in zip(range(start, total), job.batches(start), strict=False):
+            loss, logs = _optimizer_step(job, opt, ckpt, batch, step)
+            records.count_images(logs.pop("images", 0))
             done = step + 1
-            if done % cfg.log_every == 0 or done == job.total_steps:
-                elapsed = time.time() - t_last
-                loss_value, logs = _mean_over_ranks(loss, logs, rt.world)
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": round(n_images / max(elapsed, 1e-9), 2),
-                    **logs,
-                }
-                t_last, n_images = time.time(), 0
-                log(record)
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step" and isinstance(value, (int, float)):
-                            writer.add_scalar(f"train/{key}", value, done)
+            if done % cfg.log_every == 0 or done == total:
+                record = records.train(done, loss, logs, opt.lr)
                 progress.update(task, info=f"loss {record['loss']:.3f}")
-            if job.validate is not None and (done % cfg.val_every == 0 or done == job.total_steps):
-                if not _weights_finite(model):
-                    raise _diverged(job, "the weights became NaN or infinite", done, last_good, ckpt_path)
-                _sync_buffers(model, rt)
-                last_val = job.validate(model)
-                model.train()
-                log({"step": done, **{f"val_{k}": v for k, v in last_val.items()}})
-                if rt.is_main:
-                    _refresh_curves(job)
-                    curves_at = done
-                if writer is not None:
-                    for key, value in last_val.items():
-                        writer.add_scalar(f"val/{key}", value, done)
+            if job.validate is not None and (done % cfg.val_every == 0 or done == total):
+                last_val = _validate(job, ckpt, records, done)
                 progress.update(task, info=f"loss {float(loss.detach()):.3f} val mIoU {last_val.get('miou', 0):.3f}")
-            if done % cfg.checkpoint_every == 0 or done == job.total_steps or stop.requested:
-                checkpoint(done)
+            if done % cfg.checkpoint_every == 0 or done == total or stop.requested:
+                ckpt.save(done, last_val)
             _test_kill_after_step(done)
             progress.update(task, completed=done)
             if stop.requested:
-                if log_file is not None:
-                    log_file.close()
+                records.close()
                 raise Interrupted(
-                    f"{job.description}: interrupted at step {done} of {job.total_steps}; checkpoint saved to "
-                    f"{ckpt_path}; run the same command again to resume"
+                    f"{job.description}: interrupted at step {done} of {total}; checkpoint saved to "
+                    f"{ckpt.path}; run the same command again to resume"
                 )
-    _sync_buffers(model, rt)  # every rank ends with the weights rank 0 saves
-    if log_file is not None:
-        log_file.close()
-        if curves_at != job.total_steps or not (job.stage_dir / "curves.png").is_file():
-            _refresh_curves(job)
-    if writer is not None:
-        writer.close()
+    _sync_buffers(model, job.runtime)  # every rank ends with the weights rank 0 saves
+    records.finish()
     return last_val
