@@ -107,6 +107,9 @@ class TrainConfig(Section):
     schedule_steps: int | None = Field(None, ge=1)
     warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0.1 lr to lr, then poly
     aux_weight: float = 0.4
+    # Supervised CE class weights p_c^-class_balance from the labeled split's class prior, mean weight 1
+    # (labelpipe.losses.class_balance): 0 = plain CE; 0.5 lets a long tail's rare classes be learned.
+    class_balance: float = Field(0.0, ge=0.0, le=1.0)
     amp: bool = True  # CUDA only; CPU always trains in float32
     sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (CPU: per rank)
     checkpoint_every: int = Field(100, ge=1)
@@ -132,7 +135,7 @@ class TrainConfig(Section):
         }
     )
 
-    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"schedule_steps": None, "warmup_steps": 0}
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"schedule_steps": None, "warmup_steps": 0, "class_balance": 0.0}
 
 
 class PredictConfig(Section):

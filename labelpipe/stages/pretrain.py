@@ -1,6 +1,7 @@
 """``labelpipe pretrain``: supervised training on the labeled (or source) split.
 
-Loss: CE on the main head + ``aux_weight`` x CE on the auxiliary head (ignore 255).
+Loss: CE on the main head + ``aux_weight`` x CE on the auxiliary head (ignore 255), class-weighted when
+``train.class_balance`` > 0 (:func:`labelpipe.losses.class_balance.class_balance_weights`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from labelpipe.store.checkpoint import save_model
 from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
 from labelpipe.training.loop import TrainJob, train
-from labelpipe.training.setup import for_training, make_validator, model_metadata, step_loader
+from labelpipe.training.setup import (
+    for_training,
+    make_validator,
+    model_metadata,
+    step_loader,
+    supervised_class_weights,
+)
 
 
 def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
@@ -66,13 +73,14 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
     net = for_training(model, runtime, cfg, uses_rep=False)
     dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
     ignore = ctx.source.ignore_index
+    weight = supervised_class_weights(ctx, cfg, runtime.device)  # None: plain CE
 
     def objective(batch: dict, step: int):
         images = batch["image"].to(runtime.device, non_blocking=True)
         masks = batch["mask"].to(runtime.device, non_blocking=True)
         out = net(images, with_rep=False)  # no loss reads the representation
-        loss_main = F.cross_entropy(out.main.float(), masks, ignore_index=ignore)
-        loss_aux = F.cross_entropy(out.aux.float(), masks, ignore_index=ignore)
+        loss_main = F.cross_entropy(out.main.float(), masks, weight=weight, ignore_index=ignore)
+        loss_aux = F.cross_entropy(out.aux.float(), masks, weight=weight, ignore_index=ignore)
         loss = loss_main + cfg.aux_weight * loss_aux
         return loss, {
             "loss_main": float(loss_main.detach()),

@@ -43,7 +43,7 @@ from labelpipe.training.curves import round_history
 from labelpipe.training.loop import TrainJob, train
 from labelpipe.training.selftrain_data import calibrate_representation, round_batches
 from labelpipe.training.selftrain_step import SelftrainStep
-from labelpipe.training.setup import for_training, make_validator, model_metadata
+from labelpipe.training.setup import for_training, make_validator, model_metadata, supervised_class_weights
 
 
 def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, out: StageDir) -> dict:
@@ -90,6 +90,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, 
         rank=rt.rank,
         world=rt.world,
         gather=all_gather_rows if rt.distributed else None,
+        class_weights=supervised_class_weights(ctx, cfg, rt.device),
     )
     teacher = objective.teacher
 

@@ -184,8 +184,10 @@ class SelftrainStep:
         rank: int = 0,
         world: int = 1,
         gather=None,
+        class_weights: torch.Tensor | None = None,
     ) -> SelftrainStep:
-        """The step of ``config``'s self-training round for ``model`` (the plain module ``net`` wraps)."""
+        """The step of ``config``'s self-training round for ``model`` (the plain module ``net`` wraps);
+        ``class_weights`` (C,) weight the supervised CE (``train.class_balance``; None: plain CE)."""
         st = config.selftrain
         names = term_names(st)
         needs = cls.term_needs(st)
@@ -204,6 +206,7 @@ class SelftrainStep:
             aux_weight=config.train.aux_weight,
             gather=gather,
             prototypes=prototypes,
+            class_weights=class_weights,
         )
         teacher = EMATeacher(model, st.ema_momentum).to(device) if cls.needs_teacher(st) else None
         return cls(

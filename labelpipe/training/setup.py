@@ -7,10 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from labelpipe.config import RunConfig, TrainConfig
-from labelpipe.context import StageContext
+from labelpipe.context import StageContext, class_prior
 from labelpipe.data.dataset import StepBatchSampler, collate
 from labelpipe.errors import LabelpipeError
 from labelpipe.inference.measure import measure
+from labelpipe.losses.class_balance import class_balance_weights
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
 from labelpipe.runtime import Runtime, unwrap
 
@@ -58,6 +59,15 @@ def make_validator(ctx: StageContext):
         return {"miou": mean_iou(iou_per_class(conf)), "pixel_accuracy": pixel_accuracy(conf), "ece": cal.ece()}
 
     return validate
+
+
+def supervised_class_weights(ctx: StageContext, cfg: TrainConfig, device: torch.device) -> torch.Tensor | None:
+    """(C,) float32 weights of the supervised CE (``train.class_balance`` > 0), from the labeled split's class
+    prior; None for plain CE."""
+    if cfg.class_balance == 0.0:
+        return None
+    prior = class_prior(ctx, ctx.roles["labeled"])
+    return torch.from_numpy(class_balance_weights(prior, cfg.class_balance)).to(device)
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, sync_bn: bool = True) -> torch.nn.Module:

@@ -59,6 +59,7 @@ class TermSetup:
     aux_weight: float = 0.4  # train.aux_weight: the auxiliary head's share of the supervised CE
     gather: Callable[[Tensor], Tensor] | None = None  # all_gather_rows under DDP, else None
     prototypes: PrototypeBank | None = None  # shared by the step's terms and its denoising
+    class_weights: Tensor | None = None  # (C,) of the supervised CE (train.class_balance); None: plain CE
 
 
 @dataclass
@@ -147,13 +148,13 @@ def term_names(st: SelftrainConfig) -> list[str]:
 
 @register_term("supervised")
 class Supervised(LossTerm):
-    """``CE(main_l, y_l) + aux_weight * CE(aux_l, y_l)`` on the labeled (or source) half."""
+    """``CE(main_l, y_l) + aux_weight * CE(aux_l, y_l)`` on the labeled (or source) half (class-weighted
+    with ``train.class_balance``, as in pretraining)."""
 
     def __call__(self, t: StepTensors) -> tuple[Tensor, dict[str, float]]:
-        ignore = self.setup.ignore_index
-        loss = F.cross_entropy(t.main_l, t.y_l, ignore_index=ignore) + self.setup.aux_weight * F.cross_entropy(
-            t.aux_l, t.y_l, ignore_index=ignore
-        )
+        ignore, weight = self.setup.ignore_index, self.setup.class_weights
+        loss = F.cross_entropy(t.main_l, t.y_l, weight=weight, ignore_index=ignore)
+        loss = loss + self.setup.aux_weight * F.cross_entropy(t.aux_l, t.y_l, weight=weight, ignore_index=ignore)
         return loss, {"loss_sup": float(loss.detach())}
 
 
