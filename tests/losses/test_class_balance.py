@@ -45,10 +45,9 @@ def test_the_steps_supervised_term_is_the_class_weighted_ce():
     """The step's supervised loss with weights equals weighted CE (main + 0.4 aux) computed by hand, and its
     gradient differs from the unweighted one's (at random initialisation every pixel's CE is ~log C, so
     the loss values nearly agree; the gradient weighs the classes differently)."""
-    from tests.training.test_terms import IGNORE, NUM_CLASSES, batch, tiny_config
-
     from labelpipe.models import build_model
     from labelpipe.training.selftrain_step import SelftrainStep
+    from tests.training.test_terms import IGNORE, NUM_CLASSES, batch, tiny_config
 
     config = tiny_config(strong_aug=False, terms=["supervised"])
     m = config.model
