@@ -691,6 +691,8 @@ class ThroughputModel:
     crop: int
     batch: int
     aux_weight: float = 0.4
+    scale: str | None = None  # None: DeepLabv3+; n / s / m: the light FPN decoder (model.scale)
+    rep_dim: int = 256
 
 
 def throughput_models(ctx: Context) -> list[ThroughputModel]:
@@ -701,13 +703,15 @@ def throughput_models(ctx: Context) -> list[ThroughputModel]:
     if ctx.dry:
         return [ThroughputModel("tiny resnet18 OS16", "resnet18", 16, (1, 2, 3), 32, 2)]
     cpu_scale = ThroughputModel(
-        f"CPU-scale: {m.backbone} OS{m.output_stride} (demo.yaml)",
+        f"CPU-scale: {m.backbone} OS{m.output_stride}{f' scale {m.scale}' if m.scale else ''} (demo.yaml)",
         m.backbone,
         m.output_stride,
         tuple(m.aspp_rates),
         t.crop_size or 64,
         t.batch_size,
         t.aux_weight,
+        m.scale,
+        m.rep_dim,
     )
     b = ctx.args.r101_batch
     return [
@@ -767,7 +771,8 @@ def bare_throughput(model_spec: ThroughputModel, device_name: str, warmup: int, 
     fmt = torch.channels_last if cuda else torch.contiguous_format
     torch.manual_seed(0)
     m = model_spec
-    model = build_model(NUM_CLASSES, m.backbone, m.output_stride, m.aspp_rates).to(device, memory_format=fmt)
+    model = build_model(NUM_CLASSES, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim, scale=m.scale)
+    model = model.to(device, memory_format=fmt)
     model.representation.requires_grad_(False)
     backbone, head = model.parameter_groups()
     optimizer = torch.optim.SGD([{"params": backbone}, {"params": head, "lr": 0.1}], lr=0.01, momentum=0.9)
@@ -830,6 +835,8 @@ def section_throughput(ctx: Context) -> None:
             "model.backbone": spec.backbone,
             "model.output_stride": spec.output_stride,
             "model.aspp_rates": list(spec.aspp_rates),
+            "model.scale": spec.scale,
+            "model.rep_dim": spec.rep_dim,
             "train.crop_size": spec.crop,
             "train.batch_size": spec.batch,
             "train.steps": n,
