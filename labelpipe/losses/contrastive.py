@@ -77,11 +77,10 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     only on request (``/sys/kernel/mm/transparent_hugepage/enabled`` = ``madvise``, a common default)
     this is the request; elsewhere (CUDA, other systems, a refused call) it is plain ``torch.zeros``.
     """
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel, itemsize = math.prod(shape), torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * itemsize
     if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or not sys.platform.startswith("linux"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     raw = torch.empty(numel + HUGE_PAGE_BYTES // itemsize, dtype=dtype)  # room to align to a huge page
     offset = (-raw.data_ptr()) % HUGE_PAGE_BYTES // itemsize
     buffer = raw[offset : offset + numel]
