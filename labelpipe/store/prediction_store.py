@@ -305,19 +305,36 @@ class PredictionStore:
                     outs[c] = np.empty(total, dtype)
             offset = 0
             for (i, start, end), size in zip(pieces, sizes, strict=True):
-                image = group[escape_id(self.ids[i])]  # one lookup an image: h5py's are ~0.1 ms each
+                path = f"images/{escape_id(self.ids[i])}/".encode()
                 for c, out in outs.items():
-                    dataset = image[c]
-                    if dataset.ndim != 2:
-                        raise LabelpipeError(f"{self.path}: column {c} of {self.ids[i]} is not a 2-D map")
                     dest = out[offset : offset + size].reshape(end - start, shapes[i][1])
-                    if dataset.dtype == out.dtype:
-                        dataset.read_direct(dest, source_sel=np.s_[start:end])
-                    else:  # a column stored in another dtype than the first image's (e.g. uint16 labels)
-                        dest[...] = dataset[start:end]
+                    self._read_rows(path + c.encode(), start, end, dest)
                 offset += size
             chunk.update(outs)
             yield chunk
+
+    def _read_rows(self, path: bytes, start: int, end: int, dest: np.ndarray) -> None:
+        """Rows ``start:end`` of the 2-D dataset at ``path`` into ``dest`` ((end - start, W), C-contiguous).
+
+        HDF5's own calls (``h5d.open``, a hyperslab, ``read``): h5py's high-level group and dataset
+        lookups and selections cost ~0.25 ms a column, which is most of the time of reading a 256 x 512
+        map (~0.1 s of the 0.13 s of two columns of 100 maps; ~0.03 s this way)."""
+        try:
+            dataset = h5py.h5d.open(self.file.id, path)
+        except KeyError as exc:
+            raise LabelpipeError(f"{self.path}: no dataset {path.decode()}; the store is incomplete") from exc
+        space = dataset.get_space()
+        shape = space.shape
+        if len(shape) != 2:
+            raise LabelpipeError(f"{self.path}: {path.decode()} is not a 2-D map")
+        if dataset.dtype != dest.dtype:  # stored in another dtype than the first image's (e.g. uint16 labels)
+            dest[...] = self.file[path.decode()][start:end]
+            return
+        if (start, end) == (0, shape[0]):
+            dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, dest)
+            return
+        space.select_hyperslab((start, 0), (end - start, shape[1]))
+        dataset.read(h5py.h5s.create_simple(dest.shape), space, dest)
 
     def close(self) -> None:
         self.file.close()

@@ -9,6 +9,7 @@ from labelpipe.pseudo.dars import (
     dars_target_counts,
     dars_thresholds,
     dars_thresholds_from_histogram,
+    float32_draw_words,
     skip_draws,
 )
 from labelpipe.pseudo.histogram import Float16Histogram
@@ -214,3 +215,31 @@ def test_thresholds_fall_weakly_as_alpha_grows(seed, n, alphas):
     low, _ = dars_thresholds(label, conf, prior, alphas[0])
     high, _ = dars_thresholds(label, conf, prior, alphas[1])
     assert np.all(high <= low)
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.PCG64DXSM, np.random.Philox])
+@pytest.mark.parametrize("before", [0, 1, 2])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000])
+def test_draw_words_are_the_float32_draws_and_leave_the_generator_where_they_would(bit_generator, before, n):
+    # The words of the raw 64-bit outputs, a draw buffered by an odd-length call first, an odd tail drawn
+    # the ordinary way: the same draws as rng.random(n, float32), and the same draws after them.
+    ours, numpy_s = np.random.Generator(bit_generator(3)), np.random.Generator(bit_generator(3))
+    ours.random(before, dtype=np.float32)
+    numpy_s.random(before, dtype=np.float32)
+    words = float32_draw_words(ours, n)
+    assert words.dtype == np.uint32
+    np.testing.assert_array_equal((words >> 8).astype(np.float32) * np.float32(2**-24), numpy_s.random(n, np.float32))
+    np.testing.assert_array_equal(ours.random(5, dtype=np.float32), numpy_s.random(5, dtype=np.float32))
+
+
+def test_integer_sampling_equals_the_float_comparison_at_the_edges():
+    # s = 0 keeps nothing, s = 1 everything; in between, u < float32(s) exactly (here every pixel is a
+    # candidate: conf 1.0 >= t = 0.5), checked against the floats themselves.
+    ratio = np.array([0.0, 1.0, 0.3, np.nextafter(np.float32(0.5), np.float32(1)), 2.0**-24])
+    label = np.repeat(np.arange(ratio.size, dtype=np.uint8), 20_000)
+    conf = np.ones(label.size, np.float16)
+    got = dars_pseudo_labels(label, conf, np.full(ratio.size, 0.5), ratio, np.random.default_rng(4))
+    u = np.random.default_rng(4).random(label.size, dtype=np.float32)
+    expected = np.where(u < ratio.astype(np.float32)[label], label, 255)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.any(got[label == 0] != 255) and np.all(got[label == 1] == 1)
