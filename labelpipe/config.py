@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from labelpipe.errors import LabelpipeError
@@ -298,6 +297,8 @@ def parse_set_option(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise LabelpipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=0.02")
     path, raw = item.split("=", 1)
+    import yaml  # here, not at the top: ~20 ms of every command that reads no YAML (pseudolabel --predictions)
+
     try:
         value: Any = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as exc:
@@ -314,6 +315,8 @@ def parse_set_option(item: str) -> dict[str, Any]:
 def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LabelpipeError(f"{path}: config file not found; pass a recipe from stages/")
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -363,4 +366,6 @@ def resolve_config(
 
 
 def config_to_yaml(config: RunConfig) -> str:
+    import yaml
+
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
