@@ -206,31 +206,47 @@ class MemoryBank:
         Rows of one class keep their order; the newest overwrite the oldest, and when a class gets
         more than ``capacity`` rows only its last ``capacity`` are kept. Stored detached.
         """
-        feats = feats.detach().to(device=self.device, dtype=self.feats.dtype)
-        n = feats.shape[0]
+        rows = torch.arange(feats.shape[0], device=feats.device) if feats.dim() == 2 else None
+        self.push_rows(class_ids, feats, rows)
+
+    def push_rows(self, class_ids: int | Tensor, source: Tensor, rows: Tensor | None) -> None:
+        """Append ``source[rows]`` to the queues: ``push(class_ids, source[rows])`` without the (K, D) copy.
+
+        source (P, D); rows (K,) long indices into it (None: K = 0); class_ids an int or (K,). Each class's
+        new rows are gathered straight into its ring (one or two contiguous runs of slots), so the rows are
+        written once and no K x D temporary is allocated: at U2PL+ scale the 45,000 negatives of a batch
+        are 46 MB, which the allocator maps fresh (and the kernel zero-fills page by page) every step.
+        """
+        source = source.detach().to(device=self.device, dtype=self.feats.dtype)
+        if rows is None or source.dim() != 2 or source.shape[1] != self.dim:
+            raise ValueError(f"push needs feats (K, {self.dim}) and K class ids; got {tuple(source.shape)}")
+        rows = rows.to(device=self.device, dtype=torch.long).reshape(-1)
+        n = rows.shape[0]
         if isinstance(class_ids, int):
             class_ids = torch.full((n,), class_ids, dtype=torch.long, device=self.device)
         class_ids = class_ids.to(device=self.device, dtype=torch.long).reshape(-1)
-        if class_ids.shape[0] != n or feats.dim() != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"push needs feats (K, {self.dim}) and K class ids; got {tuple(feats.shape)}")
+        if class_ids.shape[0] != n:
+            raise ValueError(f"push needs feats (K, {self.dim}) and K class ids; got {n} rows, {class_ids.numel()} ids")
         if n == 0:
             return
         if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes:
             raise ValueError(f"class ids must lie in [0, {self.num_classes})")
-        # Rank of each row among the rows of its class (stable sort keeps their order), computed on
-        # the ids only: the (K, D) rows are copied once, straight into the buffer.
-        order = torch.argsort(class_ids, stable=True)
+        if n > 1 and not bool((class_ids[1:] >= class_ids[:-1]).all()):
+            order = torch.argsort(class_ids, stable=True)  # group by class, rows of a class in their order
+            class_ids, rows = class_ids[order], rows[order]
         per_class = torch.bincount(class_ids, minlength=self.num_classes)
-        group_start = torch.cumsum(per_class, 0) - per_class
-        sorted_classes = class_ids[order]
-        rank_in_class = torch.empty_like(order)
-        rank_in_class[order] = torch.arange(n, device=self.device) - group_start[sorted_classes]
-        # The kept rows of a class are at most `capacity` consecutive ranks: distinct slots mod capacity.
-        flat_slots = class_ids * self.capacity + (self.ptr[class_ids] + rank_in_class) % self.capacity
-        if int(per_class.max()) > self.capacity:
-            keep = rank_in_class >= (per_class - self.capacity)[class_ids]
-            flat_slots, feats = flat_slots[keep], feats[keep]
-        self.feats.view(-1, self.dim).index_copy_(0, flat_slots, feats)
+        start = 0
+        for c, (count, ptr) in enumerate(zip(per_class.tolist(), self.ptr.tolist(), strict=True)):
+            if count == 0:
+                continue
+            kept = min(count, self.capacity)  # of more rows than slots, the last `capacity` survive
+            group = rows[start + count - kept : start + count]
+            start += count
+            slot = (ptr + count - kept) % self.capacity
+            first = min(kept, self.capacity - slot)  # up to the end of the ring, then from slot 0
+            torch.index_select(source, 0, group[:first], out=self.feats[c, slot : slot + first])
+            if first < kept:
+                torch.index_select(source, 0, group[first:], out=self.feats[c, : kept - first])
         self.ptr = (self.ptr + per_class) % self.capacity
         self.count = torch.clamp(self.count + per_class, max=self.capacity)
 
@@ -292,13 +308,12 @@ class MemoryBank:
 def batch_prototypes(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
     """Per-class means of feats (P, D) over labels (P,) (Eq. 15): ((C, D) float32, (C,) bool present)."""
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    weights = valid.to(torch.float32)
-    sums = torch.zeros(num_classes, feats.shape[1], device=feats.device, dtype=torch.float32)
-    sums.index_add_(0, safe_labels, feats.detach().float() * weights[:, None])
-    counts = torch.zeros(num_classes, device=feats.device, dtype=torch.float32)
-    counts.index_add_(0, safe_labels, weights)
-    return sums / counts.clamp_min(1)[:, None], counts > 0
+    # Rows without a class are summed into a spare row C, dropped after: no masked (P, D) copy of feats.
+    target = torch.where(valid, labels, torch.full_like(labels, num_classes))
+    sums = torch.zeros(num_classes + 1, feats.shape[1], device=feats.device, dtype=torch.float32)
+    sums.index_add_(0, target, feats.detach().float())
+    counts = torch.bincount(target, minlength=num_classes + 1)[:num_classes].to(torch.float32)
+    return sums[:num_classes] / counts.clamp_min(1)[:, None], counts > 0
 
 
 class PrototypeBank:
@@ -338,6 +353,36 @@ class PrototypeBank:
         self.seen = state["seen"].to(self.seen.device, torch.bool).clone()
 
 
+def rank_below(probs: Tensor, r: int) -> Tensor:
+    """(P, C) bool: ``class_ranks(probs) < r`` (class c among pixel p's r most probable, ties: lower index
+    first), without sorting; the transpose of a contiguous (C, P) tensor.
+
+    Sorting 19 classes per pixel costs ~9 ms at U2PL+ scale (16,900 pixels, 1 thread), a top-k ~4 ms;
+    this takes the r-th largest probability of every pixel by insertion into r running maxima, in the
+    (C, P) layout where each step is one vectorised op over the pixels, and compares with it. Pixels
+    where that value is tied between classes (or NaN) go through :func:`class_ranks`, so the result is
+    exactly the sort's. For r > C / 2 it takes the C - r smallest instead, which the complement gives.
+    """
+    num_classes = probs.shape[1]
+    values = probs.T.contiguous()  # (C, P)
+    if r <= 0 or r >= num_classes:
+        return torch.full_like(values, r > 0, dtype=torch.bool).T
+    top = r <= num_classes - r
+    k = r if top else num_classes - r
+    extreme, other = (torch.maximum, torch.minimum) if top else (torch.minimum, torch.maximum)
+    kept = [values[0].clone()] + [torch.full_like(values[0], -math.inf if top else math.inf)] * (k - 1)
+    for row in values[1:]:  # insert the class's probabilities into the k sorted running extremes
+        for i in range(k):
+            kept[i], row = extreme(kept[i], row), (other(kept[i], row) if i < k - 1 else row)
+    kth = kept[-1]  # the k-th largest (top) or smallest of each pixel, with multiplicity
+    tied = values == kth
+    mask = (values > kth) | tied if top else ~((values < kth) | tied)  # bottom: rank >= r, complemented
+    ambiguous = ((tied.sum(0) > 1) | kth.isnan()).nonzero().squeeze(1)
+    if ambiguous.numel():  # which of several tied classes are in: the sort's order decides
+        mask[:, ambiguous] = (class_ranks(probs[ambiguous]) < r).T
+    return mask.T
+
+
 def class_ranks(probs: Tensor) -> Tensor:
     """(P, C) long: rank[p, c] = position of class c in pixel p's descending probabilities (0 = top).
 
@@ -365,21 +410,23 @@ def negative_masks(
     (``valid`` = False removes a pixel, e.g. crop padding; default all valid). The unlabeled candidates
     are the unreliable pixels (U2PL's point), or with ``negative_source="reliable"`` the reliable ones
     instead (the control of U2PL Table III: the same rank rule, the reliable pixels as the pool).
+    Built in the (C, P) layout (contiguous, so the caller's ``nonzero`` lists negatives class by class).
     """
     if negative_source not in ("unreliable", "reliable"):
         raise ValueError(f"negative_source must be 'unreliable' or 'reliable', got {negative_source!r}")
     num_classes = probs.shape[1]
     r_h = min(r_h, num_classes)
-    rank = class_ranks(probs)
+    below_l = rank_below(probs, r_l).T  # (C, P): rank < r_l
+    below_h = rank_below(probs, r_h).T
     classes = torch.arange(num_classes, device=probs.device)
     annotated = is_labeled & (labels != ignore_index)
-    labeled_neg = annotated[:, None] & (labels[:, None] != classes[None, :]) & (rank < r_l)
+    labeled_neg = annotated[None, :] & (labels[None, :] != classes[:, None]) & below_l
     pool = reliable if negative_source == "reliable" else ~reliable
-    unlabeled_neg = (~is_labeled & pool)[:, None] & (rank >= r_l) & (rank < r_h)
+    unlabeled_neg = (~is_labeled & pool)[None, :] & below_h & ~below_l
     negatives = labeled_neg | unlabeled_neg
     if valid is not None:
-        negatives = negatives & valid[:, None]
-    return negatives.T
+        negatives = negatives & valid[None, :]
+    return negatives
 
 
 def anchor_masks(
@@ -401,7 +448,7 @@ def anchor_masks(
     if valid is not None:
         target = torch.where(valid, target, torch.full_like(target, -1))
     classes = torch.arange(num_classes, device=probs.device)
-    return ((target[:, None] == classes[None, :]) & (probs > threshold)).T
+    return (target[None, :] == classes[:, None]) & (probs.T > threshold)  # (C, P), built in that layout
 
 
 def percentile_linear(values: Tensor, q: float) -> Tensor:
@@ -627,7 +674,16 @@ def _anchor_candidates(
     else:
         pool = reliable
     anchors = anchor_masks(probs, labels, is_labeled, pool, labels, threshold, valid)
-    valid_classes = int(anchor_masks(probs, labels, is_labeled, pool, labels, -1.0, valid).any(dim=1).sum())
+    # The classes with any pixel of anchor_masks(..., threshold=-1): a pixel can only be a candidate of
+    # its own target class, so a per-pixel test and a histogram of targets do (no second (C, P) mask).
+    num_classes = probs.shape[1]
+    target = torch.where(is_labeled, labels, torch.where(pool, labels, torch.full_like(labels, -1)))
+    if valid is not None:
+        target = torch.where(valid, target, torch.full_like(target, -1))
+    inside = (target >= 0) & (target < num_classes)
+    target = target[inside]
+    in_pool = probs[inside].gather(1, target[:, None]).squeeze(1) > -1.0
+    valid_classes = int((torch.bincount(target[in_pool], minlength=num_classes) > 0).sum())
     return anchors, valid_classes
 
 
@@ -652,13 +708,15 @@ def _push_negatives(
     if keep is not None:
         neg_class, neg_pixel = neg_class[keep], neg_pixel[keep]
     # Normalise the P teacher rows once, then gather (a pixel is a negative of up to C - 1 classes).
-    # index_select, not t[idx]: advanced indexing of rows is several times slower on CPU.
-    neg_feats = F.normalize(teacher_feats.float(), dim=1).index_select(0, neg_pixel)
-    if gather is not None:  # DDP: every rank's negatives enter every rank's queues, in rank order
-        neg_class, neg_feats = gather(neg_class), gather(neg_feats)
-        keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, shared_generator)
-        if keep is not None:
-            neg_class, neg_feats = neg_class[keep], neg_feats[keep]
+    unit_feats = F.normalize(teacher_feats.float(), dim=1)
+    if gather is None:  # straight from the unit rows into the queues: no (K, D) temporary
+        memory.push_rows(neg_class, unit_feats, neg_pixel)
+        return int(neg_class.numel())
+    # DDP: every rank's negatives enter every rank's queues, in rank order.
+    neg_class, neg_feats = gather(neg_class), gather(unit_feats.index_select(0, neg_pixel))
+    keep = subsample_per_class(neg_class, memory.capacity, memory.num_classes, shared_generator)
+    if keep is not None:
+        neg_class, neg_feats = neg_class[keep], neg_feats[keep]
     memory.push(neg_class, neg_feats)
     return int(neg_class.numel())
 

@@ -18,6 +18,7 @@ from labelpipe.losses.contrastive import (
     contrastive_loss,
     denoise_pseudo_labels,
     negative_masks,
+    rank_below,
     sample_anchor_indices,
     subsample_per_class,
     u2pl_contrastive,
@@ -162,6 +163,28 @@ def test_memory_push_with_interleaved_class_ids():
     assert first_column(bank, 2) == [3]
 
 
+def test_push_rows_equals_push_of_the_gathered_rows():
+    """push_rows(ids, source, rows) leaves the bank as push(ids, source[rows]): interleaved classes,
+    a wrap-around, a class given more rows than its capacity, and a float16 bank."""
+    g = torch.Generator().manual_seed(4)
+    source = torch.randn(30, 3, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        direct, gathered = MemoryBank(4, 3, capacity=5, dtype=dtype), MemoryBank(4, 3, capacity=5, dtype=dtype)
+        for size in (3, 4, 9, 0, 12):  # class 0 overflows at 9 and 12; the rings wrap
+            rows = torch.randint(0, 30, (size,), generator=g)
+            ids = torch.randint(0, 3, (size,), generator=g)
+            direct.push_rows(ids, source, rows)
+            gathered.push(ids, source[rows])
+            assert torch.equal(direct.feats, gathered.feats)
+            assert torch.equal(direct.ptr, gathered.ptr) and torch.equal(direct.count, gathered.count)
+        direct.push_rows(2, source, torch.tensor([5, 6]))
+        assert torch.equal(direct.get(2)[-2:], source[5:7].to(dtype))
+    with pytest.raises(ValueError, match="class ids"):
+        MemoryBank(2, 3).push_rows(torch.tensor([0, 2]), source, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="K class ids"):
+        MemoryBank(2, 3).push_rows(torch.tensor([0]), source, torch.tensor([0, 1]))
+
+
 def test_memory_samples_only_the_filled_part_uniformly():
     bank = MemoryBank(num_classes=2, dim=2, capacity=5)
     bank.push(1, numbered([1, 2, 3]))
@@ -234,6 +257,28 @@ def test_negatives_on_five_classes_by_hand():
     narrow = negative_masks(probs, labels, is_labeled, reliable, r_l=3, r_h=4)
     assert narrow[:, 3].nonzero().flatten().tolist() == [0]
     assert narrow[:, 5].nonzero().flatten().tolist() == [3]
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 19, 21])
+def test_rank_below_equals_the_sort_for_every_r_with_ties_and_non_finite_values(num_classes):
+    """rank_below(probs, r) is class_ranks(probs) < r exactly: distinct values, many ties (rounded to
+    quarters: the tied pixels take the sort's path), NaN, -inf and inf; r from below 0 to above C."""
+    g = torch.Generator().manual_seed(num_classes)
+    distinct = torch.rand(60, num_classes, generator=g)
+    tied = (torch.rand(60, num_classes, generator=g) * 4).round() / 4
+    odd = distinct.clone()
+    odd[3, 1], odd[5, :], odd[7, -1] = float("nan"), float("-inf"), float("inf")
+    for probs in (distinct, tied, odd):
+        ranks = class_ranks(probs)
+        for r in range(-1, num_classes + 2):
+            assert torch.equal(rank_below(probs, r), ranks < r), r
+
+
+def test_rank_below_by_hand():
+    probs, *_ = five_class_example()
+    assert rank_below(probs, 2)[3].tolist() == [False, True, False, True, False]  # c1, c3 lead pixel 3
+    assert rank_below(probs, 4)[3].tolist() == [True, True, False, True, True]  # all but the last, c2
+    assert rank_below(probs, 2)[5].tolist() == [True, True, False, False, False]  # all tied: class order
 
 
 @pytest.mark.parametrize("num_classes,r_l,r_h", [(5, 3, 20), (19, 3, 20), (7, 1, 4), (4, 2, 3)])

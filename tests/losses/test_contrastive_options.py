@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from labelpipe.config import SelftrainConfig
+from labelpipe.losses import contrastive
 from labelpipe.losses.contrastive import (
     MemoryBank,
     PrototypeBank,
@@ -230,6 +231,27 @@ def test_all_valid_averaging_by_the_loop():
     assert stats["classes"] == q_stats["classes"] == 1 and stats["valid_classes"] == 3
     assert qualified.item() == pytest.approx(per_class[0], rel=1e-5)
     assert loss.item() == pytest.approx(sum(per_class.values()) / len(valid), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_valid_classes_by_the_loop_on_a_random_batch(with_valid):
+    """The number of valid classes (counted from a histogram of the pixels' own classes) is the loop's:
+    ignored labels, labels outside [0, C), unlabeled pixels outside the pool and invalid pixels count
+    for none."""
+    g = torch.Generator().manual_seed(7)
+    num_pixels, num_classes = 60, 9
+    probs = torch.softmax(torch.randn(num_pixels, num_classes, generator=g), dim=1)
+    labels = torch.randint(0, 5, (num_pixels,), generator=g)  # classes 5.. never appear
+    labels[::7], labels[3] = 255, 11
+    is_labeled = torch.rand(num_pixels, generator=g) < 0.3
+    pool = torch.rand(num_pixels, generator=g) < 0.3
+    valid = torch.rand(num_pixels, generator=g) < 0.5 if with_valid else None
+    _, count = contrastive._anchor_candidates(probs, labels, is_labeled, pool, 0.3, valid, "reliable", None)
+    keep = valid if with_valid else torch.ones(num_pixels, dtype=torch.bool)
+    expected = loop_valid_classes(probs, labels, is_labeled & keep, pool & keep)
+    assert count == len(expected) and 0 < count <= 5
+    masks = contrastive.anchor_masks(probs, labels, is_labeled, pool, labels, -1.0, valid)  # the definition
+    assert count == int(masks.any(dim=1).sum())
 
 
 def test_all_valid_equals_qualified_when_every_valid_class_qualifies():
