@@ -95,34 +95,43 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
 KEY_BLOCK_BYTES = 4 << 20  # keys gathered at a time by _GatheredInfoNCE: in cache while they are used twice
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
 class _GatheredInfoNCE(torch.autograd.Function):
-    """The mean InfoNCE over K x M anchors whose N negatives are rows ``index`` of ``table``, and its
-    gradient with respect to the anchors, from one gather of the keys.
+    """The mean InfoNCE over K x M anchors ``F.normalize(anchor_rows)`` whose N negatives are rows ``index``
+    of ``table``, and its gradient with respect to ``anchor_rows``, from one gather of the keys.
 
     Forward works through the anchors a block at a time: it gathers the block's keys into a reused
     buffer (4 MB, in cache), takes the similarities, the per-anchor log-normaliser and, since the loss
     of an anchor depends on its own similarities only, the keys' part of that anchor's gradient
     ``sum_j softmax_j z_j`` while the keys are still in cache; the positive's part
-    ``(softmax_0 - 1) z_+`` and the scale ``1 / (tau K M)`` are added for all anchors at once after.
-    Backward only scales it. The numbers of gathering the (K, M, N, D) keys and letting autograd
-    differentiate (up to float rounding), at the cost of one gather of the 249 MB of keys (U2PL+ scale:
-    19 x 256 x 50 x 256) instead of two: the gather is what the loss spends its time on.
+    ``(softmax_0 - 1) z_+`` and the scale ``1 / (tau K M)`` are added for all anchors at once after, and
+    so is the normalisation's Jacobian ``(g - a <a, g>) / |x|`` (``g / eps`` where ``|x| <= eps``, as
+    F.normalize's clamp): three passes over the (K M, D) gradient instead of autograd's graph of
+    F.normalize (~8 ops and their temporaries). Backward only scales it. The numbers of gathering the
+    (K, M, N, D) keys and letting autograd differentiate (up to float rounding), at the cost of one
+    gather of the 249 MB of keys (U2PL+ scale: 19 x 256 x 50 x 256) instead of two: the gather is what
+    the loss spends its time on.
 
     Blocks of 4 MB (81 anchors at N = 50, D = 256): on the 2-core test machine (1 thread) 16 MB blocks
     took ~1.5x longer, their keys no longer staying in cache between the gather and the two products,
     and 1 MB blocks pay torch's per-op overhead 4 times as often (the loop runs 7 ops a block).
 
-    anchors (K, M, D) float32 unit vectors; positive (K, 1, D) or (K, M, D), no gradient; table (R, D)
-    float32 (the memory bank's buffer; saved, so a push before the backward raises autograd's in-place
-    error instead of giving wrong gradients); index (K, M, N) long.
+    anchor_rows (K, M, D) float32, any norm (the anchors are their unit vectors, F.normalize's numbers);
+    positive (K, 1, D) or (K, M, D) unit vectors, no gradient; table (R, D) float32 (the memory bank's
+    buffer; saved, so a push before the backward raises autograd's in-place error instead of giving
+    wrong gradients); index (K, M, N) long.
     """
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, positive: Tensor, table: Tensor, index: Tensor, temperature: float) -> Tensor:
+    def forward(ctx, anchor_rows: Tensor, positive: Tensor, table: Tensor, index: Tensor, temperature: float) -> Tensor:
         k, m, n = index.shape
         d = table.shape[1]
         rows = k * m
-        anchors = anchors.contiguous()
+        norms = torch.linalg.vector_norm(anchor_rows, dim=-1, keepdim=True)
+        denominators = norms.clamp_min(NORMALIZE_EPS)
+        anchors = anchor_rows / denominators  # F.normalize(anchor_rows, dim=-1), the same numbers
         flat_anchors = anchors.view(rows, d)
         flat_index = index.reshape(rows, n)
         # logits[:, 0] the positive's, logits[:, 1:] the negatives' (written block by block below).
@@ -152,6 +161,9 @@ class _GatheredInfoNCE(torch.autograd.Function):
         positive_weight = torch.exp(logits[:, 0] - log_norm)  # softmax_0, the positive's
         grad.view(k, m, d).addcmul_((positive_weight - 1.0).view(k, m, 1), positive)
         grad.mul_(1.0 / (temperature * rows))
+        # Through the normalisation: minus the radial part, over |x| (the clamp passes no radial part).
+        radial = (grad * flat_anchors).sum(dim=1, keepdim=True).mul_(norms.view(rows, 1) > NORMALIZE_EPS)
+        grad.addcmul_(flat_anchors, radial, value=-1.0).div_(denominators.view(rows, 1))
         ctx.save_for_backward(grad, table)
         ctx.anchors_shape = anchors.shape
         return (log_norm - logits[:, 0]).mean()
@@ -747,14 +759,14 @@ def _sampled_info_nce(
     k = classes.numel()
     device = student_feats.device
     anchor_pixels = sample_anchor_indices(candidates, num_anchors, generator)
-    anchor_rows = student_feats.index_select(0, anchor_pixels.reshape(-1)).view(k, num_anchors, -1)
-    anchor_feats = F.normalize(anchor_rows.float(), dim=-1)
+    anchor_rows = student_feats.index_select(0, anchor_pixels.reshape(-1)).view(k, num_anchors, -1).float()
     positive = F.normalize(prototypes.prototypes.to(device)[classes], dim=-1)[:, None, :]
     # The queues hold unit vectors (pushed normalised above): no second normalisation of K*M*N keys.
     rows = memory.sample_rows(classes, num_anchors * num_negatives, generator)
     if memory.table.dtype == torch.float32:  # loss and gradient from one gather of the K*M*N keys
         index = rows.view(k, num_anchors, -1)
-        return _GatheredInfoNCE.apply(anchor_feats, positive, memory.table, index, temperature)
+        return _GatheredInfoNCE.apply(anchor_rows, positive, memory.table, index, temperature)
+    anchor_feats = F.normalize(anchor_rows, dim=-1)
     positive_sim = (anchor_feats * positive).sum(dim=-1, keepdim=True)
     negative_keys = memory.table.index_select(0, rows.view(-1)).float()  # a float16 bank: keys in float32
     negative_keys = negative_keys.view(k, num_anchors, num_negatives, -1)

@@ -641,8 +641,9 @@ def test_u2pl_under_ddp_needs_the_shared_generator():
 
 @pytest.mark.parametrize("block_bytes", [1, 3 * 7 * 4 * 4, 1 << 22])  # one anchor, a few, all in one block
 def test_one_gather_loss_and_gradient_equal_autograd_on_the_materialised_keys(monkeypatch, block_bytes):
-    """The fused loss gathers each key once and forms the anchors' gradient in the forward; it must give
-    autograd's loss and gradient of the InfoNCE on the explicitly gathered (K, M, N, D) keys."""
+    """The fused loss gathers each key once and forms the anchors' gradient (through their normalisation)
+    in the forward; it must give autograd's loss and gradient of F.normalize and the InfoNCE on the
+    explicitly gathered (K, M, N, D) keys, also for a zero anchor and one below F.normalize's eps."""
     from labelpipe.losses import contrastive
 
     monkeypatch.setattr(contrastive, "KEY_BLOCK_BYTES", block_bytes)
@@ -651,8 +652,10 @@ def test_one_gather_loss_and_gradient_equal_autograd_on_the_materialised_keys(mo
     table = F.normalize(torch.randn(40, d, generator=g), dim=1)
     index = torch.randint(0, 40, (k, m, n), generator=g)
     positive = F.normalize(torch.randn(k, 1, d, generator=g), dim=-1)
-    raw = torch.randn(k, m, d, generator=g, requires_grad=True)
-    loss = contrastive._GatheredInfoNCE.apply(F.normalize(raw, dim=-1), positive, table, index, 0.5)
+    raw = torch.randn(k, m, d, generator=g) * torch.rand(k, m, 1, generator=g) * 3
+    raw[0, 1], raw[2, 3] = 0.0, 1e-14  # |x| = 0 and 0 < |x| < eps: F.normalize divides by eps
+    raw.requires_grad_(True)
+    loss = contrastive._GatheredInfoNCE.apply(raw, positive, table, index, 0.5)
     (grad,) = torch.autograd.grad(loss * 3.0, raw)
 
     raw_ref = raw.detach().clone().requires_grad_(True)
@@ -663,6 +666,7 @@ def test_one_gather_loss_and_gradient_equal_autograd_on_the_materialised_keys(mo
     (expected * 3.0).backward()
     assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
     assert torch.allclose(grad, raw_ref.grad, rtol=1e-5, atol=1e-7)
+    assert grad[2, 3].abs().max() > 1e3  # the eps branch: g / eps, no radial part removed
 
 
 def test_memory_bank_buffer_is_zeroed_and_huge_page_aligned_on_linux_cpu():
@@ -682,3 +686,20 @@ def test_memory_bank_buffer_is_zeroed_and_huge_page_aligned_on_linux_cpu():
     assert torch.equal(bank.get(1), rows)
     small = contrastive.zeros_on_huge_pages((2, 3), torch.float16, torch.device("cpu"))
     assert small.shape == (2, 3) and small.dtype == torch.float16 and not small.any()
+
+
+def test_a_push_between_forward_and_backward_raises_instead_of_a_wrong_gradient():
+    """The fused loss keeps the bank's buffer for backward: a push in between (gathered straight into
+    the ring by push_rows) must trip autograd's in-place check."""
+    from labelpipe.losses import contrastive
+
+    bank = MemoryBank(num_classes=2, dim=4, capacity=8)
+    for c in range(2):
+        bank.push(c, F.normalize(torch.randn(8, 4), dim=1))
+    raw = torch.randn(2, 3, 4, requires_grad=True)
+    index = bank.sample_rows(torch.tensor([0, 1]), 6).view(2, 3, 2)
+    positive = F.normalize(torch.randn(2, 1, 4), dim=-1)
+    loss = contrastive._GatheredInfoNCE.apply(raw, positive, bank.table, index, 0.5)
+    bank.push_rows(torch.tensor([0]), torch.randn(5, 4), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
