@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from labelpipe.config import resolve_config
 from labelpipe.context import class_prior, load_trained_model, open_context
 from labelpipe.data.dataset import SegmentationDataset, collate
-from labelpipe.inference.measure import measure, summarize
+from labelpipe.inference.measure import measure
+from labelpipe.metrics import summarize
 from labelpipe.runtime import setup
 
 

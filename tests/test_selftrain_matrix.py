@@ -1,0 +1,345 @@
+"""benchmarks/selftrain_matrix.py, the study of issue 14 item 5, without training anything: the commands its
+``--dry-run`` lists (recipes, shared pretrains, evaluations on both splits) and its ``--report`` on a
+hand-written results.jsonl (means, paired gains, the oracle share, the threshold chosen on target_val)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "selftrain_matrix.py"
+
+
+@pytest.fixture(scope="module")
+def sm():
+    spec = importlib.util.spec_from_file_location("selftrain_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["selftrain_matrix"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("selftrain_matrix", None)
+
+
+def dry_run(sm, capsys, out: Path, *args: str) -> list[list[str]]:
+    """The labelpipe commands ``--dry-run`` prints (as argv lists), in order."""
+    sm.main(["--dry-run", "--out", str(out), *args])
+    lines = capsys.readouterr().out.splitlines()
+    return [shlex.split(line) for line in lines if line.startswith(("labelpipe ", "python "))]
+
+
+def opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def sets(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+
+
+def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
+    out = tmp_path / "m"
+    cmds = dry_run(sm, capsys, out, "--protocols", "da", "--seeds", "1")
+    assert not out.exists()  # a dry run writes nothing
+
+    pretrains = [c for c in cmds if c[:2] == ["labelpipe", "pretrain"]]
+    # One pretrain per recipe (keyed by recipe, protocol and seed) and the oracle: the base recipe on all labels.
+    assert [(opt(c, "--run"), opt(c, "--config"), opt(c, "--protocol"), opt(c, "--seed")) for c in pretrains] == [
+        (str(out / "pretrains" / "digitscapes_dars-da-s1"), "stages/digitscapes_dars.yaml", "da", "1"),
+        (str(out / "pretrains" / "digitscapes_dars-oracle-s1"), "stages/digitscapes_dars.yaml", "oracle", "1"),
+        (str(out / "pretrains" / "digitscapes_rectify-da-s1"), "stages/digitscapes_rectify.yaml", "da", "1"),
+        (str(out / "pretrains" / "digitscapes_u2pl-da-s1"), "stages/digitscapes_u2pl.yaml", "da", "1"),
+    ]
+
+    selftrains = {Path(opt(c, "--run")).name: c for c in cmds if c[:2] == ["labelpipe", "selftrain"]}
+    expected = {
+        "control": ("digitscapes_dars", ["selftrain.unsup_weight=0"]),
+        "st-0.9": ("digitscapes_dars", ["selftrain.method=threshold", "pseudolabel.tau=0.9"]),
+        "cbst": ("digitscapes_dars", ["selftrain.method=cbst"]),
+        "dars": ("digitscapes_dars", ["selftrain.method=dars"]),
+        "rectified": ("digitscapes_rectify", []),
+        "u2pl-unreliable": ("digitscapes_u2pl", []),
+        "u2pl-reliable": ("digitscapes_u2pl", ["selftrain.contrastive_negative_source=reliable"]),
+        "u2pl-nocontrastive": ("digitscapes_u2pl", ["selftrain.contrastive=false"]),
+        "everything": ("digitscapes_u2pl", ["selftrain.rectified=true", "selftrain.denoise=true"]),
+        **{
+            f"sweep-{tau}": (
+                "digitscapes_rectify",
+                ["selftrain.method=threshold", "selftrain.rectified=false", f"pseudolabel.tau={tau}"],
+            )
+            for tau in (0.5, 0.7, 0.8, 0.9, 0.95)
+        },
+    }
+    for key, (recipe, options) in expected.items():
+        c = selftrains[key]
+        assert opt(c, "--run") == str(out / "da-s1" / recipe / key)
+        assert (opt(c, "--config"), opt(c, "--protocol"), opt(c, "--seed")) == (f"stages/{recipe}.yaml", "da", "1")
+        assert sets(c) == options
+        # After its recipe's pretrain, which it copies.
+        pretrain = next(
+            i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and recipe in opt(p, "--run")
+        )
+        assert pretrain < cmds.index(c)
+    assert set(selftrains) == {*expected, "online"}
+
+    # Every model evaluated on target_val and target_test, the last round of its configuration.
+    evals = {(opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"}
+    rounds = {"digitscapes_dars": "round-2", "digitscapes_rectify": "round-1", "digitscapes_u2pl": "round-1"}
+    for key, (recipe, _) in expected.items():
+        for split in ("target_val", "target_test"):
+            assert (str(out / "da-s1" / recipe / key), rounds[recipe], split) in evals
+    for p in pretrains:
+        assert {(opt(p, "--run"), "pretrain", s) for s in ("target_val", "target_test")} <= evals
+    assert len(evals) == 2 * (len(pretrains) + len(selftrains))
+    # AdaBN: the baseline (after its pretrain) with BatchNorm re-estimated, through the script itself.
+    adabn = [c for c in cmds if c[0] == "python"]
+    assert adabn == [
+        ["python", "benchmarks/selftrain_matrix.py", "--adabn", str(out / "pretrains/digitscapes_dars-da-s1")]
+    ]
+    assert cmds.index(adabn[0]) > cmds.index(pretrains[0])
+
+
+def test_dry_run_shares_the_oracle_between_protocols_and_selects_by_prefix(sm, capsys, tmp_path):
+    out = tmp_path / "m"
+    cmds = dry_run(sm, capsys, out, "--seeds", "0", "--configs", "oracle", "u2pl")
+    pretrains = [(opt(c, "--run"), opt(c, "--protocol")) for c in cmds if c[1] == "pretrain"]
+    assert pretrains == [
+        (str(out / "pretrains" / "digitscapes_dars-oracle-s0"), "oracle"),  # once for both protocols
+        (str(out / "pretrains" / "digitscapes_u2pl-da-s0"), "da"),
+        (str(out / "pretrains" / "digitscapes_u2pl-semi-1_16-s0"), "semi-1_16"),
+    ]
+    runs = [opt(c, "--run") for c in cmds if c[1] == "selftrain"]
+    assert runs == [
+        str(out / f"{p}-s0" / "digitscapes_u2pl" / k)
+        for p in ("da", "semi-1_16")
+        for k in ("u2pl-unreliable", "u2pl-reliable", "u2pl-nocontrastive")
+    ]
+    with pytest.raises(SystemExit, match="no such configuration"):
+        sm.main(["--dry-run", "--out", str(out), "--configs", "nope"])
+
+
+def test_configurations_only_set_round_settings_and_resolve(sm):
+    with pytest.raises(ValueError, match="not round settings"):
+        sm.Config("x", "x", sm.DARS_RECIPE, sets=("train.steps=5",))  # would break the shared pretrain
+    from labelpipe.config import resolve_config
+
+    for config in sm.CONFIGS:
+        for protocol in ("da", "semi-1_16"):
+            cfg = resolve_config(
+                None, ROOT / sm.recipe_path(config.recipe), {"data": {"protocol": protocol}}, config.sets
+            )
+            assert cfg.selftrain == sm.round_settings(config)
+    rectified = resolve_config(None, ROOT / "stages/digitscapes_rectify.yaml", None, sm.BY_KEY["sweep-0.8"].sets)
+    assert (rectified.selftrain.method, rectified.selftrain.rectified, rectified.pseudolabel.tau) == (
+        "threshold",
+        False,
+        0.8,
+    )
+
+
+def record(config: str, seed: int, test: float, val: float, tail: float | None = None, **extra) -> dict:
+    return {
+        "protocol": "da",
+        "seed": seed,
+        "config": config,
+        "val_miou": val,
+        "test_miou": test,
+        "test_tail_miou": tail,
+        **extra,
+    }
+
+
+def write_results(path: Path) -> None:
+    """Three seeds of DA; the sweep's best on target_val (tau 0.7) is not its best on target_test (0.9)."""
+    rows = [record("control", 0, 0.10, 0.10)]  # superseded by the later record of the same run
+    tests = {
+        "u2pl-unreliable": (0.40, 0.42, 0.41),
+        "baseline": (0.30, 0.32, 0.31),
+        "oracle": (0.50, 0.52, 0.51),
+        "adabn": (0.31, 0.33, 0.32),
+        "control": (0.33, 0.34, 0.35),
+        "st-0.9": (0.34, 0.35, 0.36),
+        "dars": (0.36, 0.36, 0.37),
+        "rectified": (0.35, 0.355, 0.36),
+        "sweep-0.5": (0.30,) * 3,
+        "sweep-0.7": (0.33,) * 3,
+        "sweep-0.8": (0.34,) * 3,
+        "sweep-0.9": (0.37,) * 3,
+        "sweep-0.95": (0.32,) * 3,
+        "u2pl-reliable": (0.39, 0.40, 0.41),
+    }
+    vals = {"sweep-0.5": 0.30, "sweep-0.7": 0.36, "sweep-0.8": 0.34, "sweep-0.9": 0.33, "sweep-0.95": 0.31}
+    vals |= {"u2pl-unreliable": 0.40, "oracle": 0.60}  # the oracle is no self-training configuration
+    tails = {"st-0.9": (0.22, 0.24, 0.23), "dars": (0.27, 0.28, 0.29)}
+    precision = [
+        {"background": 1.0, "digit-0": 0.5, "digit-1": 0.6},
+        {"background": 0.98, "digit-0": 0.7, "digit-1": None},
+        {"background": 0.99, "digit-0": 0.6, "digit-1": 0.8},
+    ]
+    for key, values in tests.items():
+        for seed, test in enumerate(values):
+            extra = {}
+            if key == "control":
+                extra["pseudo_labels"] = {"kept_fraction": 0.2, "per_class": precision[seed]}
+            tail = tails.get(key, (None,) * 3)[seed]
+            rows.append(record(key, seed, test, vals.get(key, 0.2), tail, stage_wall_s=540.0, **extra))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def table_row(text: str, key: str) -> list[str]:
+    line = next(line for line in text.splitlines() if f"(`{key}`) |" in line)
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def test_report_means_paired_gains_and_the_threshold_chosen_on_val(sm, capsys, tmp_path):
+    write_results(tmp_path / "results.jsonl")
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "| target_val mIoU | target_test mIoU | target_test tail mIoU |" in text
+
+    # The issue's order, whatever the file's.
+    order = [text.index(f"(`{k}`) |") for k in ("baseline", "oracle", "adabn", "control", "dars", "rectified")]
+    assert order == sorted(order)
+    assert text.index("(`sweep-0.95`) |") < text.index("(`u2pl-unreliable`) |") < text.index("(`u2pl-reliable`) |")
+
+    baseline = table_row(text, "baseline")
+    assert baseline[1:5] == ["digitscapes_dars", "3", "20.0 ± 0.0", "31.0 ± 1.0"]  # recipe, seeds, val, test
+    assert (baseline[6], baseline[7], baseline[9]) == ("-", "-1.0 ± 0.0 (3)", "-")  # vs AdaBN: -1 each seed
+    control = table_row(text, "control")  # its seed-0 record of 10 % was superseded
+    assert control[4] == "34.0 ± 1.0"
+    assert control[6] == "+3.0 ± 1.0 (3)"  # paired: 3, 2, 4 points over the baseline
+    assert control[7] == "+2.0 ± 1.0 (3)"  # over AdaBN: 2, 1, 3
+    assert control[8] == "-"
+    assert control[9] == "15 ± 5 % (3)"  # 3/20, 2/20, 4/20 of the oracle gap
+    assert control[10] == "9.0"  # minutes
+    assert control[11] == "99 / 60 70"  # per-class precision, mean over the seeds that kept the class
+    dars = table_row(text, "dars")
+    assert dars[8] == "+2.3 ± 0.6 (3)"  # over the control: 3, 2, 2
+    u2pl = table_row(text, "u2pl-unreliable")
+    assert (u2pl[3], u2pl[6], u2pl[9]) == ("40.0 ± 0.0", "+10.0 ± 0.0 (3)", "50 ± 0 % (3)")
+
+    # The fixed threshold is chosen on target_val (0.7), not on target_test (0.9 there).
+    assert "**tau 0.7**" in text
+    rect = next(line for line in text.splitlines() if line.startswith("| rectified vs the best fixed threshold"))
+    assert "`rectified` - `sweep-0.7`" in rect
+    assert "| +2.5 ± 0.5 (3) |" in rect  # 35 - 33, 35.5 - 33, 36 - 33
+    dars_vs_st = next(line for line in text.splitlines() if line.startswith("| DARS vs threshold-ST"))
+    assert dars_vs_st.endswith("| +1.3 ± 0.6 (3) | +5.0 ± 1.0 (3) |")  # mIoU 2, 1, 1; tail 5, 4, 6
+    negatives = next(line for line in text.splitlines() if line.startswith("| U2PL: unreliable vs reliable-only"))
+    assert "| +1.0 ± 1.0 (3) |" in negatives  # 1, 2, 0
+    # The best self-training configuration on target_val (the oracle's higher val does not count).
+    assert "(`u2pl-unreliable`)." in text
+    vs_adabn = next(line for line in text.splitlines() if line.startswith("| best on target_val vs AdaBN"))
+    assert "| +9.0 ± 0.0 (3) |" in vs_adabn
+
+
+def test_report_without_results_is_a_clean_error(sm, tmp_path):
+    with pytest.raises(SystemExit, match="no results; run the matrix first"):
+        sm.main(["--report", "--out", str(tmp_path)])
+
+
+def test_adabn_row_reuses_adabn_control_on_a_run(sm, pretrained_run, tmp_path):
+    """``--adabn RUN`` (the AdaBN row) runs adabn_control's functions on a trained run (the suite's 6-step
+    model; nothing trained here) and writes both splits' mIoU to matrix/adabn.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
+    sm.main(["--adabn", str(run)])
+    out = json.loads((run / "matrix" / "adabn.json").read_text())
+    assert out["unlabeled"] == "target_train"  # the DA protocol's unlabeled split
+    for split in ("target_val", "target_test"):
+        assert 0.0 <= out[split]["miou"] <= 1.0
+
+
+class FakeLabelpipe:
+    """Stands in for the CLI: writes what each stage would (weights, manifests, metrics, the pseudo-label
+    report) so that the driver's own logic (copies, skips, records) runs for real without training."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.weights = b"pretrained"
+
+    @staticmethod
+    def write(path: Path, content: bytes) -> None:
+        """A stage up to date leaves its files alone (their mtimes are what the driver's skips read)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != content:
+            path.write_bytes(content)
+
+    def __call__(self, matrix, argv: list[str], shown: list[str]) -> None:
+        self.calls.append(shown)
+        run = Path(opt(shown, "--adabn" if shown[0] == "python" else "--run"))
+        if shown[0] == "python":
+            (run / "matrix").mkdir(exist_ok=True)
+            split = {"miou": 0.33, "tail_miou": 0.2}
+            (run / "matrix" / "adabn.json").write_text(json.dumps({"target_val": split, "target_test": split}))
+        elif shown[1] == "pretrain":
+            for name in ("model.safetensors", "checkpoint.pt"):
+                self.write(run / "pretrain" / name, self.weights)
+            self.write(run / "pretrain" / "manifest.json", json.dumps({"status": "done", "wall_s": 120.0}).encode())
+        elif shown[1] == "selftrain":
+            rounds = 1 if "selftrain.rounds=1" in sets(shown) else 2
+            for k in range(1, rounds + 1):
+                round_dir = run / "selftrain" / f"round-{k}"
+                for stage in ("predict", "pseudolabel", "train"):
+                    self.write(
+                        round_dir / stage / "manifest.json", json.dumps({"status": "done", "wall_s": 60.0}).encode()
+                    )
+                self.write(round_dir / "train" / "model.safetensors", b"round")
+                report = {"kept_fraction": 0.2, "per_class": {"background": {"precision": 1.0}, "digit-0": {}}}
+                self.write(round_dir / "pseudolabel" / "report.json", json.dumps(report).encode())
+        elif shown[1] == "evaluate":
+            model, split = opt(shown, "--model"), opt(shown, "--split")
+            miou = {"target_val": 0.3, "target_test": 0.4}[split] + (0.05 if model != "pretrain" else 0.0)
+            (run / "evaluate" / model).mkdir(parents=True, exist_ok=True)
+            metrics = {"split": split, "model": model, "miou": miou, "tail_miou": 0.1, "per_class_iou": {}}
+            (run / "evaluate" / model / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_redone_pretrain(
+    sm, monkeypatch, capsys, tmp_path
+):
+    fake = FakeLabelpipe()
+    monkeypatch.setattr(sm.Matrix, "command", lambda self, argv, shown: fake(self, argv, shown))
+    args = ["--out", str(tmp_path), "--protocols", "da", "--seeds", "0", "--configs", "baseline", "adabn", "control"]
+    args += ["online"]
+    sm.main(args)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by_key = {r["config"]: r for r in records}
+    assert list(by_key) == ["baseline", "adabn", "control", "online"]
+    assert (by_key["baseline"]["val_miou"], by_key["baseline"]["test_miou"]) == (0.3, 0.4)
+    assert (by_key["control"]["model"], by_key["control"]["val_miou"], by_key["control"]["test_miou"]) == (
+        "round-2",
+        0.35,
+        0.45,
+    )
+    assert by_key["control"]["stage_wall_s"] == 6 * 60.0  # two rounds of predict, pseudolabel, train
+    assert by_key["control"]["pseudo_labels"]["per_class"] == {"background": 1.0, "digit-0": None}
+    assert by_key["online"]["model"] == "round-1" and by_key["online"]["pseudo_labels"] is None  # online labels
+    assert by_key["adabn"]["test_miou"] == 0.33
+    control = tmp_path / "da-s0" / "digitscapes_dars" / "control"
+    assert (control / "pretrain" / "model.safetensors").read_bytes() == b"pretrained"
+    text = capsys.readouterr().out
+    assert "| control: the rounds without pseudo-label loss (`control`) |" in text
+    assert "on **target_val**: **online mean teacher" in text  # the control (as high on val) is no candidate
+
+    # Continued: stages are asked again (each skips itself when up to date), evaluations and AdaBN are not.
+    fake.calls.clear()
+    sm.main(args)
+    assert sorted({c[1] for c in fake.calls}) == ["pretrain", "selftrain"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+
+    # The shared pretrain redone (say its recipe changed): the configurations that copied it start again.
+    fake.weights = b"pretrained again"
+    fake.calls.clear()
+    (control / "stale").write_text("")
+    sm.main(args)
+    assert not (control / "stale").exists()
+    assert (control / "pretrain" / "model.safetensors").read_bytes() == b"pretrained again"
+    evaluated = {(Path(opt(c, "--run")).name, opt(c, "--split")) for c in fake.calls if c[1] == "evaluate"}
+    assert evaluated == {(n, s) for n in ("digitscapes_dars-da-s0", "control", "online") for s in sm.SPLITS}
