@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(BY_KEY), help="keys (or key prefixes) of CONFIGS")
+    parser.add_argument("--configs", nargs="+", default=list(BY_KEY), help=f"keys or key prefixes: {', '.join(BY_KEY)}")
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round (smoke runs)")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
