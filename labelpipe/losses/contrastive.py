@@ -116,7 +116,7 @@ class _GatheredInfoNCE(torch.autograd.Function):
 
     Blocks of 4 MB (81 anchors at N = 50, D = 256): on the 2-core test machine (1 thread) 16 MB blocks
     took ~1.5x longer, their keys no longer staying in cache between the gather and the two products,
-    and 1 MB blocks pay torch's per-op overhead 4 times as often (the loop runs 7 ops a block).
+    and 1 MB blocks pay torch's per-op overhead 4 times as often (the loop runs 8 ops a block).
 
     anchor_rows (K, M, D) float32, any norm (the anchors are their unit vectors, F.normalize's numbers);
     positive (K, 1, D) or (K, M, D) unit vectors, no gradient; table (R, D) float32 (the memory bank's
@@ -133,32 +133,45 @@ class _GatheredInfoNCE(torch.autograd.Function):
         denominators = norms.clamp_min(NORMALIZE_EPS)
         anchors = anchor_rows / denominators  # F.normalize(anchor_rows, dim=-1), the same numbers
         flat_anchors = anchors.view(rows, d)
-        flat_index = index.reshape(rows, n)
+        flat_index = index.reshape(-1)
         # logits[:, 0] the positive's, logits[:, 1:] the negatives' (written block by block below).
         logits = anchors.new_empty(rows, 1 + n)
         torch.div((anchors * positive).sum(-1).view(rows), temperature, out=logits[:, 0])
-        log_norm = anchors.new_empty(rows)
+        # Per anchor the log-normaliser is maxes + log(sums) (torch.logsumexp's formula, which would run
+        # ~9 ops a block): maxes the largest logit, sums that of exp(logit - maxes).
+        maxes, sums = anchors.new_empty(rows, 1), anchors.new_empty(rows)
         grad = anchors.new_empty(rows, d)
-        block = max(1, KEY_BLOCK_BYTES // max(1, n * d * table.element_size()))
-        keys_buffer = anchors.new_empty(min(block, rows) * n, d)
-        sims_buffer = anchors.new_empty(min(block, rows), 1, n)
-        weights_buffer = anchors.new_empty(min(block, rows), 1 + n)
+        block = min(rows, max(1, KEY_BLOCK_BYTES // max(1, n * d * table.element_size())))
+        keys_buffer = anchors.new_empty(block * n, d)
+        sims_buffer = anchors.new_empty(block, 1, n)
+        exp_buffer = anchors.new_empty(block, 1, 1 + n)
+        # Views made once, sliced per block (a view costs about as much as a small op).
+        row_anchors, row_grad, flat_sims, flat_exp = (
+            flat_anchors[:, None],
+            grad[:, None],
+            sims_buffer[:, 0],
+            exp_buffer[:, 0],
+        )
         for start in range(0, rows, block):
             end = min(start + block, rows)
             size = end - start
-            keys = torch.index_select(table, 0, flat_index[start:end].reshape(-1), out=keys_buffer[: size * n])
+            keys = torch.index_select(table, 0, flat_index[start * n : end * n], out=keys_buffer[: size * n])
             keys = keys.view(size, n, d)
             # Per anchor a row vector times the keys' transpose, (1, D) x (D, N): on CPU ~1.5x faster than
             # mul + sum, and ~8x faster than the (N, D) x (D, 1) product. Operands contiguous (or one
             # transposed view): bmm's fast path.
-            sims = torch.bmm(flat_anchors[start:end].unsqueeze(1), keys.transpose(1, 2), out=sims_buffer[:size])
+            torch.bmm(row_anchors[start:end], keys.transpose(1, 2), out=sims_buffer[:size])
             block_logits = logits[start:end]
-            torch.div(sims.squeeze(1), temperature, out=block_logits[:, 1:])
-            torch.logsumexp(block_logits, dim=1, out=log_norm[start:end])
-            weights = torch.sub(block_logits, log_norm[start:end, None], out=weights_buffer[:size]).exp_()
-            # sum_j softmax_j z_j over the negatives, (1, N) x (N, D) per anchor, straight into grad.
-            torch.bmm(weights[:, None, 1:], keys, out=grad[start:end].unsqueeze(1))
+            torch.div(flat_sims[:size], temperature, out=block_logits[:, 1:])
+            torch.amax(block_logits, dim=1, keepdim=True, out=maxes[start:end])
+            torch.sub(block_logits, maxes[start:end], out=flat_exp[:size]).exp_()
+            torch.sum(flat_exp[:size], dim=1, out=sums[start:end])
+            # sum_j exp(logit_j - max) z_j over the negatives, (1, N) x (N, D) per anchor, straight into
+            # grad; divided by the row's sum after the loop (softmax weights), with the positive's term.
+            torch.bmm(exp_buffer[:size, :, 1:], keys, out=row_grad[start:end])
+        log_norm = sums.log().add_(maxes.view(rows))
         positive_weight = torch.exp(logits[:, 0] - log_norm)  # softmax_0, the positive's
+        grad.div_(sums[:, None])
         grad.view(k, m, d).addcmul_((positive_weight - 1.0).view(k, m, 1), positive)
         grad.mul_(1.0 / (temperature * rows))
         # Through the normalisation: minus the radial part, over |x| (the clamp passes no radial part).
