@@ -136,7 +136,11 @@ class _GatheredInfoNCE(torch.autograd.Function):
         flat_index = index.reshape(-1)
         # logits[:, 0] the positive's, logits[:, 1:] the negatives' (written block by block below).
         logits = anchors.new_empty(rows, 1 + n)
-        torch.div((anchors * positive).sum(-1).view(rows), temperature, out=logits[:, 0])
+        if positive.shape[1] == 1:  # one positive a class: K (1, D) x (D, M) products, no (K, M, D) temporary
+            positive_sims = torch.bmm(positive, anchors.transpose(1, 2))
+        else:
+            positive_sims = (anchors * positive).sum(-1)
+        torch.div(positive_sims.view(rows), temperature, out=logits[:, 0])
         # Per anchor the log-normaliser is maxes + log(sums) (torch.logsumexp's formula, which would run
         # ~9 ops a block): maxes the largest logit, sums that of exp(logit - maxes).
         maxes, sums = anchors.new_empty(rows, 1), anchors.new_empty(rows)
@@ -171,12 +175,15 @@ class _GatheredInfoNCE(torch.autograd.Function):
             torch.bmm(exp_buffer[:size, :, 1:], keys, out=row_grad[start:end])
         log_norm = sums.log().add_(maxes.view(rows))
         positive_weight = torch.exp(logits[:, 0] - log_norm)  # softmax_0, the positive's
-        grad.div_(sums[:, None])
-        grad.view(k, m, d).addcmul_((positive_weight - 1.0).view(k, m, 1), positive)
-        grad.mul_(1.0 / (temperature * rows))
-        # Through the normalisation: minus the radial part, over |x| (the clamp passes no radial part).
+        # d loss / d a = (grad / sums + (softmax_0 - 1) z_+) / (tau K M), and through the normalisation
+        # (g - a <a, g>) / |x|: the per-row factors in one pass, then the radial part removed (the
+        # clamp at eps passes none).
+        row_factor = denominators.view(rows, 1).reciprocal().mul_(1.0 / (temperature * rows))
+        grad.mul_(row_factor / sums[:, None])
+        positive_factor = (positive_weight[:, None] - 1.0).mul_(row_factor)
+        grad.view(k, m, d).addcmul_(positive_factor.view(k, m, 1), positive)
         radial = (grad * flat_anchors).sum(dim=1, keepdim=True).mul_(norms.view(rows, 1) > NORMALIZE_EPS)
-        grad.addcmul_(flat_anchors, radial, value=-1.0).div_(denominators.view(rows, 1))
+        grad.addcmul_(flat_anchors, radial, value=-1.0)
         ctx.save_for_backward(grad, table)
         ctx.anchors_shape = anchors.shape
         return (log_norm - logits[:, 0]).mean()
