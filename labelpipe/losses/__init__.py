@@ -11,6 +11,7 @@ from labelpipe.losses.contrastive import (
     fold_prototypes,
     negative_masks,
     prototype_weights,
+    rank_below,
     u2pl_contrastive,
 )
 from labelpipe.losses.rectified import OftenBalance, prediction_variance, rectified_loss
@@ -30,6 +31,7 @@ __all__ = [
     "prediction_variance",
     "prototype_weights",
     "OftenBalance",
+    "rank_below",
     "rectified_loss",
     "symmetric_ce",
     "u2pl_contrastive",
