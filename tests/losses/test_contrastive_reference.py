@@ -135,3 +135,37 @@ def test_u2pl_contrastive_equals_the_plain_reference_over_wrapping_batches(seed)
         assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
         assert torch.allclose(fast_student.grad, ref_student.grad, rtol=1e-5, atol=1e-8)
         assert ref_student.grad.abs().sum() > 0 and stats["classes"] >= 2
+
+
+def test_the_gathered_ddp_path_with_one_rank_equals_the_direct_push():
+    """With an identity ``gather`` (one rank) the negatives go through the gathered, materialised path and
+    push(); without, push_rows gathers them straight into the rings: same queues, loss and gradient."""
+    results = []
+    for gather in (None, lambda t: t):
+        g = torch.Generator().manual_seed(3)
+        memory, prototypes = MemoryBank(NUM_CLASSES, DIM, capacity=CAPACITY), PrototypeBank(NUM_CLASSES, DIM)
+        for step in range(3):
+            student, teacher, probs, labels, is_labeled, reliable = reference_batch(g)
+            student.requires_grad_(True)
+            loss, _ = u2pl_contrastive(
+                student,
+                teacher,
+                probs,
+                labels,
+                is_labeled,
+                reliable,
+                memory,
+                prototypes,
+                num_anchors=NUM_ANCHORS,
+                num_negatives=NUM_NEGATIVES,
+                r_l=R_L,
+                r_h=R_H,
+                generator=torch.Generator().manual_seed(step),
+                gather=gather,
+                shared_generator=torch.Generator().manual_seed(50 + step),
+            )
+            loss.backward()
+        results.append((memory.feats.clone(), memory.ptr.clone(), loss.detach(), student.grad))
+    (feats_a, ptr_a, loss_a, grad_a), (feats_b, ptr_b, loss_b, grad_b) = results
+    assert torch.equal(feats_a, feats_b) and torch.equal(ptr_a, ptr_b)
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
