@@ -149,30 +149,35 @@ class _GatheredInfoNCE(torch.autograd.Function):
         keys_buffer = anchors.new_empty(block * n, d)
         sims_buffer = anchors.new_empty(block, 1, n)
         exp_buffer = anchors.new_empty(block, 1, 1 + n)
-        # Views made once, sliced per block (a view costs about as much as a small op).
-        row_anchors, row_grad, flat_sims, flat_exp = (
-            flat_anchors[:, None],
-            grad[:, None],
-            sims_buffer[:, 0],
-            exp_buffer[:, 0],
+        # Every block's slices made up front by torch.split, and the buffers' views made once for a full
+        # block: ~60 blocks at U2PL+ scale, where slicing in Python costs ~1.5 ms a call in all.
+        blocks = zip(
+            flat_index.split(block * n),
+            flat_anchors[:, None].split(block),
+            logits.split(block),
+            logits[:, 1:].split(block),
+            maxes.split(block),
+            sums.split(block),
+            grad[:, None].split(block),
+            strict=True,
         )
-        for start in range(0, rows, block):
-            end = min(start + block, rows)
-            size = end - start
-            keys = torch.index_select(table, 0, flat_index[start * n : end * n], out=keys_buffer[: size * n])
-            keys = keys.view(size, n, d)
+        full_block = _block_views(keys_buffer, sims_buffer, exp_buffer, block)
+        for block_index, block_anchors, block_logits, negative_logits, block_maxes, block_sums, block_grad in blocks:
+            size = block_anchors.shape[0]
+            views = full_block if size == block else _block_views(keys_buffer, sims_buffer, exp_buffer, size)
+            keys, flat_keys, sims, flat_sims, exps, negative_exps = views
+            torch.index_select(table, 0, block_index, out=flat_keys)
             # Per anchor a row vector times the keys' transpose, (1, D) x (D, N): on CPU ~1.5x faster than
             # mul + sum, and ~8x faster than the (N, D) x (D, 1) product. Operands contiguous (or one
             # transposed view): bmm's fast path.
-            torch.bmm(row_anchors[start:end], keys.transpose(1, 2), out=sims_buffer[:size])
-            block_logits = logits[start:end]
-            torch.div(flat_sims[:size], temperature, out=block_logits[:, 1:])
-            torch.amax(block_logits, dim=1, keepdim=True, out=maxes[start:end])
-            torch.sub(block_logits, maxes[start:end], out=flat_exp[:size]).exp_()
-            torch.sum(flat_exp[:size], dim=1, out=sums[start:end])
+            torch.bmm(block_anchors, keys.transpose(1, 2), out=sims)
+            torch.div(flat_sims, temperature, out=negative_logits)
+            torch.amax(block_logits, dim=1, keepdim=True, out=block_maxes)
+            torch.sub(block_logits, block_maxes, out=exps).exp_()
+            torch.sum(exps, dim=1, out=block_sums)
             # sum_j exp(logit_j - max) z_j over the negatives, (1, N) x (N, D) per anchor, straight into
             # grad; divided by the row's sum after the loop (softmax weights), with the positive's term.
-            torch.bmm(exp_buffer[:size, :, 1:], keys, out=row_grad[start:end])
+            torch.bmm(negative_exps, keys, out=block_grad)
         log_norm = sums.log().add_(maxes.view(rows))
         positive_weight = torch.exp(logits[:, 0] - log_norm)  # softmax_0, the positive's
         # d loss / d a = (grad / sums + (softmax_0 - 1) z_+) / (tau K M), and through the normalisation
@@ -195,6 +200,19 @@ class _GatheredInfoNCE(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         return (grad * grad_out).view(ctx.anchors_shape), None, None, None, None
+
+
+def _block_views(
+    keys_buffer: Tensor, sims_buffer: Tensor, exp_buffer: Tensor, size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The first ``size`` anchors' views of _GatheredInfoNCE's buffers: keys (size, N, D) and the same
+    (size N, D), similarities (size, 1, N) and (size, N), exp(logit - max) (size, 1 + N) and its
+    negatives' part (size, 1, N)."""
+    n = sims_buffer.shape[2]
+    flat_keys = keys_buffer[: size * n]
+    sims = sims_buffer[:size]
+    exps = exp_buffer[:size]
+    return flat_keys.view(size, n, -1), flat_keys, sims, sims.view(size, n), exps.view(size, 1 + n), exps[:, :, 1:]
 
 
 def contrastive_loss(anchors: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.5) -> Tensor:
