@@ -150,7 +150,7 @@ class _GatheredInfoNCE(torch.autograd.Function):
         sims_buffer = anchors.new_empty(block, 1, n)
         exp_buffer = anchors.new_empty(block, 1, 1 + n)
         # Every block's slices made up front by torch.split, and the buffers' views made once for a full
-        # block: ~60 blocks at U2PL+ scale, where slicing in Python costs ~1.5 ms a call in all.
+        # block: at U2PL+ scale (61 blocks) slicing them in the loop cost ~2 ms a call.
         blocks = zip(
             flat_index.split(block * n),
             flat_anchors[:, None].split(block),
