@@ -504,12 +504,20 @@ def anchor_masks(
     Labeled pixels with ``labels = c`` and ``probs[:, c] > threshold``; unlabeled reliable pixels with
     ``pseudo = c`` and ``probs[:, c] > threshold``. probs (P, C); labels, pseudo (P,); flags (P,) bool.
     """
-    num_classes = probs.shape[1]
+    target = _anchor_targets(labels, is_labeled, reliable, pseudo, valid)
+    classes = torch.arange(probs.shape[1], device=probs.device)
+    return (target[None, :] == classes[:, None]) & (probs.T > threshold)  # (C, P), built in that layout
+
+
+def _anchor_targets(
+    labels: Tensor, is_labeled: Tensor, reliable: Tensor, pseudo: Tensor, valid: Tensor | None
+) -> Tensor:
+    """(P,) the class a pixel can be an anchor of (:func:`anchor_masks`): its label if labeled, its
+    pseudo-label if reliable, else -1 (and -1 where not ``valid``)."""
     target = torch.where(is_labeled, labels, torch.where(reliable, pseudo, torch.full_like(pseudo, -1)))
     if valid is not None:
         target = torch.where(valid, target, torch.full_like(target, -1))
-    classes = torch.arange(num_classes, device=probs.device)
-    return (target[None, :] == classes[:, None]) & (probs.T > threshold)  # (C, P), built in that layout
+    return target
 
 
 def percentile_linear(values: Tensor, q: float) -> Tensor:
@@ -738,9 +746,7 @@ def _anchor_candidates(
     # The classes with any pixel of anchor_masks(..., threshold=-1): a pixel can only be a candidate of
     # its own target class, so a per-pixel test and a histogram of targets do (no second (C, P) mask).
     num_classes = probs.shape[1]
-    target = torch.where(is_labeled, labels, torch.where(pool, labels, torch.full_like(labels, -1)))
-    if valid is not None:
-        target = torch.where(valid, target, torch.full_like(target, -1))
+    target = _anchor_targets(labels, is_labeled, pool, labels, valid)
     inside = (target >= 0) & (target < num_classes)
     own_prob = probs.gather(1, target.clamp(0, num_classes - 1)[:, None]).squeeze(1)
     counted = target[inside & (own_prob > -1.0)]

@@ -187,18 +187,23 @@ def float32_draw_words(rng: np.random.Generator, n: int) -> np.ndarray:
     that its other half stays buffered. Other bit generators: computed from ``rng.random``."""
     bit_generator = rng.bit_generator
     if type(bit_generator).__name__ not in _HALVES_OF_RAW64 or sys.byteorder != "little":
-        return (rng.random(n, dtype=np.float32) * np.float32(1 << 24)).astype(np.uint32) << np.uint32(8)
+        return _words_of_draws(rng, n)
     words = np.empty(n, np.uint32)
     start, end = 0, n
     if n and bit_generator.state["has_uint32"]:
-        words[0] = np.uint32(rng.random(dtype=np.float32) * (1 << 24)) << np.uint32(8)
+        words[:1] = _words_of_draws(rng, 1)
         start = 1
     if (end - start) % 2:
         end -= 1
     words[start:end] = bit_generator.random_raw((end - start) // 2).view(np.uint32)  # low half, then high
     if end < n:
-        words[end] = np.uint32(rng.random(dtype=np.float32) * (1 << 24)) << np.uint32(8)
+        words[end:] = _words_of_draws(rng, 1)
     return words
+
+
+def _words_of_draws(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n,) uint32 words of ``rng.random(n, dtype=np.float32)``, made the ordinary way (low 8 bits 0)."""
+    return (rng.random(n, dtype=np.float32) * np.float32(1 << 24)).astype(np.uint32) << np.uint32(8)
 
 
 def _keep_words(sampling_ratio: np.ndarray) -> np.ndarray:
