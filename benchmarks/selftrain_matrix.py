@@ -532,8 +532,14 @@ def precision_column(latest: Latest, protocol: str, key: str) -> str:
 
 def best_on_val(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, dict[str, float]]:
     """The key of ``keys`` with the highest mean target_val mIoU, and every key's mean: the only choice the
-    study makes, on target_val, never on target_test."""
-    means = {k: float(np.mean(list(v.values()))) for k in keys if (v := values(latest, protocol, k, "val_miou"))}
+    study makes, on target_val, never on target_test. The means are over the seeds every candidate ran (a
+    candidate run on one easy seed must not beat one run on three); with no seed in common, over each
+    candidate's own seeds."""
+    per_key = {k: v for k in keys if (v := values(latest, protocol, k, "val_miou"))}
+    common = set.intersection(*(set(v) for v in per_key.values())) if per_key else set()
+    means = {
+        k: float(np.mean([x for seed, x in v.items() if not common or seed in common])) for k, v in per_key.items()
+    }
     return (max(means, key=means.__getitem__) if means else None), means
 
 
@@ -600,8 +606,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     best_key, _ = best_on_val(latest, protocol, selftrain_keys)
     if tau_val:
         chosen = ", ".join(f"{k.split('-', 1)[1]}: {v:.1f}" for k, v in tau_val.items())
+        seeds = set.intersection(*(set(values(latest, protocol, k, "val_miou")) for k in tau_val))
+        over = (
+            f"seeds {', '.join(map(str, sorted(seeds)))}, the ones every threshold ran" if seeds else "each tau's seeds"
+        )
         emit(
-            f"Fixed threshold of the sweep chosen on **target_val** (mean mIoU per tau: {chosen}): "
+            f"Fixed threshold of the sweep chosen on **target_val** (mean mIoU per tau over {over}: {chosen}): "
             f"**tau {tau_key.split('-', 1)[1]}**."
         )
     if best_key:

@@ -343,3 +343,20 @@ def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_r
     assert (control / "pretrain" / "model.safetensors").read_bytes() == b"pretrained again"
     evaluated = {(Path(opt(c, "--run")).name, opt(c, "--split")) for c in fake.calls if c[1] == "evaluate"}
     assert evaluated == {(n, s) for n in ("digitscapes_dars-da-s0", "control", "online") for s in sm.SPLITS}
+
+
+def test_threshold_choice_compares_the_sweep_on_the_seeds_every_threshold_ran(sm, capsys, tmp_path):
+    """Seed 0 ran the whole sweep, seeds 1-2 only tau 0.9. Over all of each tau's seeds, 0.8 (seed 0 only,
+    an easy seed) would win on target_val; over seed 0, the seed every tau ran, 0.9 does."""
+    vals = {"sweep-0.5": 0.38, "sweep-0.7": 0.39, "sweep-0.8": 0.393, "sweep-0.9": 0.396, "sweep-0.95": 0.395}
+    rows = [record(key, 0, val, val) for key, val in vals.items()]
+    rows += [record("sweep-0.9", seed, 0.38, 0.38) for seed in (1, 2)]
+    rows += [record("rectified", seed, 0.37, 0.37) for seed in (0, 1, 2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "over seeds 0, the ones every threshold ran" in text
+    assert "**tau 0.9**" in text
+    rect = next(line for line in text.splitlines() if line.startswith("| rectified vs the best fixed threshold"))
+    assert "`rectified` - `sweep-0.9`" in rect
+    assert "(3) |" in rect  # paired over the three seeds both ran
