@@ -530,17 +530,17 @@ def precision_column(latest: Latest, protocol: str, key: str) -> str:
     return f"{means[0]} / {' '.join(means[1:])}" if len(means) > 1 else means[0]
 
 
-def best_on_val(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, dict[str, float]]:
-    """The key of ``keys`` with the highest mean target_val mIoU, and every key's mean: the only choice the
-    study makes, on target_val, never on target_test. The means are over the seeds every candidate ran (a
-    candidate run on one easy seed must not beat one run on three); with no seed in common, over each
-    candidate's own seeds."""
+def best_on_val(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, dict[str, float], set[int]]:
+    """The key of ``keys`` with the highest mean target_val mIoU, every key's mean, and the seeds the means
+    are over: the only choice the study makes, on target_val, never on target_test. The means are over the
+    seeds every candidate ran (a candidate run on one easy seed must not beat one run on three); with no
+    seed in common (an empty set), over each candidate's own seeds."""
     per_key = {k: v for k in keys if (v := values(latest, protocol, k, "val_miou"))}
     common = set.intersection(*(set(v) for v in per_key.values())) if per_key else set()
     means = {
         k: float(np.mean([x for seed, x in v.items() if not common or seed in common])) for k, v in per_key.items()
     }
-    return (max(means, key=means.__getitem__) if means else None), means
+    return (max(means, key=means.__getitem__) if means else None), means, common
 
 
 def report(out: Path, file: TextIO | None = None) -> None:
@@ -601,12 +601,11 @@ def report(out: Path, file: TextIO | None = None) -> None:
 def comparisons(latest: Latest, protocol: str, emit) -> None:
     """The claims of issue 14 as paired target_test differences; every choice made on target_val."""
     sweep = [f"sweep-{tau}" for tau in TAUS]
-    tau_key, tau_val = best_on_val(latest, protocol, sweep)
+    tau_key, tau_val, seeds = best_on_val(latest, protocol, sweep)
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key != "control"]
-    best_key, _ = best_on_val(latest, protocol, selftrain_keys)
+    best_key, _, _ = best_on_val(latest, protocol, selftrain_keys)
     if tau_val:
         chosen = ", ".join(f"{k.split('-', 1)[1]}: {v:.1f}" for k, v in tau_val.items())
-        seeds = set.intersection(*(set(values(latest, protocol, k, "val_miou")) for k in tau_val))
         over = (
             f"seeds {', '.join(map(str, sorted(seeds)))}, the ones every threshold ran" if seeds else "each tau's seeds"
         )
