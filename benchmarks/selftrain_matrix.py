@@ -157,11 +157,16 @@ def recipe_path(recipe: str) -> str:
 
 
 def select(prefixes: list[str]) -> list[Config]:
-    """The configurations whose key starts with one of ``prefixes``, in the study's order."""
-    unknown = [p for p in prefixes if not any(c.key.startswith(p) for c in CONFIGS)]
+    """The configurations named by ``prefixes``, in the study's order: a whole key selects only itself
+    (``sweep-0.9`` is not also ``sweep-0.95``), anything else every key it starts (``sweep``, ``u2pl``)."""
+
+    def named(key: str, p: str) -> bool:
+        return key == p if p in BY_KEY else key.startswith(p)
+
+    unknown = [p for p in prefixes if not any(named(c.key, p) for c in CONFIGS)]
     if unknown:
         raise SystemExit(f"--configs {' '.join(unknown)}: no such configuration; keys: {', '.join(BY_KEY)}")
-    return [c for c in CONFIGS if any(c.key.startswith(p) for p in prefixes)]
+    return [c for c in CONFIGS if any(named(c.key, p) for p in prefixes)]
 
 
 def round_settings(config: Config, extra: tuple[str, ...] = ()):
@@ -469,6 +474,12 @@ def read_results(out: Path) -> Latest:
         if line.strip():
             r = json.loads(line)
             latest[(r["protocol"], int(r["seed"]), r["config"])] = r
+    # The oracle is one run per seed for both protocols (protocol ``oracle``): a protocol whose seed has no
+    # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
+    oracles = {s: r for (_, s, k), r in sorted(latest.items()) if k == "oracle"}
+    for protocol, seed in {(p, s) for (p, s, _) in latest}:
+        if seed in oracles:
+            latest.setdefault((protocol, seed, "oracle"), oracles[seed])
     return latest
 
 

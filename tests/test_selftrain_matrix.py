@@ -360,3 +360,30 @@ def test_threshold_choice_compares_the_sweep_on_the_seeds_every_threshold_ran(sm
     rect = next(line for line in text.splitlines() if line.startswith("| rectified vs the best fixed threshold"))
     assert "`rectified` - `sweep-0.9`" in rect
     assert "(3) |" in rect  # paired over the three seeds both ran
+
+
+def test_a_whole_key_selects_only_itself_a_prefix_every_key_it_starts(sm):
+    keys = lambda *names: [c.key for c in sm.select(list(names))]  # noqa: E731
+    assert keys("sweep-0.9") == ["sweep-0.9"]  # not also sweep-0.95
+    assert keys("sweep-0.9", "sweep-0.95") == ["sweep-0.9", "sweep-0.95"]
+    assert keys("sweep") == [f"sweep-{tau}" for tau in sm.TAUS]
+    assert keys("u2pl") == ["u2pl-unreliable", "u2pl-reliable", "u2pl-nocontrastive"]
+    with pytest.raises(SystemExit, match="sweep-0.6"):
+        sm.select(["sweep-0.6"])
+
+
+def test_semi_reads_the_oracle_recorded_with_da(sm, capsys, tmp_path):
+    """One oracle run per seed serves both protocols: a semi table whose records came from a call that ran
+    only the semi configurations still has its oracle row and gap shares."""
+    rows = [record("oracle", seed, 0.50, 0.50) for seed in (0, 1)]
+    for seed in (0, 1):
+        rows += [
+            {**record("baseline", seed, 0.20, 0.20), "protocol": "semi-1_16"},
+            {**record("u2pl-unreliable", seed, 0.23 + 0.01 * seed, 0.23), "protocol": "semi-1_16"},
+        ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    semi = text[text.index("### semi-1_16") :]
+    assert table_row(semi, "oracle")[4] == "50.0 ± 0.0"
+    assert table_row(semi, "u2pl-unreliable")[9] == "12 ± 2 % (2)"  # 3/30 and 4/30 of the gap
