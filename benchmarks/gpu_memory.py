@@ -40,7 +40,8 @@ full copy of the gradients for SGD's weight decay, count at the optimizer step).
   prototypes). What fake tensors cannot run is adapted around the step, not copied into it:
   * ``EMATeacher`` deep-copies the student, which fake tensors cannot: the copy is the architecture
     built again (:class:`Rebuilt`), given the student's weights by the teacher's update at step 0;
-  * the step's log values (``float(loss)``) read 0 (:class:`LogScalarsAreZero`);
+  * reading a fake tensor's value gives 1 (:class:`FakeScalarsReadOne`): the step's log values
+    (``float(loss)``) and AdamW's step count (its bias correction ``1 - beta ** step`` divides by zero at 0);
   * the online entropy split indexes the valid pixels (a data-dependent shape): the fake batch carries
     no padding mask (a kept copy of <= B x H x W floats, negligible);
   * u2pl_contrastive has data-dependent shapes (nonzero): the contrastive term is replaced by a stand-in
@@ -101,7 +102,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from labelpipe.config import DataConfig, RunConfig, resolve_config
 from labelpipe.losses import MemoryBank, PrototypeBank, class_ranks
-from labelpipe.models import build_model
+from labelpipe.context import model_from_config
 from labelpipe.teacher import EMATeacher
 from labelpipe.training.loop import build_optimizer
 from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
@@ -217,17 +218,19 @@ class NoHook:
         pass
 
 
-class LogScalarsAreZero(TorchDispatchMode):
-    """Reading a fake tensor's value (``float(loss)`` for the step's logs) gives 0 instead of failing.
+class FakeScalarsReadOne(TorchDispatchMode):
+    """Reading a fake tensor's value gives 1 instead of failing.
 
-    Fake tensors have no data; the step converts its loss terms and the kept fraction to Python floats for
-    the log, which nothing in the step's computation reads back (no data-dependent branch or shape).
+    Fake tensors have no data. The step converts its loss terms and the kept fraction to Python floats for
+    the log, which nothing in the step's computation reads back (no data-dependent branch or shape); AdamW
+    reads its step count for the bias correction ``1 - beta ** step``, a divisor, hence 1 and not 0 (the
+    value moves no byte: the update's tensors have the parameters' shapes whatever the step).
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             dtype = args[0].dtype
-            return 0.0 if dtype.is_floating_point else (False if dtype == torch.bool else 0)
+            return 1.0 if dtype.is_floating_point else (True if dtype == torch.bool else 1)
         return func(*args, **(kwargs or {}))
 
 
@@ -305,10 +308,10 @@ class Trainee:
     prototypes: PrototypeBank | None = None
 
     def __post_init__(self) -> None:
-        s, m = self.setting, self.setting.config.model
+        s = self.setting
 
-        def build() -> nn.Module:
-            return build_model(s.num_classes, m.backbone, m.output_stride, m.aspp_rates, m.rep_dim)
+        def build() -> nn.Module:  # the recipe's architecture, scale included, as the stages build it
+            return model_from_config(s.config, s.num_classes, with_backbone_weights=False)
 
         self.student = build().train()
         # labelpipe.training.setup.for_training freezes the representation head unless a loss reads it.
@@ -452,7 +455,7 @@ def measure(
     t0 = time.perf_counter()
     with (
         FakeTensorMode() if fake else contextlib.nullcontext(),
-        LogScalarsAreZero() if fake else contextlib.nullcontext(),
+        FakeScalarsReadOne() if fake else contextlib.nullcontext(),
     ):
         torch.manual_seed(0)
         trainee = Trainee(setting, stage, batch, amp, real_contrastive=not fake)

@@ -60,3 +60,20 @@ def test_recipes_resolve(gm):
         assert setting.stages == ["pretrain", "selftrain"]
     assert gm.load_setting("voc_semi_1464").uses_teacher
     assert not gm.load_setting("cityscapes_semi_1_8").uses_teacher
+
+
+def test_a_scale_recipe_with_adamw_is_estimated_for_its_own_architecture(gm):
+    """The demo recipe (model scale n, AdamW): the estimate builds the scale's FPN model, not a DeepLabv3+
+    on its backbone, and AdamW's step runs on fake tensors (its bias correction reads the step count)."""
+    from labelpipe.context import model_from_config
+
+    setting = gm.load_setting("demo")
+    assert (setting.config.model.scale, setting.config.train.optimizer) == ("n", "adamw")
+    model = model_from_config(setting.config, setting.num_classes, with_backbone_weights=False)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    est = gm.measure(setting, "pretrain", 2, amp=False)
+    # weights, gradients and AdamW's two moments (the representation head, frozen in pretraining, has none)
+    rep = sum(p.numel() * p.element_size() for p in model.representation.parameters())
+    assert est.student_state == pytest.approx(params + buffers + 3 * (params - rep), rel=0.01)
+    assert est.act > 0
