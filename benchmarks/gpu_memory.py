@@ -101,8 +101,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from labelpipe.config import DataConfig, RunConfig, resolve_config
-from labelpipe.losses import MemoryBank, PrototypeBank, class_ranks
 from labelpipe.context import model_from_config
+from labelpipe.losses import MemoryBank, PrototypeBank, class_ranks
 from labelpipe.teacher import EMATeacher
 from labelpipe.training.loop import build_optimizer
 from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
