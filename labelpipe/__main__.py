@@ -1,3 +1,3 @@
-from labelpipe.cli import main
+from labelpipe.entry import main
 
 main()

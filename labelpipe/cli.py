@@ -15,7 +15,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click import exceptions as click_exceptions
 
-from labelpipe.errors import LabelpipeError, os_error_message
+from labelpipe.errors import LabelpipeError, exit_on_error
 
 app = typer.Typer(
     add_completion=False,
@@ -538,34 +538,20 @@ def main(argv: list[str] | None = None) -> None:
     _INVOCATION[:] = args  # --nproc relaunches this (with --debug)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    try:
-        app(args=args, prog_name="labelpipe", standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click_exceptions.UsageError as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
-            sys.exit(0)
-        if debug:
-            traceback.print_exc()
-        hint = f" (see labelpipe {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.info_name != "labelpipe" else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except LabelpipeError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except OSError as exc:  # disk full, read-only, a file where a directory belongs: one line, exit 2
-        message = os_error_message(exc)
-        if message is None:
-            raise
-        if debug:
-            traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    with exit_on_error(debug):
+        try:
+            app(args=args, prog_name="labelpipe", standalone_mode=False)
+        except typer.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click_exceptions.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
+                sys.exit(0)
+            if debug:
+                traceback.print_exc()
+            info = exc.ctx.info_name if exc.ctx else "labelpipe"
+            hint = f" (see labelpipe {info} --help)" if info != "labelpipe" else ""
+            print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+            sys.exit(2)
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            sys.exit(130)

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from labelpipe.defaults import PSEUDOLABEL_DEFAULTS as _PL
+from labelpipe.defaults import PSEUDOLABEL_EXECUTION_ONLY, PSEUDOLABEL_HASHED_WHEN_SET, RUN_SEED_DEFAULT
 from labelpipe.errors import LabelpipeError
 
 
@@ -156,23 +158,24 @@ def registered_method(name: str) -> str:
 
 
 class PseudolabelConfig(Section):
-    method: str = "dars"  # a registered pseudo-label generator (labelpipe.pseudo.registry)
-    alpha: float = Field(0.2, gt=0, le=1)
-    tau: float = Field(0.9, ge=0, le=1)
-    alpha_t: float = Field(0.2, gt=0, lt=1)  # entropy: fraction of unreliable pixels
-    variance_percentile: float | None = None
-    prior_from: str | None = None  # default: the labeled split's masks
-    export: Literal["none", "png"] = "none"
+    # Defaults from labelpipe.defaults (plain Python: the lean --predictions path reads them too).
+    method: str = _PL["method"]  # a registered pseudo-label generator (labelpipe.pseudo.registry)
+    alpha: float = Field(_PL["alpha"], gt=0, le=1)
+    tau: float = Field(_PL["tau"], ge=0, le=1)
+    alpha_t: float = Field(_PL["alpha_t"], gt=0, lt=1)  # entropy: fraction of unreliable pixels
+    variance_percentile: float | None = _PL["variance_percentile"]
+    prior_from: str | None = _PL["prior_from"]  # default: the labeled split's masks
+    export: Literal["none", "png"] = _PL["export"]
     # Pixels read and labelled at a time (images packed, larger ones cut into bands of rows): bounds memory
     # whatever the images' number and size; the labels do not depend on it.
-    chunk_pixels: int = Field(2_000_000, ge=1)
-    plots: bool = True  # matplotlib figures next to report.json (~1 s and ~40 MB more)
+    chunk_pixels: int = Field(_PL["chunk_pixels"], ge=1)
+    plots: bool = _PL["plots"]  # matplotlib figures next to report.json (~1 s and ~40 MB more)
     # DARS random sampling: keep each candidate with probability s_c (the paper), or per image and class
     # exactly round(s_c * m) of its m candidates (the authors' randperm; labels whole images at a time).
-    dars_sampling: Literal["bernoulli", "exact_count"] = "bernoulli"
+    dars_sampling: Literal["bernoulli", "exact_count"] = _PL["dars_sampling"]
 
-    EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset({"chunk_pixels", "plots"})
-    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"dars_sampling": "bernoulli"}
+    EXECUTION_ONLY: ClassVar[frozenset[str]] = PSEUDOLABEL_EXECUTION_ONLY
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = PSEUDOLABEL_HASHED_WHEN_SET
 
     @field_validator("method")
     @classmethod
@@ -256,7 +259,7 @@ class EvaluateConfig(Section):
 
 
 class RunConfig(Section):
-    seed: int = 0
+    seed: int = RUN_SEED_DEFAULT
     # What `labelpipe run RECIPE` executes, in order; each stage is skipped when up to date; a later
     # `evaluate` of another model also prints a before/after table against the first.
     pipeline: list[Literal["pretrain", "predict", "pseudolabel", "selftrain", "evaluate"]] = Field(

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import errno
 import shutil
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -89,3 +93,28 @@ def os_error_message(exc: OSError) -> str | None:
     if exc.errno in (errno.EEXIST, errno.EISDIR):
         return f"{where}: {reason}; pass a directory for --run and files where files are expected"
     return None
+
+
+@contextmanager
+def exit_on_error(debug: bool = False) -> Iterator[None]:
+    """The CLI's error policy around a command: a :class:`LabelpipeError`, an operating-system fault the
+    user can fix (:func:`os_error_message`) and Ctrl-C become one line on stderr and a non-zero exit
+    status (``debug``: the traceback too); anything else propagates."""
+    try:
+        yield
+    except LabelpipeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # disk full, read-only, a file where a directory belongs: one line, exit 2
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

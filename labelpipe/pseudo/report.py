@@ -1,22 +1,21 @@
 """The pseudolabel report: ``report.json`` (counts, KL to the prior, thresholds, quality against ground
 truth where there is some), its figures (``plots/``) and the printed table.
 
-numpy only at import: matplotlib is imported by the first figure (only when plots are drawn), rich by
-:func:`print_report`.
+numpy only at import: matplotlib is imported by the first figure (only when plots are drawn); the
+printed table needs no rich.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from labelpipe.store.prediction_store import PredictionStore
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from labelpipe.metrics import CalibrationAccumulator
     from labelpipe.pseudo.labelling import GroundTruth, Settings
     from labelpipe.pseudo.quality import PseudoQualityAccumulator
@@ -189,37 +188,60 @@ def summary(report: dict) -> dict:
     return {k: report[k] for k in ("kept_fraction", "kl_prior_pseudo", "pseudo_miou") if report.get(k) is not None}
 
 
-def print_report(report: dict, classes: list[str], console: Console | None = None) -> None:
-    """The per-class table of a report (and the quality line where there was ground truth)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    t = Table(
-        title=f"pseudo-labels: {report['method']} (kept {100 * report['kept_fraction']:.1f}%, "
-        f"KL(prior||pseudo) {report['kl_prior_pseudo']:.3f})"
-    )
-    for col in ("class", "prior %", "kept %", "threshold", "precision", "coverage"):
-        t.add_column(col, justify="right" if col != "class" else "left")
+def print_report(report: dict, classes: list[str], file: TextIO | None = None) -> None:
+    """The per-class table of a report (and the quality line where there was ground truth), drawn like
+    the other stages' rich tables but without rich: the lean ``--predictions`` path imports neither rich
+    nor typer (~70 ms of a command that labels 100 maps in ~0.3 s)."""
     thresholds = report["params"].get("thresholds")
     total_kept = max(sum(v["kept"] for v in report["per_class"].values()), 1)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    rows = []
     for c, name in enumerate(classes):
         pc = report["per_class"][name]
-
-        def pct(v):
-            return "-" if v is None else f"{100 * v:.1f}"
-
-        t.add_row(
-            name,
-            f"{100 * pc['prior']:.2f}",
-            f"{100 * pc['kept'] / total_kept:.2f}",
-            "-" if thresholds is None or thresholds[c] is None else f"{thresholds[c]:.4f}",
-            pct(pc.get("precision")),
-            pct(pc.get("coverage")),
+        rows.append(
+            [
+                name,
+                f"{100 * pc['prior']:.2f}",
+                f"{100 * pc['kept'] / total_kept:.2f}",
+                "-" if thresholds is None or thresholds[c] is None else f"{thresholds[c]:.4f}",
+                pct(pc.get("precision")),
+                pct(pc.get("coverage")),
+            ]
         )
-    console.print(t)
+    title = (
+        f"pseudo-labels: {report['method']} (kept {100 * report['kept_fraction']:.1f}%, "
+        f"KL(prior||pseudo) {report['kl_prior_pseudo']:.3f})"
+    )
+    lines = box_table(title, ["class", "prior %", "kept %", "threshold", "precision", "coverage"], rows)
     if report.get("pseudo_miou") is not None:
-        console.print(
+        lines.append(
             f"pseudo-label mIoU {100 * report['pseudo_miou']:.1f}  "
             f"uncertainty gap (conf) {report['uncertainty_gap_conf']:.3f}"
         )
+    print("\n".join(lines), file=file or sys.stdout)
+
+
+def box_table(title: str, headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a table in rich's default box (heavy head): the first column left-aligned, the others
+    right-aligned, the title centred above."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str], edge: str, sep: str) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return edge + sep.join(f" {c} " for c in padded) + edge
+
+    def rule(left: str, fill: str, mid: str, right: str) -> str:
+        return left + mid.join(fill * (w + 2) for w in widths) + right
+
+    top = rule("┏", "━", "┳", "┓")
+    return [
+        title.center(len(top)).rstrip(),
+        top,
+        line(headers, "┃", "┃"),
+        rule("┡", "━", "╇", "┩"),
+        *(line(r, "│", "│") for r in rows),
+        rule("└", "─", "┴", "┘"),
+    ]

@@ -35,7 +35,8 @@ PLOTS = ("class_distribution.png", "histograms.png", "samples.png", "reliability
 
 
 def labelpipe(args: list[str]) -> int:
-    from labelpipe.cli import main
+    """The console entry point (``labelpipe.entry``: the lean path for --predictions, typer otherwise)."""
+    from labelpipe.entry import main
 
     try:
         main(args)
@@ -461,15 +462,16 @@ def _in_memory_byo(method: str, pred: dict[str, np.ndarray]):
     return labels, weights, None
 
 
-def test_byo_path_imports_neither_torch_nor_matplotlib(byo_store, tmp_path):
+def test_byo_path_imports_neither_torch_nor_matplotlib_nor_the_cli_stack(byo_store, tmp_path):
     prior = tmp_path / "prior.npy"
     np.save(prior, np.array(BYO_PRIOR))
     args = ["pseudolabel", "--predictions", str(byo_store), "--out", str(tmp_path / "out"), "--prior", str(prior)]
     code = (
         "import sys\n"
-        "from labelpipe.cli import main\n"
+        "from labelpipe.entry import main\n"
         f"main({args!r})\n"
-        "loaded = [m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules]\n"
+        "modules = ('torch', 'torchvision', 'matplotlib', 'typer', 'pydantic', 'rich')\n"
+        "loaded = [m for m in modules if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
