@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "labelpipe"
-CALLERS_OF_STAGES = {"cli.py", "pipeline.py"}  # above the stages: they call the verbs
+CALLERS_OF_STAGES = {"cli.py", "entry.py", "pipeline.py"}  # above the stages: they call the verbs
 
 
 def imports(path: Path) -> list[tuple[str, list[str]]]:
