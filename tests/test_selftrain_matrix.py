@@ -84,7 +84,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and recipe in opt(p, "--run")
         )
         assert pretrain < cmds.index(c)
-    assert set(selftrains) == {*expected, "online"}
+    assert set(selftrains) == {*expected, "online", "online-1200"}
 
     # Every model evaluated on target_val and target_test, the last round of its configuration.
     evals = {(opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"}
