@@ -25,7 +25,6 @@ PSEUDOLABEL_DEFAULTS: dict[str, Any] = {
     "dars_sampling": "bernoulli",
 }
 EXPORT_FORMATS = ("none", "png")
-DARS_SAMPLING_MODES = ("bernoulli", "exact_count")
 # What a fingerprint leaves out (how a run goes, not what it computes) ...
 PSEUDOLABEL_EXECUTION_ONLY = frozenset({"chunk_pixels", "plots"})
 # ... and settings added after runs existed, hashed only when they differ from these (old runs stay valid).

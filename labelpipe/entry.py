@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from labelpipe.defaults import DARS_SAMPLING_MODES, EXPORT_FORMATS, PSEUDOLABEL_DEFAULTS, RUN_SEED_DEFAULT
+from labelpipe.defaults import EXPORT_FORMATS, PSEUDOLABEL_DEFAULTS, RUN_SEED_DEFAULT
 
 # The options of `labelpipe pseudolabel` that go with --predictions (labelpipe.cli.pseudolabel), by
 # flag: (the name in this module, how a value is read).
@@ -98,7 +98,6 @@ def lean_settings(options: dict[str, Any]) -> Any:
     values = dict(PSEUDOLABEL_DEFAULTS)
     values.update({k: options[k] for k in ("method", "alpha", "tau", "export", "chunk_pixels") if k in options})
     values["plots"] = options.get("plots", False)  # with --predictions: no plots unless asked
-    assert values["dars_sampling"] in DARS_SAMPLING_MODES
     return settings_from_values(values, options.get("seed", RUN_SEED_DEFAULT))
 
 
