@@ -76,6 +76,12 @@ class ModelConfig(Section):
     # None: DeepLabv3+ (the papers' head). n / s / m: a CPU scale, EfficientNet-Lite0 with a light FPN decoder
     # (labelpipe/models/fpn.py); it sets backbone, output_stride and rep_dim unless they are given.
     scale: Literal["n", "s", "m"] | None = None
+    # The backbone level the auxiliary classifier reads: "mid" (stride 16, the papers' layer3), or "c3"
+    # (stride 8, shallower): in scale n the main head's deepest features are "mid" itself, so there the two
+    # heads share every layer; "c3" gives the auxiliary head a shallower view, as layer3 is to layer4.
+    aux_level: Literal["mid", "c3"] = "mid"
+
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"aux_level": "mid"}
 
     @model_validator(mode="before")
     @classmethod

@@ -81,6 +81,7 @@ def model_from_config(config: RunConfig, num_classes: int, with_backbone_weights
         m.rep_dim,
         m.backbone_weights if with_backbone_weights else None,
         scale=m.scale,
+        aux_level=m.aux_level,
     )
 
 

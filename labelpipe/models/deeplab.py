@@ -100,9 +100,11 @@ class DeepLabV3Plus(SegmentationModel):
         aspp_rates: tuple[int, ...] = (6, 12, 18),
         decoder_channels: int = 256,
         rep_dim: int = 256,
+        aux_level: str = "mid",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.aux_level = aux_level
         self.backbone = build_backbone(backbone, output_stride)
         ch = self.backbone.channels
         self.aspp = ASPP(ch["high"], decoder_channels, tuple(aspp_rates))
@@ -113,7 +115,7 @@ class DeepLabV3Plus(SegmentationModel):
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         self.aux_classifier = nn.Sequential(
-            conv_bn_relu(ch["mid"], 256), nn.Dropout(0.1), nn.Conv2d(256, num_classes, 1)
+            conv_bn_relu(ch[aux_level], 256), nn.Dropout(0.1), nn.Conv2d(256, num_classes, 1)
         )
         self.representation = nn.Sequential(conv_bn_relu(decoder_channels, 256), conv_bn_relu(256, rep_dim, 1))
 
@@ -129,5 +131,5 @@ class DeepLabV3Plus(SegmentationModel):
         high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
         decoded = self.fuse(torch.cat([high, low], dim=1))
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
-        aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_classifier(feats[self.aux_level]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)

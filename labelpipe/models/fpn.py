@@ -58,9 +58,11 @@ class FPNSegmenter(SegmentationModel):
         decoder_channels: int = 64,
         rep_dim: int = 64,
         lite_stages: int = 7,
+        aux_level: str = "mid",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.aux_level = aux_level
         self.backbone = build_backbone(backbone, output_stride, lite_stages)
         channels = self.backbone.channels
         width = decoder_channels
@@ -70,7 +72,7 @@ class FPNSegmenter(SegmentationModel):
         self.fuse = conv_bn_relu(width, width)
         self.classifier = nn.Conv2d(width, num_classes, 1)
         self.aux_classifier = nn.Sequential(
-            conv_bn_relu(channels["mid"], width), nn.Dropout(0.1), nn.Conv2d(width, num_classes, 1)
+            conv_bn_relu(channels[aux_level], width), nn.Dropout(0.1), nn.Conv2d(width, num_classes, 1)
         )
         self.representation = nn.Sequential(conv_bn_relu(width, width), conv_bn_relu(width, rep_dim, 1))
 
@@ -91,5 +93,5 @@ class FPNSegmenter(SegmentationModel):
         feats = self.backbone(x)
         decoded = self.decode(feats)
         main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
-        aux = F.interpolate(self.aux_classifier(feats["mid"]), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_classifier(feats[self.aux_level]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)

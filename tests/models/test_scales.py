@@ -179,3 +179,33 @@ def test_a_scale_model_trains_and_calibrates_its_representation():
     norm = fresh.representation[0][1]
     assert int(norm.num_batches_tracked) == 1 and norm.running_mean.abs().sum() > 0
     assert not fresh.calibrate_representation(iter([torch.randn(2, 3, 32, 32)]))  # once only
+
+
+@pytest.mark.parametrize(("scale", "aux_level"), [("n", "mid"), ("n", "c3"), (None, "mid"), (None, "c3")])
+def test_the_auxiliary_head_reads_the_chosen_level_and_no_deeper_one(scale, aux_level):
+    torch.manual_seed(0)
+    if scale is None:
+        model = build_model(4, "resnet18", 16, (1, 2, 3), 8, aux_level=aux_level).train()
+        after_c3 = list(model.backbone.net.layer3.parameters())
+    else:
+        model = _scale_model(scale, aux_level=aux_level).train()
+        after_c3 = list(model.backbone.net.blocks[5:11].parameters())  # the blocks of the "mid" level
+    assert model.aux_classifier[0][0].in_channels == model.backbone.channels[aux_level]
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.aux.shape == out.main.shape
+    out.aux.sum().backward()
+    reached = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in after_c3)
+    assert reached == (aux_level == "mid")  # "c3": the auxiliary logits do not depend on the "mid" blocks
+
+
+def test_aux_level_is_in_the_config_and_the_saved_metadata_and_old_fingerprints_hold():
+    from labelpipe.models import build_model_from_metadata
+
+    assert "aux_level" not in ModelConfig(scale="n").fingerprint_fields()  # the default: old runs stay valid
+    assert ModelConfig(scale="n", aux_level="c3").fingerprint_fields()["aux_level"] == "c3"
+    spec = ModelConfig(scale="n", aux_level="c3").model_dump(mode="json")
+    assert build_model_from_metadata(5, spec).aux_level == "c3"
+    spec.pop("aux_level")  # a model saved before the option
+    assert build_model_from_metadata(5, spec).aux_level == "mid"
+    with pytest.raises(LabelpipeError, match="aux_level"):
+        build_model(3, "resnet18", 16, aux_level="high")
