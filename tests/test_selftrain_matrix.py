@@ -52,6 +52,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         (str(out / "pretrains" / "digitscapes_dars-da-s1"), "stages/digitscapes_dars.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_dars-oracle-s1"), "stages/digitscapes_dars.yaml", "oracle", "1"),
         (str(out / "pretrains" / "digitscapes_rectify-da-s1"), "stages/digitscapes_rectify.yaml", "da", "1"),
+        (str(out / "pretrains" / "digitscapes_rectify_c3-da-s1"), "stages/digitscapes_rectify_c3.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_u2pl-da-s1"), "stages/digitscapes_u2pl.yaml", "da", "1"),
     ]
 
@@ -66,6 +67,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "u2pl-reliable": ("digitscapes_u2pl", ["selftrain.contrastive_negative_source=reliable"]),
         "u2pl-nocontrastive": ("digitscapes_u2pl", ["selftrain.contrastive=false"]),
         "everything": ("digitscapes_u2pl", ["selftrain.rectified=true", "selftrain.denoise=true"]),
+        "c3-rectified": ("digitscapes_rectify_c3", []),
+        "c3-sweep-0.9": (
+            "digitscapes_rectify_c3",
+            ["selftrain.method=threshold", "selftrain.rectified=false", "pseudolabel.tau=0.9"],
+        ),
         **{
             f"sweep-{tau}": (
                 "digitscapes_rectify",
@@ -81,14 +87,15 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         assert sets(c) == options
         # After its recipe's pretrain, which it copies.
         pretrain = next(
-            i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and recipe in opt(p, "--run")
+            i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and f"/{recipe}-da-" in opt(p, "--run")
         )
         assert pretrain < cmds.index(c)
     assert set(selftrains) == {*expected, "online", "online-1200"}
 
     # Every model evaluated on target_val and target_test, the last round of its configuration.
     evals = {(opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"}
-    rounds = {"digitscapes_dars": "round-2", "digitscapes_rectify": "round-1", "digitscapes_u2pl": "round-1"}
+    rounds = {"digitscapes_dars": "round-2", "digitscapes_u2pl": "round-1"}
+    rounds |= {"digitscapes_rectify": "round-1", "digitscapes_rectify_c3": "round-1"}
     for key, (recipe, _) in expected.items():
         for split in ("target_val", "target_test"):
             assert (str(out / "da-s1" / recipe / key), rounds[recipe], split) in evals
