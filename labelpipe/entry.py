@@ -59,7 +59,7 @@ def lean_pseudolabel_options(args: list[str]) -> dict[str, Any] | None:
             return None
         name, read = _VALUES[flag]
         raw = inline if sep else next(rest, None)
-        if raw is None:
+        if raw is None or (not sep and raw.startswith("--")):  # a missing value: typer says what it wants
             return None
         try:
             options[name] = read(raw)

@@ -79,6 +79,7 @@ def test_lean_settings_and_fingerprint_equal_the_typer_commands(extra):
         [*BASE, "--set", "pseudolabel.dars_sampling=exact_count"],
         [*BASE, "--run", "runs/x"],
         [*BASE, "--alpha"],  # an option without its value
+        [*BASE, "--prior", "--force"],
         [*BASE, "--alpha", "0"],  # out of range: the typer command reports it
         [*BASE, "--alpha", "nan"],
         [*BASE, "--tau", "1.5"],
