@@ -5,12 +5,14 @@ so float16 ties them and DARS samples), deterministic in (seed, map index). Per 
 
 1. the maps are written once to ``WORKDIR`` as float16 (C, H, W) probabilities (``probs-*.npy``, read by
    the authors' pipeline) and reduced by the public writer to a prediction store
-   (``PredictionWriter.add_probabilities``: label, conf, entropy; timed as a component);
+   (``PredictionWriter.add_probabilities``: label, conf, entropy, and the writer's pass-1 histograms), and
+   copied without those histograms (what a store of ``predict`` or of another writer is);
 2. in fresh processes, interleaved (repeat r: authors, labelpipe, authors, labelpipe, ...), with one
    thread each (OMP/MKL/OPENBLAS_NUM_THREADS=1, ``torch.set_num_threads(1)``):
    - ``labelpipe pseudolabel --predictions STORE --out DIR --prior PRIOR.npy --method dars --alpha 0.5``
-     (the CLI as installed: imports, pass 1, pass 2, labels.h5, report.json, manifest; no plots, the
-     default with --predictions; one run with ``--plots`` for the 100-map case);
+     (the CLI as installed: imports, pass 1 (from the stored histogram: no read), pass 2, labels.h5,
+     report.json, manifest; no plots, the default with --predictions; one run with ``--plots`` for the
+     100-map case), and the same on the copy without histograms (pass 1 reads label + conf);
    - the authors' pipeline re-implemented from its description (ALGORITHMS.md section 2; no code copied):
      ``first_forward`` keeps every pixel's confidence (float32) and prediction (int64) of the set in
      memory and sorts each class's confidences for its threshold; ``second_forward`` recomputes each map's
@@ -292,6 +294,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def without_histograms(store: Path) -> Path:
+    """A copy of ``store`` without the writer's pass-1 histograms (``hist/``): what ``pseudolabel`` reads
+    twice, as it does a store ``predict`` or another writer made."""
+    import h5py
+
+    bare = store.with_name(store.stem + "-nohist.h5")
+    shutil.copy(store, bare)
+    with h5py.File(bare, "r+") as fh:
+        del fh["hist"]
+    return bare
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 maps of 256 x 512 and 4 of 1024 x 2048, 1 repeat")
@@ -341,12 +355,15 @@ def main() -> None:
             paths = make_inputs(args.workdir, n_maps, height, width, with_baseline, distinct)
             out = args.workdir / f"out-{n_maps}x{height}x{width}"
             authors_out = args.workdir / f"authors-{n_maps}x{height}x{width}"
-            runs: dict[str, list[dict]] = {"labelpipe": [], "authors": []}
+            bare = without_histograms(paths["store"])
+            runs: dict[str, list[dict]] = {"labelpipe": [], "authors": [], "labelpipe, no stored histograms": []}
             for _ in range(repeat):
                 if with_baseline:
                     command = [sys.executable, __file__, "--worker", "authors", str(paths["probs"]), str(authors_out)]
                     runs["authors"].append(timed(command))
                 runs["labelpipe"].append(timed(labelpipe_command(paths["store"], out, prior)))
+                bare_run = timed(labelpipe_command(bare, args.workdir / "out-bare", prior))
+                runs["labelpipe, no stored histograms"].append(bare_run)
             if n_maps == small[0] and height == 256:
                 runs["labelpipe --plots"] = [
                     timed(labelpipe_command(paths["store"], args.workdir / "plots", prior, "--plots"))
@@ -360,7 +377,7 @@ def main() -> None:
             rows.append((name, pixels, runs, parts, match))
             print_case(name, pixels, runs, parts, match)
             if not args.keep:
-                for path in (paths["store"], paths["probs"], out, authors_out):
+                for path in (paths["store"], paths["probs"], out, authors_out, bare, args.workdir / "out-bare"):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     finally:
         if not args.keep:
@@ -380,9 +397,9 @@ def print_case(name: str, pixels: int, runs: dict, parts: dict, match: dict | No
 
 def print_table(rows: list) -> None:
     header = "| maps | Mpix | authors' wall s | authors' peak RSS MB | labelpipe wall s | labelpipe peak RSS MB |"
-    header += " speed-up | RSS ratio |"
+    header += " speed-up | RSS ratio | store without histograms: wall s | speed-up |"
     print("\n" + header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     for name, pixels, runs, _, _ in rows:
         ours = runs["labelpipe"]
         ours_wall, ours_rss = statistics.median(r["wall_s"] for r in ours), max(r["rss_mb"] for r in ours)
@@ -394,7 +411,12 @@ def print_table(rows: list) -> None:
         else:
             cells, ratio = ["skipped", "-"], ["-", "-"]
         ours_cells = [spread([r["wall_s"] for r in ours]), f"{ours_rss:.0f}"]
-        print(f"| {name} | {pixels / 1e6:.1f} | {' | '.join(cells)} | {' | '.join(ours_cells)} | {' | '.join(ratio)} |")
+        bare = runs.get("labelpipe, no stored histograms") or []
+        bare_cells = [spread([r["wall_s"] for r in bare]) if bare else "-", "-"]
+        if bare and runs["authors"]:
+            bare_cells[1] = f"{theirs_wall / statistics.median(r['wall_s'] for r in bare):.1f}x"
+        row = [*cells, *ours_cells, *ratio, *bare_cells]
+        print(f"| {name} | {pixels / 1e6:.1f} | {' | '.join(row)} |")
 
 
 if __name__ == "__main__":

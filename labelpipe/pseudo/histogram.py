@@ -81,6 +81,18 @@ class Float16Histogram:
         self._counts = np.zeros((self.num_classes, NUM_BINS), dtype=np.int64)
         self._index = np.empty(int(piece_size), dtype=np.int64)
 
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> Float16Histogram:
+        """A histogram holding ``counts`` ((rows, NUM_BINS) non-negative integers), e.g. a stored one."""
+        counts = np.asarray(counts)
+        if counts.ndim != 2 or counts.shape[1] != NUM_BINS or counts.shape[0] < 1:
+            raise ValueError(f"counts must be (rows, {NUM_BINS}), got {counts.shape}")
+        if counts.dtype.kind not in "ui" or (counts.size and counts.min() < 0):
+            raise ValueError("counts must be non-negative integers")
+        hist = cls(counts.shape[0])
+        hist._counts[...] = counts
+        return hist
+
     # ----------------------------------------------------------------------------------------- updates
     def update(self, label: np.ndarray | None, values: np.ndarray) -> None:
         """Add pixels: ``label`` (N,) or any shape, class ids < C (None: every pixel in class 0);

@@ -32,11 +32,11 @@ import numpy as np
 from labelpipe.defaults import pseudolabel_fingerprint_fields
 from labelpipe.errors import LabelpipeError
 from labelpipe.pseudo.dars import skip_draws
-from labelpipe.pseudo.histogram import Float16Histogram
+from labelpipe.pseudo.histogram import NUM_BINS, Float16Histogram
 from labelpipe.pseudo.prior import count_classes
 from labelpipe.pseudo.quality import PseudoQualityAccumulator
 from labelpipe.pseudo.ranks import Ranks, barrier, gather, shard_of, sum_across
-from labelpipe.pseudo.registry import PseudoLabelGenerator, get_generator
+from labelpipe.pseudo.registry import Histogram, PseudoLabelGenerator, get_generator
 from labelpipe.pseudo.report import HIST_RANGES, build_report, display_histogram, print_report, sample_rows, summary
 from labelpipe.pseudo.streaming import apply, fit_from_histogram, histogram_pass
 from labelpipe.pseudo.validation import IGNORE_LABEL, clamp_nonnegative
@@ -241,7 +241,9 @@ def label_store(
 
     # Pass 1: the histogram of this rank's shard, summed over the ranks, then the parameters.
     spec = generator.pass1(values)
-    hist = None if spec is None else _summed_histogram(store, settings, spec.columns(), C, shard, ranks)
+    hist = None
+    if spec is not None:
+        hist = _stored_histogram(store, spec, C) or _summed_histogram(store, settings, spec.columns(), C, shard, ranks)
     params = fit_from_histogram(method, hist, C, prior, values)
 
     # Pass 2: label this rank's shard into its labels file, counting what the report needs.
@@ -296,6 +298,16 @@ def label_store(
         out=out,
         samples=sample_rows(store, final, truth, palette) if settings.plots and truth.read_rgb else [],
     )
+
+
+def _stored_histogram(store: PredictionStore, spec: Histogram, C: int) -> Float16Histogram | None:
+    """Pass 1's histogram as the store's writer counted it (``PredictionWriter``: the whole store, so every
+    rank reads the same), or None when the store carries none (``predict``'s stores, other writers): then
+    pass 1 reads the store. Summed over the classes when the method histograms all pixels together."""
+    counts = store.stored_histogram(spec.column, C, NUM_BINS)
+    if counts is None:
+        return None
+    return Float16Histogram.from_counts(counts if spec.per_class else counts.sum(axis=0, keepdims=True))
 
 
 def _summed_histogram(

@@ -178,6 +178,41 @@ def write_index(fh: h5py.File, ids: list[str], shapes: list[tuple[int, ...]]) ->
     idx.create_dataset("width", data=np.array([s[-1] for s in shapes], np.int32))
 
 
+# Pass-1 histograms a writer may store beside the columns (``hist/<column>``): per predicted class, the
+# count of every non-negative float16 bit pattern of the column (labelpipe.pseudo.histogram's layout),
+# kept sparse (the flat indices ``class * bins + bits`` of the non-zero counts, and the counts). A reader
+# uses one only when its total equals the store's pixel count.
+HISTOGRAM_GROUP = "hist"
+
+
+def write_histograms(fh: h5py.File, counts: dict[str, np.ndarray]) -> None:
+    """``hist/<column>`` for each ``counts[column]``: a (classes, bins) int64 array of counts."""
+    group = fh.require_group(HISTOGRAM_GROUP)
+    for column, table in counts.items():
+        flat = np.ascontiguousarray(table, dtype=np.int64).reshape(-1)
+        index = np.flatnonzero(flat)
+        sub = group.create_group(column)
+        sub.attrs["rows"], sub.attrs["bins"] = table.shape
+        sub.create_dataset("index", data=index.astype(np.int64))
+        sub.create_dataset("count", data=flat[index])
+
+
+def read_histogram(fh: h5py.File, column: str, rows: int, bins: int, pixels: int) -> np.ndarray | None:
+    """The stored (rows, bins) counts of ``column``, or None when the store has none of that layout or
+    they do not add up to the store's ``pixels``."""
+    group = fh.get(f"{HISTOGRAM_GROUP}/{column}")
+    if group is None or (int(group.attrs.get("rows", -1)), int(group.attrs.get("bins", -1))) != (rows, bins):
+        return None
+    index, count = group["index"][()], group["count"][()]
+    if index.shape != count.shape or (index.size and (index.min() < 0 or index.max() >= rows * bins)):
+        return None
+    if int(count.sum()) != pixels or (count.size and count.min() < 0):
+        return None
+    table = np.zeros(rows * bins, np.int64)
+    table[index] = count
+    return table.reshape(rows, bins)
+
+
 def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict[str, Any]) -> None:
     """Join part files into one store at ``out`` (atomically), images in ``order``."""
     tmp = temp_sibling(out)
@@ -254,6 +289,12 @@ class PredictionStore:
         """The arrays of one image: every column, or only ``columns`` (the others are not read)."""
         grp = self.file["images"][escape_id(image_id)]
         return {name: grp[name][()] for name in (grp if columns is None else columns)}
+
+    def stored_histogram(self, column: str, rows: int, bins: int) -> np.ndarray | None:
+        """The writer's (rows, bins) pass-1 histogram of ``column`` (see :func:`write_histograms`), or None
+        when the store carries none that matches its pixels."""
+        pixels = sum(h * w for h, w in self.shapes())
+        return read_histogram(self.file, column, rows, bins, pixels)
 
     def shapes(self) -> list[tuple[int, int]]:
         return list(zip(self.file["index/height"][()].tolist(), self.file["index/width"][()].tolist(), strict=True))

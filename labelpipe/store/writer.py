@@ -33,8 +33,16 @@ import h5py
 import numpy as np
 
 from labelpipe.errors import LabelpipeError
+from labelpipe.pseudo.histogram import Float16Histogram
 from labelpipe.store.atomic import temp_sibling
-from labelpipe.store.prediction_store import COLUMN_DTYPES, LIBVER, compression_options, write_image, write_index
+from labelpipe.store.prediction_store import (
+    COLUMN_DTYPES,
+    LIBVER,
+    compression_options,
+    write_histograms,
+    write_image,
+    write_index,
+)
 
 PIXEL_COLUMNS = ("label", "conf", "entropy", "variance")
 BAND_PIXELS = 1 << 20  # pixels of a (C, H, W) map reduced at a time: ~C x 4 MB of float32 temporaries
@@ -45,12 +53,15 @@ class PredictionWriter:
 
     path: the ``.h5`` file to create (replaced atomically on :meth:`close`). classes: the class names,
     or their number C (names ``class0`` ...). compression: ``"none"`` (default), ``"lzf"`` or
-    ``"gzip-N"``: ``pseudolabel`` reads the label and conf columns twice, and an lzf column reads ~6x
-    slower than a plain one (~80 vs ~500 MB/s on one core) for ~25% less disk on float16 confidences.
+    ``"gzip-N"``: ``pseudolabel`` reads the label and conf columns (twice without the stored histograms),
+    and an lzf column reads ~6x slower than a plain one (~80 vs ~500 MB/s on one core) for ~25% less disk on float16 confidences.
     Every image must bring the same columns: ``label`` and any
     of ``conf``, ``entropy``, ``variance`` (which ``labelpipe pseudolabel`` methods need: threshold,
     cbst and dars read conf; entropy reads entropy; variance reads variance). ``temperature`` is applied
     by :meth:`add_logits` and recorded in the file; ``attrs`` are extra file attributes (JSON-able).
+    ``histograms``: also store, per float column, the per-class histogram of its float16 values that
+    ``pseudolabel``'s first pass would compute (a few MB at most, sparse), so that labelling the store
+    reads it once instead of twice (thresholds from the stored histogram; identical labels).
     """
 
     def __init__(
@@ -60,6 +71,7 @@ class PredictionWriter:
         compression: str = "none",
         temperature: float = 1.0,
         attrs: dict[str, Any] | None = None,
+        histograms: bool = True,
     ) -> None:
         if isinstance(classes, int):
             if classes < 1:
@@ -83,6 +95,8 @@ class PredictionWriter:
         self._tmp = temp_sibling(self.path)
         self._file: h5py.File | None = h5py.File(self._tmp, "w", libver=LIBVER)
         self._group = self._file.create_group("images")
+        # Pass 1's histograms, counted while the columns are in memory (up to 256 classes: C x 254 kB each).
+        self._histograms: dict[str, Float16Histogram] | None = {} if histograms and len(self.classes) <= 256 else None
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +131,11 @@ class PredictionWriter:
             if array.shape != shape:
                 raise LabelpipeError(f"{image_id}: {name} has shape {array.shape}, label has {shape}")
         write_image(self._group, image_id, arrays, self.compression)
+        if self._histograms is not None:
+            for name in names[1:]:  # the float columns
+                if name not in self._histograms:
+                    self._histograms[name] = Float16Histogram(self.num_classes)
+                self._histograms[name].update(arrays["label"], arrays[name])
         self._ids.append(image_id)
         self._seen.add(image_id)
         self._shapes.append(shape)
@@ -204,6 +223,8 @@ class PredictionWriter:
             raise LabelpipeError(f"{self.path}: no image was added; nothing written")
         try:
             write_index(self._file, self._ids, self._shapes)
+            if self._histograms:
+                write_histograms(self._file, {name: h.counts for name, h in self._histograms.items()})
             attrs = {
                 **self.attrs,
                 "classes": self.classes,

@@ -25,7 +25,7 @@ from labelpipe.pseudo import (
     threshold_pseudo_labels,
     variance_pseudo_labels,
 )
-from labelpipe.pseudo.registry import generator_names
+from labelpipe.pseudo.registry import generator_names, get_generator
 from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
 from tests.conftest import REPO, TINY_RECIPE
 
@@ -443,6 +443,41 @@ def test_byo_labels_do_not_depend_on_the_chunk_size(byo_store, tmp_path, method)
         assert report["params"]["thresholds"] == [float(t) if math.isfinite(t) else None for t in thresholds]
     assert report["images"] == 7 and report["pixels"] == labels.size
     assert report["kept_fraction"] == pytest.approx(np.mean(labels != 255))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_byo_stored_histograms_skip_a_read_and_give_the_same_labels(byo_store, tmp_path, method, monkeypatch):
+    """The writer's stored pass-1 histograms: the same labels and report as a store without them, and the
+    store's columns read once instead of twice."""
+    import h5py
+
+    bare = tmp_path / "bare.h5"
+    shutil.copy(byo_store, bare)
+    with h5py.File(bare, "r+") as fh:
+        del fh["hist"]
+    reads = []
+    original = PredictionStore.iter_chunks
+
+    def counted(self, columns=None, *args, **kwargs):
+        reads.append(tuple(columns or ()))
+        return original(self, columns, *args, **kwargs)
+
+    monkeypatch.setattr(PredictionStore, "iter_chunks", counted)
+    results = {}
+    for name, store in (("stored", byo_store), ("bare", bare)):
+        reads.clear()
+        out = byo(store, tmp_path / name / "out", method)
+        results[name] = read_labels(out / "labels.h5"), json.loads((out / "report.json").read_text()), list(reads)
+    (ids, labels, weights), report, stored_reads = results["stored"]
+    (bare_ids, bare_labels, bare_weights), bare_report, bare_reads = results["bare"]
+    assert bare_ids == ids
+    np.testing.assert_array_equal(bare_labels, labels)
+    if weights is not None:
+        np.testing.assert_array_equal(bare_weights, weights)
+    for key in ("params", "per_class", "kept_fraction", "kl_prior_pseudo", "histograms"):
+        assert bare_report.get(key) == report.get(key), key
+    has_pass1 = get_generator(method).pass1({"alpha": 0.4, "alpha_t": 0.2, "tau": 0.9}) is not None
+    assert len(stored_reads) == 1 and len(bare_reads) == (2 if has_pass1 else 1)
 
 
 def _in_memory_byo(method: str, pred: dict[str, np.ndarray]):

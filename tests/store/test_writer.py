@@ -136,3 +136,54 @@ def test_every_image_brings_the_same_columns_and_a_new_id(tmp_path):
     with pytest.raises(LabelpipeError, match="no image was added"):
         PredictionWriter(tmp_path / "empty.h5", C).close()
     assert not (tmp_path / "empty.h5").exists()
+
+
+def test_stored_histograms_equal_what_pass_1_counts_from_the_columns(tmp_path):
+    from labelpipe.pseudo.histogram import NUM_BINS
+    from labelpipe.pseudo.streaming import histogram_pass
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "p.h5"
+    with PredictionWriter(path, C) as writer:
+        for i, shape in enumerate([(9, 13), (1, 40), (20, 3)]):
+            conf = rng.random(shape).astype(np.float16)
+            conf[0, 0] = -0.0  # counted as +0.0, as pass 1 counts it
+            writer.add(
+                f"im{i}",
+                label=rng.integers(0, C, shape),
+                conf=conf,
+                entropy=(rng.random(shape) * 2).astype(np.float16),
+                variance=rng.exponential(0.3, shape).astype(np.float16),
+            )
+    with PredictionStore(path) as store:
+        for column, method, settings in [
+            ("conf", "dars", {"alpha": 0.5}),
+            ("entropy", "entropy", {"alpha_t": 0.2}),
+            ("variance", "variance", {"variance_percentile": 80.0}),
+        ]:
+            stored = store.stored_histogram(column, C, NUM_BINS)
+            chunks = store.iter_chunks((column, "label"), max_pixels=50)
+            computed = histogram_pass(method, chunks, C, settings)
+            per_class = computed.counts.shape[0] == C
+            np.testing.assert_array_equal(stored if per_class else stored.sum(0, keepdims=True), computed.counts)
+        assert store.stored_histogram("conf", C + 1, NUM_BINS) is None  # another layout: not used
+
+
+def test_histograms_can_be_left_out_and_a_stored_one_that_does_not_add_up_is_ignored(tmp_path):
+    import h5py
+
+    from labelpipe.pseudo.histogram import NUM_BINS
+
+    label, conf = np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float16)
+    with PredictionWriter(tmp_path / "none.h5", C, histograms=False) as writer:
+        writer.add("a", label=label, conf=conf)
+    with PredictionStore(tmp_path / "none.h5") as store:
+        assert store.stored_histogram("conf", C, NUM_BINS) is None
+    with PredictionWriter(tmp_path / "p.h5", C) as writer:
+        writer.add("a", label=label, conf=conf)
+    with PredictionStore(tmp_path / "p.h5") as store:
+        assert store.stored_histogram("conf", C, NUM_BINS).sum() == 16
+    with h5py.File(tmp_path / "p.h5", "r+") as fh:
+        fh["hist/conf/count"][0] = 15  # no longer the store's 16 pixels
+    with PredictionStore(tmp_path / "p.h5") as store:
+        assert store.stored_histogram("conf", C, NUM_BINS) is None
