@@ -54,8 +54,8 @@ class PredictionWriter:
     path: the ``.h5`` file to create (replaced atomically on :meth:`close`). classes: the class names,
     or their number C (names ``class0`` ...). compression: ``"none"`` (default), ``"lzf"`` or
     ``"gzip-N"``: ``pseudolabel`` reads the label and conf columns (twice without the stored histograms),
-    and an lzf column reads ~6x slower than a plain one (~80 vs ~500 MB/s on one core) for ~25% less disk on float16 confidences.
-    Every image must bring the same columns: ``label`` and any
+    and an lzf column reads ~6x slower than a plain one (~80 vs ~500 MB/s on one core) for ~25% less
+    disk on float16 confidences. Every image must bring the same columns: ``label`` and any
     of ``conf``, ``entropy``, ``variance`` (which ``labelpipe pseudolabel`` methods need: threshold,
     cbst and dars read conf; entropy reads entropy; variance reads variance). ``temperature`` is applied
     by :meth:`add_logits` and recorded in the file; ``attrs`` are extra file attributes (JSON-able).
