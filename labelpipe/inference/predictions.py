@@ -170,7 +170,7 @@ def _write_parts(
     # Whole batches per part: a resumed run then sees the same batches as an uninterrupted one, so its
     # logits (and the store) are identical to the last bit.
     per_part = pcfg.batch_size * math.ceil(pcfg.images_per_part / pcfg.batch_size)
-    writer = PartWriter(parts_dir, rank=runtime.rank, images_per_part=per_part)
+    writer = PartWriter(parts_dir, rank=runtime.rank, images_per_part=per_part, num_classes=ctx.source.num_classes)
     done = set(writer.done_ids())
     mine = [s for s in samples[runtime.rank :: runtime.world] if s.id not in done]
     if done and runtime.is_main:

@@ -94,9 +94,17 @@ class PartWriter:
     (renamed into place) only once complete; ``done_ids()`` lists what earlier attempts finished.
     """
 
-    def __init__(self, parts_dir: Path, rank: int = 0, images_per_part: int = 64, compression: str = "lzf") -> None:
+    def __init__(
+        self,
+        parts_dir: Path,
+        rank: int = 0,
+        images_per_part: int = 64,
+        compression: str = "lzf",
+        num_classes: int | None = None,
+    ) -> None:
         compression_options(compression, np.float16)  # fail here, not in the writer thread
         self.dir, self.rank, self.per_part, self.compression = parts_dir, rank, images_per_part, compression
+        self.num_classes = num_classes  # given: each part also holds its pass-1 histograms (merged by merge_parts)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -151,7 +159,7 @@ class PartWriter:
             try:
                 # The part is built in memory and written with plain file I/O: HDF5 cannot fail cleanly on a
                 # full disk (h5py segfaults while it cleans up), a Python write raises one OSError (ENOSPC).
-                data = _part_image(tmp, images, self.compression)
+                data = _part_image(tmp, images, self.compression, self.num_classes)
                 write_bytes(tmp, data)
                 os.replace(tmp, path)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the producer
@@ -159,13 +167,18 @@ class PartWriter:
                 tmp.unlink(missing_ok=True)
 
 
-def _part_image(name: Path, images: list[tuple[str, dict[str, np.ndarray]]], compression: str) -> bytes:
-    """A part file's bytes, built with HDF5's in-memory driver (nothing touches the disk)."""
+def _part_image(
+    name: Path, images: list[tuple[str, dict[str, np.ndarray]]], compression: str, num_classes: int | None = None
+) -> bytes:
+    """A part file's bytes, built with HDF5's in-memory driver (nothing touches the disk); with
+    ``num_classes``, also the part's pass-1 histograms of its float columns."""
     with h5py.File(name, "w", driver="core", backing_store=False, libver=LIBVER) as fh:
         grp = fh.create_group("images")
         for image_id, columns in images:
             write_image(grp, image_id, columns, compression)
         write_index(fh, [i for i, _ in images], [c["label"].shape for _, c in images])
+        if num_classes is not None and num_classes <= 256 and images:
+            write_histograms(fh, column_histograms(images, num_classes))
         fh.flush()
         return fh.id.get_file_image()
 
@@ -195,6 +208,21 @@ def write_histograms(fh: h5py.File, counts: dict[str, np.ndarray]) -> None:
         sub.attrs["rows"], sub.attrs["bins"] = table.shape
         sub.create_dataset("index", data=index.astype(np.int64))
         sub.create_dataset("count", data=flat[index])
+
+
+def column_histograms(images: list[tuple[str, dict[str, np.ndarray]]], num_classes: int) -> dict[str, np.ndarray]:
+    """(classes, bins) counts of every float16 pixel column of ``images`` (their ``label`` the class), as
+    ``pseudolabel``'s pass 1 counts them (``labelpipe.pseudo.histogram``)."""
+    from labelpipe.pseudo.histogram import Float16Histogram
+
+    hists: dict[str, Float16Histogram] = {}
+    for _, columns in images:
+        for column, values in columns.items():
+            if column != "label" and values.dtype == np.float16 and values.shape == columns["label"].shape:
+                if column not in hists:
+                    hists[column] = Float16Histogram(num_classes)
+                hists[column].update(columns["label"], values)
+    return {column: h.counts for column, h in hists.items()}
 
 
 def read_histogram(fh: h5py.File, column: str, rows: int, bins: int, pixels: int) -> np.ndarray | None:
@@ -240,6 +268,9 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
                 src.file.copy(src, grp, name=escape_id(image_id))
                 shapes.append(src["label"].shape)
             write_index(dst, order, shapes)
+            summed = _summed_part_histograms(list(handles.values()))
+            if summed:
+                write_histograms(dst, summed)
             for key, value in attrs.items():
                 dst.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         os.replace(tmp, out)
@@ -247,6 +278,31 @@ def merge_parts(part_files: list[Path], out: Path, order: list[str], attrs: dict
         for h in handles.values():
             h.close()
         tmp.unlink(missing_ok=True)
+
+
+def _summed_part_histograms(parts: list[h5py.File]) -> dict[str, np.ndarray]:
+    """The parts' histograms summed, for the columns every part has one of in the same layout (a reader
+    still checks the sum against the merged store's pixels: a part's images left out do not count)."""
+    columns = None
+    for fh in parts:
+        group = fh.get(HISTOGRAM_GROUP)
+        names = set(group) if group is not None else set()
+        columns = names if columns is None else columns & names
+    summed: dict[str, np.ndarray] = {}
+    for column in sorted(columns or ()):
+        layouts = {
+            (int(fh[HISTOGRAM_GROUP][column].attrs["rows"]), int(fh[HISTOGRAM_GROUP][column].attrs["bins"]))
+            for fh in parts
+        }
+        if len(layouts) != 1:
+            continue
+        rows, bins = layouts.pop()
+        table = np.zeros(rows * bins, np.int64)
+        for fh in parts:
+            group = fh[HISTOGRAM_GROUP][column]
+            np.add.at(table, group["index"][()], group["count"][()])
+        summed[column] = table.reshape(rows, bins)
+    return summed
 
 
 class PredictionStore:

@@ -139,3 +139,29 @@ def test_store_errors_say_what_to_do(written, tmp_path):
         PredictionStore(out, num_classes=19)
     with pytest.raises(LabelpipeError, match="lacks column\\(s\\) entropy"):
         PredictionStore(out, num_classes=C, require=("label", "entropy"))
+
+
+def test_parts_histograms_merge_into_the_stores_pass_1_histograms(tmp_path):
+    from labelpipe.pseudo.histogram import NUM_BINS, Float16Histogram
+
+    rng = np.random.default_rng(1)
+    arrays = {i: image_columns(rng, s) for i, s in SHAPES.items()}
+    ids = list(SHAPES)
+    for rank in (0, 1):
+        writer = PartWriter(tmp_path / "parts", rank=rank, images_per_part=2, num_classes=C)
+        for image_id in ids[rank::2]:
+            writer.add(image_id, arrays[image_id])
+        writer.close()
+    parts = sorted((tmp_path / "parts").glob("part-*.h5"))
+    merge_parts(parts, tmp_path / "store.h5", ids, {"num_classes": C})
+    with PredictionStore(tmp_path / "store.h5") as store:
+        for column in ("conf", "entropy", "variance"):
+            expected = Float16Histogram(C)
+            for a in arrays.values():
+                expected.update(a["label"], a[column])
+            np.testing.assert_array_equal(store.stored_histogram(column, C, NUM_BINS), expected.counts)
+        assert store.stored_histogram("topk_prob", C, NUM_BINS) is None  # (k, H, W): not a pixel column
+    # A store merged without one of the images: the summed histograms no longer add up, and are not used.
+    merge_parts(parts, tmp_path / "fewer.h5", ids[:-1], {"num_classes": C})
+    with PredictionStore(tmp_path / "fewer.h5") as store:
+        assert store.stored_histogram("conf", C, NUM_BINS) is None
