@@ -46,8 +46,9 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
     stage = StageDir(run_dir / "pretrain")
     inputs = {
         "seed": config.seed,
-        "data": config.data.model_dump(mode="json"),
-        "model": config.model.model_dump(mode="json"),
+        # fingerprint_fields: a setting added later, at its default, leaves earlier runs up to date
+        "data": config.data.fingerprint_fields(),
+        "model": config.model.fingerprint_fields(),
         "train": cfg.fingerprint_fields(),
         "split": labeled,
         "split_ids": ctx.split_ids_fingerprint(labeled),
