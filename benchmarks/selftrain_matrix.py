@@ -96,6 +96,18 @@ class Config:
 
 
 ONLINE = ("selftrain.pseudo_source=teacher", "selftrain.method=entropy")
+
+
+def online_round(steps: int) -> tuple[str, ...]:
+    """The demo's online mean-teacher round (stages/demo.yaml) of ``steps`` steps, on a recipe's pretrain."""
+    return (*ONLINE, "selftrain.rounds=1", "selftrain.alphas=[0.2]", f"selftrain.steps={steps}")
+
+
+def fixed_threshold_round(tau: float) -> tuple[str, ...]:
+    """The rectify recipe's round with a fixed confidence threshold and plain CE instead."""
+    return ("selftrain.method=threshold", "selftrain.rectified=false", f"pseudolabel.tau={tau}")
+
+
 CONFIGS: list[Config] = [
     Config("baseline", "baseline (pretrain)", BASE_RECIPE, "pretrain"),
     Config("oracle", "oracle (all target_train labeled)", BASE_RECIPE, "oracle"),
@@ -117,14 +129,14 @@ CONFIGS: list[Config] = [
         "online",
         "online mean teacher + entropy split + CutMix (demo round)",
         DARS_RECIPE,
-        sets=(*ONLINE, "selftrain.rounds=1", "selftrain.alphas=[0.2]", "selftrain.steps=1000"),
+        sets=online_round(1000),
     ),
     # The same round, longer: 1,200 steps still fit the issue's 12 minutes a configuration (1 thread).
     Config(
         "online-1200",
         "online mean teacher + entropy split + CutMix (demo round, 1,200 steps)",
         DARS_RECIPE,
-        sets=(*ONLINE, "selftrain.rounds=1", "selftrain.alphas=[0.2]", "selftrain.steps=1200"),
+        sets=online_round(1200),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
@@ -133,7 +145,7 @@ CONFIGS: list[Config] = [
             f"sweep-{tau}",
             f"fixed threshold {tau} + CE (rectify's round)",
             RECTIFY_RECIPE,
-            sets=("selftrain.method=threshold", "selftrain.rectified=false", f"pseudolabel.tau={tau}"),
+            sets=fixed_threshold_round(tau),
         )
         for tau in TAUS
     ),
@@ -145,7 +157,7 @@ CONFIGS: list[Config] = [
         "c3-sweep-0.9",
         "fixed threshold 0.9 + CE (rectify's round), aux head on c3",
         RECTIFY_C3_RECIPE,
-        sets=("selftrain.method=threshold", "selftrain.rectified=false", "pseudolabel.tau=0.9"),
+        sets=fixed_threshold_round(0.9),
     ),
     Config("pretrain-u2pl", "pretrain of the U2PL recipe (its warm-up)", U2PL_RECIPE, "pretrain"),
     Config("u2pl-unreliable", "U2PL, unreliable negatives", U2PL_RECIPE),
