@@ -241,9 +241,9 @@ def label_store(
 
     # Pass 1: the histogram of this rank's shard, summed over the ranks, then the parameters.
     spec = generator.pass1(values)
-    hist = None
-    if spec is not None:
-        hist = _stored_histogram(store, spec, C) or _summed_histogram(store, settings, spec.columns(), C, shard, ranks)
+    hist = None if spec is None else _stored_histogram(store, spec, C)
+    if spec is not None and hist is None:
+        hist = _summed_histogram(store, settings, spec.columns(), C, shard, ranks)
     params = fit_from_histogram(method, hist, C, prior, values)
 
     # Pass 2: label this rank's shard into its labels file, counting what the report needs.

@@ -213,16 +213,21 @@ def write_histograms(fh: h5py.File, counts: dict[str, np.ndarray]) -> None:
 def column_histograms(images: list[tuple[str, dict[str, np.ndarray]]], num_classes: int) -> dict[str, np.ndarray]:
     """(classes, bins) counts of every float16 pixel column of ``images`` (their ``label`` the class), as
     ``pseudolabel``'s pass 1 counts them (``labelpipe.pseudo.histogram``)."""
+    hists: dict[str, Any] = {}
+    for _, columns in images:
+        count_columns(hists, columns, num_classes)
+    return {column: h.counts for column, h in hists.items()}
+
+
+def count_columns(hists: dict[str, Any], columns: dict[str, np.ndarray], num_classes: int) -> None:
+    """Add one image's float16 pixel columns to ``hists`` (column -> ``Float16Histogram``, made on first use)."""
     from labelpipe.pseudo.histogram import Float16Histogram
 
-    hists: dict[str, Float16Histogram] = {}
-    for _, columns in images:
-        for column, values in columns.items():
-            if column != "label" and values.dtype == np.float16 and values.shape == columns["label"].shape:
-                if column not in hists:
-                    hists[column] = Float16Histogram(num_classes)
-                hists[column].update(columns["label"], values)
-    return {column: h.counts for column, h in hists.items()}
+    for column, values in columns.items():
+        if column != "label" and values.dtype == np.float16 and values.shape == columns["label"].shape:
+            if column not in hists:
+                hists[column] = Float16Histogram(num_classes)
+            hists[column].update(columns["label"], values)
 
 
 def read_histogram(fh: h5py.File, column: str, rows: int, bins: int, pixels: int) -> np.ndarray | None:

@@ -39,6 +39,7 @@ from labelpipe.store.prediction_store import (
     COLUMN_DTYPES,
     LIBVER,
     compression_options,
+    count_columns,
     write_histograms,
     write_image,
     write_index,
@@ -132,10 +133,7 @@ class PredictionWriter:
                 raise LabelpipeError(f"{image_id}: {name} has shape {array.shape}, label has {shape}")
         write_image(self._group, image_id, arrays, self.compression)
         if self._histograms is not None:
-            for name in names[1:]:  # the float columns
-                if name not in self._histograms:
-                    self._histograms[name] = Float16Histogram(self.num_classes)
-                self._histograms[name].update(arrays["label"], arrays[name])
+            count_columns(self._histograms, arrays, self.num_classes)
         self._ids.append(image_id)
         self._seen.add(image_id)
         self._shapes.append(shape)
