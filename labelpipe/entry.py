@@ -14,6 +14,7 @@ paths resolve the same settings and write the same labels.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,27 @@ def run_lean_pseudolabel(options: dict[str, Any]) -> None:
         )
 
 
+def exit_without_teardown() -> None:
+    """End a finished lean command with status 0 without tearing the interpreter down: freeing every module
+    and array at exit costs ~17 ms, 5 % of labelling 100 maps, and a finished command needs none of it.
+    Only when nothing is left to finish: no HDF5 file still open (its last writes would be lost) and no
+    torch (a process group of many ranks closes at the normal exit); otherwise the normal exit runs."""
+    h5py = sys.modules.get("h5py")
+    if "torch" in sys.modules or (h5py is not None and h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``labelpipe``: the lean path for the one command it serves, the typer CLI for everything else."""
     args = list(sys.argv[1:] if argv is None else argv)
     options = lean_pseudolabel_options(args)
     if options is not None:
         run_lean_pseudolabel(options)
+        if argv is None:  # the process is this command's own (the console script, python -m labelpipe)
+            exit_without_teardown()
         return
     from labelpipe.cli import main as cli_main
 

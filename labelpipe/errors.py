@@ -7,9 +7,8 @@ directory is expected) into such one-line errors, so that the CLI never shows a 
 from __future__ import annotations
 
 import errno
-import shutil
+import os
 import sys
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +49,11 @@ def free_bytes(path: Path) -> int | None:
     for candidate in (path, *path.parents):
         if candidate.exists():
             try:
+                if hasattr(os, "statvfs"):  # what shutil.disk_usage does, without importing shutil
+                    stat = os.statvfs(candidate)
+                    return stat.f_bavail * stat.f_frsize
+                import shutil
+
                 return shutil.disk_usage(candidate).free
             except OSError:
                 return None
@@ -104,6 +108,8 @@ def exit_on_error(debug: bool = False) -> Iterator[None]:
         yield
     except LabelpipeError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -112,6 +118,8 @@ def exit_on_error(debug: bool = False) -> Iterator[None]:
         if message is None:
             raise
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -155,3 +155,17 @@ def test_lean_path_writes_what_the_typer_command_writes_without_the_cli_stack(st
     assert again.returncode == 0 and "up to date" in again.stdout
     again = run_labelpipe("labelpipe.entry", [*args(tmp_path / "full"), "--seed", "3"])
     assert again.returncode == 0 and "up to date" in again.stdout and "LOADED []" in again.stdout
+
+
+def test_the_fast_exit_steps_aside_while_an_hdf5_file_is_open(tmp_path, monkeypatch):
+    """``exit_without_teardown`` skips the interpreter's teardown only when nothing is left to finish: with
+    an HDF5 file still open (its last writes would be lost) it returns and the normal exit runs."""
+    import h5py
+
+    from labelpipe.entry import exit_without_teardown
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # only the open file may hold it back here
+    with h5py.File(tmp_path / "open.h5", "w") as fh:
+        fh["x"] = np.arange(3)
+        exit_without_teardown()  # returns: a file is open (were it to exit, pytest would stop here)
+    assert (tmp_path / "open.h5").is_file()

@@ -39,7 +39,6 @@ module before the config is validated. Numpy only: the config imports this modul
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -170,6 +169,8 @@ def _scan_builtins() -> None:
     if _scanned:
         return
     _scanned = True
+    import pkgutil
+
     import labelpipe.pseudo as package
 
     for module in pkgutil.iter_modules(package.__path__):
@@ -177,15 +178,36 @@ def _scan_builtins() -> None:
             importlib.import_module(f"{package.__name__}.{module.name}")
 
 
+def _import_namesake(name: str) -> None:
+    """Import ``labelpipe.pseudo.<name>`` when there is such a module: a built-in generator lives in the
+    module of its name, so one method's run imports one method's module, not every module."""
+    if name in _NOT_SCANNED or not name.isidentifier():
+        return
+    try:
+        importlib.import_module(f"labelpipe.pseudo.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"labelpipe.pseudo.{name}":  # the module exists and lacks a dependency: say so
+            raise
+
+
 def generator_names() -> tuple[str, ...]:
-    """The registered methods' names, in registration order (the built-ins by module name)."""
+    """The registered methods' names: the built-ins by module name, then the others in registration order
+    (whichever method a run imported first)."""
     _scan_builtins()
-    return tuple(_GENERATORS)
+
+    def order(generator: PseudoLabelGenerator) -> tuple:
+        module = getattr(generator.fit, "__module__", None) or ""
+        return (0, module) if module.startswith("labelpipe.pseudo.") else (1,)
+
+    return tuple(g.name for g in sorted(_GENERATORS.values(), key=order))
 
 
 def get_generator(name: str) -> PseudoLabelGenerator:
     """The generator called ``name``; ``ValueError`` naming the registered ones when there is none."""
-    _scan_builtins()
+    if name not in _GENERATORS:
+        _import_namesake(name)
+    if name not in _GENERATORS:
+        _scan_builtins()
     if name not in _GENERATORS:
         raise ValueError(f"unknown pseudo-label method {name!r}; choose one of {', '.join(_GENERATORS)}")
     return _GENERATORS[name]

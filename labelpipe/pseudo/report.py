@@ -101,7 +101,7 @@ def build_report(
         "pixels": n_pixels,
         "kept_fraction": float(kept_counts.sum() / max(n_pixels, 1)),
         "kl_prior_pseudo": kl,
-        "params": jsonable({k: v for k, v in params.items() if k != "method"}),
+        "params": jsonable({k: v for k, v in params.items() if k != "method" and not k.startswith("_")}),
         "per_class": {
             name: {
                 "kept": int(kept_counts[c]),

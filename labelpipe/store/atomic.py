@@ -8,15 +8,15 @@ import fnmatch
 import hashlib
 import json
 import os
+import platform
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from labelpipe.errors import LabelpipeError, disk_full_error, is_disk_full
 
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", platform.node()) or "host"  # the host name (socket.gethostname)
 _TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)$")
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from labelpipe import __version__
 from labelpipe.errors import LabelpipeError
 from labelpipe.store.atomic import atomic_write_json, pid_alive, sha256_file, sweep_stale_temporaries
 
-HOST = socket.gethostname()
+HOST = platform.node()  # socket.gethostname(), without importing socket
 
 
 def versions() -> dict[str, str]:

@@ -248,3 +248,34 @@ def test_finding_the_generators_imports_only_generator_modules():
     assert {"labelpipe.pseudo.dars", "labelpipe.pseudo.variance"} <= loaded  # the built-ins registered
     unwanted = {"labelpipe.pseudo.labelling", "labelpipe.pseudo.run_store", "labelpipe.context", "h5py"}
     assert not loaded & unwanted
+
+
+def test_one_method_imports_its_own_module_only_and_the_list_keeps_its_order():
+    """``get_generator("dars")`` imports ``labelpipe.pseudo.dars`` and no other generator's module (the
+    pseudolabel command's start-up); listing the methods afterwards still scans them all, in module order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import labelpipe.pseudo as package\n"
+        "from labelpipe.pseudo.registry import generator_names, get_generator\n"
+        "assert get_generator('dars').name == 'dars'\n"
+        "first = sorted(m for m in sys.modules if m.startswith('labelpipe.pseudo.'))\n"
+        "print(first)\n"
+        "print(list(generator_names()))\n"
+        "print(package.cbst_thresholds.__module__)\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    loaded = set(json.loads(lines[0].replace("'", '"')))
+    assert "labelpipe.pseudo.dars" in loaded
+    assert not loaded & {f"labelpipe.pseudo.{m}" for m in ("cbst", "entropy", "threshold", "variance", "quality")}
+    assert json.loads(lines[1].replace("'", '"')) == ["cbst", "dars", "entropy", "threshold", "variance"]
+    assert lines[2] == "labelpipe.pseudo.cbst"  # the package's names resolve on first use
+
+
+def test_an_unknown_method_is_still_refused_after_the_namesake_lookup():
+    with pytest.raises(ValueError, match="unknown pseudo-label method 'labelling'.*dars"):
+        get_generator("labelling")
+    with pytest.raises(ValueError, match="unknown pseudo-label method 'no_such_method'"):
+        get_generator("no_such_method")

@@ -165,3 +165,62 @@ def test_parts_histograms_merge_into_the_stores_pass_1_histograms(tmp_path):
     merge_parts(parts, tmp_path / "fewer.h5", ids[:-1], {"num_classes": C})
     with PredictionStore(tmp_path / "fewer.h5") as store:
         assert store.stored_histogram("conf", C, NUM_BINS) is None
+
+
+@pytest.mark.parametrize(("compression", "chunked"), [("none", False), ("lzf", True)])
+def test_a_plain_store_is_contiguous_and_a_compressed_one_chunked_and_both_read_back(tmp_path, compression, chunked):
+    """Uncompressed images are stored contiguous (an image, or a band of its rows, is one read); compressed
+    ones in chunks (a filter needs them). Both read back the same, whole or in bands of rows."""
+    import h5py
+
+    from labelpipe.store.writer import PredictionWriter
+
+    rng = np.random.default_rng(3)
+    arrays = {i: image_columns(rng, s) for i, s in SHAPES.items()}
+    path = tmp_path / "store.h5"
+    with PredictionWriter(path, C, compression=compression) as writer:
+        for image_id, cols in arrays.items():
+            writer.add(image_id, label=cols["label"], conf=cols["conf"])
+    with h5py.File(path, "r") as fh:
+        dataset = fh["images/big/conf"]
+        assert (dataset.chunks is not None) == chunked
+    with PredictionStore(path) as store:
+        for max_pixels in (None, 7):  # whole images, then bands of a few rows
+            chunks = list(store.iter_chunks(("label", "conf"), max_pixels=max_pixels))
+            labels = np.concatenate([c["label"] for c in chunks])
+            conf = np.concatenate([c["conf"] for c in chunks])
+            np.testing.assert_array_equal(labels, np.concatenate([a["label"].ravel() for a in arrays.values()]))
+            np.testing.assert_array_equal(conf, np.concatenate([a["conf"].ravel() for a in arrays.values()]))
+
+
+def test_class_ids_beyond_a_byte_are_read_wide_even_where_an_image_fits_a_byte(tmp_path):
+    """With more than 256 classes an image is stored uint8 when its ids fit and uint16 when not: a chunk
+    reads both as uint16 (HDF5 widens the uint8 one), whichever image comes first."""
+    from labelpipe.store.writer import PredictionWriter
+
+    path = tmp_path / "wide.h5"
+    small = np.arange(12, dtype=np.uint16).reshape(3, 4)  # ids < 256: stored as uint8
+    large = (small + 280).astype(np.uint16)  # stored as uint16
+    conf = np.full((3, 4), 0.5, np.float16)
+    with PredictionWriter(path, 300) as writer:
+        writer.add("small", label=small, conf=conf)
+        writer.add("large", label=large, conf=conf)
+    with PredictionStore(path) as store:
+        (chunk,) = store.iter_chunks(("label",))
+        assert chunk["label"].dtype == np.uint16
+        np.testing.assert_array_equal(chunk["label"], np.concatenate([small.ravel(), large.ravel()]))
+
+
+def test_an_image_whose_size_disagrees_with_the_index_is_a_one_line_error(tmp_path):
+    import h5py
+
+    from labelpipe.store.writer import PredictionWriter
+
+    path = tmp_path / "store.h5"
+    with PredictionWriter(path, C) as writer:
+        writer.add("a", label=np.zeros((4, 5), np.uint8), conf=np.zeros((4, 5), np.float16))
+    with h5py.File(path, "r+") as fh:
+        del fh["images/a/conf"]
+        fh["images/a"].create_dataset("conf", data=np.zeros((5, 4), np.float16))
+    with PredictionStore(path) as store, pytest.raises(LabelpipeError, match="images/a/conf is not the 4 x 5 map"):
+        list(store.iter_chunks(("label", "conf")))
