@@ -188,9 +188,12 @@ def float32_draw_words(rng: np.random.Generator, n: int) -> np.ndarray:
     bit_generator = rng.bit_generator
     if type(bit_generator).__name__ not in _HALVES_OF_RAW64 or sys.byteorder != "little":
         return _words_of_draws(rng, n)
+    buffered = n and bit_generator.state["has_uint32"]
+    if not buffered and n % 2 == 0:  # the common case: the raw outputs' halves are the words, no copy
+        return bit_generator.random_raw(n // 2).view(np.uint32)
     words = np.empty(n, np.uint32)
     start, end = 0, n
-    if n and bit_generator.state["has_uint32"]:
+    if buffered:
         words[:1] = _words_of_draws(rng, 1)
         start = 1
     if (end - start) % 2:
