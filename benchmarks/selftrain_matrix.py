@@ -644,7 +644,11 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     sweep = [f"sweep-{tau}" for tau in TAUS]
     tau_key, tau_val, seeds = best_on_val(latest, protocol, sweep)
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key != "control"]
-    best_key, _, _ = best_on_val(latest, protocol, selftrain_keys)
+    # The best configuration is chosen among those run on the most seeds: one run on fewer (an ablation
+    # started late) would otherwise narrow every candidate's mean to its seeds.
+    seed_counts = {k: len(values(latest, protocol, k, "val_miou")) for k in selftrain_keys}
+    most = max(seed_counts.values(), default=0)
+    best_key, _, _ = best_on_val(latest, protocol, [k for k, n in seed_counts.items() if n == most])
     if tau_val:
         chosen = ", ".join(f"{k.split('-', 1)[1]}: {v:.1f}" for k, v in tau_val.items())
         over = (
@@ -655,7 +659,9 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             f"**tau {tau_key.split('-', 1)[1]}**."
         )
     if best_key:
-        emit(f"Best self-training configuration on **target_val**: **{BY_KEY[best_key].label}** (`{best_key}`).")
+        fewer = sorted(k for k, n in seed_counts.items() if 0 < n < most)
+        among = f" (among the configurations run on all {most} seeds; not {', '.join(fewer)})" if fewer else ""
+        emit(f"Best self-training configuration on **target_val**{among}: **{BY_KEY[best_key].label}** (`{best_key}`).")
     emit()
     emit("| comparison (target_test, paired) | the seed's claim | mIoU gain | tail mIoU gain |")
     emit("|---|---|---|---|")

@@ -394,3 +394,20 @@ def test_semi_reads_the_oracle_recorded_with_da(sm, capsys, tmp_path):
     semi = text[text.index("### semi-1_16") :]
     assert table_row(semi, "oracle")[4] == "50.0 ± 0.0"
     assert table_row(semi, "u2pl-unreliable")[9] == "12 ± 2 % (2)"  # 3/30 and 4/30 of the gap
+
+
+def test_the_best_configuration_is_chosen_among_those_run_on_every_seed(sm, capsys, tmp_path):
+    """A configuration run on fewer seeds (here u2pl-unreliable on seed 0 only, the best val there) neither
+    wins the choice nor narrows the others' means to its seeds; the line names it."""
+    write_results(tmp_path / "results.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["config"] != "u2pl-unreliable" or r["seed"] == 0]
+    for r in rows:
+        if r["config"] == "u2pl-unreliable":
+            r["val_miou"] = 0.9
+        if r["config"] == "dars":  # the best val of the 3-seed configurations
+            r["val_miou"] = 0.5
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "(among the configurations run on all 3 seeds; not u2pl-unreliable): **DARS + CE** (`dars`)." in text
