@@ -233,9 +233,16 @@ def dars_pseudo_labels(
     with N.
     """
     shape, label, conf, thresholds, sampling_ratio = _checked_inputs(label, conf, thresholds, sampling_ratio, rng)
-    labels_below(label, thresholds.size)
-    bits = nonnegative_float16_bits(conf, "conf")
+    label, bits = _class_ids_and_bits(label, conf, thresholds.size)
     return label_pieces(label, bits, integer_tables(thresholds, sampling_ratio), rng).reshape(shape)
+
+
+def _class_ids_and_bits(label: np.ndarray, conf: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`label_pieces`'s checked pixel inputs: flat class ids (< ``num_classes``) and the bit patterns
+    of the non-negative float16 confidences."""
+    label = flat_labels(label)
+    labels_below(label, num_classes)
+    return label, nonnegative_float16_bits(flat_float16(conf, "conf"), "conf")
 
 
 def integer_tables(thresholds: np.ndarray, sampling_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -355,9 +362,8 @@ def _label(
         )
         return labels, None
     tables = params.get("_tables") or integer_tables(params["thresholds"], params["sampling_ratio"])
-    label = flat_labels(piece["label"])
-    labels_below(label, tables[0].size)
-    return label_pieces(label, nonnegative_float16_bits(flat_float16(piece["conf"], "conf"), "conf"), tables, rng), None
+    label, bits = _class_ids_and_bits(piece["label"], piece["conf"], tables[0].size)
+    return label_pieces(label, bits, tables, rng), None
 
 
 register_generator(
