@@ -68,7 +68,8 @@ class SegmentationDataset(Dataset):
     ``photometric`` (optional) is applied to the image only, after it. Items are keyed by an
     int (no augmentation) or ``(index, seed)`` (augmentation seeded per sample). With ``pad_mask`` an
     augmented item also has ``valid`` (bool, H x W): False on the crop's padding, which the mask
-    cannot tell apart from ignored pixels (both 255).
+    cannot tell apart from ignored pixels (both 255). With ``weak_view`` it also has ``image_weak``: the
+    same crop before ``photometric`` (what a mean teacher sees), from the same read of the image.
     """
 
     def __init__(
@@ -81,9 +82,10 @@ class SegmentationDataset(Dataset):
         masks: Callable[[int], np.ndarray | None] | None = None,
         weights: Callable[[int], np.ndarray] | None = None,
         pad_mask: bool = False,
+        weak_view: bool = False,
     ) -> None:
         self.source, self.samples = source, samples
-        self.pad_mask = pad_mask
+        self.pad_mask, self.weak_view = pad_mask, weak_view
         self.transform, self.photometric = transform, photometric
         self.require_masks = require_masks
         self.masks = masks  # overrides the on-disk masks (pseudo-labels)
@@ -112,11 +114,14 @@ class SegmentationDataset(Dataset):
         index, seed = (key, None) if isinstance(key, int) else key
         image, mask = self.load(index)
         weight = inside = None
+        weak = image
         if self.weights is not None:
             weight = tv_tensors.Mask(torch.from_numpy(np.asarray(self.weights(index), np.float32)))
         if seed is not None and (self.transform is not None or self.photometric is not None):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # The CPU generator alone: the transforms draw from it, and torch.manual_seed would also
+                # queue a seed for every lazy accelerator (with a captured traceback each, ~20 % of loading).
+                torch.default_generator.manual_seed(seed)
                 if self.transform is not None:
                     # Masks move together; padding fills every Mask with 255, so an all-zero mask
                     # comes out 255 exactly on the padding.
@@ -128,6 +133,7 @@ class SegmentationDataset(Dataset):
                         inside = extra.pop() == 0
                     if weight is not None:
                         weight = extra.pop()
+                weak = image
                 if self.photometric is not None:
                     image = self.photometric(image)
         item = {
@@ -136,6 +142,8 @@ class SegmentationDataset(Dataset):
             "index": index,
             "id": self.samples[index].id,
         }
+        if self.weak_view:
+            item["image_weak"] = to_model_input(weak.as_subclass(torch.Tensor)) if weak is not image else item["image"]
         if weight is not None:
             item["weight"] = weight.as_subclass(torch.Tensor).float()
         if self.pad_mask:
@@ -150,7 +158,7 @@ class SegmentationDataset(Dataset):
 def collate(items: list[dict]) -> dict:
     """Stack same-size items; keep lists where sizes differ (sliding-window eval handles those)."""
     out: dict = {"index": torch.tensor([it["index"] for it in items]), "id": [it["id"] for it in items]}
-    for key in ("image", "mask", "weight", "valid"):
+    for key in ("image", "image_weak", "mask", "weight", "valid"):
         if key not in items[0]:
             continue
         tensors = [it[key] for it in items]

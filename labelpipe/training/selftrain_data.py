@@ -95,19 +95,8 @@ def round_batches(
         masks=reader.label,
         weights=reader.weight if reader.has_weights() else None,
         pad_mask=True,
+        weak_view=weak_view,  # the teacher's view: the same crop before the photometric part, one read
     )
-    # The teacher sees the weak view: the same geometry without the photometric part.
-    unlabeled_weak_ds = SegmentationDataset(ctx.source, unlabeled, weak, require_masks=False, masks=reader.label)
-
     lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, config.seed + 7919 * k, steps)
     unl_batches = step_loader(ctx, unlabeled_ds, cfg.batch_size, config.seed + 104729 * k, steps)
-    if not weak_view:
-        return zip_batches(lab_batches, unl_batches)
-    weak_batches = step_loader(ctx, unlabeled_weak_ds, cfg.batch_size, config.seed + 104729 * k, steps)
-
-    def unl_with_weak(start: int):
-        for strong, weak_batch in zip(unl_batches(start), weak_batches(start), strict=False):
-            strong["image_weak"] = weak_batch["image"]
-            yield strong
-
-    return zip_batches(lab_batches, unl_with_weak)
+    return zip_batches(lab_batches, unl_batches)

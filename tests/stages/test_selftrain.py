@@ -258,3 +258,26 @@ def test_padding_is_neither_anchor_nor_negative(tiny_root):
     assert every["valid"].all()
     assert torch.equal(padded["valid"][b * 64 :], small.reshape(-1))
     assert padded["valid"][: b * 64].all()
+
+
+def test_weak_view_is_the_weak_datasets_crop(tiny_root):
+    """The teacher's view rides on the strong item (one read of the image): it is exactly what a separate
+    weakly augmented dataset gives for the same (index, seed), and the strong image differs from it."""
+    from labelpipe.data import open_source
+    from labelpipe.data.dataset import SegmentationDataset, collate
+    from labelpipe.data.transforms import strong_photometric, weak_transform
+
+    source = open_source(tiny_root)
+    samples = source.split(sorted(source.splits)[0])[:3]
+    weak = weak_transform(24, (0.5, 1.5), True)
+    strong = SegmentationDataset(
+        source, samples, weak, photometric=strong_photometric(1.5), require_masks=False, pad_mask=True, weak_view=True
+    )
+    alone = SegmentationDataset(source, samples, weak, require_masks=False)
+    keys = [(i % len(samples), 1000 + i) for i in range(8)]
+    shared = collate([strong[k] for k in keys])
+    separate = collate([alone[k] for k in keys])
+    assert torch.equal(shared["image_weak"], separate["image"])
+    assert torch.equal(shared["mask"], separate["mask"])
+    assert not torch.equal(shared["image"], shared["image_weak"])
+    assert "image_weak" not in SegmentationDataset(source, samples, weak, require_masks=False)[keys[0]]
