@@ -73,6 +73,10 @@ class DatasetSource:
         """(H, W) uint8 class ids of a mask of this data set, decoded and validated."""
         return read_mask(path, self.num_classes, self.decode_mask, self.ignore_index, self.read_raw_mask)
 
+    def read_image(self, sample: SampleRef) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of one sample (its mask unread)."""
+        return read_image(sample.image)
+
     def read_pair(self, sample: SampleRef) -> tuple[np.ndarray, np.ndarray | None]:
         return read_pair(sample, self.num_classes, self.decode_mask, self.ignore_index, self.read_raw_mask)
 

@@ -96,9 +96,10 @@ class SegmentationDataset(Dataset):
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         sample = self.samples[index]
-        image, mask = self.source.read_pair(sample)
-        if self.masks is not None:
-            mask = self.masks(index)
+        if self.masks is not None:  # pseudo-labels (or none): the disk's mask is not read
+            image, mask = self.source.read_image(sample), self.masks(index)
+        else:
+            image, mask = self.source.read_pair(sample)
         if mask is None:
             if self.require_masks:
                 from labelpipe.errors import LabelpipeError

@@ -3,6 +3,8 @@
 Round k (``selftrain/round-k/``): ``predict/`` with the current model, ``pseudolabel/`` with the
 method and the round's labeling ratio ``alphas[k-1]``, then ``train/``: starting from the previous
 round's weights, on equal batches of labeled (or source) images and pseudo-labeled unlabeled images.
+An online round (``selftrain.pseudo_source: teacher``, U2PL's regime) labels every batch with its mean
+teacher as it trains: it has no stored labels to read, so it is ``train/`` alone.
 
 One training step is :class:`labelpipe.training.selftrain_step.SelftrainStep`: the teacher, the
 targets (stored or online pseudo-labels, denoising), CutMix, one student forward and the round's loss
@@ -46,20 +48,22 @@ from labelpipe.training.selftrain_step import SelftrainStep
 from labelpipe.training.setup import for_training, make_validator, model_metadata, supervised_class_weights
 
 
-def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path, out: StageDir) -> dict:
+def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path | None, out: StageDir) -> dict:
     """Round ``k``'s training into ``out`` (``model.safetensors``, ``metrics.json``, the log): from the
-    weights ``init_model`` on the labeled images and the pseudo-labels ``labels_path``; resumes a killed
-    round, or reports it up to date. Returns the last validation's metrics."""
+    weights ``init_model`` on the labeled images and the pseudo-labels ``labels_path`` (None: an online
+    round, labelled by its teacher); resumes a killed round, or reports it up to date. Returns the last
+    validation's metrics."""
     config, rt = ctx.config, ctx.runtime
     cfg, st = config.train, config.selftrain
     if st.lr is not None:  # rounds fine-tune a trained model: often at a lower rate than pretraining
         cfg = cfg.model_copy(update={"lr": st.lr})
     steps = st.steps or cfg.steps
-    _check_round_labels(ctx, labels_path)
+    if labels_path is not None:
+        _check_round_labels(ctx, labels_path)
     inputs = {
         "round": k,
         "init": sha256_file(init_model),
-        "labels": sha256_file(labels_path),
+        "labels": sha256_file(labels_path) if labels_path is not None else "online",
         "selftrain": st.fingerprint_fields(),
         "seed": config.seed,
         "train": cfg.fingerprint_fields(),
@@ -171,11 +175,15 @@ def _run_selftrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bo
     pl_ctx = replace(ctx, config=pl_config)  # the rounds label with selftrain's method
     for k in range(1, st.rounds + 1):
         round_dir = run_dir / "selftrain" / f"round-{k}"
-        alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
-        store = predict_store(ctx, previous, round_dir / "predict")
-        settings = settings_from(pl_config, alpha)
-        labels = label_run_store(pl_ctx, settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main)
-        barrier()
+        labels = None
+        if st.pseudo_source == "stored":
+            alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
+            store = predict_store(ctx, previous, round_dir / "predict")
+            settings = settings_from(pl_config, alpha)
+            labels = label_run_store(pl_ctx, settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main)
+            barrier()
+        elif runtime.is_main:
+            print(f"round {k}: online pseudo-labels from the mean teacher (no stored labels to predict)")
         init = checked_model_path(run_dir, previous)
         rounds[f"round-{k}"] = train_round(ctx, k, init, labels, StageDir(round_dir / "train"))
         previous = f"round-{k}"

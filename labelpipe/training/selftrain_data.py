@@ -72,11 +72,17 @@ def calibrate_representation(ctx: StageContext, model, labeled: list, cfg: Train
         print(f"calibrated the representation head's BatchNorm statistics on {n} labeled images")
 
 
+def _no_labels(index: int) -> None:
+    """An online round's unlabeled masks: none (the dataset fills 255; the disk's masks are never read)."""
+    return None
+
+
 def round_batches(
-    ctx: StageContext, k: int, labels_path: Path, cfg: TrainConfig, steps: int, weak_view: bool
+    ctx: StageContext, k: int, labels_path: Path | None, cfg: TrainConfig, steps: int, weak_view: bool
 ) -> Callable[[int], Iterator[tuple[dict, dict]]]:
     """Round ``k``'s stream: start step -> (labeled batch, pseudo-labeled batch) pairs, each deterministic
-    in (seed, round, step). The unlabeled images are weakly augmented (strongly, photometrically, with
+    in (seed, round, step). ``labels_path`` None (an online round): the unlabeled masks are all 255, for
+    the teacher to fill. The unlabeled images are weakly augmented (strongly, photometrically, with
     ``selftrain.strong_aug``; stronger in later rounds, DARS IT); with ``weak_view`` each unlabeled batch
     also carries ``image_weak``, the same geometry without the photometric part (what a teacher sees)."""
     config, st = ctx.config, ctx.config.selftrain
@@ -84,7 +90,7 @@ def round_batches(
     unlabeled = ctx.source.split(config.predict.split or ctx.roles["unlabeled"])
     strength = 1.0 + 0.5 * (k - 1)  # DARS IT: stronger augmentation in later rounds
     weak = weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip)
-    reader = LabelStoreReader(labels_path, [s.id for s in unlabeled])
+    reader = LabelStoreReader(labels_path, [s.id for s in unlabeled]) if labels_path is not None else None
     labeled_ds = SegmentationDataset(ctx.source, labeled, weak)
     unlabeled_ds = SegmentationDataset(
         ctx.source,
@@ -92,8 +98,8 @@ def round_batches(
         weak,
         photometric=strong_photometric(strength) if st.strong_aug else None,
         require_masks=False,
-        masks=reader.label,
-        weights=reader.weight if reader.has_weights() else None,
+        masks=reader.label if reader is not None else _no_labels,
+        weights=reader.weight if reader is not None and reader.has_weights() else None,
         pad_mask=True,
         weak_view=weak_view,  # the teacher's view: the same crop before the photometric part, one read
     )

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from labelpipe.store.atomic import sha256_file
 from tests.conftest import REPO, TINY_RECIPE, run_cli
 
 EVERYTHING = ["--loss", "sce", "--contrastive", "--denoise", "--strong-aug"]
@@ -38,8 +39,6 @@ def test_two_rounds_end_to_end(run, capsys):
                 "--device",
                 "cpu",
                 *EVERYTHING,
-                "--pseudo-source",
-                "teacher",
             ]
         )
         == 0
@@ -84,13 +83,33 @@ def test_two_rounds_end_to_end(run, capsys):
                 "--device",
                 "cpu",
                 *EVERYTHING,
-                "--pseudo-source",
-                "teacher",
             ]
         )
         == 0
     )
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_online_rounds_train_without_stored_labels(run, capsys):
+    """U2PL's regime (--pseudo-source teacher): the mean teacher labels each batch as the round trains, so a
+    round predicts and labels nothing up front; round 2 starts from round 1's weights, and a rerun is a no-op."""
+    args = ["selftrain", "--run", str(run), "--config", str(TINY_RECIPE), "--device", "cpu"]
+    args += [*EVERYTHING, "--pseudo-source", "teacher", "--steps", "3"]
+    assert run_cli(args) == 0
+    assert "online pseudo-labels from the mean teacher" in capsys.readouterr().out
+    for k in (1, 2):
+        round_dir = run / "selftrain" / f"round-{k}"
+        assert sorted(p.name for p in round_dir.iterdir()) == ["train"], k
+        manifest = json.loads((round_dir / "train" / "manifest.json").read_text())
+        assert manifest["status"] == "done" and manifest["inputs"]["labels"] == "online"
+        log = [json.loads(line) for line in (round_dir / "train" / "log.jsonl").read_text().splitlines()]
+        kept = [r["kept"] for r in log if "loss" in r]
+        assert len(kept) == 3 and all(0 < f < 1 for f in kept), kept  # the entropy split drops the uncertain
+    r2 = json.loads((run / "selftrain/round-2/train/manifest.json").read_text())
+    assert r2["inputs"]["init"] == sha256_file(run / "selftrain/round-1/train/model.safetensors")
+    assert run_cli(args) == 0
+    assert "round 2 train: up to date" in capsys.readouterr().out
 
 
 @pytest.mark.slow
