@@ -67,6 +67,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "u2pl-reliable": ("digitscapes_u2pl", ["selftrain.contrastive_negative_source=reliable"]),
         "u2pl-nocontrastive": ("digitscapes_u2pl", ["selftrain.contrastive=false"]),
         "everything": ("digitscapes_u2pl", ["selftrain.rectified=true", "selftrain.denoise=true"]),
+        "lc1-u2pl-unreliable": ("digitscapes_u2pl", ["selftrain.lambda_contrastive=1.0"]),
+        "lc1-u2pl-reliable": (
+            "digitscapes_u2pl",
+            ["selftrain.lambda_contrastive=1.0", "selftrain.contrastive_negative_source=reliable"],
+        ),
         "c3-rectified": ("digitscapes_rectify_c3", []),
         "c3-sweep-0.9": (
             "digitscapes_rectify_c3",
@@ -375,6 +380,7 @@ def test_a_whole_key_selects_only_itself_a_prefix_every_key_it_starts(sm):
     assert keys("sweep-0.9", "sweep-0.95") == ["sweep-0.9", "sweep-0.95"]
     assert keys("sweep") == [f"sweep-{tau}" for tau in sm.TAUS]
     assert keys("u2pl") == ["u2pl-unreliable", "u2pl-reliable", "u2pl-nocontrastive"]
+    assert keys("lc1") == ["lc1-u2pl-unreliable", "lc1-u2pl-reliable"]
     with pytest.raises(SystemExit, match="sweep-0.6"):
         sm.select(["sweep-0.6"])
 
