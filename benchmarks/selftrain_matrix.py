@@ -44,7 +44,7 @@ threshold chosen on target_val, DARS against threshold-ST, unreliable against re
 and the configuration chosen on target_val against the baseline and AdaBN.
 
 Expected wall time on the 2-core machine, nothing else running (BENCHMARKS.md, issue 14: pretrain 1,000
-steps ~165 s; the online round ~65 img/s at 32 images a step; predict 19 s and pseudolabel 14 s per round;
+steps ~165 s; the online round ~65 img/s at 32 images a step; predict 19 s and pseudolabel 14 s per offline round;
 evaluate ~4 s per 1,000 images): a pretrain ~3 min (the U2PL warm-up of 300 steps ~1 min; the oracle once
 per seed); an offline round of 500 steps ~4.7 min (~250 s of training at ~65 img/s + 33 s), so control,
 threshold-ST, CBST and DARS ~9.5 min each; the online round of 1,000 steps on the baseline ~9 min; the
@@ -378,7 +378,8 @@ class Matrix:
             if not run.exists():
                 shutil.copytree(base, run, ignore=shutil.ignore_patterns("evaluate", "matrix", "checkpoint.pt"))
                 shutil.copy2(base / "pretrain" / "checkpoint.pt", run / "pretrain" / "checkpoint.pt")
-            share_round1_predict(run)
+            if round_settings(config, self.extra).pseudo_source == "stored":  # an online round predicts nothing
+                share_round1_predict(run)
         sets = [a for s in (*config.sets, *self.extra) for a in ("--set", s)]
         self.labelpipe("selftrain", "--run", str(run), *self.common(config.recipe, protocol, seed), *sets)
         model = f"round-{round_settings(config, self.extra).rounds}"
