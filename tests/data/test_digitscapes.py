@@ -23,6 +23,7 @@ from labelpipe.data.digitscapes import (
     long_tail_order,
     prepare_kit,
     render_scene,
+    stratified_subset,
     training_class_probabilities,
 )
 from labelpipe.data.folder import load_folder_dataset
@@ -196,6 +197,53 @@ def test_dataset_yaml_declares_classes_palette_and_protocols(tiny_root: Path) ->
     assert source.protocol("semi-1_8")["unlabeled"] == "target_train_1_8_unlabeled"
     assert source.protocol("oracle")["labeled"] == "target_train"
     assert source.protocol("oracle")["test"] == "target_test"
+    assert source.protocol("semi-1_16-stratified") == {
+        "labeled": "target_train_1_16_stratified_labeled",
+        "unlabeled": "target_train_1_16_stratified_unlabeled",
+        "val": "target_val",
+        "test": "target_test",
+    }
+
+
+# sha256 over the name and bytes of every split list of the tiny seed-0 build made by format 2 (commit 7603014):
+# format 3 only adds the stratified 1/16 split, so these must never change.
+FORMAT_2_SPLIT_LISTS_DIGEST = "7905beb94d041da463cb3426a2c4c58244b95a5b587a2856c05ce33d0d5fbf5b"
+
+
+def test_format_2_split_lists_are_unchanged_and_the_stratified_split_covers_every_digit(tiny_root: Path) -> None:
+    digest = hashlib.sha256()
+    for path in sorted((tiny_root / "splits").iterdir()):
+        if "stratified" not in path.name:
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    assert digest.hexdigest() == FORMAT_2_SPLIT_LISTS_DIGEST
+    source = load_folder_dataset(tiny_root)
+    labeled = {s.id for s in source.split("target_train_1_16_stratified_labeled")}
+    unlabeled = {s.id for s in source.split("target_train_1_16_stratified_unlabeled")}
+    assert len(labeled) == TINY.labeled_1_16
+    assert not labeled & unlabeled
+    assert labeled | unlabeled == {s.id for s in source.split("target_train")}
+    # tiny: 10 labeled scenes, so each digit in >= 1 of them (or in none where target_train has none)
+    covered = _digit_presence(source, "target_train_1_16_stratified_labeled")
+    assert np.all((covered >= 1) | (_digit_presence(source, "target_train") == 0))
+
+
+def test_stratified_subset_covers_each_class_rarest_first_and_fills_at_random() -> None:
+    rng = np.random.default_rng(0)
+    present = rng.random((400, 5)) < np.array([0.5, 0.3, 0.1, 0.02, 0.01])  # classes 3, 4: ~8 and ~4 scenes
+    present[:, 0] |= ~present.any(axis=1)
+    for seed in range(5):
+        picked = stratified_subset(present, 40, 6, np.random.default_rng(seed))
+        assert len(picked) == 40 and len(set(picked.tolist())) == 40 and np.all(np.diff(picked) > 0)
+        held = present[picked].sum(axis=0)
+        assert np.all(held >= np.minimum(6, present.sum(axis=0))), held
+    again = stratified_subset(present, 40, 6, np.random.default_rng(3))
+    assert np.array_equal(again, stratified_subset(present, 40, 6, np.random.default_rng(3)))
+    # a random draw of 40 of 400 scenes leaves the rarest classes nearly out; the stratified one does not
+    random_held = present[np.random.default_rng(1).choice(400, 40, replace=False)].sum(axis=0)
+    assert random_held[3:].max() < 6 <= present[picked].sum(axis=0)[3]
+    with pytest.raises(ValueError, match="more than"):
+        stratified_subset(np.eye(5, dtype=bool).repeat(4, axis=0), 8, 2, np.random.default_rng(0))
 
 
 def test_rebuilding_a_complete_root_is_a_no_op(tiny_root: Path) -> None:
@@ -252,7 +300,7 @@ def test_targets_are_format_1_pixel_for_pixel_and_smooth_is_format_1s_source(tin
     smooth = build_digitscapes(tmp_path / "smooth", seed=0, size="tiny", source_style="smooth")
     assert {split: _pixel_digest(smooth, split) for split in FORMAT_1_PIXEL_DIGESTS} == FORMAT_1_PIXEL_DIGESTS
     marker = json.loads((smooth / ".complete").read_text())
-    assert marker["format"] == FORMAT_VERSION == 2 and marker["source_style"] == "smooth"
+    assert marker["format"] == FORMAT_VERSION == 3 and marker["source_style"] == "smooth"
 
 
 def test_textured_source_has_texture_where_the_smooth_one_is_flat() -> None:
