@@ -20,6 +20,12 @@ Training splits are long-tailed: a digit's class is drawn with probability propo
 gets ~36% of the digits and the tail class <1%. Validation and test draw classes uniformly, from
 digit images and photographs that no training scene uses.
 
+Protocols: ``da`` (source_train labeled, target_train unlabeled), ``semi-1_16`` / ``semi-1_8`` (a random
+1/16 or 1/8 of target_train labeled, the rest unlabeled; in the 1/16 draw the rarest digits are in only
+2-6 of the 250 labeled scenes), ``semi-1_16-stratified`` (format 3: the same 250, drawn so that every
+digit is in at least 10 of them, the rest at random; the labeled set stays long-tailed) and ``oracle``
+(all of target_train labeled, the upper bound of both).
+
 The build is deterministic in ``(seed, size, blend, source style)`` and atomic: it is written into a temporary
 sibling folder and renamed into place, with a ``.complete`` marker recording its parameters.
 """
