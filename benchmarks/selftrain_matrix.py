@@ -160,6 +160,21 @@ CONFIGS: list[Config] = [
         RECTIFY_C3_RECIPE,
         sets=fixed_threshold_round(0.9),
     ),
+    # Seed 000's "Ours + dropout 0.5" (its uncertainty table): dropout 0.5 before both classifiers during the
+    # round, so the heads disagree more where the pseudo-label is wrong (selftrain.head_dropout). Its control is
+    # the fixed threshold with the same dropout: the comparison is then the loss, not the dropout.
+    Config(
+        "dropout-rectified",
+        "variance + rectified loss, head dropout 0.5",
+        RECTIFY_RECIPE,
+        sets=("selftrain.head_dropout=0.5",),
+    ),
+    Config(
+        "dropout-sweep-0.9",
+        "fixed threshold 0.9 + CE (rectify's round), head dropout 0.5",
+        RECTIFY_RECIPE,
+        sets=(*fixed_threshold_round(0.9), "selftrain.head_dropout=0.5"),
+    ),
     Config("pretrain-u2pl", "pretrain of the U2PL recipe (its warm-up)", U2PL_RECIPE, "pretrain"),
     Config("u2pl-unreliable", "U2PL, unreliable negatives", U2PL_RECIPE),
     Config(
@@ -686,6 +701,20 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("rectified vs the best fixed threshold (tau chosen on target_val)", "000 Table 5: +1.9", "rectified", tau_key),
         ("aux head on c3: rectified vs fixed threshold 0.9", "000 Table 5: +1.9", "c3-rectified", "c3-sweep-0.9"),
         ("rectified: aux head on c3 vs on mid", "", "c3-rectified", "rectified"),
+        (
+            "head dropout 0.5: rectified vs fixed threshold 0.9",
+            "000 Table 5: +1.9",
+            "dropout-rectified",
+            "dropout-sweep-0.9",
+        ),
+        (
+            "rectified with head dropout 0.5 vs the best fixed threshold (no dropout)",
+            "000 Table 5: +1.9",
+            "dropout-rectified",
+            tau_key,
+        ),
+        ("rectified: head dropout 0.5 vs none", "", "dropout-rectified", "rectified"),
+        ("fixed threshold 0.9: head dropout 0.5 vs none", "", "dropout-sweep-0.9", "sweep-0.9"),
         ("DARS vs threshold-ST (tau 0.9)", "002 Table 4: tail +3.9; target: tail >= +3", "dars", "st-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),
         ("U2PL: unreliable negatives vs no contrastive loss", "", "u2pl-unreliable", "u2pl-nocontrastive"),

@@ -203,6 +203,7 @@ class SelftrainConfig(Section):
         "rectified_class_balance": False,
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
+        "head_dropout": None,
         "terms": None,
     }
 
@@ -239,6 +240,9 @@ class SelftrainConfig(Section):
     rectified_class_balance: bool = False
     rectified_max_value: float = Field(7.0, ge=1)
     rectified_align_corners: bool = False
+    # Dropout before the main and auxiliary classifiers during the rounds (seed 000's "Ours + dropout 0.5":
+    # it widens the heads' disagreement on wrong pixels); None: the model's own (main 0, auxiliary 0.1).
+    head_dropout: float | None = Field(None, ge=0, lt=1)
     # The round's loss terms by registered name (labelpipe.training.terms), in order; None: derived from the
     # flags above (supervised, then rectified or unsupervised CE/SCE, then contrastive when set).
     terms: list[str] | None = None

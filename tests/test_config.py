@@ -70,3 +70,14 @@ def test_selftrain_settings_added_later_are_hashed_only_when_changed():
     assert changed["contrastive_r_h"] == 10 and changed != default
     for name, default_value in SelftrainConfig.HASHED_WHEN_SET.items():  # the defaults are the fields'
         assert getattr(SelftrainConfig(), name) == default_value, name
+
+
+def test_head_dropout_is_a_round_setting_hashed_when_set():
+    from pydantic import ValidationError
+
+    from labelpipe.config import SelftrainConfig
+
+    assert "head_dropout" not in SelftrainConfig().fingerprint_fields()  # earlier rounds stay up to date
+    assert SelftrainConfig(head_dropout=0.5).fingerprint_fields()["head_dropout"] == 0.5
+    with pytest.raises(ValidationError):
+        SelftrainConfig(head_dropout=1.0)

@@ -73,6 +73,16 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             ["selftrain.lambda_contrastive=1.0", "selftrain.contrastive_negative_source=reliable"],
         ),
         "c3-rectified": ("digitscapes_rectify_c3", []),
+        "dropout-rectified": ("digitscapes_rectify", ["selftrain.head_dropout=0.5"]),
+        "dropout-sweep-0.9": (
+            "digitscapes_rectify",
+            [
+                "selftrain.method=threshold",
+                "selftrain.rectified=false",
+                "pseudolabel.tau=0.9",
+                "selftrain.head_dropout=0.5",
+            ],
+        ),
         "c3-sweep-0.9": (
             "digitscapes_rectify_c3",
             ["selftrain.method=threshold", "selftrain.rectified=false", "pseudolabel.tau=0.9"],

@@ -56,7 +56,29 @@ class SegmentationModel(nn.Module):
     and a forward returning :class:`SegmentationOutput`."""
 
     backbone: nn.Module
+    classifier: nn.Module
+    aux_classifier: nn.Sequential
     representation: nn.Module
+    # Dropout before the main classifier: none by default; set_head_dropout changes it (not in the weights).
+    main_dropout: float = 0.0
+
+    def classify(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The main classifier's logits at the decoder's resolution (through ``main_dropout`` in training)."""
+        if self.main_dropout > 0:  # no op, and no random number drawn, at the default 0
+            decoded = F.dropout(decoded, self.main_dropout, self.training)
+        return self.classifier(decoded)
+
+    def set_head_dropout(self, p: float) -> None:
+        """Dropout ``p`` before both classifiers in training (the auxiliary head's own 0.1 replaced): seed
+        000's "Ours + dropout 0.5", where the two heads disagree more on the pixels they get wrong, so
+        the prediction variance that weights the rectified loss separates wrong labels from right ones
+        better. Only the forward changes: the weights, eval mode and inference are the same."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"head dropout {p}: must be in [0, 1)")
+        self.main_dropout = float(p)
+        for module in self.aux_classifier.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = float(p)
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, decoder and head parameters): the latter train at ``decoder_lr_mult`` x the LR."""
@@ -130,6 +152,6 @@ class DeepLabV3Plus(SegmentationModel):
         low = self.reduce_low(feats["low"])
         high = F.interpolate(self.aspp(feats["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
         decoded = self.fuse(torch.cat([high, low], dim=1))
-        main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
+        main = F.interpolate(self.classify(decoded), size=size, mode="bilinear", align_corners=False)
         aux = F.interpolate(self.aux_classifier(feats[self.aux_level]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)

@@ -92,6 +92,6 @@ class FPNSegmenter(SegmentationModel):
         size = x.shape[-2:]
         feats = self.backbone(x)
         decoded = self.decode(feats)
-        main = F.interpolate(self.classifier(decoded), size=size, mode="bilinear", align_corners=False)
+        main = F.interpolate(self.classify(decoded), size=size, mode="bilinear", align_corners=False)
         aux = F.interpolate(self.aux_classifier(feats[self.aux_level]), size=size, mode="bilinear", align_corners=False)
         return SegmentationOutput(main=main, aux=aux, rep=self.representation(decoded) if with_rep else None)

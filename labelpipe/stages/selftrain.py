@@ -79,6 +79,8 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path |
     seed_everything(config.seed + k)
     model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
     load_model_weights(init_model, model)
+    if st.head_dropout is not None:
+        model.set_head_dropout(st.head_dropout)
     net = for_training(model, rt, cfg, uses_rep=SelftrainStep.needs_student_rep(st))
     if SelftrainStep.needs_student_rep(st) or st.denoise:
         calibrate_representation(ctx, model, ctx.source.split(ctx.roles["labeled"]), cfg)

@@ -129,3 +129,40 @@ def test_calibrate_representation_sets_never_run_statistics_once():
     torch.testing.assert_close(norm.running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
     assert norm.momentum == 0.1
     assert not model.calibrate_representation(iter(batches))  # already calibrated: left alone
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_head_dropout_before_both_classifiers(backbone):
+    """``set_head_dropout(p)``: dropout p before the main classifier (a hand-written reference) and in the
+    auxiliary head, in training only; the default main path has none; the weights do not change."""
+    model = build_model(5, backbone, 16, (1, 2, 3), rep_dim=16)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    decoded = torch.randn(2, model.classifier.in_channels, 8, 8)
+    model.train()
+    state = torch.get_rng_state()
+    assert torch.equal(model.classify(decoded), model.classifier(decoded))  # the default: no dropout there,
+    assert torch.equal(torch.get_rng_state(), state)  # and no random number drawn
+    model.eval()
+    before = model(x)
+
+    model.set_head_dropout(0.5)
+    assert list(model.state_dict()) == keys
+    assert [m.p for m in model.aux_classifier.modules() if isinstance(m, torch.nn.Dropout)] == [0.5]
+    after = model(x)  # eval: dropout off, the same logits
+    assert torch.equal(after.main, before.main) and torch.equal(after.aux, before.aux)
+
+    model.train()
+    torch.manual_seed(3)
+    got = model.classify(decoded)
+    torch.manual_seed(3)
+    reference = model.classifier(torch.nn.functional.dropout(decoded, 0.5, True))
+    assert torch.equal(got, reference)
+    assert not torch.allclose(got, model.classifier(decoded))
+    torch.manual_seed(4)
+    a = model(x).main
+    torch.manual_seed(5)
+    assert not torch.equal(model(x).main, a)  # the main head now draws its own mask
+
+    with pytest.raises(ValueError, match="must be in"):
+        model.set_head_dropout(1.0)

@@ -300,3 +300,23 @@ def test_weak_view_is_the_weak_datasets_crop(tiny_root):
     assert torch.equal(shared["mask"], separate["mask"])
     assert not torch.equal(shared["image"], shared["image_weak"])
     assert "image_weak" not in SegmentationDataset(source, samples, weak, require_masks=False)[keys[0]]
+
+
+def test_head_dropout_reaches_the_round(run, tmp_path):
+    """``selftrain.head_dropout`` changes the round's forward (the model's side is in
+    tests/models/test_deeplab.py): the first step's loss and the manifest's inputs differ from the same round
+    without it."""
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    args = ["--config", str(TINY_RECIPE), "--device", "cpu", "--rounds", "1", "--steps", "1", "--method", "variance"]
+    assert run_cli(["selftrain", "--run", str(run), *args, "--rectified", "--set", "selftrain.head_dropout=0.5"]) == 0
+    assert run_cli(["selftrain", "--run", str(plain), *args, "--rectified"]) == 0
+    train = "selftrain/round-1/train"
+    first = [
+        next(json.loads(line) for line in (r / train / "log.jsonl").read_text().splitlines() if '"loss"' in line)
+        for r in (run, plain)
+    ]
+    assert first[0]["loss"] != pytest.approx(first[1]["loss"], rel=1e-4)
+    manifests = [json.loads((r / train / "manifest.json").read_text()) for r in (run, plain)]
+    assert manifests[0]["inputs"]["selftrain"]["head_dropout"] == 0.5
+    assert "head_dropout" not in manifests[1]["inputs"]["selftrain"]
