@@ -73,6 +73,7 @@ REPO = Path(__file__).resolve().parents[1]
 DARS_RECIPE, RECTIFY_RECIPE, U2PL_RECIPE = "digitscapes_dars", "digitscapes_rectify", "digitscapes_u2pl"
 BASE_RECIPE = DARS_RECIPE  # the baseline, its AdaBN and its oracle
 RECTIFY_C3_RECIPE = "digitscapes_rectify_c3"  # the rectify recipe, its auxiliary head on c3
+PLATEAU_RECIPE = "digitscapes_source_only"  # the baseline's model trained 3x longer, to its target_val plateau
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 SPLITS = ("target_val", "target_test")  # every protocol's val and test roles
 # What a configuration may set: the round's sections only, so configurations of one recipe share its pretrain.
@@ -113,6 +114,8 @@ CONFIGS: list[Config] = [
     Config("baseline", "baseline (pretrain)", BASE_RECIPE, "pretrain"),
     Config("oracle", "oracle (all target_train labeled)", BASE_RECIPE, "oracle"),
     Config("adabn", "AdaBN (baseline, BatchNorm on the unlabeled split)", BASE_RECIPE, "adabn"),
+    # Item 2's baseline: the same model trained until target_val gains < 1 point over the last quarter.
+    Config("baseline-plateau", "baseline trained to its plateau (3,000 steps)", PLATEAU_RECIPE, "pretrain"),
     # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
     # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does
     # not beat it learns nothing from its pseudo-labels, whatever it gains over the baseline.
@@ -443,10 +446,31 @@ class Matrix:
             "wall_s": wall,
             # The stored labels of an online round are not what it trained on (the teacher's are).
             "pseudo_labels": None if model == "pretrain" or online else pseudo_label_precision(run, model),
+            "val_curve": val_curve(run, model),
         }
         with (self.out / "results.jsonl").open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         return rec
+
+
+def val_curve(run: Path, model: str) -> list[list[float]]:
+    """[[step, target_val mIoU on the first val_limit images], ...] of the training that wrote ``model``."""
+    stage = run / "pretrain" if model == "pretrain" else run / "selftrain" / model / "train"
+    log = stage / "log.jsonl"
+    if not log.is_file():
+        return []
+    rows = (json.loads(line) for line in log.read_text().splitlines() if '"val_miou"' in line)
+    return [[r["step"], r["val_miou"]] for r in rows]
+
+
+def last_quarter_gain(curve: list[list[float]]) -> float | None:
+    """target_val mIoU at the end minus at the last point at or before 3/4 of the schedule (issue 14's
+    plateau: < 1 point)."""
+    if len(curve) < 2:
+        return None
+    end_step, end = curve[-1]
+    before = [v for step, v in curve if step <= 0.75 * end_step]
+    return end - before[-1] if before else None
 
 
 def adabn_main(run: Path) -> None:
@@ -693,6 +717,18 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         fewer = sorted(k for k, n in seed_counts.items() if 0 < n < most)
         among = f" (among the configurations run on all {most} seeds; not {', '.join(fewer)})" if fewer else ""
         emit(f"Best self-training configuration on **target_val**{among}: **{BY_KEY[best_key].label}** (`{best_key}`).")
+    for key in ("baseline", "baseline-plateau"):
+        gains = {
+            seed: last_quarter_gain(r.get("val_curve") or [])
+            for (p, seed, k), r in sorted(latest.items())
+            if p == protocol and k == key
+        }
+        shown = ", ".join(f"{100 * g:+.1f}" for g in gains.values() if g is not None)
+        if shown:
+            emit(
+                f"Plateau check of `{key}` (item 2: < 1 point): target_val (first 200 images) over the last quarter "
+                f"of its schedule, per seed: {shown}."
+            )
     emit()
     emit("| comparison (target_test, paired) | the seed's claim | mIoU gain | tail mIoU gain |")
     emit("|---|---|---|---|")
@@ -732,6 +768,8 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "baseline",
         ),
         ("best on target_val vs the baseline", "002, 000: target >= +10" if da else "", best_key, "baseline"),
+        ("best on target_val vs the baseline at its plateau", "item 2's baseline", best_key, "baseline-plateau"),
+        ("the baseline: at its plateau (3,000 steps) vs 1,000 steps", "", "baseline-plateau", "baseline"),
         ("best on target_val vs AdaBN", "target >= +8" if da else "", best_key, "adabn"),
         ("best on target_val vs the control", "", best_key, "control"),
     ]

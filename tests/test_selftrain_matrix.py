@@ -51,6 +51,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert [(opt(c, "--run"), opt(c, "--config"), opt(c, "--protocol"), opt(c, "--seed")) for c in pretrains] == [
         (str(out / "pretrains" / "digitscapes_dars-da-s1"), "stages/digitscapes_dars.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_dars-oracle-s1"), "stages/digitscapes_dars.yaml", "oracle", "1"),
+        (str(out / "pretrains" / "digitscapes_source_only-da-s1"), "stages/digitscapes_source_only.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_rectify-da-s1"), "stages/digitscapes_rectify.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_rectify_c3-da-s1"), "stages/digitscapes_rectify_c3.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_u2pl-da-s1"), "stages/digitscapes_u2pl.yaml", "da", "1"),
@@ -427,3 +428,19 @@ def test_the_best_configuration_is_chosen_among_those_run_on_every_seed(sm, caps
     sm.main(["--report", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "(among the configurations run on all 3 seeds; not u2pl-unreliable): **DARS + CE** (`dars`)." in text
+
+
+def test_plateau_check_reads_the_training_log(sm, tmp_path):
+    """The item-2 plateau: target_val at the end minus at the last point within 3/4 of the schedule, from the
+    pretrain's log.jsonl (validation lines only)."""
+    log = tmp_path / "run" / "pretrain" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    lines = [{"step": 10, "loss": 1.0}] + [
+        {"step": s, "val_miou": v} for s, v in [(1000, 0.30), (2000, 0.34), (2250, 0.35), (3000, 0.357)]
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    curve = sm.val_curve(tmp_path / "run", "pretrain")
+    assert curve == [[1000, 0.30], [2000, 0.34], [2250, 0.35], [3000, 0.357]]
+    assert sm.last_quarter_gain(curve) == pytest.approx(0.007)
+    assert sm.last_quarter_gain(curve[:1]) is None
+    assert sm.val_curve(tmp_path / "missing", "pretrain") == []
