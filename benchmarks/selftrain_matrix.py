@@ -142,6 +142,13 @@ CONFIGS: list[Config] = [
         DARS_RECIPE,
         sets=online_round(1200),
     ),
+    # Self-training from item 2's baseline: the demo's online round (1,000 steps) from the plateau model.
+    Config(
+        "plateau-online",
+        "online mean teacher + entropy split + CutMix (demo round) from the baseline at its plateau",
+        PLATEAU_RECIPE,
+        sets=online_round(1000),
+    ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
     *(
@@ -770,6 +777,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("best on target_val vs the baseline", "002, 000: target >= +10" if da else "", best_key, "baseline"),
         ("best on target_val vs the baseline at its plateau", "item 2's baseline", best_key, "baseline-plateau"),
         ("the baseline: at its plateau (3,000 steps) vs 1,000 steps", "", "baseline-plateau", "baseline"),
+        (
+            "online round from the baseline at its plateau vs that baseline",
+            "002, 000: target >= +10" if da else "",
+            "plateau-online",
+            "baseline-plateau",
+        ),
         ("best on target_val vs AdaBN", "target >= +8" if da else "", best_key, "adabn"),
         ("best on target_val vs the control", "", best_key, "control"),
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from labelpipe.config import resolve_config
@@ -41,18 +43,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "recipe",
-    [
-        "demo",
-        "tiny",
-        "cityscapes_semi_1_8",
-        "voc_semi_1464",
-        "gta5_to_cityscapes",
-        "synthia_to_cityscapes",
-        "digitscapes_dars",
-        "digitscapes_u2pl",
-        "digitscapes_rectify",
-    ],
+    "recipe", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "stages").glob("*.yaml"))
 )
 def test_shipped_recipes_validate(recipe):
     from tests.conftest import REPO

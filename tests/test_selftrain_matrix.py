@@ -74,6 +74,16 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             ["selftrain.lambda_contrastive=1.0", "selftrain.contrastive_negative_source=reliable"],
         ),
         "c3-rectified": ("digitscapes_rectify_c3", []),
+        "plateau-online": (
+            "digitscapes_source_only",
+            [
+                "selftrain.pseudo_source=teacher",
+                "selftrain.method=entropy",
+                "selftrain.rounds=1",
+                "selftrain.alphas=[0.2]",
+                "selftrain.steps=1000",
+            ],
+        ),
         "dropout-rectified": ("digitscapes_rectify", ["selftrain.head_dropout=0.5"]),
         "dropout-sweep-0.9": (
             "digitscapes_rectify",
@@ -111,7 +121,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     # Every model evaluated on target_val and target_test, the last round of its configuration.
     evals = {(opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"}
     rounds = {"digitscapes_dars": "round-2", "digitscapes_u2pl": "round-1"}
-    rounds |= {"digitscapes_rectify": "round-1", "digitscapes_rectify_c3": "round-1"}
+    rounds |= {
+        "digitscapes_rectify": "round-1",
+        "digitscapes_rectify_c3": "round-1",
+        "digitscapes_source_only": "round-1",
+    }
     for key, (recipe, _) in expected.items():
         for split in ("target_val", "target_test"):
             assert (str(out / "da-s1" / recipe / key), rounds[recipe], split) in evals
