@@ -251,10 +251,14 @@ def round_settings(config: Config, extra: tuple[str, ...] = ()):
     return SelftrainConfig.model_validate(raw.get("selftrain", {}))
 
 
+def training_dir(run: Path, model: str) -> Path:
+    """The stage directory that trained ``model`` (pretrain or round-K): its weights, log and manifest."""
+    return run / "pretrain" if model == "pretrain" else run / "selftrain" / model / "train"
+
+
 def weights_path(run: Path, model: str) -> Path:
     """The weights ``labelpipe evaluate --model MODEL`` reads (pretrain or round-K)."""
-    stage = run / "pretrain" if model == "pretrain" else run / "selftrain" / model / "train"
-    return stage / "model.safetensors"
+    return training_dir(run, model) / "model.safetensors"
 
 
 def manifest_wall(path: Path) -> float:
@@ -462,8 +466,7 @@ class Matrix:
 
 def val_curve(run: Path, model: str) -> list[list[float]]:
     """[[step, target_val mIoU on the first val_limit images], ...] of the training that wrote ``model``."""
-    stage = run / "pretrain" if model == "pretrain" else run / "selftrain" / model / "train"
-    log = stage / "log.jsonl"
+    log = training_dir(run, model) / "log.jsonl"
     if not log.is_file():
         return []
     rows = (json.loads(line) for line in log.read_text().splitlines() if '"val_miou"' in line)
