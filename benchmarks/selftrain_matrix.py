@@ -100,9 +100,11 @@ class Config:
 ONLINE = ("selftrain.pseudo_source=teacher", "selftrain.method=entropy")
 
 
-def online_round(steps: int) -> tuple[str, ...]:
-    """The demo's online mean-teacher round (stages/demo.yaml) of ``steps`` steps, on a recipe's pretrain."""
-    return (*ONLINE, "selftrain.rounds=1", "selftrain.alphas=[0.2]", f"selftrain.steps={steps}")
+def online_round(steps: int, rounds: int = 1) -> tuple[str, ...]:
+    """The demo's online mean-teacher round (stages/demo.yaml) of ``steps`` steps, on a recipe's pretrain;
+    ``rounds`` > 1 repeats it, each round's teacher starting from the previous round's student."""
+    alphas = ",".join(["0.2"] * rounds)
+    return (*ONLINE, f"selftrain.rounds={rounds}", f"selftrain.alphas=[{alphas}]", f"selftrain.steps={steps}")
 
 
 def fixed_threshold_round(tau: float) -> tuple[str, ...]:
@@ -116,6 +118,10 @@ CONFIGS: list[Config] = [
     Config("adabn", "AdaBN (baseline, BatchNorm on the unlabeled split)", BASE_RECIPE, "adabn"),
     # Item 2's baseline: the same model trained until target_val gains < 1 point over the last quarter.
     Config("baseline-plateau", "baseline trained to its plateau (3,000 steps)", PLATEAU_RECIPE, "pretrain"),
+    # Its upper bound and its AdaBN: the same 3,000-step recipe on all target_train labels, and the plateau
+    # model with BatchNorm re-estimated on the unlabeled split (the controls of the plateau family below).
+    Config("oracle-plateau", "oracle trained like the plateau baseline (3,000 steps)", PLATEAU_RECIPE, "oracle"),
+    Config("adabn-plateau", "AdaBN of the baseline at its plateau", PLATEAU_RECIPE, "adabn"),
     # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
     # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does
     # not beat it learns nothing from its pseudo-labels, whatever it gains over the baseline.
@@ -148,6 +154,21 @@ CONFIGS: list[Config] = [
         "online mean teacher + entropy split + CutMix (demo round) from the baseline at its plateau",
         PLATEAU_RECIPE,
         sets=online_round(1000),
+    ),
+    # The plateau round's candidates, chosen on target_val: the round's learning rate at the pretrain's (the
+    # plateau model moves little at half of it), and a second round whose teacher starts from round 1's
+    # student (2 x 1,000 steps: twice the 12-minute budget, run to see what a second round is worth).
+    Config(
+        "plateau-online-lr1e-3",
+        "online round from the plateau, round lr 1e-3 (the pretrain's)",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1000), "selftrain.lr=0.001"),
+    ),
+    Config(
+        "plateau-online-2r",
+        "two online rounds from the plateau (2 x 1,000 steps)",
+        PLATEAU_RECIPE,
+        sets=online_round(1000, rounds=2),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
@@ -571,11 +592,45 @@ def read_results(out: Path) -> Latest:
             latest[(r["protocol"], int(r["seed"]), r["config"])] = r
     # The oracle is one run per seed for both protocols (protocol ``oracle``): a protocol whose seed has no
     # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
-    oracles = {s: r for (_, s, k), r in sorted(latest.items()) if k == "oracle"}
+    oracle_keys = [c.key for c in CONFIGS if c.kind == "oracle"]
+    oracles = {(s, k): r for (_, s, k), r in sorted(latest.items()) if k in oracle_keys}
     for protocol, seed in {(p, s) for (p, s, _) in latest}:
-        if seed in oracles:
-            latest.setdefault((protocol, seed, "oracle"), oracles[seed])
+        for key in oracle_keys:
+            if (seed, key) in oracles:
+                latest.setdefault((protocol, seed, key), oracles[seed, key])
     return latest
+
+
+def family(key: str) -> tuple[str, str, str]:
+    """The baseline, oracle and AdaBN rows ``key`` is read against: those of the plateau recipe for its rows
+    (item 2: self-training from the baseline at its plateau is measured against that baseline and the oracle
+    trained as long), the 1,000-step ones for everything else."""
+    config = BY_KEY.get(key)
+    if config is not None and config.recipe == PLATEAU_RECIPE:
+        return "baseline-plateau", "oracle-plateau", "adabn-plateau"
+    return "baseline", "oracle", "adabn"
+
+
+def is_plateau(key: str) -> bool:
+    return key in BY_KEY and BY_KEY[key].recipe == PLATEAU_RECIPE
+
+
+def choose_best(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, list[str], int]:
+    """The best of ``keys`` on target_val among those run on the most seeds (one run on fewer, an ablation
+    started late, would otherwise narrow every candidate's mean to its seeds), those left out, that count."""
+    seed_counts = {k: len(values(latest, protocol, k, "val_miou")) for k in keys}
+    most = max(seed_counts.values(), default=0)
+    best, _, _ = best_on_val(latest, protocol, [k for k, n in seed_counts.items() if n == most])
+    return best, sorted(k for k, n in seed_counts.items() if 0 < n < most), most
+
+
+def oracle_share(latest: Latest, protocol: str, key: str, oracle: str) -> str:
+    """Per seed key / oracle of target_test mIoU, in % (item 0: the source-only model <= 70 % of the oracle)."""
+    x, o = values(latest, protocol, key, "test_miou"), values(latest, protocol, oracle, "test_miou")
+    shares = [100 * x[s] / o[s] for s in sorted(x) if s in o and o[s] > 0]
+    if not shares:
+        return ""
+    return f"{mean_std(shares, ' %')} ({', '.join(f'{v:.0f}' for v in shares)})"
 
 
 def values(latest: Latest, protocol: str, key: str, field: str) -> dict[int, float]:
@@ -610,10 +665,12 @@ def gain(latest: Latest, protocol: str, key: str, reference: str | None, field: 
 
 
 def gap_share(latest: Latest, protocol: str, key: str) -> str:
-    """Per seed (x - baseline) / (oracle - baseline) of target_test mIoU, in %, mean ± std."""
-    x, b, o = (values(latest, protocol, k, "test_miou") for k in (key, "baseline", "oracle"))
+    """Per seed (x - baseline) / (oracle - baseline) of target_test mIoU, in %, mean ± std (``key``'s
+    family's baseline and oracle)."""
+    baseline, oracle, _ = family(key)
+    x, b, o = (values(latest, protocol, k, "test_miou") for k in (key, baseline, oracle))
     shares = [100 * (x[s] - b[s]) / (o[s] - b[s]) for s in sorted(x) if s in b and s in o and o[s] > b[s]]
-    if key == "baseline" or not shares:
+    if key == baseline or not shares:
         return "-"
     a = np.asarray(shares)
     return f"{a.mean():.0f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.0f} % ({len(a)})"
@@ -670,7 +727,9 @@ def report(out: Path, file: TextIO | None = None) -> None:
             "(1,000 images). Gains are paired (mean ± std of the per-seed differences, number of seeds). "
             f"Baseline: the pretrain of stages/{BASE_RECIPE}.yaml; oracle: the same recipe on all target_train "
             "labels (protocol oracle, shared by DA and semi); AdaBN: the baseline with BatchNorm re-estimated on "
-            "the protocol's unlabeled split; control: the same rounds without the pseudo-label loss."
+            "the protocol's unlabeled split; control: the same rounds without the pseudo-label loss. Rows of "
+            f"stages/{PLATEAU_RECIPE}.yaml are read against their own family: the baseline at its plateau, its "
+            "AdaBN and the oracle trained as long (`baseline-plateau`, `adabn-plateau`, `oracle-plateau`)."
         )
         emit()
         emit(
@@ -692,10 +751,12 @@ def report(out: Path, file: TextIO | None = None) -> None:
             recipe = (
                 config.recipe if config else next(r.get("recipe", "?") for (p, _, k), r in latest.items() if k == key)
             )
+            baseline, _, adabn = family(key)
+            control = None if is_plateau(key) else "control"  # the plateau family has no control of its own
             emit(
                 f"| {config.label if config else key} (`{key}`) | {recipe} | {len(test)} | {mean_std(val)} | "
-                f"{mean_std(list(test.values()))} | {mean_std(tail)} | {gain(latest, protocol, key, 'baseline')} | "
-                f"{gain(latest, protocol, key, 'adabn')} | {gain(latest, protocol, key, 'control')} | "
+                f"{mean_std(list(test.values()))} | {mean_std(tail)} | {gain(latest, protocol, key, baseline)} | "
+                f"{gain(latest, protocol, key, adabn)} | {gain(latest, protocol, key, control)} | "
                 f"{gap_share(latest, protocol, key)} | {f'{np.mean(walls):.1f}' if walls else '-'} | "
                 f"{precision_column(latest, protocol, key)} |"
             )
@@ -709,11 +770,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     sweep = [f"sweep-{tau}" for tau in TAUS]
     tau_key, tau_val, seeds = best_on_val(latest, protocol, sweep)
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key != "control"]
-    # The best configuration is chosen among those run on the most seeds: one run on fewer (an ablation
-    # started late) would otherwise narrow every candidate's mean to its seeds.
-    seed_counts = {k: len(values(latest, protocol, k, "val_miou")) for k in selftrain_keys}
-    most = max(seed_counts.values(), default=0)
-    best_key, _, _ = best_on_val(latest, protocol, [k for k, n in seed_counts.items() if n == most])
+    # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
+    # baseline at its plateau (item 2's baseline, which the DA >= +10 claim is read against).
+    best_key, fewer, most = choose_best(latest, protocol, [k for k in selftrain_keys if not is_plateau(k)])
+    plateau_key, plateau_fewer, plateau_most = choose_best(
+        latest, protocol, [k for k in selftrain_keys if is_plateau(k)]
+    )
     if tau_val:
         chosen = ", ".join(f"{k.split('-', 1)[1]}: {v:.1f}" for k, v in tau_val.items())
         over = (
@@ -723,10 +785,16 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             f"Fixed threshold of the sweep chosen on **target_val** (mean mIoU per tau over {over}: {chosen}): "
             f"**tau {tau_key.split('-', 1)[1]}**."
         )
-    if best_key:
-        fewer = sorted(k for k, n in seed_counts.items() if 0 < n < most)
-        among = f" (among the configurations run on all {most} seeds; not {', '.join(fewer)})" if fewer else ""
-        emit(f"Best self-training configuration on **target_val**{among}: **{BY_KEY[best_key].label}** (`{best_key}`).")
+    for key, left_out, n, start in (
+        (best_key, fewer, most, "the 1,000-step baseline"),
+        (plateau_key, plateau_fewer, plateau_most, "the baseline at its plateau"),
+    ):
+        if key:
+            among = f" (among those run on all {n} seeds; not {', '.join(left_out)})" if left_out else ""
+            emit(f"Best self-training from {start} on **target_val**{among}: **{BY_KEY[key].label}** (`{key}`).")
+    for key, oracle in (("baseline", "oracle"), ("baseline-plateau", "oracle-plateau")):
+        if share := oracle_share(latest, protocol, key, oracle):
+            emit(f"`{key}` as a share of `{oracle}` (target_test; item 0: <= 70 %), per seed: {share}.")
     for key in ("baseline", "baseline-plateau"):
         gains = {
             seed: last_quarter_gain(r.get("val_curve") or [])
@@ -777,23 +845,29 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "u2pl-unreliable",
             "baseline",
         ),
-        # Item 2: the claim is read against the baseline at its plateau where that row was run.
         ("best on target_val vs the baseline", "", best_key, "baseline"),
-        (
-            "best on target_val vs the baseline at its plateau",
-            "002, 000: target >= +10" if da else "",
-            best_key,
-            "baseline-plateau",
-        ),
-        ("the baseline: at its plateau (3,000 steps) vs 1,000 steps", "", "baseline-plateau", "baseline"),
-        (
-            "online round from the baseline at its plateau vs that baseline",
-            "",
-            "plateau-online",
-            "baseline-plateau",
-        ),
-        ("best on target_val vs AdaBN", "target >= +8" if da else "", best_key, "adabn"),
+        ("best on target_val vs AdaBN", "", best_key, "adabn"),
         ("best on target_val vs the control", "", best_key, "control"),
+        ("the baseline: at its plateau (3,000 steps) vs 1,000 steps", "", "baseline-plateau", "baseline"),
+        ("the oracle: 3,000 vs 1,000 steps", "", "oracle-plateau", "oracle"),
+        # Item 2: the DA claims are read against the baseline at its plateau and its AdaBN.
+        (
+            "best from the plateau on target_val vs the baseline at its plateau",
+            "002, 000: target >= +10" if da else "",
+            plateau_key,
+            "baseline-plateau",
+        ),
+        (
+            "best from the plateau on target_val vs AdaBN of the plateau baseline",
+            "target >= +8" if da else "",
+            plateau_key,
+            "adabn-plateau",
+        ),
+        *(
+            (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
+            for key in selftrain_keys
+            if is_plateau(key) and key != plateau_key
+        ),
     ]
     for label, claim, key, reference in rows:
         if key is None or reference is None:

@@ -52,6 +52,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         (str(out / "pretrains" / "digitscapes_dars-da-s1"), "stages/digitscapes_dars.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_dars-oracle-s1"), "stages/digitscapes_dars.yaml", "oracle", "1"),
         (str(out / "pretrains" / "digitscapes_source_only-da-s1"), "stages/digitscapes_source_only.yaml", "da", "1"),
+        (
+            str(out / "pretrains" / "digitscapes_source_only-oracle-s1"),
+            "stages/digitscapes_source_only.yaml",
+            "oracle",
+            "1",
+        ),
         (str(out / "pretrains" / "digitscapes_rectify-da-s1"), "stages/digitscapes_rectify.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_rectify_c3-da-s1"), "stages/digitscapes_rectify_c3.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_u2pl-da-s1"), "stages/digitscapes_u2pl.yaml", "da", "1"),
@@ -82,6 +88,17 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
                 "selftrain.rounds=1",
                 "selftrain.alphas=[0.2]",
                 "selftrain.steps=1000",
+            ],
+        ),
+        "plateau-online-lr1e-3": (
+            "digitscapes_source_only",
+            [
+                "selftrain.pseudo_source=teacher",
+                "selftrain.method=entropy",
+                "selftrain.rounds=1",
+                "selftrain.alphas=[0.2]",
+                "selftrain.steps=1000",
+                "selftrain.lr=0.001",
             ],
         ),
         "dropout-rectified": ("digitscapes_rectify", ["selftrain.head_dropout=0.5"]),
@@ -116,7 +133,16 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and f"/{recipe}-da-" in opt(p, "--run")
         )
         assert pretrain < cmds.index(c)
-    assert set(selftrains) == {*expected, "online", "online-1200"}
+    assert set(selftrains) == {*expected, "online", "online-1200", "plateau-online-2r"}
+    # Two online rounds: one alpha per round.
+    assert sets(selftrains["plateau-online-2r"])[2:] == [
+        "selftrain.rounds=2",
+        "selftrain.alphas=[0.2,0.2]",
+        "selftrain.steps=1000",
+    ]
+    assert (str(out / "da-s1" / "digitscapes_source_only" / "plateau-online-2r"), "round-2", "target_test") in {
+        (opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"
+    }
 
     # Every model evaluated on target_val and target_test, the last round of its configuration.
     evals = {(opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"}
@@ -132,10 +158,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     for p in pretrains:
         assert {(opt(p, "--run"), "pretrain", s) for s in ("target_val", "target_test")} <= evals
     assert len(evals) == 2 * (len(pretrains) + len(selftrains))
-    # AdaBN: the baseline (after its pretrain) with BatchNorm re-estimated, through the script itself.
+    # AdaBN: the baseline (after its pretrain) with BatchNorm re-estimated, through the script itself; and the
+    # baseline at its plateau.
     adabn = [c for c in cmds if c[0] == "python"]
     assert adabn == [
-        ["python", "benchmarks/selftrain_matrix.py", "--adabn", str(out / "pretrains/digitscapes_dars-da-s1")]
+        ["python", "benchmarks/selftrain_matrix.py", "--adabn", str(out / f"pretrains/{name}-da-s1")]
+        for name in ("digitscapes_dars", "digitscapes_source_only")
     ]
     assert cmds.index(adabn[0]) > cmds.index(pretrains[0])
 
@@ -441,7 +469,49 @@ def test_the_best_configuration_is_chosen_among_those_run_on_every_seed(sm, caps
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sm.main(["--report", "--out", str(tmp_path)])
     text = capsys.readouterr().out
-    assert "(among the configurations run on all 3 seeds; not u2pl-unreliable): **DARS + CE** (`dars`)." in text
+    assert "(among those run on all 3 seeds; not u2pl-unreliable): **DARS + CE** (`dars`)." in text
+
+
+def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm, capsys, tmp_path):
+    """Rows of the plateau recipe: gains against the plateau baseline and its AdaBN (no control of theirs),
+    the gap share against the oracle trained as long (shared with semi like the other oracle), their own
+    choice on target_val, and item 0's source-only share of the oracle for both families."""
+    write_results(tmp_path / "results.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    plateau = {
+        "baseline-plateau": (0.36, 0.37, 0.38),
+        "oracle-plateau": (0.56, 0.57, 0.58),
+        "adabn-plateau": (0.37, 0.37, 0.39),
+        "plateau-online": (0.44, 0.46, 0.47),
+        "plateau-online-2r": (0.46, 0.47, 0.49),
+    }
+    vals = {"plateau-online": 0.45, "plateau-online-2r": 0.44}  # 2r is better on test, not on val
+    for key, tests in plateau.items():
+        rows += [record(key, seed, test, vals.get(key, 0.3)) for seed, test in enumerate(tests)]
+    rows += [{**record("baseline-plateau", 0, 0.30, 0.3), "protocol": "semi-1_16"}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    da = text[: text.index("### semi-1_16")]
+    online = table_row(da, "plateau-online")
+    assert online[6:10] == ["+8.7 ± 0.6 (3)", "+8.0 ± 1.0 (3)", "-", "43 ± 3 % (3)"]  # 8/20, 9/20, 9/20
+    assert table_row(da, "u2pl-unreliable")[9] == "50 ± 0 % (3)"  # the 1,000-step family unchanged
+    assert "Best self-training from the baseline at its plateau on **target_val**" in da
+    assert "(`plateau-online`)." in da  # chosen on val, not 2r (better on test)
+    claim = next(
+        line for line in da.splitlines() if line.startswith("| best from the plateau on target_val vs the baseline")
+    )
+    assert "`plateau-online` - `baseline-plateau`" in claim and "| 002, 000: target >= +10 | +8.7 ± 0.6 (3) |" in claim
+    vs_adabn = next(
+        line for line in da.splitlines() if line.startswith("| best from the plateau on target_val vs AdaBN")
+    )
+    assert "| target >= +8 | +8.0 ± 1.0 (3) |" in vs_adabn
+    assert "| `plateau-online-2r` vs the baseline at its plateau (`plateau-online-2r` - `baseline-plateau`) |" in da
+    assert "`baseline-plateau` as a share of `oracle-plateau` (target_test; item 0: <= 70 %), per seed: " in da
+    assert "64.9 ± 0.6 % (64, 65, 66)" in da  # 36/56, 37/57, 38/58
+    assert "`baseline` as a share of `oracle` (target_test; item 0: <= 70 %), per seed: 60.8 ± 0.8 % (60, 62, 61)" in da
+    semi = text[text.index("### semi-1_16") :]
+    assert "`baseline-plateau` as a share of `oracle-plateau`" in semi and "(54)" in semi  # the DA-run oracle
 
 
 def test_plateau_check_reads_the_training_log(sm, tmp_path):
