@@ -156,8 +156,9 @@ CONFIGS: list[Config] = [
         sets=online_round(1000),
     ),
     # The plateau round's candidates, chosen on target_val: the round's learning rate at the pretrain's (the
-    # plateau model moves little at half of it), and a second round whose teacher starts from round 1's
-    # student (2 x 1,000 steps: twice the 12-minute budget, run to see what a second round is worth).
+    # plateau model moves little at half of it), and the same 1,200 steps the 12 minutes hold as two rounds,
+    # the second's teacher starting from the first's student (the round's gain comes in its first few hundred
+    # steps: session 13's target_val curves).
     Config(
         "plateau-online-lr1e-3",
         "online round from the plateau, round lr 1e-3 (the pretrain's)",
@@ -166,9 +167,9 @@ CONFIGS: list[Config] = [
     ),
     Config(
         "plateau-online-2r",
-        "two online rounds from the plateau (2 x 1,000 steps)",
+        "two online rounds from the plateau (2 x 600 steps)",
         PLATEAU_RECIPE,
-        sets=online_round(1000, rounds=2),
+        sets=online_round(600, rounds=2),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),

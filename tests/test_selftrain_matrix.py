@@ -138,7 +138,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sets(selftrains["plateau-online-2r"])[2:] == [
         "selftrain.rounds=2",
         "selftrain.alphas=[0.2,0.2]",
-        "selftrain.steps=1000",
+        "selftrain.steps=600",
     ]
     assert (str(out / "da-s1" / "digitscapes_source_only" / "plateau-online-2r"), "round-2", "target_test") in {
         (opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"
