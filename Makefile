@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/labelpipe run stages/demo.yaml --run runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
