@@ -796,7 +796,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     for key, oracle in (("baseline", "oracle"), ("baseline-plateau", "oracle-plateau")):
         if share := oracle_share(latest, protocol, key, oracle):
             emit(f"`{key}` as a share of `{oracle}` (target_test; item 0: <= 70 %), per seed: {share}.")
-    for key in ("baseline", "baseline-plateau"):
+    for key in ("baseline", "baseline-plateau", "oracle-plateau"):
         gains = {
             seed: last_quarter_gain(r.get("val_curve") or [])
             for (p, seed, k), r in sorted(latest.items())
