@@ -165,6 +165,20 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*online_round(1000), "selftrain.lr=0.001"),
     ),
+    # Session 14's second pass on the two axes the first one moved (lr 1e-3 beat 5e-4 on target_val): twice
+    # that learning rate, and the 1,200 steps the 12 minutes hold at it.
+    Config(
+        "plateau-online-lr2e-3",
+        "online round from the plateau, round lr 2e-3",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1000), "selftrain.lr=0.002"),
+    ),
+    Config(
+        "plateau-online-lr1e-3-1200",
+        "online round from the plateau, round lr 1e-3, 1,200 steps",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1200), "selftrain.lr=0.001"),
+    ),
     Config(
         "plateau-online-2r",
         "two online rounds from the plateau (2 x 600 steps)",

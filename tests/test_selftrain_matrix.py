@@ -133,7 +133,15 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             i for i, p in enumerate(cmds) if p[:2] == ["labelpipe", "pretrain"] and f"/{recipe}-da-" in opt(p, "--run")
         )
         assert pretrain < cmds.index(c)
-    assert set(selftrains) == {*expected, "online", "online-1200", "plateau-online-2r"}
+    assert set(selftrains) == {
+        *expected,
+        "online",
+        "online-1200",
+        "plateau-online-2r",
+        "plateau-online-lr2e-3",
+        "plateau-online-lr1e-3-1200",
+    }
+    assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     # Two online rounds: one alpha per round.
     assert sets(selftrains["plateau-online-2r"])[2:] == [
         "selftrain.rounds=2",
