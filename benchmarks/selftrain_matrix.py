@@ -166,12 +166,18 @@ CONFIGS: list[Config] = [
         sets=(*online_round(1000), "selftrain.lr=0.001"),
     ),
     # Session 14's second pass on the two axes the first one moved (lr 1e-3 beat 5e-4 on target_val): twice
-    # that learning rate, and the 1,200 steps the 12 minutes hold at it.
+    # that learning rate, and the 1,200 steps the 12 minutes hold at it; then 4e-3, as 2e-3 led the grid.
     Config(
         "plateau-online-lr2e-3",
         "online round from the plateau, round lr 2e-3",
         PLATEAU_RECIPE,
         sets=(*online_round(1000), "selftrain.lr=0.002"),
+    ),
+    Config(
+        "plateau-online-lr4e-3",
+        "online round from the plateau, round lr 4e-3",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1000), "selftrain.lr=0.004"),
     ),
     Config(
         "plateau-online-lr1e-3-1200",

@@ -139,6 +139,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "online-1200",
         "plateau-online-2r",
         "plateau-online-lr2e-3",
+        "plateau-online-lr4e-3",
         "plateau-online-lr1e-3-1200",
     }
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
