@@ -140,6 +140,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-2r",
         "plateau-online-lr2e-3",
         "plateau-online-lr4e-3",
+        "plateau-control",
         "plateau-online-lr1e-3-1200",
     }
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
@@ -482,7 +483,7 @@ def test_the_best_configuration_is_chosen_among_those_run_on_every_seed(sm, caps
 
 
 def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm, capsys, tmp_path):
-    """Rows of the plateau recipe: gains against the plateau baseline and its AdaBN (no control of theirs),
+    """Rows of the plateau recipe: gains against the plateau baseline and its AdaBN and its control,
     the gap share against the oracle trained as long (shared with semi like the other oracle), their own
     choice on target_val, and item 0's source-only share of the oracle for both families."""
     write_results(tmp_path / "results.jsonl")
@@ -493,6 +494,7 @@ def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm
         "adabn-plateau": (0.37, 0.37, 0.39),
         "plateau-online": (0.44, 0.46, 0.47),
         "plateau-online-2r": (0.46, 0.47, 0.49),
+        "plateau-control": (0.38, 0.40, 0.40),
     }
     vals = {"plateau-online": 0.45, "plateau-online-2r": 0.44}  # 2r is better on test, not on val
     for key, tests in plateau.items():
@@ -503,7 +505,8 @@ def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm
     text = capsys.readouterr().out
     da = text[: text.index("### semi-1_16")]
     online = table_row(da, "plateau-online")
-    assert online[6:10] == ["+8.7 ± 0.6 (3)", "+8.0 ± 1.0 (3)", "-", "43 ± 3 % (3)"]  # 8/20, 9/20, 9/20
+    assert online[6:10] == ["+8.7 ± 0.6 (3)", "+8.0 ± 1.0 (3)", "+6.3 ± 0.6 (3)", "43 ± 3 % (3)"]  # 8/20, 9/20, 9/20
+    assert table_row(da, "plateau-control")[6] == "+2.3 ± 0.6 (3)"  # a row of its own, never the best choice
     assert table_row(da, "u2pl-unreliable")[9] == "50 ± 0 % (3)"  # the 1,000-step family unchanged
     assert "Best self-training from the baseline at its plateau on **target_val**" in da
     assert "(`plateau-online`)." in da  # chosen on val, not 2r (better on test)
@@ -515,6 +518,10 @@ def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm
         line for line in da.splitlines() if line.startswith("| best from the plateau on target_val vs AdaBN")
     )
     assert "| target >= +8 | +8.0 ± 1.0 (3) |" in vs_adabn
+    vs_control = next(
+        line for line in da.splitlines() if line.startswith("| best from the plateau on target_val vs its")
+    )
+    assert "`plateau-online` - `plateau-control`" in vs_control and "| +6.3 ± 0.6 (3) |" in vs_control
     assert "| `plateau-online-2r` vs the baseline at its plateau (`plateau-online-2r` - `baseline-plateau`) |" in da
     assert "`baseline-plateau` as a share of `oracle-plateau` (target_test; item 0: <= 70 %), per seed: " in da
     assert "64.9 ± 0.6 % (64, 65, 66)" in da  # 36/56, 37/57, 38/58
