@@ -12,6 +12,11 @@ For each protocol (``da``, ``semi-1_16``) and seed, in the issue's order:
 - on ``digitscapes_dars.yaml`` (two offline rounds of 500 steps, alphas 0.2 / 0.5, strong augmentation):
   the **control** (the same rounds, pseudo-label loss weighted 0), **threshold-ST** (tau 0.9), **CBST**,
   **DARS**, and the demo's **online** mean-teacher round on this pretrain (not in the issue's list);
+- item 2's **plateau family** on ``digitscapes_source_only.yaml`` (the baseline's model trained 3,000 steps, to
+  its target_val plateau): that baseline, its **oracle** and **AdaBN** trained and adapted the same way, the
+  demo's online round from it and the candidates of its round (learning rate, steps, two rounds), chosen on
+  target_val, and their **control** (the round without the pseudo-label loss). The report reads these rows
+  against their own family, and the DA claims (>= +10, >= +8 over AdaBN) on the choice among them;
 - on ``digitscapes_rectify.yaml`` (its own pretrain, with auxiliary weight 0.5; one round of 1,000
   steps, no strong augmentation): the **rectified** loss (variance, no threshold) and the **sweep** of
   fixed thresholds {0.5, 0.7, 0.8, 0.9, 0.95} (threshold method + CE, the same round);
@@ -634,8 +639,7 @@ def family(key: str) -> tuple[str, str, str, str]:
     """The baseline, oracle, AdaBN and control rows ``key`` is read against: those of the plateau recipe for its rows
     (item 2: self-training from the baseline at its plateau is measured against that baseline and the oracle
     trained as long), the 1,000-step ones for everything else."""
-    config = BY_KEY.get(key)
-    if config is not None and config.recipe == PLATEAU_RECIPE:
+    if is_plateau(key):
         return "baseline-plateau", "oracle-plateau", "adabn-plateau", "plateau-control"
     return "baseline", "oracle", "adabn", "control"
 
