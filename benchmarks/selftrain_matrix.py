@@ -103,6 +103,9 @@ class Config:
 
 
 ONLINE = ("selftrain.pseudo_source=teacher", "selftrain.method=entropy")
+# The demo round's learning rate (stages/demo.yaml), pinned where the plateau recipe's own (chosen on target_val
+# in session 14) would otherwise apply.
+DEMO_ROUND_LR = 0.0005
 
 
 def online_round(steps: int, rounds: int = 1) -> tuple[str, ...]:
@@ -158,7 +161,7 @@ CONFIGS: list[Config] = [
         "plateau-online",
         "online mean teacher + entropy split + CutMix (demo round) from the baseline at its plateau",
         PLATEAU_RECIPE,
-        sets=online_round(1000),
+        sets=(*online_round(1000), f"selftrain.lr={DEMO_ROUND_LR}"),
     ),
     # The plateau round's candidates, chosen on target_val: the round's learning rate at the pretrain's (the
     # plateau model moves little at half of it), and the same 1,200 steps the 12 minutes hold as two rounds,
@@ -202,7 +205,7 @@ CONFIGS: list[Config] = [
         "plateau-online-2r",
         "two online rounds from the plateau (2 x 600 steps)",
         PLATEAU_RECIPE,
-        sets=online_round(600, rounds=2),
+        sets=(*online_round(600, rounds=2), f"selftrain.lr={DEMO_ROUND_LR}"),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),

@@ -88,6 +88,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
                 "selftrain.rounds=1",
                 "selftrain.alphas=[0.2]",
                 "selftrain.steps=1000",
+                "selftrain.lr=0.0005",
             ],
         ),
         "plateau-online-lr1e-3": (
@@ -149,6 +150,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.rounds=2",
         "selftrain.alphas=[0.2,0.2]",
         "selftrain.steps=600",
+        "selftrain.lr=0.0005",
     ]
     assert (str(out / "da-s1" / "digitscapes_source_only" / "plateau-online-2r"), "round-2", "target_test") in {
         (opt(c, "--run"), opt(c, "--model"), opt(c, "--split")) for c in cmds if c[1] == "evaluate"
