@@ -41,6 +41,16 @@ def sets(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
 
 
+# The demo's online round of 1,000 steps, as the dry run spells it (before a row's own learning rate).
+ONLINE_ROUND_1000 = [
+    "selftrain.pseudo_source=teacher",
+    "selftrain.method=entropy",
+    "selftrain.rounds=1",
+    "selftrain.alphas=[0.2]",
+    "selftrain.steps=1000",
+]
+
+
 def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     out = tmp_path / "m"
     cmds = dry_run(sm, capsys, out, "--protocols", "da", "--seeds", "1")
@@ -82,25 +92,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "c3-rectified": ("digitscapes_rectify_c3", []),
         "plateau-online": (
             "digitscapes_source_only",
-            [
-                "selftrain.pseudo_source=teacher",
-                "selftrain.method=entropy",
-                "selftrain.rounds=1",
-                "selftrain.alphas=[0.2]",
-                "selftrain.steps=1000",
-                "selftrain.lr=0.0005",
-            ],
+            [*ONLINE_ROUND_1000, "selftrain.lr=0.0005"],
         ),
         "plateau-online-lr1e-3": (
             "digitscapes_source_only",
-            [
-                "selftrain.pseudo_source=teacher",
-                "selftrain.method=entropy",
-                "selftrain.rounds=1",
-                "selftrain.alphas=[0.2]",
-                "selftrain.steps=1000",
-                "selftrain.lr=0.001",
-            ],
+            [*ONLINE_ROUND_1000, "selftrain.lr=0.001"],
         ),
         "dropout-rectified": ("digitscapes_rectify", ["selftrain.head_dropout=0.5"]),
         "dropout-sweep-0.9": (
