@@ -767,7 +767,8 @@ def report(out: Path, file: TextIO | None = None) -> None:
             "labels (protocol oracle, shared by DA and semi); AdaBN: the baseline with BatchNorm re-estimated on "
             "the protocol's unlabeled split; control: the same rounds without the pseudo-label loss. Rows of "
             f"stages/{PLATEAU_RECIPE}.yaml are read against their own family: the baseline at its plateau, its "
-            "AdaBN and the oracle trained as long (`baseline-plateau`, `adabn-plateau`, `oracle-plateau`)."
+            "AdaBN, its control and the oracle trained as long (`baseline-plateau`, `adabn-plateau`, "
+            "`plateau-control`, `oracle-plateau`)."
         )
         emit()
         emit(
