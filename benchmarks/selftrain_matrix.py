@@ -807,7 +807,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     """The claims of issue 14 as paired target_test differences; every choice made on target_val."""
     sweep = [f"sweep-{tau}" for tau in TAUS]
     tau_key, tau_val, seeds = best_on_val(latest, protocol, sweep)
-    controls = ("control", "plateau-control")
+    controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
     # baseline at its plateau (item 2's baseline, which the DA >= +10 claim is read against).
