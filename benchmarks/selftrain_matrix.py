@@ -117,6 +117,16 @@ def online_round(steps: int, rounds: int = 1) -> tuple[str, ...]:
     return (*ONLINE, f"selftrain.rounds={rounds}", f"selftrain.alphas=[{alphas}]", f"selftrain.steps={steps}")
 
 
+# U2PL's contrastive loss as stages/digitscapes_u2pl.yaml sets it (lambda_c the paper's 0.1).
+U2PL_CONTRASTIVE = (
+    "selftrain.contrastive=true",
+    "selftrain.lambda_contrastive=0.1",
+    "selftrain.contrastive_anchors=64",
+    "selftrain.contrastive_negatives=50",
+    "selftrain.memory_capacity=5000",
+)
+
+
 def fixed_threshold_round(tau: float) -> tuple[str, ...]:
     """The rectify recipe's round with a fixed confidence threshold and plain CE instead."""
     return ("selftrain.method=threshold", "selftrain.rectified=false", f"pseudolabel.tau={tau}")
@@ -208,6 +218,26 @@ CONFIGS: list[Config] = [
         "two online rounds from the plateau (2 x 600 steps)",
         PLATEAU_RECIPE,
         sets=(*online_round(600, rounds=2), f"selftrain.lr={DEMO_ROUND_LR}"),
+    ),
+    # U2PL from the plateau (session 15): the chosen plateau round (lr 4e-3) with U2PL's contrastive loss
+    # (stages/digitscapes_u2pl.yaml's settings), its negatives unreliable or reliable-only; the round without
+    # it is `plateau-online-lr4e-3`. Semi 1/16's claim (001, 003) is read on these rows.
+    Config(
+        "plateau-u2pl",
+        "U2PL from the plateau (lr 4e-3 round + contrastive loss, unreliable negatives)",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1000), "selftrain.lr=0.004", *U2PL_CONTRASTIVE),
+    ),
+    Config(
+        "plateau-u2pl-reliable",
+        "U2PL from the plateau, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=(
+            *online_round(1000),
+            "selftrain.lr=0.004",
+            *U2PL_CONTRASTIVE,
+            "selftrain.contrastive_negative_source=reliable",
+        ),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
@@ -903,6 +933,19 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "adabn-plateau",
         ),
         ("best from the plateau on target_val vs its control", "", plateau_key, "plateau-control"),
+        (
+            "U2PL from the plateau vs the baseline at its plateau (supervised-only)",
+            "001, 003: target >= +10, >= 1/3 of the oracle gap" if semi else "",
+            "plateau-u2pl",
+            "baseline-plateau",
+        ),
+        (
+            "U2PL from the plateau: unreliable vs reliable-only negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl",
+            "plateau-u2pl-reliable",
+        ),
+        ("U2PL from the plateau vs the same round without the contrastive loss", "", "plateau-u2pl", "plateau-online-lr4e-3"),
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys
