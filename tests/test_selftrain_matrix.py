@@ -139,7 +139,23 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr4e-3",
         "plateau-control",
         "plateau-online-lr1e-3-1200",
+        "plateau-u2pl",
+        "plateau-u2pl-reliable",
     }
+    # U2PL from the plateau: the lr 4e-3 round with the U2PL recipe's contrastive loss; the pair differs only in
+    # where the negatives come from.
+    contrastive = [
+        "selftrain.contrastive=true",
+        "selftrain.lambda_contrastive=0.1",
+        "selftrain.contrastive_anchors=64",
+        "selftrain.contrastive_negatives=50",
+        "selftrain.memory_capacity=5000",
+    ]
+    assert sets(selftrains["plateau-u2pl"]) == [*sets(selftrains["plateau-online-lr4e-3"]), *contrastive]
+    assert sets(selftrains["plateau-u2pl-reliable"]) == [
+        *sets(selftrains["plateau-u2pl"]),
+        "selftrain.contrastive_negative_source=reliable",
+    ]
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     # Two online rounds: one alpha per round.
     assert sets(selftrains["plateau-online-2r"])[2:] == [
@@ -526,6 +542,33 @@ def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm
     assert "`baseline` as a share of `oracle` (target_test; item 0: <= 70 %), per seed: 60.8 ± 0.8 % (60, 62, 61)" in da
     semi = text[text.index("### semi-1_16") :]
     assert "`baseline-plateau` as a share of `oracle-plateau`" in semi and "(54)" in semi  # the DA-run oracle
+
+
+def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm, capsys, tmp_path):
+    """Semi 1/16's claim (001, 003) on U2PL from the plateau: its gain over the plateau baseline, its share of the
+    gap to the oracle trained as long, and the unreliable vs reliable-only negatives pair of the same round."""
+    tests = {
+        "baseline-plateau": (0.24, 0.25, 0.26),
+        "oracle-plateau": (0.60, 0.61, 0.62),
+        "plateau-online-lr4e-3": (0.33, 0.34, 0.35),
+        "plateau-u2pl": (0.35, 0.37, 0.36),
+        "plateau-u2pl-reliable": (0.34, 0.35, 0.36),
+    }
+    rows = [
+        {**record(key, seed, test, 0.3), "protocol": "oracle" if key.startswith("oracle") else "semi-1_16"}
+        for key, values in tests.items()
+        for seed, test in enumerate(values)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    semi = capsys.readouterr().out
+    claim = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau vs the baseline"))
+    assert "| 001, 003: target >= +10, >= 1/3 of the oracle gap | +11.0 ± 1.0 (3) |" in claim
+    assert table_row(semi, "plateau-u2pl")[9] == "31 ± 3 % (3)"  # 11/36, 12/36, 10/36
+    negatives = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau: unreliable"))
+    assert "`plateau-u2pl` - `plateau-u2pl-reliable`" in negatives and "| +1.0 ± 1.0 (3) |" in negatives
+    without = next(line for line in semi.splitlines() if "without the contrastive loss (`plateau-u2pl`" in line)
+    assert "| +2.0 ± 1.0 (3) |" in without
 
 
 def test_plateau_check_reads_the_training_log(sm, tmp_path):
