@@ -15,8 +15,10 @@ For each protocol (``da``, ``semi-1_16``) and seed, in the issue's order:
 - item 2's **plateau family** on ``digitscapes_source_only.yaml`` (the baseline's model trained 3,000 steps, to
   its target_val plateau): that baseline, its **oracle** and **AdaBN** trained and adapted the same way, the
   demo's online round from it and the candidates of its round (learning rate, steps, two rounds), chosen on
-  target_val, and their **control** (the round without the pseudo-label loss). The report reads these rows
-  against their own family, and the DA claims (>= +10, >= +8 over AdaBN) on the choice among them;
+  target_val, their **control** (the round without the pseudo-label loss), and **U2PL from the plateau** (the
+  chosen lr 4e-3 round with U2PL's contrastive loss, unreliable or reliable-only negatives). The report reads
+  these rows against their own family, the DA claims (>= +10, >= +8 over AdaBN) on the choice among them, and
+  semi 1/16's U2PL claim (>= +10, >= 1/3 of the gap) on U2PL from the plateau;
 - on ``digitscapes_rectify.yaml`` (its own pretrain, with auxiliary weight 0.5; one round of 1,000
   steps, no strong augmentation): the **rectified** loss (variance, no threshold) and the **sweep** of
   fixed thresholds {0.5, 0.7, 0.8, 0.9, 0.95} (threshold method + CE, the same round);
