@@ -141,7 +141,19 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr1e-3-1200",
         "plateau-u2pl",
         "plateau-u2pl-reliable",
+        "plateau-rectified",
+        *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
+    # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
+    # learning rate, the rectified loss on the variance labels or CE above a fixed threshold.
+    offline = ["selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004"]
+    assert sets(selftrains["plateau-rectified"]) == [*offline, "selftrain.method=variance", "selftrain.rectified=true"]
+    assert sets(selftrains["plateau-sweep-0.7"]) == [
+        *offline,
+        "selftrain.method=threshold",
+        "selftrain.rectified=false",
+        "pseudolabel.tau=0.7",
+    ]
     # U2PL from the plateau: the lr 4e-3 round with the U2PL recipe's contrastive loss; the pair differs only in
     # where the negatives come from.
     contrastive = [
@@ -569,6 +581,25 @@ def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm
     assert "`plateau-u2pl` - `plateau-u2pl-reliable`" in negatives and "| +1.0 ± 1.0 (3) |" in negatives
     without = next(line for line in semi.splitlines() if "without the contrastive loss (`plateau-u2pl`" in line)
     assert "| +2.0 ± 1.0 (3) |" in without
+
+
+def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(sm, capsys, tmp_path):
+    """The plateau's sweep is chosen on target_val apart from the rectify recipe's sweep; the claim row pairs
+    the plateau's rectified round with that choice."""
+    val = {0.5: 0.30, 0.7: 0.40, 0.8: 0.45, 0.9: 0.44, 0.95: 0.41}  # 0.8 on val
+    test = {0.5: 0.40, 0.7: 0.46, 0.8: 0.47, 0.9: 0.49, 0.95: 0.45}  # 0.9 on test
+    rows = [record("sweep-0.5", s, 0.30, 0.50) for s in range(3)]  # the other sweep's choice: 0.5
+    rows += [record(f"plateau-sweep-{tau}", s, test[tau] + s / 100, val[tau]) for tau in val for s in range(3)]
+    rows += [record("plateau-rectified", s, 0.48 + s / 200, 0.43) for s in range(3)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "Fixed threshold of the sweep chosen on **target_val** (" in text and "**tau 0.5**." in text
+    assert "Fixed threshold of the sweep from the plateau chosen on **target_val** (" in text
+    assert "0.7: 40.0, 0.8: 45.0, 0.9: 44.0, 0.95: 41.0): **tau 0.8**." in text
+    claim = next(line for line in text.splitlines() if line.startswith("| rectified from the plateau vs"))
+    # 48 - 47, 48.5 - 48, 49 - 49
+    assert "`plateau-rectified` - `plateau-sweep-0.8`" in claim and "| 000 Table 5: +1.9 | +0.5 ± 0.5 (3) |" in claim
 
 
 def test_plateau_check_reads_the_training_log(sm, tmp_path):
