@@ -995,7 +995,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys
-            if is_plateau(key) and key != plateau_key
+            if is_plateau(key) and key not in (plateau_key, "plateau-u2pl")  # those have rows of their own above
         ),
     ]
     for label, claim, key, reference in rows:
