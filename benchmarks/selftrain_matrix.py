@@ -257,6 +257,33 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*PLATEAU_OFFLINE, "selftrain.method=variance", "selftrain.rectified=true"),
     ),
+    # Session 16: the same pair in the authors' form of the rectified loss (seed 000's published command:
+    # per-class CE weights re-estimated every step from the batch's pseudo-labels, capped at 7, KL aux||main
+    # averaged over every pixel, the auxiliary head's CE at 0.5, align_corners upsampling), aimed at the tail
+    # that the paper's form loses against the fixed thresholds; and DARS from the plateau (seed 002's claim)
+    # as the same offline round at seed 002's last labeling ratio (0.5), read against `plateau-sweep-0.9`.
+    Config(
+        "plateau-rectified-authors",
+        "variance + rectified loss in the authors' form (class balance, max 7), offline round from the plateau",
+        PLATEAU_RECIPE,
+        sets=(
+            *PLATEAU_OFFLINE,
+            "selftrain.method=variance",
+            "selftrain.rectified=true",
+            "selftrain.rectified_class_balance=true",
+            "selftrain.rectified_max_value=7",
+            "selftrain.rectified_kl_direction=aux||main",
+            "selftrain.rectified_mean_over=all",
+            "selftrain.rectified_aux_weight=0.5",
+            "selftrain.rectified_align_corners=true",
+        ),
+    ),
+    Config(
+        "plateau-dars",
+        "DARS (alpha 0.5) + CE, offline round from the plateau",
+        PLATEAU_RECIPE,
+        sets=(*PLATEAU_OFFLINE[:1], "selftrain.alphas=[0.5]", *PLATEAU_OFFLINE[2:], "selftrain.method=dars"),
+    ),
     *(
         Config(
             f"plateau-sweep-{tau}",
