@@ -967,8 +967,26 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-rectified",
             plateau_tau_key,
         ),
+        (
+            "rectified in the authors' form from the plateau vs its best fixed threshold",
+            "000 Table 5: +1.9",
+            "plateau-rectified-authors",
+            plateau_tau_key,
+        ),
+        (
+            "rectified from the plateau: the authors' form vs the paper's",
+            "",
+            "plateau-rectified-authors",
+            "plateau-rectified",
+        ),
         ("fixed threshold 0.9: head dropout 0.5 vs none", "", "dropout-sweep-0.9", "sweep-0.9"),
         ("DARS vs threshold-ST (tau 0.9)", "002 Table 4: tail +3.9; target: tail >= +3", "dars", "st-0.9"),
+        (
+            "DARS from the plateau vs threshold-ST (tau 0.9) from the plateau",
+            "002 Table 4: tail +3.9; target: tail >= +3",
+            "plateau-dars",
+            "plateau-sweep-0.9",
+        ),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),
         ("U2PL: unreliable negatives vs no contrastive loss", "", "u2pl-unreliable", "u2pl-nocontrastive"),
         (

@@ -142,12 +142,33 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl",
         "plateau-u2pl-reliable",
         "plateau-rectified",
+        "plateau-rectified-authors",
+        "plateau-dars",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
     # learning rate, the rectified loss on the variance labels or CE above a fixed threshold.
     offline = ["selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004"]
     assert sets(selftrains["plateau-rectified"]) == [*offline, "selftrain.method=variance", "selftrain.rectified=true"]
+    # The same pair in the authors' form of the loss (their published command), and DARS as the same offline
+    # round at seed 002's last labeling ratio.
+    assert sets(selftrains["plateau-rectified-authors"]) == [
+        *offline,
+        "selftrain.method=variance",
+        "selftrain.rectified=true",
+        "selftrain.rectified_class_balance=true",
+        "selftrain.rectified_max_value=7",
+        "selftrain.rectified_kl_direction=aux||main",
+        "selftrain.rectified_mean_over=all",
+        "selftrain.rectified_aux_weight=0.5",
+        "selftrain.rectified_align_corners=true",
+    ]
+    assert sets(selftrains["plateau-dars"]) == [
+        "selftrain.pseudo_source=stored",
+        "selftrain.alphas=[0.5]",
+        "selftrain.lr=0.004",
+        "selftrain.method=dars",
+    ]
     assert sets(selftrains["plateau-sweep-0.7"]) == [
         *offline,
         "selftrain.method=threshold",
@@ -600,6 +621,28 @@ def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(
     claim = next(line for line in text.splitlines() if line.startswith("| rectified from the plateau vs"))
     # 48 - 47, 48.5 - 48, 49 - 49
     assert "`plateau-rectified` - `plateau-sweep-0.8`" in claim and "| 000 Table 5: +1.9 | +0.5 ± 0.5 (3) |" in claim
+
+
+def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_the_plateau_sweep(
+    sm, capsys, tmp_path
+):
+    """DARS from the plateau pairs with the plateau's threshold-ST at 0.9 (mIoU and tail), whatever tau target_val
+    picks; the authors' rectified loss with the tau target_val picks, and with the paper's form."""
+    val = {0.5: 0.30, 0.7: 0.40, 0.8: 0.45, 0.9: 0.44, 0.95: 0.41}  # 0.8 on val
+    rows = [record(f"plateau-sweep-{tau}", s, 0.47, v, tail=0.25) for tau, v in val.items() for s in range(3)]
+    rows += [record("plateau-rectified", s, 0.46, 0.40) for s in range(3)]
+    rows += [record("plateau-rectified-authors", s, 0.48 + s / 100, 0.40) for s in range(3)]
+    rows += [record("plateau-dars", s, 0.47 + s / 100, 0.40, tail=0.30 + s / 100) for s in range(3)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    dars = next(line for line in lines if line.startswith("| DARS from the plateau vs threshold-ST"))
+    assert "`plateau-dars` - `plateau-sweep-0.9`" in dars and "| 002 Table 4: tail +3.9; target: tail >= +3 |" in dars
+    assert "| +1.0 ± 1.0 (3) | +6.0 ± 1.0 (3) |" in dars  # tail: 30 - 25, 31 - 25, 32 - 25
+    authors = next(line for line in lines if line.startswith("| rectified in the authors' form from the plateau"))
+    assert "`plateau-rectified-authors` - `plateau-sweep-0.8`" in authors and "| +2.0 ± 1.0 (3) |" in authors
+    forms = next(line for line in lines if line.startswith("| rectified from the plateau: the authors' form"))
+    assert "`plateau-rectified-authors` - `plateau-rectified`" in forms and "| +3.0 ± 1.0 (3) |" in forms
 
 
 def test_plateau_check_reads_the_training_log(sm, tmp_path):
