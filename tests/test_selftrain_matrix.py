@@ -623,9 +623,7 @@ def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(
     assert "`plateau-rectified` - `plateau-sweep-0.8`" in claim and "| 000 Table 5: +1.9 | +0.5 ± 0.5 (3) |" in claim
 
 
-def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_the_plateau_sweep(
-    sm, capsys, tmp_path
-):
+def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_the_plateau_sweep(sm, capsys, tmp_path):
     """DARS from the plateau pairs with the plateau's threshold-ST at 0.9 (mIoU and tail), whatever tau target_val
     picks; the authors' rectified loss with the tau target_val picks, and with the paper's form."""
     val = {0.5: 0.30, 0.7: 0.40, 0.8: 0.45, 0.9: 0.44, 0.95: 0.41}  # 0.8 on val
