@@ -17,8 +17,9 @@ For each protocol (``da``, ``semi-1_16``) and seed, in the issue's order:
   demo's online round from it and the candidates of its round (learning rate, steps, two rounds), chosen on
   target_val, their **control** (the round without the pseudo-label loss), and **U2PL from the plateau** (the
   chosen lr 4e-3 round with U2PL's contrastive loss, unreliable or reliable-only negatives), and seed 000's pair
-  as an offline round from it (the **rectified** loss against the **sweep** of fixed thresholds, its tau chosen
-  on target_val apart from the rectify recipe's sweep). The report reads
+  as an offline round from it (the **rectified** loss, in the paper's form and in the authors' published one,
+  against the **sweep** of fixed thresholds, its tau chosen on target_val apart from the rectify recipe's
+  sweep), and **DARS** as the same offline round (alpha 0.5) against the sweep's tau 0.9. The report reads
   these rows against their own family, the DA claims (>= +10, >= +8 over AdaBN) on the choice among them, and
   semi 1/16's U2PL claim (>= +10, >= 1/3 of the gap) on U2PL from the plateau;
 - on ``digitscapes_rectify.yaml`` (its own pretrain, with auxiliary weight 0.5; one round of 1,000
