@@ -209,6 +209,14 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*online_round(1000), "selftrain.lr=0.004"),
     ),
+    # Session 16: the chosen round twice as long (alone on 2 threads ~8 min, inside the 12 minutes), for semi
+    # 1/16, whose 3,750 unlabeled images the 1,000 steps (16 unlabeled a step) see about four times.
+    Config(
+        "plateau-online-lr4e-3-2000",
+        "online round from the plateau, round lr 4e-3, 2,000 steps",
+        PLATEAU_RECIPE,
+        sets=(*online_round(2000), "selftrain.lr=0.004"),
+    ),
     # The control of the plateau family: the lr 2e-3 round (labeled source batches, the unlabeled images through
     # the student and its BatchNorm, CutMix, the EMA teacher) with the pseudo-label loss weighted 0.
     Config(

@@ -137,6 +137,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-2r",
         "plateau-online-lr2e-3",
         "plateau-online-lr4e-3",
+        "plateau-online-lr4e-3-2000",
         "plateau-control",
         "plateau-online-lr1e-3-1200",
         "plateau-u2pl",
@@ -190,6 +191,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.contrastive_negative_source=reliable",
     ]
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
+    assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
     # Two online rounds: one alpha per round.
     assert sets(selftrains["plateau-online-2r"])[2:] == [
         "selftrain.rounds=2",
