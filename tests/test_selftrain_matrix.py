@@ -145,6 +145,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-dars",
+        "plateau-dars-0.8",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
@@ -626,18 +627,24 @@ def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(
 
 
 def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_the_plateau_sweep(sm, capsys, tmp_path):
-    """DARS from the plateau pairs with the plateau's threshold-ST at 0.9 (mIoU and tail), whatever tau target_val
-    picks; the authors' rectified loss with the tau target_val picks, and with the paper's form."""
+    """DARS from the plateau, its labeling ratio chosen on target_val, pairs with the plateau's threshold-ST at
+    0.9 (mIoU and tail), whatever tau target_val picks; the authors' rectified loss with the tau target_val
+    picks, and with the paper's form."""
     val = {0.5: 0.30, 0.7: 0.40, 0.8: 0.45, 0.9: 0.44, 0.95: 0.41}  # 0.8 on val
     rows = [record(f"plateau-sweep-{tau}", s, 0.47, v, tail=0.25) for tau, v in val.items() for s in range(3)]
     rows += [record("plateau-rectified", s, 0.46, 0.40) for s in range(3)]
     rows += [record("plateau-rectified-authors", s, 0.48 + s / 100, 0.40) for s in range(3)]
-    rows += [record("plateau-dars", s, 0.47 + s / 100, 0.40, tail=0.30 + s / 100) for s in range(3)]
+    rows += [record("plateau-dars", s, 0.40, 0.39, tail=0.40) for s in range(3)]  # the ratio val does not pick
+    rows += [record("plateau-dars-0.8", s, 0.47 + s / 100, 0.40, tail=0.30 + s / 100) for s in range(3)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sm.main(["--report", "--out", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
-    dars = next(line for line in lines if line.startswith("| DARS from the plateau vs threshold-ST"))
-    assert "`plateau-dars` - `plateau-sweep-0.9`" in dars and "| 002 Table 4: tail +3.9; target: tail >= +3 |" in dars
+    dars = next(line for line in lines if line.startswith("| DARS from the plateau (alpha chosen on target_val) vs"))
+    text = "\n".join(lines)
+    assert "chosen on **target_val** (`plateau-dars`: 39.0, `plateau-dars-0.8`: 40.0): **`plateau-dars-0.8`**." in text
+    assert (
+        "`plateau-dars-0.8` - `plateau-sweep-0.9`" in dars and "| 002 Table 4: tail +3.9; target: tail >= +3 |" in dars
+    )
     assert "| +1.0 ± 1.0 (3) | +6.0 ± 1.0 (3) |" in dars  # tail: 30 - 25, 31 - 25, 32 - 25
     authors = next(line for line in lines if line.startswith("| rectified in the authors' form from the plateau"))
     assert "`plateau-rectified-authors` - `plateau-sweep-0.8`" in authors and "| +2.0 ± 1.0 (3) |" in authors
