@@ -258,6 +258,14 @@ CONFIGS: list[Config] = [
             "selftrain.contrastive_negative_source=reliable",
         ),
     ),
+    # Session 16: U2PL from the plateau over the longer round (2,000 steps), which target_val chose over the
+    # 1,000 steps on semi 1/16's stratified split; the claim row reads the U2PL round length target_val picks.
+    Config(
+        "plateau-u2pl-2000",
+        "U2PL from the plateau, 2,000 steps (lr 4e-3 round + contrastive loss, unreliable negatives)",
+        PLATEAU_RECIPE,
+        sets=(*online_round(2000), "selftrain.lr=0.004", *U2PL_CONTRASTIVE),
+    ),
     # Seed 000's claim from the plateau (session 15): one offline round on stored pseudo-labels of the plateau
     # model (its auxiliary head trained at weight 0.4), the plateau round's 1,000 steps at lr 4e-3 with its
     # augmentation, with the rectified loss on every pixel (variance) or plain CE above a fixed threshold.
@@ -912,8 +920,9 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     plateau_tau_key, plateau_tau_val, plateau_seeds = best_on_val(
         latest, protocol, [f"plateau-sweep-{tau}" for tau in TAUS]
     )
-    # DARS's labeling ratio from the plateau, chosen on target_val.
+    # DARS's labeling ratio and U2PL's round length from the plateau, each chosen on target_val.
     dars_key, dars_val, _ = best_on_val(latest, protocol, ["plateau-dars", "plateau-dars-0.8"])
+    u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, ["plateau-u2pl", "plateau-u2pl-2000"])
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -922,9 +931,13 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     plateau_key, plateau_fewer, plateau_most = choose_best(
         latest, protocol, [k for k in selftrain_keys if is_plateau(k)]
     )
-    if len(dars_val) > 1:
-        chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in dars_val.items())
-        emit(f"DARS's labeling ratio from the plateau chosen on **target_val** ({chosen}): **`{dars_key}`**.")
+    for which, key, val in (
+        ("DARS's labeling ratio", dars_key, dars_val),
+        ("U2PL's round length", u2pl_key, u2pl_val),
+    ):
+        if len(val) > 1:
+            chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
+            emit(f"{which} from the plateau chosen on **target_val** ({chosen}): **`{key}`**.")
     for which, key, val, over_seeds in (
         ("the sweep", tau_key, tau_val, seeds),
         ("the sweep from the plateau", plateau_tau_key, plateau_tau_val, plateau_seeds),
@@ -1045,9 +1058,10 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ),
         ("best from the plateau on target_val vs its control", "", plateau_key, "plateau-control"),
         (
-            "U2PL from the plateau vs the baseline at its plateau (supervised-only)",
+            "U2PL from the plateau (round length chosen on target_val) vs the baseline at its plateau "
+            "(supervised-only)",
             "001, 003: target >= +10, >= 1/3 of the oracle gap" if semi else "",
-            "plateau-u2pl",
+            u2pl_key,
             "baseline-plateau",
         ),
         (
@@ -1065,7 +1079,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys
-            if is_plateau(key) and key not in (plateau_key, "plateau-u2pl")  # those have rows of their own above
+            if is_plateau(key) and key not in (plateau_key, u2pl_key)  # those have rows of their own above
         ),
     ]
     for label, claim, key, reference in rows:
