@@ -16,7 +16,8 @@ For each protocol (``da``, ``semi-1_16``) and seed, in the issue's order:
   its target_val plateau): that baseline, its **oracle** and **AdaBN** trained and adapted the same way, the
   demo's online round from it and the candidates of its round (learning rate, steps, two rounds), chosen on
   target_val, their **control** (the round without the pseudo-label loss), and **U2PL from the plateau** (the
-  chosen lr 4e-3 round with U2PL's contrastive loss, unreliable or reliable-only negatives), and seed 000's pair
+  chosen lr 4e-3 round with U2PL's contrastive loss, unreliable or reliable-only negatives; both rounds also
+  over 2,000 steps, the length chosen on target_val), and seed 000's pair
   as an offline round from it (the **rectified** loss, in the paper's form and in the authors' published one,
   against the **sweep** of fixed thresholds, its tau chosen on target_val apart from the rectify recipe's
   sweep), and **DARS** as the same offline round (alpha 0.5 or 0.8, chosen on target_val) against the

@@ -142,6 +142,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr1e-3-1200",
         "plateau-u2pl",
         "plateau-u2pl-reliable",
+        "plateau-u2pl-2000",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-dars",
@@ -187,6 +188,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.memory_capacity=5000",
     ]
     assert sets(selftrains["plateau-u2pl"]) == [*sets(selftrains["plateau-online-lr4e-3"]), *contrastive]
+    assert sets(selftrains["plateau-u2pl-2000"]) == [*sets(selftrains["plateau-online-lr4e-3-2000"]), *contrastive]
     assert sets(selftrains["plateau-u2pl-reliable"]) == [
         *sets(selftrains["plateau-u2pl"]),
         "selftrain.contrastive_negative_source=reliable",
@@ -598,13 +600,36 @@ def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sm.main(["--report", "--out", str(tmp_path)])
     semi = capsys.readouterr().out
-    claim = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau vs the baseline"))
+    claim = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau (round length"))
+    assert "(`plateau-u2pl` - `baseline-plateau`)" in claim
     assert "| 001, 003: target >= +10, >= 1/3 of the oracle gap | +11.0 ± 1.0 (3) |" in claim
     assert table_row(semi, "plateau-u2pl")[9] == "31 ± 3 % (3)"  # 11/36, 12/36, 10/36
     negatives = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau: unreliable"))
     assert "`plateau-u2pl` - `plateau-u2pl-reliable`" in negatives and "| +1.0 ± 1.0 (3) |" in negatives
     without = next(line for line in semi.splitlines() if "without the contrastive loss (`plateau-u2pl`" in line)
     assert "| +2.0 ± 1.0 (3) |" in without
+
+
+def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, capsys, tmp_path):
+    """Between U2PL's 1,000- and 2,000-step rounds from the plateau, target_val chooses the claim's row, even
+    where target_test would favour the other."""
+    tests = {"baseline-plateau": 0.30, "plateau-u2pl": 0.45, "plateau-u2pl-2000": 0.42}
+    vals = {"baseline-plateau": 0.30, "plateau-u2pl": 0.36, "plateau-u2pl-2000": 0.40}
+    rows = [
+        {**record(key, seed, tests[key] + seed / 100, vals[key]), "protocol": "semi-1_16-stratified"}
+        for key in tests
+        for seed in range(3)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "U2PL's round length from the plateau chosen on **target_val** (`plateau-u2pl`: 36.0, " in text
+    assert "`plateau-u2pl-2000`: 40.0): **`plateau-u2pl-2000`**." in text
+    claim = next(line for line in text.splitlines() if line.startswith("| U2PL from the plateau (round length"))
+    assert "(`plateau-u2pl-2000` - `baseline-plateau`) | 001, 003: target >= +10" in claim
+    assert "| +12.0 ± 0.0 (3) |" in claim
+    # The other length keeps its own row against the baseline.
+    assert "| `plateau-u2pl` vs the baseline at its plateau (`plateau-u2pl` - `baseline-plateau`) |" in text
 
 
 def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(sm, capsys, tmp_path):
