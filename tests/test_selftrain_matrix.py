@@ -691,3 +691,17 @@ def test_plateau_check_reads_the_training_log(sm, tmp_path):
     assert sm.last_quarter_gain(curve) == pytest.approx(0.007)
     assert sm.last_quarter_gain(curve[:1]) is None
     assert sm.val_curve(tmp_path / "missing", "pretrain") == []
+
+
+def test_the_u2pl_plateau_recipe_is_the_matrix_row_it_reports(sm):
+    """stages/digitscapes_u2pl_plateau.yaml is the plateau recipe with the `plateau-u2pl-2000` row's round, on
+    the stratified split: the numbers BENCHMARKS.md gives for that row are the recipe's."""
+    from labelpipe.config import SelftrainConfig, load_yaml
+
+    recipe = load_yaml(ROOT / "stages" / "digitscapes_u2pl_plateau.yaml")
+    plateau = load_yaml(ROOT / "stages" / "digitscapes_source_only.yaml")
+    assert recipe["data"]["protocol"] == "semi-1_16-stratified"
+    for section in ("model", "train", "predict", "pseudolabel", "evaluate"):
+        assert recipe[section] == plateau[section], section
+    assert SelftrainConfig.model_validate(recipe["selftrain"]) == sm.round_settings(sm.BY_KEY["plateau-u2pl-2000"])
+    assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
