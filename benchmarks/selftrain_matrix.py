@@ -1077,6 +1077,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-u2pl",
             "plateau-online-lr4e-3",
         ),
+        (
+            "U2PL from the plateau, 2,000 steps, vs the same round without the contrastive loss",
+            "",
+            "plateau-u2pl-2000",
+            "plateau-online-lr4e-3-2000",
+        ),
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys

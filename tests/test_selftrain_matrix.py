@@ -613,8 +613,18 @@ def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm
 def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, capsys, tmp_path):
     """Between U2PL's 1,000- and 2,000-step rounds from the plateau, target_val chooses the claim's row, even
     where target_test would favour the other."""
-    tests = {"baseline-plateau": 0.30, "plateau-u2pl": 0.45, "plateau-u2pl-2000": 0.42}
-    vals = {"baseline-plateau": 0.30, "plateau-u2pl": 0.36, "plateau-u2pl-2000": 0.40}
+    tests = {
+        "baseline-plateau": 0.30,
+        "plateau-u2pl": 0.45,
+        "plateau-u2pl-2000": 0.42,
+        "plateau-online-lr4e-3-2000": 0.44,
+    }
+    vals = {
+        "baseline-plateau": 0.30,
+        "plateau-u2pl": 0.36,
+        "plateau-u2pl-2000": 0.40,
+        "plateau-online-lr4e-3-2000": 0.41,
+    }
     rows = [
         {**record(key, seed, tests[key] + seed / 100, vals[key]), "protocol": "semi-1_16-stratified"}
         for key in tests
@@ -628,6 +638,8 @@ def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, cap
     claim = next(line for line in text.splitlines() if line.startswith("| U2PL from the plateau (round length"))
     assert "(`plateau-u2pl-2000` - `baseline-plateau`) | 001, 003: target >= +10" in claim
     assert "| +12.0 ± 0.0 (3) |" in claim
+    without = next(line for line in text.splitlines() if line.startswith("| U2PL from the plateau, 2,000 steps, vs"))
+    assert "(`plateau-u2pl-2000` - `plateau-online-lr4e-3-2000`) |  | -2.0 ± 0.0 (3) |" in without
     # The other length keeps its own row against the baseline.
     assert "| `plateau-u2pl` vs the baseline at its plateau (`plateau-u2pl` - `baseline-plateau`) |" in text
 
