@@ -136,7 +136,12 @@ U2PL_CONTRASTIVE = (
 
 # An offline round from the plateau model: stored pseudo-labels (every pixel considered: alpha 1), otherwise the
 # plateau recipe's round (1,000 steps, strong augmentation and CutMix) at its chosen learning rate.
-PLATEAU_OFFLINE = ("selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004")
+def plateau_offline(alpha: float = 1.0) -> tuple[str, ...]:
+    """The plateau's offline round on stored pseudo-labels at labeling ratio ``alpha``."""
+    return ("selftrain.pseudo_source=stored", f"selftrain.alphas=[{alpha}]", "selftrain.lr=0.004")
+
+
+PLATEAU_OFFLINE = plateau_offline()
 
 
 def fixed_threshold_round(tau: float) -> tuple[str, ...]:
@@ -301,7 +306,7 @@ CONFIGS: list[Config] = [
         "plateau-dars",
         "DARS (alpha 0.5) + CE, offline round from the plateau",
         PLATEAU_RECIPE,
-        sets=(*PLATEAU_OFFLINE[:1], "selftrain.alphas=[0.5]", *PLATEAU_OFFLINE[2:], "selftrain.method=dars"),
+        sets=(*plateau_offline(0.5), "selftrain.method=dars"),
     ),
     # At 0.5 the plateau model's labels keep half of the pixels (the background's least confident ones go, the
     # sweep keeps 78 % at tau 0.9): the labeling ratio is DARS's one knob, chosen on target_val.
@@ -309,7 +314,7 @@ CONFIGS: list[Config] = [
         "plateau-dars-0.8",
         "DARS (alpha 0.8) + CE, offline round from the plateau",
         PLATEAU_RECIPE,
-        sets=(*PLATEAU_OFFLINE[:1], "selftrain.alphas=[0.8]", *PLATEAU_OFFLINE[2:], "selftrain.method=dars"),
+        sets=(*plateau_offline(0.8), "selftrain.method=dars"),
     ),
     *(
         Config(
