@@ -272,6 +272,25 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*online_round(2000), "selftrain.lr=0.004", *U2PL_CONTRASTIVE),
     ),
+    # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
+    # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
+    Config(
+        "plateau-u2pl-2000-reliable",
+        "U2PL from the plateau, 2,000 steps, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=(
+            *online_round(2000),
+            "selftrain.lr=0.004",
+            *U2PL_CONTRASTIVE,
+            "selftrain.contrastive_negative_source=reliable",
+        ),
+    ),
+    Config(
+        "plateau-control-2000",
+        "control: the lr 4e-3 2,000-step round from the plateau without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=(*online_round(2000), "selftrain.lr=0.004", "selftrain.unsup_weight=0"),
+    ),
     # Seed 000's claim from the plateau (session 15): one offline round on stored pseudo-labels of the plateau
     # model (its auxiliary head trained at weight 0.4), the plateau round's 1,000 steps at lr 4e-3 with its
     # augmentation, with the rectified loss on every pixel (variance) or plain CE above a fixed threshold.
@@ -296,6 +315,22 @@ CONFIGS: list[Config] = [
             "selftrain.rectified=true",
             "selftrain.rectified_class_balance=true",
             "selftrain.rectified_max_value=7",
+            "selftrain.rectified_kl_direction=aux||main",
+            "selftrain.rectified_mean_over=all",
+            "selftrain.rectified_aux_weight=0.5",
+            "selftrain.rectified_align_corners=true",
+        ),
+    ),
+    # Session 17: the authors' form without its class-balance weights (every other option kept), which isolates
+    # the one option that paints digits over background and is the rectified loss's other candidate form.
+    Config(
+        "plateau-rectified-authors-unbalanced",
+        "variance + rectified loss in the authors' form without class balance, offline round from the plateau",
+        PLATEAU_RECIPE,
+        sets=(
+            *PLATEAU_OFFLINE,
+            "selftrain.method=variance",
+            "selftrain.rectified=true",
             "selftrain.rectified_kl_direction=aux||main",
             "selftrain.rectified_mean_over=all",
             "selftrain.rectified_aux_weight=0.5",
