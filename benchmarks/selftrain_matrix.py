@@ -142,6 +142,8 @@ def plateau_offline(alpha: float = 1.0) -> tuple[str, ...]:
 
 
 PLATEAU_OFFLINE = plateau_offline()
+# The rectified loss's forms from the plateau, one of them chosen on target_val for the claim row.
+RECTIFIED_FORMS = ["plateau-rectified", "plateau-rectified-authors", "plateau-rectified-authors-unbalanced"]
 
 
 def fixed_threshold_round(tau: float) -> tuple[str, ...]:
@@ -796,7 +798,9 @@ def family(key: str) -> tuple[str, str, str, str]:
     (item 2: self-training from the baseline at its plateau is measured against that baseline and the oracle
     trained as long), the 1,000-step ones for everything else."""
     if is_plateau(key):
-        return "baseline-plateau", "oracle-plateau", "adabn-plateau", "plateau-control"
+        # A 2,000-step round has a control of its own length and learning rate (session 17).
+        control = "plateau-control-2000" if key.endswith(("-2000", "-2000-reliable")) else "plateau-control"
+        return "baseline-plateau", "oracle-plateau", "adabn-plateau", control
     return "baseline", "oracle", "adabn", "control"
 
 
@@ -964,6 +968,8 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     # DARS's labeling ratio and U2PL's round length from the plateau, each chosen on target_val.
     dars_key, dars_val, _ = best_on_val(latest, protocol, ["plateau-dars", "plateau-dars-0.8"])
     u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, ["plateau-u2pl", "plateau-u2pl-2000"])
+    # The rectified loss's form from the plateau (the paper's, the authors', the authors' without class balance).
+    rectified_key, rectified_val, _ = best_on_val(latest, protocol, RECTIFIED_FORMS)
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -975,6 +981,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     for which, key, val in (
         ("DARS's labeling ratio", dars_key, dars_val),
         ("U2PL's round length", u2pl_key, u2pl_val),
+        ("The rectified loss's form", rectified_key, rectified_val),
     ):
         if len(val) > 1:
             chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
@@ -1056,6 +1063,18 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-rectified-authors",
             "plateau-rectified",
         ),
+        (
+            "rectified from the plateau, form chosen on target_val, vs its best fixed threshold",
+            "000 Table 5: +1.9",
+            rectified_key,
+            plateau_tau_key,
+        ),
+        (
+            "rectified in the authors' form from the plateau: without its class balance vs with",
+            "",
+            "plateau-rectified-authors-unbalanced",
+            "plateau-rectified-authors",
+        ),
         ("fixed threshold 0.9: head dropout 0.5 vs none", "", "dropout-sweep-0.9", "sweep-0.9"),
         ("DARS vs threshold-ST (tau 0.9)", "002 Table 4: tail +3.9; target: tail >= +3", "dars", "st-0.9"),
         (
@@ -1112,6 +1131,24 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-u2pl-reliable",
         ),
         (
+            "U2PL from the plateau, 2,000 steps: unreliable vs reliable-only negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl-2000",
+            "plateau-u2pl-2000-reliable",
+        ),
+        (
+            "U2PL from the plateau, 2,000 steps, vs its control (the same round without pseudo-label loss)",
+            "",
+            "plateau-u2pl-2000",
+            "plateau-control-2000",
+        ),
+        (
+            "the 2,000-step round from the plateau (no contrastive loss) vs its control",
+            "",
+            "plateau-online-lr4e-3-2000",
+            "plateau-control-2000",
+        ),
+        (
             "U2PL from the plateau vs the same round without the contrastive loss",
             "",
             "plateau-u2pl",
@@ -1126,7 +1163,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys
-            if is_plateau(key) and key not in (plateau_key, u2pl_key)  # those have rows of their own above
+            if is_plateau(key) and key not in (plateau_key, u2pl_key, rectified_key)  # rows of their own above
         ),
     ]
     for label, claim, key, reference in rows:

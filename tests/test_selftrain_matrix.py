@@ -143,8 +143,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl",
         "plateau-u2pl-reliable",
         "plateau-u2pl-2000",
+        "plateau-u2pl-2000-reliable",
+        "plateau-control-2000",
         "plateau-rectified",
         "plateau-rectified-authors",
+        "plateau-rectified-authors-unbalanced",
         "plateau-dars",
         "plateau-dars-0.8",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
@@ -165,6 +168,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.rectified_mean_over=all",
         "selftrain.rectified_aux_weight=0.5",
         "selftrain.rectified_align_corners=true",
+    ]
+    # Session 17: the authors' form without its class-balance weights, every other option kept.
+    assert sets(selftrains["plateau-rectified-authors-unbalanced"]) == [
+        option
+        for option in sets(selftrains["plateau-rectified-authors"])
+        if not option.startswith(("selftrain.rectified_class_balance", "selftrain.rectified_max_value"))
     ]
     assert sets(selftrains["plateau-dars"]) == [
         "selftrain.pseudo_source=stored",
@@ -192,6 +201,15 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sets(selftrains["plateau-u2pl-reliable"]) == [
         *sets(selftrains["plateau-u2pl"]),
         "selftrain.contrastive_negative_source=reliable",
+    ]
+    assert sets(selftrains["plateau-u2pl-2000-reliable"]) == [
+        *sets(selftrains["plateau-u2pl-2000"]),
+        "selftrain.contrastive_negative_source=reliable",
+    ]
+    # The 2,000-step round's control: its length and learning rate, the pseudo-label loss weighted 0.
+    assert sets(selftrains["plateau-control-2000"]) == [
+        *sets(selftrains["plateau-online-lr4e-3-2000"]),
+        "selftrain.unsup_weight=0",
     ]
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
@@ -687,6 +705,56 @@ def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_t
     assert "`plateau-rectified-authors` - `plateau-sweep-0.8`" in authors and "| +2.0 ± 1.0 (3) |" in authors
     forms = next(line for line in lines if line.startswith("| rectified from the plateau: the authors' form"))
     assert "`plateau-rectified-authors` - `plateau-rectified`" in forms and "| +3.0 ± 1.0 (3) |" in forms
+
+
+def test_2000_step_rounds_read_their_own_control_and_negatives_and_the_rectified_form_is_chosen_on_val(
+    sm, capsys, tmp_path
+):
+    """Session 17's rows: a 2,000-step round's control column is the control of its own length (never a
+    candidate for the best round), U2PL over 2,000 steps pairs with its reliable-only ablation, and the rectified
+    loss's form is chosen on target_val even where target_test favours another."""
+    tests = {
+        "baseline-plateau": 0.30,
+        "plateau-control": 0.31,
+        "plateau-control-2000": 0.33,
+        "plateau-online-lr4e-3-2000": 0.44,
+        "plateau-u2pl-2000": 0.42,
+        "plateau-u2pl-2000-reliable": 0.41,
+        "plateau-rectified": 0.47,
+        "plateau-rectified-authors": 0.30,
+        "plateau-rectified-authors-unbalanced": 0.45,
+        "plateau-sweep-0.9": 0.46,
+    }
+    vals = {
+        **tests,
+        "plateau-control-2000": 0.60,
+        "plateau-rectified": 0.44,
+        "plateau-rectified-authors-unbalanced": 0.46,
+    }
+    rows = [record(key, seed, tests[key] + seed / 100, vals[key]) for key in tests for seed in range(3)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert table_row(text, "plateau-u2pl-2000")[8] == "+9.0 ± 0.0 (3)"  # 42 - 33: its own length's control
+    assert table_row(text, "plateau-online-lr4e-3-2000")[8] == "+11.0 ± 0.0 (3)"
+    # The control is the best on val (60 %) but is a control, not a candidate.
+    assert "**`plateau-control-2000`**" not in text and "(`plateau-control-2000` - `baseline-plateau`)" not in text
+    best = next(line for line in lines if line.startswith("Best self-training from the baseline at its plateau"))
+    assert "(`plateau-rectified-authors-unbalanced`)" in best
+    negatives = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps: unreliable"))
+    assert "(`plateau-u2pl-2000` - `plateau-u2pl-2000-reliable`) | 003 Table III: +2.0 | +1.0 ± 0.0 (3) |" in negatives
+    control = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps, vs its control"))
+    assert "| +9.0 ± 0.0 (3) |" in control
+    assert "The rectified loss's form from the plateau chosen on **target_val** (`plateau-rectified`: 44.0, " in text
+    assert "`plateau-rectified-authors-unbalanced`: 46.0): **`plateau-rectified-authors-unbalanced`**." in text
+    chosen = next(line for line in lines if line.startswith("| rectified from the plateau, form chosen on target_val"))
+    assert (
+        "(`plateau-rectified-authors-unbalanced` - `plateau-sweep-0.9`) | 000 Table 5: +1.9 | -1.0 ± 0.0 (3) |"
+        in chosen
+    )
+    balance = next(line for line in lines if "without its class balance vs with" in line)
+    assert "| +15.0 ± 0.0 (3) |" in balance
 
 
 def test_plateau_check_reads_the_training_log(sm, tmp_path):
