@@ -1116,7 +1116,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             plateau_key,
             "adabn-plateau",
         ),
-        ("best from the plateau on target_val vs its control", "", plateau_key, "plateau-control"),
+        (
+            "best from the plateau on target_val vs its control",
+            "",
+            plateau_key,
+            family(plateau_key)[3] if plateau_key else None,
+        ),
         (
             "U2PL from the plateau (round length chosen on target_val) vs the baseline at its plateau "
             "(supervised-only)",

@@ -742,6 +742,11 @@ def test_2000_step_rounds_read_their_own_control_and_negatives_and_the_rectified
     assert "**`plateau-control-2000`**" not in text and "(`plateau-control-2000` - `baseline-plateau`)" not in text
     best = next(line for line in lines if line.startswith("Best self-training from the baseline at its plateau"))
     assert "(`plateau-rectified-authors-unbalanced`)" in best
+    # The best round's control is its family's: the rectified offline round (1,000 steps) reads the lr 2e-3 one.
+    its_control = next(
+        line for line in lines if line.startswith("| best from the plateau on target_val vs its control")
+    )
+    assert "(`plateau-rectified-authors-unbalanced` - `plateau-control`) |  | +14.0 ± 0.0 (3) |" in its_control
     negatives = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps: unreliable"))
     assert "(`plateau-u2pl-2000` - `plateau-u2pl-2000-reliable`) | 003 Table III: +2.0 | +1.0 ± 0.0 (3) |" in negatives
     control = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps, vs its control"))
