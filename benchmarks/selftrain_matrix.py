@@ -234,6 +234,13 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*online_round(1000), "selftrain.lr=0.002", "selftrain.unsup_weight=0"),
     ),
+    # Session 17: the control at the chosen round's own learning rate (4e-3), the one the DA claim's rows ran at.
+    Config(
+        "plateau-control-lr4e-3",
+        "control: the lr 4e-3 round from the plateau without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=(*online_round(1000), "selftrain.lr=0.004", "selftrain.unsup_weight=0"),
+    ),
     Config(
         "plateau-online-lr1e-3-1200",
         "online round from the plateau, round lr 1e-3, 1,200 steps",
