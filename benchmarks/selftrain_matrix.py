@@ -71,6 +71,7 @@ recipe's 3,000-step pretrain took 5 min 35 s with its evaluation: the figures ab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import shutil
@@ -805,10 +806,33 @@ def family(key: str) -> tuple[str, str, str, str]:
     (item 2: self-training from the baseline at its plateau is measured against that baseline and the oracle
     trained as long), the 1,000-step ones for everything else."""
     if is_plateau(key):
-        # A 2,000-step round has a control of its own length and learning rate (session 17).
-        control = "plateau-control-2000" if key.endswith(("-2000", "-2000-reliable")) else "plateau-control"
-        return "baseline-plateau", "oracle-plateau", "adabn-plateau", control
+        return "baseline-plateau", "oracle-plateau", "adabn-plateau", plateau_control(key)
     return "baseline", "oracle", "adabn", "control"
+
+
+# The plateau family's controls: its rounds without pseudo-label loss, at the learning rates and lengths its rounds
+# ran (session 14's lr 2e-3 one first, what a round with no control of its own is read against).
+PLATEAU_CONTROLS = ("plateau-control", "plateau-control-lr4e-3", "plateau-control-2000")
+
+
+@functools.cache
+def plateau_control(key: str) -> str:
+    """The control of a plateau round: the one with the round's own learning rate and length (session 17: a
+    control at another schedule misreads what the pseudo-labels add), else ``plateau-control`` (also for the
+    baseline, oracle and AdaBN rows, which have no round)."""
+    if BY_KEY[key].kind != "selftrain":
+        return PLATEAU_CONTROLS[0]
+    schedule = {c: (s.lr, s.steps) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
+    return next((c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key]), PLATEAU_CONTROLS[0])
+
+
+def control_of(latest: Latest, protocol: str, key: str) -> str:
+    """The control ``key`` is read against in ``protocol``: its family's, or where that one was not run in this
+    protocol, the family's first (the lr 2e-3 round, the only plateau control before session 17)."""
+    control = family(key)[3]
+    if values(latest, protocol, control, "test_miou"):
+        return control
+    return PLATEAU_CONTROLS[0] if is_plateau(key) else control
 
 
 def is_plateau(key: str) -> bool:
@@ -952,7 +976,8 @@ def report(out: Path, file: TextIO | None = None) -> None:
             recipe = (
                 config.recipe if config else next(r.get("recipe", "?") for (p, _, k), r in latest.items() if k == key)
             )
-            baseline, _, adabn, control = family(key)
+            baseline, _, adabn, _ = family(key)
+            control = control_of(latest, protocol, key)
             emit(
                 f"| {config.label if config else key} (`{key}`) | {recipe} | {len(test)} | {mean_std(val)} | "
                 f"{mean_std(list(test.values()))} | {mean_std(tail)} | {gain(latest, protocol, key, baseline)} | "
@@ -1127,7 +1152,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "best from the plateau on target_val vs its control",
             "",
             plateau_key,
-            family(plateau_key)[3] if plateau_key else None,
+            control_of(latest, protocol, plateau_key) if plateau_key else None,
         ),
         (
             "U2PL from the plateau (round length chosen on target_val) vs the baseline at its plateau "

@@ -139,6 +139,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr4e-3",
         "plateau-online-lr4e-3-2000",
         "plateau-control",
+        "plateau-control-lr4e-3",
         "plateau-online-lr1e-3-1200",
         "plateau-u2pl",
         "plateau-u2pl-reliable",
@@ -205,6 +206,10 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sets(selftrains["plateau-u2pl-2000-reliable"]) == [
         *sets(selftrains["plateau-u2pl-2000"]),
         "selftrain.contrastive_negative_source=reliable",
+    ]
+    assert sets(selftrains["plateau-control-lr4e-3"]) == [
+        *sets(selftrains["plateau-online-lr4e-3"]),
+        "selftrain.unsup_weight=0",
     ]
     # The 2,000-step round's control: its length and learning rate, the pseudo-label loss weighted 0.
     assert sets(selftrains["plateau-control-2000"]) == [
@@ -717,6 +722,7 @@ def test_2000_step_rounds_read_their_own_control_and_negatives_and_the_rectified
         "baseline-plateau": 0.30,
         "plateau-control": 0.31,
         "plateau-control-2000": 0.33,
+        "plateau-control-lr4e-3": 0.35,
         "plateau-online-lr4e-3-2000": 0.44,
         "plateau-u2pl-2000": 0.42,
         "plateau-u2pl-2000-reliable": 0.41,
@@ -732,21 +738,27 @@ def test_2000_step_rounds_read_their_own_control_and_negatives_and_the_rectified
         "plateau-rectified-authors-unbalanced": 0.46,
     }
     rows = [record(key, seed, tests[key] + seed / 100, vals[key]) for key in tests for seed in range(3)]
+    # A protocol without the lr 4e-3 control: its lr 4e-3 round falls back to the lr 2e-3 one.
+    semi = {"plateau-u2pl": 0.40, "plateau-control": 0.32}
+    rows += [{**record(k, seed, v, v), "protocol": "semi-1_16"} for k, v in semi.items() for seed in range(3)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text, semi_text = capsys.readouterr().out.split("### semi-1_16")
     lines = text.splitlines()
+    assert table_row(semi_text, "plateau-u2pl")[8] == "+8.0 ± 0.0 (3)"
     assert table_row(text, "plateau-u2pl-2000")[8] == "+9.0 ± 0.0 (3)"  # 42 - 33: its own length's control
+    assert table_row(text, "plateau-rectified")[8] == "+12.0 ± 0.0 (3)"  # 47 - 35: the lr 4e-3 round's control
+    assert table_row(text, "baseline-plateau")[8] == "-1.0 ± 0.0 (3)"  # no round: the lr 2e-3 control
     assert table_row(text, "plateau-online-lr4e-3-2000")[8] == "+11.0 ± 0.0 (3)"
     # The control is the best on val (60 %) but is a control, not a candidate.
     assert "**`plateau-control-2000`**" not in text and "(`plateau-control-2000` - `baseline-plateau`)" not in text
     best = next(line for line in lines if line.startswith("Best self-training from the baseline at its plateau"))
     assert "(`plateau-rectified-authors-unbalanced`)" in best
-    # The best round's control is its family's: the rectified offline round (1,000 steps) reads the lr 2e-3 one.
+    # The best round's control has its schedule: the rectified offline round (1,000 steps, lr 4e-3).
     its_control = next(
         line for line in lines if line.startswith("| best from the plateau on target_val vs its control")
     )
-    assert "(`plateau-rectified-authors-unbalanced` - `plateau-control`) |  | +14.0 ± 0.0 (3) |" in its_control
+    assert "(`plateau-rectified-authors-unbalanced` - `plateau-control-lr4e-3`) |  | +10.0 ± 0.0 (3) |" in its_control
     negatives = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps: unreliable"))
     assert "(`plateau-u2pl-2000` - `plateau-u2pl-2000-reliable`) | 003 Table III: +2.0 | +1.0 ± 0.0 (3) |" in negatives
     control = next(line for line in lines if line.startswith("| U2PL from the plateau, 2,000 steps, vs its control"))
