@@ -125,6 +125,15 @@ def online_round(steps: int, rounds: int = 1) -> tuple[str, ...]:
     return (*ONLINE, f"selftrain.rounds={rounds}", f"selftrain.alphas=[{alphas}]", f"selftrain.steps={steps}")
 
 
+# The plateau recipe's round learning rate (chosen on target_val in session 14), pinned in its rows.
+PLATEAU_ROUND_LR = 0.004
+
+
+def plateau_round(steps: int, *extra: str) -> tuple[str, ...]:
+    """The demo's online round of ``steps`` steps at the plateau round's learning rate, then ``extra``."""
+    return (*online_round(steps), f"selftrain.lr={PLATEAU_ROUND_LR}", *extra)
+
+
 # U2PL's contrastive loss as stages/digitscapes_u2pl.yaml sets it (lambda_c the paper's 0.1).
 U2PL_CONTRASTIVE = (
     "selftrain.contrastive=true",
@@ -139,10 +148,20 @@ U2PL_CONTRASTIVE = (
 # plateau recipe's round (1,000 steps, strong augmentation and CutMix) at its chosen learning rate.
 def plateau_offline(alpha: float = 1.0) -> tuple[str, ...]:
     """The plateau's offline round on stored pseudo-labels at labeling ratio ``alpha``."""
-    return ("selftrain.pseudo_source=stored", f"selftrain.alphas=[{alpha}]", "selftrain.lr=0.004")
+    return ("selftrain.pseudo_source=stored", f"selftrain.alphas=[{alpha}]", f"selftrain.lr={PLATEAU_ROUND_LR}")
 
 
 PLATEAU_OFFLINE = plateau_offline()
+# Seed 000's pair as the plateau's offline round: the rectified loss on the variance labels of every pixel. The
+# authors' published command adds per-step class-balance weights (capped at 7) and the options after them.
+PLATEAU_RECTIFIED = (*PLATEAU_OFFLINE, "selftrain.method=variance", "selftrain.rectified=true")
+AUTHORS_CLASS_BALANCE = ("selftrain.rectified_class_balance=true", "selftrain.rectified_max_value=7")
+AUTHORS_RECTIFIED = (
+    "selftrain.rectified_kl_direction=aux||main",
+    "selftrain.rectified_mean_over=all",
+    "selftrain.rectified_aux_weight=0.5",
+    "selftrain.rectified_align_corners=true",
+)
 # The rectified loss's forms from the plateau, one of them chosen on target_val for the claim row.
 RECTIFIED_FORMS = ["plateau-rectified", "plateau-rectified-authors", "plateau-rectified-authors-unbalanced"]
 
@@ -217,7 +236,7 @@ CONFIGS: list[Config] = [
         "plateau-online-lr4e-3",
         "online round from the plateau, round lr 4e-3",
         PLATEAU_RECIPE,
-        sets=(*online_round(1000), "selftrain.lr=0.004"),
+        sets=plateau_round(1000),
     ),
     # Session 16: the chosen round twice as long (alone on 2 threads ~8 min, inside the 12 minutes), for semi
     # 1/16, whose 3,750 unlabeled images the 1,000 steps (16 unlabeled a step) see about four times.
@@ -225,7 +244,7 @@ CONFIGS: list[Config] = [
         "plateau-online-lr4e-3-2000",
         "online round from the plateau, round lr 4e-3, 2,000 steps",
         PLATEAU_RECIPE,
-        sets=(*online_round(2000), "selftrain.lr=0.004"),
+        sets=plateau_round(2000),
     ),
     # The control of the plateau family: the lr 2e-3 round (labeled source batches, the unlabeled images through
     # the student and its BatchNorm, CutMix, the EMA teacher) with the pseudo-label loss weighted 0.
@@ -240,7 +259,7 @@ CONFIGS: list[Config] = [
         "plateau-control-lr4e-3",
         "control: the lr 4e-3 round from the plateau without pseudo-label loss",
         PLATEAU_RECIPE,
-        sets=(*online_round(1000), "selftrain.lr=0.004", "selftrain.unsup_weight=0"),
+        sets=plateau_round(1000, "selftrain.unsup_weight=0"),
     ),
     Config(
         "plateau-online-lr1e-3-1200",
@@ -261,18 +280,13 @@ CONFIGS: list[Config] = [
         "plateau-u2pl",
         "U2PL from the plateau (lr 4e-3 round + contrastive loss, unreliable negatives)",
         PLATEAU_RECIPE,
-        sets=(*online_round(1000), "selftrain.lr=0.004", *U2PL_CONTRASTIVE),
+        sets=plateau_round(1000, *U2PL_CONTRASTIVE),
     ),
     Config(
         "plateau-u2pl-reliable",
         "U2PL from the plateau, reliable-only negatives",
         PLATEAU_RECIPE,
-        sets=(
-            *online_round(1000),
-            "selftrain.lr=0.004",
-            *U2PL_CONTRASTIVE,
-            "selftrain.contrastive_negative_source=reliable",
-        ),
+        sets=plateau_round(1000, *U2PL_CONTRASTIVE, "selftrain.contrastive_negative_source=reliable"),
     ),
     # Session 16: U2PL from the plateau over the longer round (2,000 steps), which target_val chose over the
     # 1,000 steps on semi 1/16's stratified split; the claim row reads the U2PL round length target_val picks.
@@ -280,7 +294,7 @@ CONFIGS: list[Config] = [
         "plateau-u2pl-2000",
         "U2PL from the plateau, 2,000 steps (lr 4e-3 round + contrastive loss, unreliable negatives)",
         PLATEAU_RECIPE,
-        sets=(*online_round(2000), "selftrain.lr=0.004", *U2PL_CONTRASTIVE),
+        sets=plateau_round(2000, *U2PL_CONTRASTIVE),
     ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
@@ -288,18 +302,13 @@ CONFIGS: list[Config] = [
         "plateau-u2pl-2000-reliable",
         "U2PL from the plateau, 2,000 steps, reliable-only negatives",
         PLATEAU_RECIPE,
-        sets=(
-            *online_round(2000),
-            "selftrain.lr=0.004",
-            *U2PL_CONTRASTIVE,
-            "selftrain.contrastive_negative_source=reliable",
-        ),
+        sets=plateau_round(2000, *U2PL_CONTRASTIVE, "selftrain.contrastive_negative_source=reliable"),
     ),
     Config(
         "plateau-control-2000",
         "control: the lr 4e-3 2,000-step round from the plateau without pseudo-label loss",
         PLATEAU_RECIPE,
-        sets=(*online_round(2000), "selftrain.lr=0.004", "selftrain.unsup_weight=0"),
+        sets=plateau_round(2000, "selftrain.unsup_weight=0"),
     ),
     # Seed 000's claim from the plateau (session 15): one offline round on stored pseudo-labels of the plateau
     # model (its auxiliary head trained at weight 0.4), the plateau round's 1,000 steps at lr 4e-3 with its
@@ -308,7 +317,7 @@ CONFIGS: list[Config] = [
         "plateau-rectified",
         "variance + rectified loss, offline round from the plateau",
         PLATEAU_RECIPE,
-        sets=(*PLATEAU_OFFLINE, "selftrain.method=variance", "selftrain.rectified=true"),
+        sets=PLATEAU_RECTIFIED,
     ),
     # Session 16: the same pair in the authors' form of the rectified loss (seed 000's published command:
     # per-class CE weights re-estimated every step from the batch's pseudo-labels, capped at 7, KL aux||main
@@ -319,17 +328,7 @@ CONFIGS: list[Config] = [
         "plateau-rectified-authors",
         "variance + rectified loss in the authors' form (class balance, max 7), offline round from the plateau",
         PLATEAU_RECIPE,
-        sets=(
-            *PLATEAU_OFFLINE,
-            "selftrain.method=variance",
-            "selftrain.rectified=true",
-            "selftrain.rectified_class_balance=true",
-            "selftrain.rectified_max_value=7",
-            "selftrain.rectified_kl_direction=aux||main",
-            "selftrain.rectified_mean_over=all",
-            "selftrain.rectified_aux_weight=0.5",
-            "selftrain.rectified_align_corners=true",
-        ),
+        sets=(*PLATEAU_RECTIFIED, *AUTHORS_CLASS_BALANCE, *AUTHORS_RECTIFIED),
     ),
     # Session 17: the authors' form without its class-balance weights (every other option kept), which isolates
     # the one option that paints digits over background and is the rectified loss's other candidate form.
@@ -337,15 +336,7 @@ CONFIGS: list[Config] = [
         "plateau-rectified-authors-unbalanced",
         "variance + rectified loss in the authors' form without class balance, offline round from the plateau",
         PLATEAU_RECIPE,
-        sets=(
-            *PLATEAU_OFFLINE,
-            "selftrain.method=variance",
-            "selftrain.rectified=true",
-            "selftrain.rectified_kl_direction=aux||main",
-            "selftrain.rectified_mean_over=all",
-            "selftrain.rectified_aux_weight=0.5",
-            "selftrain.rectified_align_corners=true",
-        ),
+        sets=(*PLATEAU_RECTIFIED, *AUTHORS_RECTIFIED),
     ),
     Config(
         "plateau-dars",

@@ -340,6 +340,13 @@ def write_results(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def run_report(sm, capsys, out: Path, rows: list[dict]) -> str:
+    """``--report``'s output on ``rows`` written as ``out``/results.jsonl."""
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(out)])
+    return capsys.readouterr().out
+
+
 def table_row(text: str, key: str) -> list[str]:
     line = next(line for line in text.splitlines() if f"(`{key}`) |" in line)
     return [cell.strip() for cell in line.split("|")[1:-1]]
@@ -502,9 +509,7 @@ def test_threshold_choice_compares_the_sweep_on_the_seeds_every_threshold_ran(sm
     rows = [record(key, 0, val, val) for key, val in vals.items()]
     rows += [record("sweep-0.9", seed, 0.38, 0.38) for seed in (1, 2)]
     rows += [record("rectified", seed, 0.37, 0.37) for seed in (0, 1, 2)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     assert "over seeds 0, the ones every threshold ran" in text
     assert "**tau 0.9**" in text
     rect = next(line for line in text.splitlines() if line.startswith("| rectified vs the best fixed threshold"))
@@ -532,9 +537,7 @@ def test_semi_reads_the_oracle_recorded_with_da(sm, capsys, tmp_path):
             {**record("baseline", seed, 0.20, 0.20), "protocol": "semi-1_16"},
             {**record("u2pl-unreliable", seed, 0.23 + 0.01 * seed, 0.23), "protocol": "semi-1_16"},
         ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     semi = text[text.index("### semi-1_16") :]
     assert table_row(semi, "oracle")[4] == "50.0 ± 0.0"
     assert table_row(semi, "u2pl-unreliable")[9] == "12 ± 2 % (2)"  # 3/30 and 4/30 of the gap
@@ -551,9 +554,7 @@ def test_the_best_configuration_is_chosen_among_those_run_on_every_seed(sm, caps
             r["val_miou"] = 0.9
         if r["config"] == "dars":  # the best val of the 3-seed configurations
             r["val_miou"] = 0.5
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     assert "(among those run on all 3 seeds; not u2pl-unreliable): **DARS + CE** (`dars`)." in text
 
 
@@ -575,9 +576,7 @@ def test_the_plateau_family_is_read_against_its_own_baseline_adabn_and_oracle(sm
     for key, tests in plateau.items():
         rows += [record(key, seed, test, vals.get(key, 0.3)) for seed, test in enumerate(tests)]
     rows += [{**record("baseline-plateau", 0, 0.30, 0.3), "protocol": "semi-1_16"}]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     da = text[: text.index("### semi-1_16")]
     online = table_row(da, "plateau-online")
     assert online[6:10] == ["+8.7 ± 0.6 (3)", "+8.0 ± 1.0 (3)", "+6.3 ± 0.6 (3)", "43 ± 3 % (3)"]  # 8/20, 9/20, 9/20
@@ -620,9 +619,7 @@ def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm
         for key, values in tests.items()
         for seed, test in enumerate(values)
     ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    semi = capsys.readouterr().out
+    semi = run_report(sm, capsys, tmp_path, rows)
     claim = next(line for line in semi.splitlines() if line.startswith("| U2PL from the plateau (round length"))
     assert "(`plateau-u2pl` - `baseline-plateau`)" in claim
     assert "| 001, 003: target >= +10, >= 1/3 of the oracle gap | +11.0 ± 1.0 (3) |" in claim
@@ -653,9 +650,7 @@ def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, cap
         for key in tests
         for seed in range(3)
     ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     assert "U2PL's round length from the plateau chosen on **target_val** (`plateau-u2pl`: 36.0, " in text
     assert "`plateau-u2pl-2000`: 40.0): **`plateau-u2pl-2000`**." in text
     claim = next(line for line in text.splitlines() if line.startswith("| U2PL from the plateau (round length"))
@@ -675,9 +670,7 @@ def test_rectified_from_the_plateau_is_read_against_its_own_sweep_chosen_on_val(
     rows = [record("sweep-0.5", s, 0.30, 0.50) for s in range(3)]  # the other sweep's choice: 0.5
     rows += [record(f"plateau-sweep-{tau}", s, test[tau] + s / 100, val[tau]) for tau in val for s in range(3)]
     rows += [record("plateau-rectified", s, 0.48 + s / 200, 0.43) for s in range(3)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
+    text = run_report(sm, capsys, tmp_path, rows)
     assert "Fixed threshold of the sweep chosen on **target_val** (" in text and "**tau 0.5**." in text
     assert "Fixed threshold of the sweep from the plateau chosen on **target_val** (" in text
     assert "0.7: 40.0, 0.8: 45.0, 0.9: 44.0, 0.95: 41.0): **tau 0.8**." in text
@@ -696,9 +689,7 @@ def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_t
     rows += [record("plateau-rectified-authors", s, 0.48 + s / 100, 0.40) for s in range(3)]
     rows += [record("plateau-dars", s, 0.40, 0.39, tail=0.40) for s in range(3)]  # the ratio val does not pick
     rows += [record("plateau-dars-0.8", s, 0.47 + s / 100, 0.40, tail=0.30 + s / 100) for s in range(3)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    lines = capsys.readouterr().out.splitlines()
+    lines = run_report(sm, capsys, tmp_path, rows).splitlines()
     dars = next(line for line in lines if line.startswith("| DARS from the plateau (alpha chosen on target_val) vs"))
     text = "\n".join(lines)
     assert "chosen on **target_val** (`plateau-dars`: 39.0, `plateau-dars-0.8`: 40.0): **`plateau-dars-0.8`**." in text
@@ -741,9 +732,7 @@ def test_2000_step_rounds_read_their_own_control_and_negatives_and_the_rectified
     # A protocol without the lr 4e-3 control: its lr 4e-3 round falls back to the lr 2e-3 one.
     semi = {"plateau-u2pl": 0.40, "plateau-control": 0.32}
     rows += [{**record(k, seed, v, v), "protocol": "semi-1_16"} for k, v in semi.items() for seed in range(3)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sm.main(["--report", "--out", str(tmp_path)])
-    text, semi_text = capsys.readouterr().out.split("### semi-1_16")
+    text, semi_text = run_report(sm, capsys, tmp_path, rows).split("### semi-1_16")
     lines = text.splitlines()
     assert table_row(semi_text, "plateau-u2pl")[8] == "+8.0 ± 0.0 (3)"
     assert table_row(text, "plateau-u2pl-2000")[8] == "+9.0 ± 0.0 (3)"  # 42 - 33: its own length's control
