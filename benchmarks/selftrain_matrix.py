@@ -534,12 +534,41 @@ def share_round1_predict(run: Path) -> None:
             return
 
 
+@dataclass(frozen=True)
+class DataVariant:
+    """The DigitScapes build the study runs on: the recipes' own (seed 0, alpha blend) unless ``--data-seed`` /
+    ``--blend`` name another, one the settings were never chosen on (issue 14: "tune for the method")."""
+
+    seed: int = 0
+    blend: str = "alpha"
+
+    def sets(self) -> list[str]:
+        """``--set`` options of every command: none for the recipes' own build."""
+        sets = [] if self.seed == 0 else [f"data.digitscapes.seed={self.seed}"]
+        sets += [] if self.blend == "alpha" else [f"data.digitscapes.blend={self.blend}"]
+        return [a for s in sets for a in ("--set", s)]
+
+    def record(self) -> dict[str, object]:
+        return {"digitscapes_seed": self.seed, "blend": self.blend}
+
+    def describe(self) -> str:
+        return f"DigitScapes seed {self.seed}, {self.blend} blend"
+
+
 class Matrix:
     """Runs (or, with ``dry_run``, prints) the study's commands; each pretrain and evaluation once per call."""
 
-    def __init__(self, out: Path, dry_run: bool, round_steps: int | None, echo: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        dry_run: bool,
+        round_steps: int | None,
+        echo: TextIO | None = None,
+        data: DataVariant | None = None,
+    ) -> None:
         self.out, self.dry_run, self.echo = out, dry_run, echo or sys.stdout
         self.extra = (f"selftrain.steps={round_steps}",) if round_steps else ()
+        self.data = data or DataVariant()
         self.done: set[tuple] = set()
         self.recorded: dict[tuple[str, int, str], dict] = {}
 
@@ -555,7 +584,7 @@ class Matrix:
         self.command([sys.executable, "-m", "labelpipe", *args], ["labelpipe", *args])
 
     def common(self, recipe: str, protocol: str, seed: int) -> list[str]:
-        return ["--config", recipe_path(recipe), "--seed", str(seed), "--protocol", protocol]
+        return ["--config", recipe_path(recipe), "--seed", str(seed), "--protocol", protocol, *self.data.sets()]
 
     def pretrain(self, recipe: str, protocol: str, seed: int) -> Path:
         """``RUN/pretrains/<recipe>-<protocol>-s<seed>``, trained and evaluated on both splits; its row (the
@@ -656,6 +685,7 @@ class Matrix:
         rec = {
             "protocol": protocol,
             "seed": seed,
+            "data": self.data.record(),
             "config": config.key,
             "recipe": config.recipe,
             "run": str(run),
@@ -731,6 +761,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(BY_KEY), help=f"keys or key prefixes: {', '.join(BY_KEY)}")
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round (smoke runs)")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
+    parser.add_argument("--data-seed", type=int, default=0, help="the DigitScapes build's seed (the recipes': 0)")
+    parser.add_argument("--blend", choices=["alpha", "diff"], default="alpha", help="the DigitScapes target blend")
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
     parser.add_argument("--dry-run", action="store_true", help="print every command in order; run nothing")
     parser.add_argument("--report", action="store_true", help="only print the tables of what --out holds")
@@ -750,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = select(args.configs)
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-    matrix = Matrix(out, args.dry_run, args.round_steps)
+    matrix = Matrix(out, args.dry_run, args.round_steps, data=DataVariant(args.data_seed, args.blend))
     for protocol in args.protocols:
         for seed in args.seeds:
             for config in chosen:
@@ -777,10 +809,14 @@ def read_results(out: Path) -> Latest:
     if not path.exists():
         raise SystemExit(f"{path}: no results; run the matrix first (python benchmarks/selftrain_matrix.py)")
     latest: Latest = {}
+    variants: set[str] = set()
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             latest[(r["protocol"], int(r["seed"]), r["config"])] = r
+            variants.add(record_variant(r).describe())
+    if len(variants) > 1:  # a seed of one build paired with another's would be a meaningless gain
+        raise SystemExit(f"{path}: records of {' and '.join(sorted(variants))}; report each build from its own --out")
     # The oracle is one run per seed for both protocols (protocol ``oracle``): a protocol whose seed has no
     # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
     oracle_keys = [c.key for c in CONFIGS if c.kind == "oracle"]
@@ -790,6 +826,12 @@ def read_results(out: Path) -> Latest:
             if (seed, key) in oracles:
                 latest.setdefault((protocol, seed, key), oracles[seed, key])
     return latest
+
+
+def record_variant(rec: dict) -> DataVariant:
+    """The build a record ran on (records before the ``data`` field: the recipes' own)."""
+    data = rec.get("data") or {}
+    return DataVariant(int(data.get("digitscapes_seed", 0)), str(data.get("blend", "alpha")))
 
 
 def family(key: str) -> tuple[str, str, str, str]:
@@ -937,6 +979,7 @@ def report(out: Path, file: TextIO | None = None) -> None:
         emit(f"### {protocol}")
         emit()
         emit(
+            f"{record_variant(next(iter(latest.values()))).describe()}. "
             "mIoU in %, mean ± std over seeds (sample std). **target_val** (500 images) is the only split a choice "
             "is made on (the sweep's threshold, the best configuration); **every other number is target_test** "
             "(1,000 images). Gains are paired (mean ± std of the per-seed differences, number of seeds). "
