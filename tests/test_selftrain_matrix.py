@@ -272,6 +272,32 @@ def test_dry_run_shares_the_oracle_between_protocols_and_selects_by_prefix(sm, c
         sm.main(["--dry-run", "--out", str(out), "--configs", "nope"])
 
 
+def test_another_digitscapes_build_reaches_every_command_and_its_records_are_never_mixed(
+    sm, monkeypatch, capsys, tmp_path
+):
+    """--data-seed / --blend: every command of the study (pretrain, evaluate, selftrain) runs on that build, the
+    records name it, the report says which build it reads and refuses a file that pairs two builds' seeds."""
+    cmds = dry_run(sm, capsys, tmp_path / "m", "--protocols", "da", "--seeds", "0", "--configs", "baseline-plateau")
+    assert cmds and not any("data.digitscapes.seed=1" in c for cmd in cmds for c in cmd)  # the recipes' own build
+    args = ["--protocols", "da", "--seeds", "0", "--configs", "baseline-plateau", "plateau-u2pl"]
+    cmds = dry_run(sm, capsys, tmp_path / "m", *args, "--data-seed", "1", "--blend", "diff")
+    assert {c[1] for c in cmds} == {"pretrain", "evaluate", "selftrain"}
+    for c in cmds:
+        assert {"data.digitscapes.seed=1", "data.digitscapes.blend=diff"} <= set(sets(c)), c
+
+    fake = FakeLabelpipe()
+    monkeypatch.setattr(sm.Matrix, "command", lambda self, argv, shown: fake(self, argv, shown))
+    sm.main(["--out", str(tmp_path), *args[:5], "baseline", "--data-seed", "2"])
+    rec = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert rec["data"] == {"digitscapes_seed": 2, "blend": "alpha"}
+    assert "DigitScapes seed 2, alpha blend. mIoU in %" in capsys.readouterr().out
+
+    with (tmp_path / "results.jsonl").open("a") as fh:  # a record of the recipes' own build (no data field)
+        fh.write(json.dumps(record("baseline", 1, 0.3, 0.3)) + "\n")
+    with pytest.raises(SystemExit, match="seed 0, alpha blend and DigitScapes seed 2"):
+        sm.main(["--report", "--out", str(tmp_path)])
+
+
 def test_configurations_only_set_round_settings_and_resolve(sm):
     with pytest.raises(ValueError, match="not round settings"):
         sm.Config("x", "x", sm.DARS_RECIPE, sets=("train.steps=5",))  # would break the shared pretrain
