@@ -48,6 +48,7 @@ so an interrupted matrix continues where it stopped.
     python benchmarks/selftrain_matrix.py --protocols da --seeds 0 --configs baseline control dars
     python benchmarks/selftrain_matrix.py --configs sweep rectified   # keys by prefix
     python benchmarks/selftrain_matrix.py --report               # the tables of what results.jsonl holds
+    python benchmarks/selftrain_matrix.py --data-seed 1 --blend diff --out OUT   # on a build nothing was tuned on
 
 ``--report`` prints, per protocol and in the issue's order, mean ± std over seeds (sample std) and paired
 gains (mean ± std of the per-seed differences) against the baseline, AdaBN and the control, the share of
