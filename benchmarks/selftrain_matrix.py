@@ -810,14 +810,12 @@ def read_results(out: Path) -> Latest:
     if not path.exists():
         raise SystemExit(f"{path}: no results; run the matrix first (python benchmarks/selftrain_matrix.py)")
     latest: Latest = {}
-    variants: set[str] = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            latest[(r["protocol"], int(r["seed"]), r["config"])] = r
-            variants.add(record_variant(r).describe())
-    if len(variants) > 1:  # a seed of one build paired with another's would be a meaningless gain
-        raise SystemExit(f"{path}: records of {' and '.join(sorted(variants))}; report each build from its own --out")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in records:
+        latest[(r["protocol"], int(r["seed"]), r["config"])] = r
+    builds = sorted({record_variant(r).describe() for r in records})  # every record, superseded ones too
+    if len(builds) > 1:  # a seed of one build paired with another's would be a meaningless gain
+        raise SystemExit(f"{path}: records of {' and '.join(builds)}; report each build from its own --out")
     # The oracle is one run per seed for both protocols (protocol ``oracle``): a protocol whose seed has no
     # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
     oracle_keys = [c.key for c in CONFIGS if c.kind == "oracle"]
