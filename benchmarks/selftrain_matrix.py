@@ -353,6 +353,23 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*plateau_offline(0.8), "selftrain.method=dars"),
     ),
+    # Session 20: seed 002's iterative training from the plateau, the pair above run for a second round (each
+    # round's labels from the previous round's model, the same ratio or threshold). Round 1 is the one-round
+    # configuration's own (rounds is not part of a round's fingerprint), so a copy of that run resumes at round 2.
+    # Threshold-ST's head-class bias compounds when its own labels teach the next round; DARS aligns each
+    # round's labels with the predicted class distribution (002 Table 4's "+ IT" rows).
+    Config(
+        "plateau-dars-0.8-2r",
+        "DARS (alpha 0.8) + CE, two offline rounds from the plateau",
+        PLATEAU_RECIPE,
+        sets=(*plateau_offline(0.8), "selftrain.method=dars", "selftrain.rounds=2"),
+    ),
+    Config(
+        "plateau-sweep-0.9-2r",
+        "fixed threshold 0.9 + CE, two offline rounds from the plateau",
+        PLATEAU_RECIPE,
+        sets=(*PLATEAU_OFFLINE, *fixed_threshold_round(0.9), "selftrain.rounds=2"),
+    ),
     *(
         Config(
             f"plateau-sweep-{tau}",
@@ -1148,6 +1165,14 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             dars_key,
             "plateau-sweep-0.9",
         ),
+        (
+            "DARS (alpha 0.8) vs threshold-ST (tau 0.9), two offline rounds from the plateau each",
+            "002 Table 4: tail +3.9; target: tail >= +3",
+            "plateau-dars-0.8-2r",
+            "plateau-sweep-0.9-2r",
+        ),
+        ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
+        ("threshold-ST from the plateau (tau 0.9): two rounds vs one", "", "plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),
         ("U2PL: unreliable negatives vs no contrastive loss", "", "u2pl-unreliable", "u2pl-nocontrastive"),
         (
