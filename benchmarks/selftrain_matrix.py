@@ -776,7 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--configs", nargs="+", default=list(BY_KEY), help=f"keys or key prefixes: {', '.join(BY_KEY)}")
+    parser.add_argument(
+        "--configs", nargs="+", default=None, help=f"keys or key prefixes (default all): {', '.join(BY_KEY)}"
+    )
     parser.add_argument("--round-steps", type=int, default=None, help="selftrain steps per round (smoke runs)")
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
     parser.add_argument("--data-seed", type=int, default=0, help="the DigitScapes build's seed (the recipes': 0)")
@@ -784,6 +786,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
     parser.add_argument("--dry-run", action="store_true", help="print every command in order; run nothing")
     parser.add_argument("--report", action="store_true", help="only print the tables of what --out holds")
+    parser.add_argument(
+        "--per-class",
+        action="store_true",
+        help="with --report: each protocol's per-class target_test IoU too, for the --configs given (default all)",
+    )
     parser.add_argument("--adabn", type=Path, default=None, help=argparse.SUPPRESS)  # one AdaBN evaluation
     args = parser.parse_args(argv)
     if args.adabn is not None:
@@ -791,13 +798,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out).resolve()
     if args.report:
-        report(out)
+        report(out, per_class=args.per_class, only=[c.key for c in select(args.configs)] if args.configs else None)
         return
+    if args.per_class:
+        parser.error("--per-class is an option of --report")
     if args.quick:
         args.protocols, args.seeds = ["da"], [0]
         args.round_steps = args.round_steps or 100
         out = out.with_name(out.name + "-quick")
-    chosen = select(args.configs)
+    chosen = select(args.configs or list(BY_KEY))
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     matrix = Matrix(out, args.dry_run, args.round_steps, data=DataVariant(args.data_seed, args.blend))
@@ -956,9 +965,9 @@ def precision_column(latest: Latest, protocol: str, key: str) -> str:
         for (p, _, k), r in sorted(latest.items())
         if p == protocol and k == key and r.get("pseudo_labels")
     ]
-    if not per_seed:
+    classes = list(dict.fromkeys(name for c in per_seed for name in c))  # a record without classes adds none
+    if not classes:
         return "-"
-    classes = list(per_seed[0])
     means = []
     for name in classes:
         v = [c[name] for c in per_seed if c.get(name) is not None]
@@ -979,8 +988,9 @@ def best_on_val(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | N
     return (max(means, key=means.__getitem__) if means else None), means, common
 
 
-def report(out: Path, file: TextIO | None = None) -> None:
-    """Per protocol: the study's table in the issue's order, then the claims' comparisons."""
+def report(out: Path, file: TextIO | None = None, per_class: bool = False, only: list[str] | None = None) -> None:
+    """Per protocol: the study's table in the issue's order, then the claims' comparisons; with ``per_class``,
+    the per-class table of the configurations that ran (of ``only``'s keys, when given)."""
     file = file or sys.stdout
     latest = read_results(out)
     known = [c.key for c in CONFIGS]
@@ -994,18 +1004,7 @@ def report(out: Path, file: TextIO | None = None) -> None:
         present = [k for k in [*known, *extra] if values(latest, protocol, k, "test_miou")]
         emit(f"### {protocol}")
         emit()
-        emit(
-            f"{record_variant(next(iter(latest.values()))).describe()}. "
-            "mIoU in %, mean ± std over seeds (sample std). **target_val** (500 images) is the only split a choice "
-            "is made on (the sweep's threshold, the best configuration); **every other number is target_test** "
-            "(1,000 images). Gains are paired (mean ± std of the per-seed differences, number of seeds). "
-            f"Baseline: the pretrain of stages/{BASE_RECIPE}.yaml; oracle: the same recipe on all target_train "
-            "labels (protocol oracle, shared by DA and semi); AdaBN: the baseline with BatchNorm re-estimated on "
-            "the protocol's unlabeled split; control: the same rounds without the pseudo-label loss. Rows of "
-            f"stages/{PLATEAU_RECIPE}.yaml are read against their own family: the baseline at its plateau, its "
-            "AdaBN, its control and the oracle trained as long (`baseline-plateau`, `adabn-plateau`, "
-            "`plateau-control`, `oracle-plateau`)."
-        )
+        emit(f"{record_variant(next(iter(latest.values()))).describe()}. {preamble(present)}")
         emit()
         emit(
             "| configuration | recipe | seeds | target_val mIoU | target_test mIoU | target_test tail mIoU | "
@@ -1038,6 +1037,61 @@ def report(out: Path, file: TextIO | None = None) -> None:
         emit()
         comparisons(latest, protocol, emit)
         emit()
+        if per_class:
+            per_class_table(latest, protocol, [k for k in present if only is None or k in only], emit)
+
+
+def preamble(present: list[str]) -> str:
+    """How to read a protocol's table, naming only the families whose rows it has (a report of the plateau
+    rows alone has no 1,000-step baseline to describe)."""
+    text = (
+        "mIoU in %, mean ± std over seeds (sample std). **target_val** (500 images) is the only split a choice is "
+        "made on (the sweep's threshold, the best configuration); **every other number is target_test** (1,000 "
+        "images). Gains are paired (mean ± std of the per-seed differences, number of seeds)."
+    )
+    oracle = "(protocol oracle, shared by DA and semi)"
+    if any(not is_plateau(k) for k in present):
+        text += (
+            f" Baseline: the pretrain of stages/{BASE_RECIPE}.yaml; oracle: the same recipe on all target_train "
+            f"labels {oracle}; AdaBN: the baseline with BatchNorm re-estimated on the protocol's unlabeled split; "
+            "control: the same rounds without the pseudo-label loss."
+        )
+    if any(is_plateau(k) for k in present):
+        text += (
+            f" Rows of stages/{PLATEAU_RECIPE}.yaml are read against their own family: the baseline at its "
+            "plateau (`baseline-plateau`), the oracle trained as long on all target_train labels "
+            f"(`oracle-plateau`, {oracle[1:-1]}), the baseline with BatchNorm re-estimated on the protocol's "
+            "unlabeled split (`adabn-plateau`), and the control with the round's own learning rate and length, "
+            f"without pseudo-label loss ({', '.join(f'`{c}`' for c in PLATEAU_CONTROLS)})."
+        )
+    return text
+
+
+def per_class_table(latest: Latest, protocol: str, keys: list[str], emit) -> None:
+    """Rows ``keys``: target_test mIoU and each class's IoU (%, mean over the seeds that recorded it), and the
+    share of the unlabeled pixels the last round's stored pseudo-labels kept (offline rounds only)."""
+    records = {k: [r for (p, _, key), r in sorted(latest.items()) if p == protocol and key == k] for k in keys}
+    classes = list(dict.fromkeys(c for rs in records.values() for r in rs for c in r.get("test_per_class_iou") or {}))
+    if not classes:
+        return
+    emit(
+        f"Per class ({protocol}; target_test IoU in %, mean over seeds; kept: the share of unlabeled pixels the "
+        "last round's stored pseudo-labels kept, mean over seeds):"
+    )
+    emit()
+    emit(f"| configuration | seeds | mIoU | {' | '.join(classes)} | kept % |")
+    emit(f"|---|---|---|{'---|' * len(classes)}---|")
+
+    def mean(v: list[float | None]) -> str:
+        v = [x for x in v if x is not None]
+        return f"{100 * np.mean(v):.1f}" if v else "-"
+
+    for key, rs in records.items():
+        cells = [mean([(r.get("test_per_class_iou") or {}).get(c) for r in rs]) for c in classes]
+        kept = mean([(r.get("pseudo_labels") or {}).get("kept_fraction") for r in rs])
+        kept = kept if kept == "-" else f"{float(kept):.0f}"
+        emit(f"| `{key}` | {len(rs)} | {mean([r.get('test_miou') for r in rs])} | {' | '.join(cells)} | {kept} |")
+    emit()
 
 
 def comparisons(latest: Latest, protocol: str, emit) -> None:

@@ -151,6 +151,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-rectified-authors-unbalanced",
         "plateau-dars",
         "plateau-dars-0.8",
+        "plateau-dars-0.8-2r",
+        "plateau-sweep-0.9-2r",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
@@ -817,3 +819,67 @@ def test_the_u2pl_plateau_recipe_is_the_matrix_row_it_reports(sm):
         assert recipe[section] == plateau[section], section
     assert SelftrainConfig.model_validate(recipe["selftrain"]) == sm.round_settings(sm.BY_KEY["plateau-u2pl-2000"])
     assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
+
+
+def test_per_class_table_means_each_class_over_seeds_for_the_configs_asked(sm, capsys, tmp_path):
+    """``--report --per-class``: a row per configuration that ran (``--configs`` keys or prefixes narrow it), each
+    class's target_test IoU averaged over the seeds that recorded it, and the kept share of offline labels."""
+    iou = [
+        {"background": 0.90, "digit-0": 0.20, "digit-1": 0.10},
+        {"background": 0.92, "digit-0": 0.30, "digit-1": None},  # a class absent from a seed's test split
+        {"background": 0.94, "digit-0": 0.40, "digit-1": 0.30},
+    ]
+    rows = [record("baseline-plateau", s, 0.3, 0.3, test_per_class_iou=iou[s]) for s in range(3)]
+    rows += [
+        record(
+            "plateau-sweep-0.9",
+            s,
+            0.4,
+            0.3,
+            test_per_class_iou={c: v + 0.1 for c, v in iou[s].items() if v is not None},
+            pseudo_labels={"kept_fraction": (0.7, 0.8, 0.9)[s], "per_class": {}},
+        )
+        for s in range(3)
+    ]
+    rows += [record("adabn-plateau", s, 0.31, 0.3) for s in range(3)]  # no per-class IoU recorded
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    sm.main(["--report", "--out", str(tmp_path)])
+    assert "Per class" not in capsys.readouterr().out  # only when asked
+
+    sm.main(["--report", "--per-class", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "| configuration | seeds | mIoU | background | digit-0 | digit-1 | kept % |" in text
+    assert "| `baseline-plateau` | 3 | 30.0 | 92.0 | 30.0 | 20.0 | - |" in text  # digit-1 over seeds 0 and 2
+    assert "| `plateau-sweep-0.9` | 3 | 40.0 | 102.0 | 40.0 | 30.0 | 80 |" in text
+    assert "| `adabn-plateau` | 3 | 31.0 | - | - | - | - |" in text
+
+    sm.main(["--report", "--per-class", "--configs", "plateau-sweep", "--out", str(tmp_path)])
+    per_class = capsys.readouterr().out.split("Per class", 1)[1]
+    assert "`plateau-sweep-0.9`" in per_class and "`baseline-plateau`" not in per_class
+
+    with pytest.raises(SystemExit):
+        sm.main(["--per-class", "--out", str(tmp_path)])  # an option of --report, not of a run
+
+
+def test_the_preamble_names_only_the_families_the_table_has(sm, capsys, tmp_path):
+    plateau_only = [record("baseline-plateau", s, 0.3, 0.3) for s in range(2)]
+    text = run_report(sm, capsys, tmp_path, plateau_only)
+    assert "stages/digitscapes_source_only.yaml are read against their own family" in text
+    assert "stages/digitscapes_dars.yaml" not in text
+    both = plateau_only + [record("baseline", s, 0.2, 0.2) for s in range(2)]
+    text = run_report(sm, capsys, tmp_path, both)
+    assert "Baseline: the pretrain of stages/digitscapes_dars.yaml" in text
+    assert "stages/digitscapes_source_only.yaml are read against their own family" in text
+
+
+def test_two_round_pairs_share_round_one_with_their_one_round_configurations(sm):
+    """Seed 002's iterative training from the plateau: the second round labels with the same ratio (DARS) or
+    threshold (ST), and round 1's fingerprinted settings are the one-round configuration's, so a copy of that
+    run resumes at round 2 instead of training round 1 again."""
+    for two, one in (("plateau-dars-0.8-2r", "plateau-dars-0.8"), ("plateau-sweep-0.9-2r", "plateau-sweep-0.9")):
+        a, b = sm.round_settings(sm.BY_KEY[two]), sm.round_settings(sm.BY_KEY[one])
+        assert (a.rounds, b.rounds) == (2, 1)
+        assert a.fingerprint_fields() == b.fingerprint_fields()
+    assert sm.round_settings(sm.BY_KEY["plateau-dars-0.8-2r"]).method == "dars"
+    assert sm.round_settings(sm.BY_KEY["plateau-sweep-0.9-2r"]).method == "threshold"
