@@ -370,6 +370,14 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*PLATEAU_OFFLINE, *fixed_threshold_round(0.9), "selftrain.rounds=2"),
     ),
+    # The pair's control: the lr 4e-3 control round twice (round 1 is `plateau-control-lr4e-3`'s own, so a copy of
+    # that run resumes at round 2), the same 2 x 1,000 steps without pseudo-label loss.
+    Config(
+        "plateau-control-lr4e-3-2r",
+        "control: two lr 4e-3 rounds from the plateau without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=(*plateau_round(1000, "selftrain.unsup_weight=0"), "selftrain.rounds=2"),
+    ),
     *(
         Config(
             f"plateau-sweep-{tau}",
@@ -870,17 +878,17 @@ def family(key: str) -> tuple[str, str, str, str]:
 
 # The plateau family's controls: its rounds without pseudo-label loss, at the learning rates and lengths its rounds
 # ran (session 14's lr 2e-3 one first, what a round with no control of its own is read against).
-PLATEAU_CONTROLS = ("plateau-control", "plateau-control-lr4e-3", "plateau-control-2000")
+PLATEAU_CONTROLS = ("plateau-control", "plateau-control-lr4e-3", "plateau-control-2000", "plateau-control-lr4e-3-2r")
 
 
 @functools.cache
 def plateau_control(key: str) -> str:
-    """The control of a plateau round: the one with the round's own learning rate and length (session 17: a
-    control at another schedule misreads what the pseudo-labels add), else ``plateau-control`` (also for the
-    baseline, oracle and AdaBN rows, which have no round)."""
+    """The control of a plateau round: the one with the round's own learning rate, length and number of rounds
+    (session 17: a control at another schedule misreads what the pseudo-labels add), else ``plateau-control``
+    (also for the baseline, oracle and AdaBN rows, which have no round)."""
     if BY_KEY[key].kind != "selftrain":
         return PLATEAU_CONTROLS[0]
-    schedule = {c: (s.lr, s.steps) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
+    schedule = {c: (s.lr, s.steps, s.rounds) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
     return next((c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key]), PLATEAU_CONTROLS[0])
 
 
