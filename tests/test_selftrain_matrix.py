@@ -718,7 +718,7 @@ def test_dars_and_the_authors_rectified_loss_from_the_plateau_are_read_against_t
     rows += [record("plateau-dars", s, 0.40, 0.39, tail=0.40) for s in range(3)]  # the ratio val does not pick
     rows += [record("plateau-dars-0.8", s, 0.47 + s / 100, 0.40, tail=0.30 + s / 100) for s in range(3)]
     lines = run_report(sm, capsys, tmp_path, rows).splitlines()
-    dars = next(line for line in lines if line.startswith("| DARS from the plateau (alpha chosen on target_val) vs"))
+    dars = next(line for line in lines if line.startswith("| DARS from the plateau (alpha and rounds chosen on"))
     text = "\n".join(lines)
     assert "chosen on **target_val** (`plateau-dars`: 39.0, `plateau-dars-0.8`: 40.0): **`plateau-dars-0.8`**." in text
     assert (
@@ -883,3 +883,24 @@ def test_two_round_pairs_share_round_one_with_their_one_round_configurations(sm)
         assert a.fingerprint_fields() == b.fingerprint_fields()
     assert sm.round_settings(sm.BY_KEY["plateau-dars-0.8-2r"]).method == "dars"
     assert sm.round_settings(sm.BY_KEY["plateau-sweep-0.9-2r"]).method == "threshold"
+
+
+def test_dars_rounds_chosen_on_val_pair_with_as_many_threshold_st_rounds_and_their_control(sm, capsys, tmp_path):
+    """Where target_val prefers DARS's two rounds, the claim row reads them against threshold-ST's two rounds (not
+    its one), and the two-round rows' control column is the control run twice."""
+    rows = [record("baseline-plateau", s, 0.30, 0.30) for s in range(3)]
+    rows += [record("plateau-sweep-0.9", s, 0.36, 0.35, tail=0.20) for s in range(3)]
+    rows += [record("plateau-sweep-0.9-2r", s, 0.34, 0.33, tail=0.21 + s / 100) for s in range(3)]
+    rows += [record("plateau-dars-0.8", s, 0.35, 0.34, tail=0.22) for s in range(3)]
+    rows += [record("plateau-dars-0.8-2r", s, 0.37 + s / 100, 0.36, tail=0.25) for s in range(3)]  # val's choice
+    rows += [record("plateau-control-lr4e-3", s, 0.29, 0.29) for s in range(3)]
+    rows += [record("plateau-control-lr4e-3-2r", s, 0.31, 0.29) for s in range(3)]
+    text = run_report(sm, capsys, tmp_path, rows)
+    assert "**`plateau-dars-0.8-2r`**." in text
+    dars = next(line for line in text.splitlines() if line.startswith("| DARS from the plateau (alpha and rounds"))
+    assert "`plateau-dars-0.8-2r` - `plateau-sweep-0.9-2r`" in dars
+    assert dars.endswith("| +4.0 ± 1.0 (3) | +3.0 ± 1.0 (3) |")  # 37-34, 38-34, 39-34; tail 25-21, 25-22, 25-23
+    assert table_row(text, "plateau-dars-0.8-2r")[8] == "+7.0 ± 1.0 (3)"  # over the two-round control
+    assert table_row(text, "plateau-sweep-0.9")[8] == "+7.0 ± 0.0 (3)"  # over the one-round control
+    assert table_row(text, "plateau-control-lr4e-3-2r")[8] == "-"  # a control is never read against itself
+    assert "(`plateau-dars-0.8-2r`)." in text  # the best from the plateau: the control is no candidate
