@@ -153,6 +153,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-dars-0.8",
         "plateau-dars-0.8-2r",
         "plateau-sweep-0.9-2r",
+        "plateau-control-lr4e-3-2r",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
@@ -877,7 +878,11 @@ def test_two_round_pairs_share_round_one_with_their_one_round_configurations(sm)
     """Seed 002's iterative training from the plateau: the second round labels with the same ratio (DARS) or
     threshold (ST), and round 1's fingerprinted settings are the one-round configuration's, so a copy of that
     run resumes at round 2 instead of training round 1 again."""
-    for two, one in (("plateau-dars-0.8-2r", "plateau-dars-0.8"), ("plateau-sweep-0.9-2r", "plateau-sweep-0.9")):
+    for two, one in (
+        ("plateau-dars-0.8-2r", "plateau-dars-0.8"),
+        ("plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
+        ("plateau-control-lr4e-3-2r", "plateau-control-lr4e-3"),
+    ):
         a, b = sm.round_settings(sm.BY_KEY[two]), sm.round_settings(sm.BY_KEY[one])
         assert (a.rounds, b.rounds) == (2, 1)
         assert a.fingerprint_fields() == b.fingerprint_fields()
