@@ -782,7 +782,7 @@ def adabn_main(run: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocols", nargs="+", default=["da", "semi-1_16"])
+    parser.add_argument("--protocols", nargs="+", default=None, help="default: da semi-1_16 (--report: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--configs", nargs="+", default=None, help=f"keys or key prefixes (default all): {', '.join(BY_KEY)}"
@@ -806,7 +806,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out).resolve()
     if args.report:
-        report(out, per_class=args.per_class, only=[c.key for c in select(args.configs)] if args.configs else None)
+        only = [c.key for c in select(args.configs)] if args.configs else None
+        report(out, per_class=args.per_class, only=only, protocols=args.protocols)
         return
     if args.per_class:
         parser.error("--per-class is an option of --report")
@@ -818,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     matrix = Matrix(out, args.dry_run, args.round_steps, data=DataVariant(args.data_seed, args.blend))
-    for protocol in args.protocols:
+    for protocol in args.protocols or ["da", "semi-1_16"]:
         for seed in args.seeds:
             for config in chosen:
                 rec = matrix.run_config(config, protocol, seed)
@@ -996,14 +997,21 @@ def best_on_val(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | N
     return (max(means, key=means.__getitem__) if means else None), means, common
 
 
-def report(out: Path, file: TextIO | None = None, per_class: bool = False, only: list[str] | None = None) -> None:
-    """Per protocol: the study's table in the issue's order, then the claims' comparisons; with ``per_class``,
-    the per-class table of the configurations that ran (of ``only``'s keys, when given)."""
+def report(
+    out: Path,
+    file: TextIO | None = None,
+    per_class: bool = False,
+    only: list[str] | None = None,
+    protocols: list[str] | None = None,
+) -> None:
+    """Per protocol (those of ``protocols`` when given): the study's table in the issue's order, then the claims'
+    comparisons; with ``per_class``, the per-class table of the configurations that ran (of ``only``'s keys)."""
     file = file or sys.stdout
     latest = read_results(out)
     known = [c.key for c in CONFIGS]
     extra = sorted({k for (_, _, k) in latest if k not in BY_KEY})
-    protocols = sorted({p for (p, _, _) in latest}, key=lambda p: (p not in ("da", "semi-1_16"), p))
+    recorded = {p for (p, _, _) in latest if protocols is None or p in protocols}
+    protocols = sorted(recorded, key=lambda p: (p not in ("da", "semi-1_16"), p))
 
     def emit(line: str = "") -> None:
         print(line, file=file)

@@ -909,3 +909,15 @@ def test_dars_rounds_chosen_on_val_pair_with_as_many_threshold_st_rounds_and_the
     assert table_row(text, "plateau-sweep-0.9")[8] == "+7.0 ± 0.0 (3)"  # over the one-round control
     assert table_row(text, "plateau-control-lr4e-3-2r")[8] == "-"  # a control is never read against itself
     assert "(`plateau-dars-0.8-2r`)." in text  # the best from the plateau: the control is no candidate
+
+
+def test_report_protocols_narrow_the_tables(sm, capsys, tmp_path):
+    rows = [record("baseline-plateau", s, 0.3, 0.3) for s in range(2)]
+    rows += [{**record("baseline-plateau", s, 0.2, 0.2), "protocol": "semi-1_16"} for s in range(2)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "### da" in text and "### semi-1_16" in text
+    sm.main(["--report", "--protocols", "semi-1_16", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "### semi-1_16" in text and "### da" not in text
