@@ -357,7 +357,7 @@ CONFIGS: list[Config] = [
     # round's labels from the previous round's model, the same ratio or threshold). Round 1 is the one-round
     # configuration's own (rounds is not part of a round's fingerprint), so a copy of that run resumes at round 2.
     # Threshold-ST's head-class bias compounds when its own labels teach the next round; DARS aligns each
-    # round's labels with the predicted class distribution (002 Table 4's "+ IT" rows).
+    # round's labels with the labeled class prior (002 Table 4's "+ IT" rows).
     Config(
         "plateau-dars-0.8-2r",
         "DARS (alpha 0.8) + CE, two offline rounds from the plateau",
