@@ -477,7 +477,11 @@ class FakeLabelpipe:
                         round_dir / stage / "manifest.json", json.dumps({"status": "done", "wall_s": 60.0}).encode()
                     )
                 self.write(round_dir / "train" / "model.safetensors", b"round")
-                report = {"kept_fraction": 0.2, "per_class": {"background": {"precision": 1.0}, "digit-0": {}}}
+                report = {
+                    "kept_fraction": 0.2,
+                    "kl_prior_pseudo": 0.03,
+                    "per_class": {"background": {"precision": 1.0}, "digit-0": {}},
+                }
                 self.write(round_dir / "pseudolabel" / "report.json", json.dumps(report).encode())
         elif shown[1] == "evaluate":
             model, split = opt(shown, "--model"), opt(shown, "--split")
@@ -506,6 +510,13 @@ def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_r
     )
     assert by_key["control"]["stage_wall_s"] == 6 * 60.0  # two rounds of predict, pseudolabel, train
     assert by_key["control"]["pseudo_labels"]["per_class"] == {"background": 1.0, "digit-0": None}
+    assert (
+        by_key["control"]["pseudo_labels"]["kept_fraction"],
+        by_key["control"]["pseudo_labels"]["kl_prior_pseudo"],
+    ) == (
+        0.2,
+        0.03,
+    )
     assert by_key["online"]["model"] == "round-1" and by_key["online"]["pseudo_labels"] is None  # online labels
     assert by_key["adabn"]["test_miou"] == 0.33
     control = tmp_path / "da-s0" / "digitscapes_dars" / "control"
@@ -838,7 +849,11 @@ def test_per_class_table_means_each_class_over_seeds_for_the_configs_asked(sm, c
             0.4,
             0.3,
             test_per_class_iou={c: v + 0.1 for c, v in iou[s].items() if v is not None},
-            pseudo_labels={"kept_fraction": (0.7, 0.8, 0.9)[s], "per_class": {}},
+            pseudo_labels={
+                "kept_fraction": (0.7, 0.8, 0.9)[s],
+                "kl_prior_pseudo": (0.01, 0.02, 0.06)[s],
+                "per_class": {},
+            },
         )
         for s in range(3)
     ]
@@ -850,10 +865,10 @@ def test_per_class_table_means_each_class_over_seeds_for_the_configs_asked(sm, c
 
     sm.main(["--report", "--per-class", "--out", str(tmp_path)])
     text = capsys.readouterr().out
-    assert "| configuration | seeds | mIoU | background | digit-0 | digit-1 | kept % |" in text
-    assert "| `baseline-plateau` | 3 | 30.0 | 92.0 | 30.0 | 20.0 | - |" in text  # digit-1 over seeds 0 and 2
-    assert "| `plateau-sweep-0.9` | 3 | 40.0 | 102.0 | 40.0 | 30.0 | 80 |" in text
-    assert "| `adabn-plateau` | 3 | 31.0 | - | - | - | - |" in text
+    assert "| configuration | seeds | mIoU | background | digit-0 | digit-1 | kept % | KL |" in text
+    assert "| `baseline-plateau` | 3 | 30.0 | 92.0 | 30.0 | 20.0 | - | - |" in text  # digit-1 over seeds 0 and 2
+    assert "| `plateau-sweep-0.9` | 3 | 40.0 | 102.0 | 40.0 | 30.0 | 80 | 0.0300 |" in text
+    assert "| `adabn-plateau` | 3 | 31.0 | - | - | - | - | - |" in text
 
     sm.main(["--report", "--per-class", "--configs", "plateau-sweep", "--out", str(tmp_path)])
     per_class = capsys.readouterr().out.split("Per class", 1)[1]
