@@ -370,6 +370,20 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*PLATEAU_OFFLINE, *fixed_threshold_round(0.9), "selftrain.rounds=2"),
     ),
+    # Session 21: seed 000's pair iterated the same way, the rectified round and the threshold target_val chose
+    # for one round (tau 0.8) run for a second round; read with tau 0.9's two rounds as the threshold candidates.
+    Config(
+        "plateau-rectified-2r",
+        "variance + rectified loss, two offline rounds from the plateau",
+        PLATEAU_RECIPE,
+        sets=(*PLATEAU_RECTIFIED, "selftrain.rounds=2"),
+    ),
+    Config(
+        "plateau-sweep-0.8-2r",
+        "fixed threshold 0.8 + CE, two offline rounds from the plateau",
+        PLATEAU_RECIPE,
+        sets=(*PLATEAU_OFFLINE, *fixed_threshold_round(0.8), "selftrain.rounds=2"),
+    ),
     # The pair's control: the lr 4e-3 control round twice (round 1 is `plateau-control-lr4e-3`'s own, so a copy of
     # that run resumes at round 2), the same 2 x 1,000 steps without pseudo-label loss.
     Config(
@@ -1125,6 +1139,10 @@ DARS_ST_PAIRS = {
 }
 
 
+# The fixed thresholds run for two offline rounds from the plateau, the rectified loss's two rounds read against them.
+THRESHOLDS_2R = ["plateau-sweep-0.8-2r", "plateau-sweep-0.9-2r"]
+
+
 def comparisons(latest: Latest, protocol: str, emit) -> None:
     """The claims of issue 14 as paired target_test differences; every choice made on target_val."""
     # The fixed threshold of each sweep (the rectify recipe's; the plateau's offline round) chosen on target_val.
@@ -1138,6 +1156,8 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, ["plateau-u2pl", "plateau-u2pl-2000"])
     # The rectified loss's form from the plateau (the paper's, the authors', the authors' without class balance).
     rectified_key, rectified_val, _ = best_on_val(latest, protocol, RECTIFIED_FORMS)
+    # The fixed threshold of the two-round sweep (the thresholds run for two rounds), chosen on target_val.
+    tau_2r_key, tau_2r_val, _ = best_on_val(latest, protocol, THRESHOLDS_2R)
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -1150,6 +1170,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("DARS's labeling ratio and rounds", dars_key, dars_val),
         ("U2PL's round length", u2pl_key, u2pl_val),
         ("The rectified loss's form", rectified_key, rectified_val),
+        ("The fixed threshold over two rounds", tau_2r_key, tau_2r_val),
     ):
         if len(val) > 1:
             chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
@@ -1258,6 +1279,14 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-dars-0.8-2r",
             "plateau-sweep-0.9-2r",
         ),
+        (
+            "rectified vs the best fixed threshold, two offline rounds from the plateau each (tau chosen on "
+            "target_val)",
+            "000 Table 5: +1.9",
+            "plateau-rectified-2r",
+            tau_2r_key,
+        ),
+        ("rectified from the plateau: two rounds vs one", "", "plateau-rectified-2r", "plateau-rectified"),
         ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
         ("threshold-ST from the plateau (tau 0.9): two rounds vs one", "", "plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),

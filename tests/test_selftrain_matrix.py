@@ -154,6 +154,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-dars-0.8-2r",
         "plateau-sweep-0.9-2r",
         "plateau-control-lr4e-3-2r",
+        "plateau-rectified-2r",
+        "plateau-sweep-0.8-2r",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
@@ -897,12 +899,16 @@ def test_two_round_pairs_share_round_one_with_their_one_round_configurations(sm)
         ("plateau-dars-0.8-2r", "plateau-dars-0.8"),
         ("plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("plateau-control-lr4e-3-2r", "plateau-control-lr4e-3"),
+        ("plateau-rectified-2r", "plateau-rectified"),
+        ("plateau-sweep-0.8-2r", "plateau-sweep-0.8"),
     ):
         a, b = sm.round_settings(sm.BY_KEY[two]), sm.round_settings(sm.BY_KEY[one])
         assert (a.rounds, b.rounds) == (2, 1)
         assert a.fingerprint_fields() == b.fingerprint_fields()
     assert sm.round_settings(sm.BY_KEY["plateau-dars-0.8-2r"]).method == "dars"
     assert sm.round_settings(sm.BY_KEY["plateau-sweep-0.9-2r"]).method == "threshold"
+    rectified = sm.round_settings(sm.BY_KEY["plateau-rectified-2r"])
+    assert (rectified.method, rectified.rectified) == ("variance", True)
 
 
 def test_dars_rounds_chosen_on_val_pair_with_as_many_threshold_st_rounds_and_their_control(sm, capsys, tmp_path):
