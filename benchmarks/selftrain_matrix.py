@@ -749,12 +749,18 @@ class Matrix:
 
 
 def val_curve(run: Path, model: str) -> list[list[float]]:
-    """[[step, target_val mIoU on the first val_limit images], ...] of the training that wrote ``model``."""
-    log = training_dir(run, model) / "log.jsonl"
-    if not log.is_file():
-        return []
-    rows = (json.loads(line) for line in log.read_text().splitlines() if '"val_miou"' in line)
-    return [[r["step"], r["val_miou"]] for r in rows]
+    """[[step, target_val mIoU on the first val_limit images], ...] of the training that wrote ``model``; for
+    round K of several, rounds 1..K end to end (each round's steps after the last logged step of the one before)."""
+    models = [model] if model == "pretrain" else [f"round-{k}" for k in range(1, int(model.split("-")[1]) + 1)]
+    curve: list[list[float]] = []
+    for name in models:
+        log = training_dir(run, name) / "log.jsonl"
+        if not log.is_file():
+            return []  # a round without its log: no curve rather than one missing a round
+        offset = curve[-1][0] if curve else 0
+        rows = (json.loads(line) for line in log.read_text().splitlines() if '"val_miou"' in line)
+        curve += [[offset + r["step"], r["val_miou"]] for r in rows]
+    return curve
 
 
 def last_quarter_gain(curve: list[list[float]]) -> float | None:
@@ -815,6 +821,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --report: each protocol's per-class target_test IoU too, for the --configs given (default all)",
     )
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="with --report: the claims' target_val curves from the plateau, OUT/curves-PROTOCOL.png",
+    )
     parser.add_argument("--adabn", type=Path, default=None, help=argparse.SUPPRESS)  # one AdaBN evaluation
     args = parser.parse_args(argv)
     if args.adabn is not None:
@@ -823,10 +834,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     if args.report:
         only = [c.key for c in select(args.configs)] if args.configs else None
-        report(out, per_class=args.per_class, only=only, protocols=args.protocols)
+        report(out, per_class=args.per_class, only=only, protocols=args.protocols, curves=args.curves)
         return
-    if args.per_class:
-        parser.error("--per-class is an option of --report")
+    if args.per_class or args.curves:
+        parser.error("--per-class and --curves are options of --report")
     if args.quick:
         args.protocols, args.seeds = ["da"], [0]
         args.round_steps = args.round_steps or 100
@@ -1019,9 +1030,11 @@ def report(
     per_class: bool = False,
     only: list[str] | None = None,
     protocols: list[str] | None = None,
+    curves: bool = False,
 ) -> None:
     """Per protocol (those of ``protocols`` when given): the study's table in the issue's order, then the claims'
-    comparisons; with ``per_class``, the per-class table of the configurations that ran (of ``only``'s keys)."""
+    comparisons; with ``per_class``, the per-class table of the configurations that ran (of ``only``'s keys); with
+    ``curves``, the claims' target_val curves as ``out``/curves-PROTOCOL.png."""
     file = file or sys.stdout
     latest = read_results(out)
     known = [c.key for c in CONFIGS]
@@ -1071,6 +1084,97 @@ def report(
         emit()
         if per_class:
             per_class_table(latest, protocol, [k for k in present if only is None or k in only], emit)
+        if curves and (figure := curves_figure(latest, protocol, out / f"curves-{protocol}.png")):
+            emit(f"![{protocol}: target_val curves of the claims' rounds]({figure})")
+            emit()
+
+
+# U2PL's rounds from the plateau and the same rounds without the contrastive loss (its "no contrastive" ablation).
+U2PL_WITHOUT_CONTRASTIVE = {"plateau-u2pl": "plateau-online-lr4e-3", "plateau-u2pl-2000": "plateau-online-lr4e-3-2000"}
+
+
+def curve_panels(latest: Latest, protocol: str) -> list[tuple[str, list[str]]]:
+    """The claims read from the plateau as (title, configurations) whose target_val curves go in one panel each,
+    the method first; each choice made on target_val the way the comparisons make it. Panels without a recorded
+    curve for their method (the first configuration) are left out."""
+    controls = set(PLATEAU_CONTROLS)
+    rounds = [c.key for c in CONFIGS if c.kind == "selftrain" and is_plateau(c.key) and c.key not in controls]
+    best, _, _ = choose_best(latest, protocol, rounds)
+    rectified = best_on_val(latest, protocol, RECTIFIED_FORMS)[0]
+    dars = best_on_val(latest, protocol, list(DARS_ST_PAIRS))[0]
+    u2pl = best_on_val(latest, protocol, list(U2PL_WITHOUT_CONTRASTIVE))[0]
+    panels = [
+        ("best round on target_val vs its control", [best, control_of(latest, protocol, best) if best else None]),
+        ("000: rectified vs fixed thresholds, one round", [rectified, *(f"plateau-sweep-{tau}" for tau in TAUS)]),
+        ("000: rectified vs fixed thresholds, two rounds", ["plateau-rectified-2r", *THRESHOLDS_2R]),
+        ("002: DARS vs threshold-ST (tau 0.9)", [dars, DARS_ST_PAIRS.get(dars)]),
+        (
+            "003: unreliable vs reliable-only negatives",
+            [
+                u2pl,
+                f"{u2pl}-reliable" if u2pl else None,
+                U2PL_WITHOUT_CONTRASTIVE.get(u2pl),
+                control_of(latest, protocol, u2pl) if u2pl else None,
+            ],
+        ),
+    ]
+    shown = []
+    for title, keys in panels:
+        if keys[0] and seed_curves(latest, protocol, keys[0]):
+            shown.append((title, list(dict.fromkeys(k for k in keys if k and seed_curves(latest, protocol, k)))))
+    return shown
+
+
+def seed_curves(latest: Latest, protocol: str, key: str) -> dict[int, list[list[float]]]:
+    """Seed -> ``key``'s target_val curve, from step 0: a plateau round starts at the plateau model, whose last
+    curve point (the same first val images) is prepended where the seed's baseline recorded its curve."""
+    out = {}
+    for (p, seed, k), r in sorted(latest.items()):
+        if p != protocol or k != key or not r.get("val_curve"):
+            continue
+        start = (latest.get((protocol, seed, "baseline-plateau")) or {}).get("val_curve") or []
+        out[seed] = ([[0, start[-1][1]]] if start and is_plateau(key) else []) + r["val_curve"]
+    return out
+
+
+def mean_curve(curves: dict[int, list[list[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps every seed logged, mean, sample std over seeds) of target_val mIoU in %."""
+    per_seed = [dict((int(step), 100 * v) for step, v in c) for c in curves.values()]
+    steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+    a = np.asarray([[c[s] for s in steps] for c in per_seed])
+    std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(len(steps))
+    return np.asarray(steps), a.mean(axis=0), std
+
+
+def curves_figure(latest: Latest, protocol: str, path: Path) -> Path | None:
+    """One panel per claim of :func:`curve_panels`: each configuration's target_val mIoU over its round(s), mean
+    over seeds with a ± std band; None when no claim has a curve."""
+    from labelpipe.plots import plt, save
+
+    panels = curve_panels(latest, protocol)
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
+        for i, key in enumerate(keys):
+            curves = seed_curves(latest, protocol, key)
+            steps, mean, std = mean_curve(curves)
+            line = ax.plot(steps, mean, marker="o", ms=2.5, lw=2.0 if i == 0 else 1.0, label=f"{key} ({len(curves)})")
+            ax.fill_between(steps, mean - std, mean + std, color=line[0].get_color(), alpha=0.15, lw=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step (rounds end to end)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("target_val mIoU % (first 200 images)", fontsize=8)
+    fig.suptitle(f"{protocol}: target_val during the rounds from the plateau (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return save(fig, path)
 
 
 def preamble(present: list[str]) -> str:

@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -942,3 +943,69 @@ def test_report_protocols_narrow_the_tables(sm, capsys, tmp_path):
     sm.main(["--report", "--protocols", "semi-1_16", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert "### semi-1_16" in text and "### da" not in text
+
+
+def test_a_later_rounds_curve_runs_the_rounds_end_to_end(sm, tmp_path):
+    """round-K's curve is rounds 1..K, each after the last logged step of the one before; a missing round's log
+    gives no curve rather than a curve that silently lacks a round."""
+    for k, points in ((1, [(500, 0.3), (1000, 0.4)]), (2, [(500, 0.45), (1000, 0.5)])):
+        log = tmp_path / "selftrain" / f"round-{k}" / "train" / "log.jsonl"
+        log.parent.mkdir(parents=True)
+        rows = [{"step": s, "loss": 1.0} for s, _ in points] + [{"step": s, "val_miou": v} for s, v in points]
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sm.val_curve(tmp_path, "round-1") == [[500, 0.3], [1000, 0.4]]
+    assert sm.val_curve(tmp_path, "round-2") == [[500, 0.3], [1000, 0.4], [1500, 0.45], [2000, 0.5]]
+    (tmp_path / "selftrain" / "round-1" / "train" / "log.jsonl").unlink()
+    assert sm.val_curve(tmp_path, "round-2") == []
+
+
+def test_curve_panels_follow_the_claims_choices_on_val_and_start_at_the_plateau_model(sm):
+    curve = [[250, 0.40], [500, 0.45]]
+    rows = [record("baseline-plateau", s, 0.30, 0.30, val_curve=[[3000, 0.35 + s / 100]]) for s in range(2)]
+    for key, val in (
+        ("plateau-rectified", 0.44),
+        ("plateau-rectified-authors", 0.46),  # target_val's form
+        ("plateau-sweep-0.8", 0.45),
+        ("plateau-dars-0.8", 0.47),
+        ("plateau-dars-0.8-2r", 0.49),  # target_val's DARS, read against tau 0.9's two rounds
+        ("plateau-sweep-0.9-2r", 0.48),
+        ("plateau-u2pl", 0.43),
+        ("plateau-u2pl-reliable", 0.43),
+        ("plateau-control-lr4e-3", 0.38),
+    ):
+        rows += [record(key, s, val, val, val_curve=curve) for s in range(2)]
+    rows += [record("plateau-online-lr4e-3", s, 0.5, 0.5) for s in range(2)]  # no curve recorded: not drawn
+    latest = {("da", r["seed"], r["config"]): r for r in rows}
+    panels = dict(sm.curve_panels(latest, "da"))
+    assert "best round on target_val vs its control" not in panels  # target_val's best recorded no curve
+    assert panels["000: rectified vs fixed thresholds, one round"] == ["plateau-rectified-authors", "plateau-sweep-0.8"]
+    assert "000: rectified vs fixed thresholds, two rounds" not in panels  # its method, rectified 2r, did not run
+    assert panels["002: DARS vs threshold-ST (tau 0.9)"] == ["plateau-dars-0.8-2r", "plateau-sweep-0.9-2r"]
+    assert panels["003: unreliable vs reliable-only negatives"] == [
+        "plateau-u2pl",
+        "plateau-u2pl-reliable",
+        "plateau-control-lr4e-3",
+    ]
+    # Each seed's curve starts at its own plateau model's last target_val point.
+    assert sm.seed_curves(latest, "da", "plateau-u2pl") == {
+        0: [[0, 0.35], [250, 0.40], [500, 0.45]],
+        1: [[0, 0.36], [250, 0.40], [500, 0.45]],
+    }
+    steps, mean, std = sm.mean_curve(sm.seed_curves(latest, "da", "plateau-u2pl"))
+    assert steps.tolist() == [0, 250, 500]
+    assert np.allclose(mean, [35.5, 40.0, 45.0]) and np.allclose(std, [np.sqrt(0.5), 0.0, 0.0])
+
+
+def test_report_curves_writes_the_figure_and_links_it(sm, capsys, tmp_path):
+    curve = [[250, 0.40], [500, 0.45]]
+    rows = [record("baseline-plateau", s, 0.30, 0.30, val_curve=[[3000, 0.35]]) for s in range(2)]
+    rows += [
+        record(k, s, 0.4, 0.4, val_curve=curve) for s in range(2) for k in ("plateau-sweep-0.9", "plateau-rectified")
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--curves", "--out", str(tmp_path)])
+    figure = tmp_path / "curves-da.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({figure})" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sm.main(["--curves", "--out", str(tmp_path)])
