@@ -41,11 +41,16 @@ def adapt_batchnorm(model: torch.nn.Module, loader: DataLoader, device: torch.de
     model.eval()
 
 
-def evaluate(ctx, model, split: str) -> tuple[float, float]:
+def metrics(ctx, model, split: str) -> dict:
+    """``labelpipe evaluate``'s numbers of ``model`` on ``split`` (mIoU, tail mIoU, per-class IoU, ...)."""
     samples = ctx.source.split(split)
     cm, cal, _ = measure(ctx, model, samples, ctx.config.evaluate.batch_size)
     prior = class_prior(ctx, ctx.roles["labeled"])
-    m = summarize(cm.numpy(), ctx.source.classes, prior, cal.ece(), ctx.source.class_subsets)
+    return summarize(cm.numpy(), ctx.source.classes, prior, cal.ece(), ctx.source.class_subsets)
+
+
+def evaluate(ctx, model, split: str) -> tuple[float, float]:
+    m = metrics(ctx, model, split)
     return m["miou"], m["tail_miou"]
 
 

@@ -796,8 +796,8 @@ def adabn_main(run: Path) -> None:
     adabn_control.adapt_batchnorm(model, DataLoader(unlabeled, batch_size=64, collate_fn=collate), rt.device)
     out = {"unlabeled": ctx.roles["unlabeled"]}
     for split in SPLITS:
-        miou, tail = adabn_control.evaluate(ctx, model, split)
-        out[split] = {"miou": miou, "tail_miou": tail}
+        m = adabn_control.metrics(ctx, model, split)
+        out[split] = {key: m[key] for key in ("miou", "tail_miou", "per_class_iou")}
     (run / "matrix").mkdir(exist_ok=True)
     atomic_write_json(run / "matrix" / "adabn.json", out)
 

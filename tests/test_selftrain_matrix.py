@@ -433,7 +433,7 @@ def test_report_without_results_is_a_clean_error(sm, tmp_path):
 
 def test_adabn_row_reuses_adabn_control_on_a_run(sm, pretrained_run, tmp_path):
     """``--adabn RUN`` (the AdaBN row) runs adabn_control's functions on a trained run (the suite's 6-step
-    model; nothing trained here) and writes both splits' mIoU to matrix/adabn.json."""
+    model; nothing trained here) and writes both splits' mIoU and per-class IoU to matrix/adabn.json."""
     import shutil
 
     run = tmp_path / "run"
@@ -443,6 +443,10 @@ def test_adabn_row_reuses_adabn_control_on_a_run(sm, pretrained_run, tmp_path):
     assert out["unlabeled"] == "target_train"  # the DA protocol's unlabeled split
     for split in ("target_val", "target_test"):
         assert 0.0 <= out[split]["miou"] <= 1.0
+        per_class = out[split]["per_class_iou"]  # the per-class table's AdaBN row
+        assert list(per_class)[0] == "background" and len(per_class) == 11
+        present = [v for v in per_class.values() if v is not None]
+        assert np.isclose(np.mean(present), out[split]["miou"])
 
 
 class FakeLabelpipe:
