@@ -1089,10 +1089,6 @@ def report(
             emit()
 
 
-# U2PL's rounds from the plateau and the same rounds without the contrastive loss (its "no contrastive" ablation).
-U2PL_WITHOUT_CONTRASTIVE = {"plateau-u2pl": "plateau-online-lr4e-3", "plateau-u2pl-2000": "plateau-online-lr4e-3-2000"}
-
-
 def curve_panels(latest: Latest, protocol: str) -> list[tuple[str, list[str]]]:
     """The claims read from the plateau as (title, configurations) whose target_val curves go in one panel each,
     the method first; each choice made on target_val the way the comparisons make it. Panels without a recorded
@@ -1243,6 +1239,10 @@ DARS_ST_PAIRS = {
 }
 
 
+# U2PL's rounds from the plateau and the same rounds without the contrastive loss (its "no contrastive" ablation).
+U2PL_WITHOUT_CONTRASTIVE = {"plateau-u2pl": "plateau-online-lr4e-3", "plateau-u2pl-2000": "plateau-online-lr4e-3-2000"}
+
+
 # The fixed thresholds run for two offline rounds from the plateau, the rectified loss's two rounds read against them.
 THRESHOLDS_2R = ["plateau-sweep-0.8-2r", "plateau-sweep-0.9-2r"]
 
@@ -1257,7 +1257,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     # DARS's labeling ratio and number of rounds and U2PL's round length from the plateau, each chosen on
     # target_val; DARS is then read against threshold-ST (tau 0.9) over as many rounds.
     dars_key, dars_val, _ = best_on_val(latest, protocol, list(DARS_ST_PAIRS))
-    u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, ["plateau-u2pl", "plateau-u2pl-2000"])
+    u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, list(U2PL_WITHOUT_CONTRASTIVE))
     # The rectified loss's form from the plateau (the paper's, the authors', the authors' without class balance).
     rectified_key, rectified_val, _ = best_on_val(latest, protocol, RECTIFIED_FORMS)
     # The fixed threshold of the two-round sweep (the thresholds run for two rounds), chosen on target_val.
