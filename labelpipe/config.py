@@ -117,6 +117,10 @@ class TrainConfig(Section):
     # Supervised CE class weights p_c^-class_balance from the labeled split's class prior, mean weight 1
     # (labelpipe.losses.class_balance): 0 = plain CE; 0.5 lets a long tail's rare classes be learned.
     class_balance: float = Field(0.0, ge=0.0, le=1.0)
+    # Photometric augmentation of the labeled images (colour jitter, grayscale, blur; strength as in
+    # selftrain's strong_aug), in pretrain and in selftrain's labeled batches: 0 = off. A source that must
+    # transfer learns shape rather than its own colours (domain generalisation).
+    photometric: float = Field(0.0, ge=0.0, le=2.0)
     amp: bool = True  # CUDA only; CPU always trains in float32
     sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (CPU: per rank)
     checkpoint_every: int = Field(100, ge=1)
@@ -142,7 +146,12 @@ class TrainConfig(Section):
         }
     )
 
-    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {"schedule_steps": None, "warmup_steps": 0, "class_balance": 0.0}
+    HASHED_WHEN_SET: ClassVar[dict[str, Any]] = {
+        "schedule_steps": None,
+        "warmup_steps": 0,
+        "class_balance": 0.0,
+        "photometric": 0.0,
+    }
 
 
 class PredictConfig(Section):

@@ -58,6 +58,12 @@ def strong_photometric(strength: float = 1.0) -> v2.Transform:
     )
 
 
+def labeled_photometric(strength: float) -> v2.Transform | None:
+    """``train.photometric``'s augmentation of the labeled images: :func:`strong_photometric` at that
+    strength, or None (off) at 0."""
+    return strong_photometric(strength) if strength > 0 else None
+
+
 def to_model_input(image: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> normalised float32."""
     image = TF.to_dtype(image, torch.float32, scale=True)

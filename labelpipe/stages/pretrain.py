@@ -15,7 +15,7 @@ from labelpipe.config import RunConfig
 from labelpipe.context import StageContext, class_prior, model_from_config, open_context, write_config
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import SegmentationDataset
-from labelpipe.data.transforms import weak_transform
+from labelpipe.data.transforms import labeled_photometric, weak_transform
 from labelpipe.errors import Interrupted
 from labelpipe.runtime import Runtime, barrier, seed_everything
 from labelpipe.store.atomic import atomic_write_json, sha256_json
@@ -72,7 +72,12 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
     seed_everything(config.seed)
     model = model_from_config(config, ctx.source.num_classes)
     net = for_training(model, runtime, cfg, uses_rep=False)
-    dataset = SegmentationDataset(ctx.source, samples, weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip))
+    dataset = SegmentationDataset(
+        ctx.source,
+        samples,
+        weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip),
+        photometric=labeled_photometric(cfg.photometric),
+    )
     ignore = ctx.source.ignore_index
     weight = supervised_class_weights(ctx, cfg, runtime.device)  # None: plain CE
 

@@ -15,7 +15,7 @@ import numpy as np
 from labelpipe.config import TrainConfig
 from labelpipe.context import StageContext
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
-from labelpipe.data.transforms import strong_photometric, weak_transform
+from labelpipe.data.transforms import labeled_photometric, strong_photometric, weak_transform
 from labelpipe.store.prediction_store import escape_id
 from labelpipe.training.setup import step_loader
 
@@ -91,7 +91,7 @@ def round_batches(
     strength = 1.0 + 0.5 * (k - 1)  # DARS IT: stronger augmentation in later rounds
     weak = weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip)
     reader = LabelStoreReader(labels_path, [s.id for s in unlabeled]) if labels_path is not None else None
-    labeled_ds = SegmentationDataset(ctx.source, labeled, weak)
+    labeled_ds = SegmentationDataset(ctx.source, labeled, weak, photometric=labeled_photometric(cfg.photometric))
     unlabeled_ds = SegmentationDataset(
         ctx.source,
         unlabeled,
