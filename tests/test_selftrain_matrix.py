@@ -161,7 +161,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     }
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
     # learning rate, the rectified loss on the variance labels or CE above a fixed threshold.
-    offline = ["selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004"]
+    offline = ["selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004", "selftrain.steps=1000"]
     assert sets(selftrains["plateau-rectified"]) == [*offline, "selftrain.method=variance", "selftrain.rectified=true"]
     # The same pair in the authors' form of the loss (their published command), and DARS as the same offline
     # round at seed 002's last labeling ratio.
@@ -186,6 +186,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.pseudo_source=stored",
         "selftrain.alphas=[0.5]",
         "selftrain.lr=0.004",
+        "selftrain.steps=1000",
         "selftrain.method=dars",
     ]
     assert sets(selftrains["plateau-sweep-0.7"]) == [
@@ -838,6 +839,20 @@ def test_the_u2pl_plateau_recipe_is_the_matrix_row_it_reports(sm):
         assert recipe[section] == plateau[section], section
     assert SelftrainConfig.model_validate(recipe["selftrain"]) == sm.round_settings(sm.BY_KEY["plateau-u2pl-2000"])
     assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
+
+
+def test_the_plateau_recipes_round_is_the_row_chosen_on_target_val_and_offline_rows_stay_at_1000(sm):
+    """stages/digitscapes_source_only.yaml's own round is the `plateau-online-lr4e-3-2000` row (session 22's
+    choice on target_val); the offline rows from the plateau keep the 1,000 steps their records ran."""
+    from labelpipe.config import SelftrainConfig, load_yaml
+
+    plateau = load_yaml(ROOT / "stages" / "digitscapes_source_only.yaml")
+    recipe_round = SelftrainConfig.model_validate(plateau["selftrain"])
+    assert recipe_round == sm.round_settings(sm.BY_KEY["plateau-online-lr4e-3-2000"])
+    assert recipe_round.steps == 2000
+    offline = [c for c in sm.CONFIGS if c.recipe == sm.PLATEAU_RECIPE and "selftrain.pseudo_source=stored" in c.sets]
+    assert len(offline) >= 10
+    assert {sm.round_settings(c).steps for c in offline} == {1000}
 
 
 def test_per_class_table_means_each_class_over_seeds_for_the_configs_asked(sm, capsys, tmp_path):
