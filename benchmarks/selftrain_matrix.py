@@ -145,12 +145,12 @@ U2PL_CONTRASTIVE = (
 )
 
 
-# An offline round from the plateau model: stored pseudo-labels (every pixel considered: alpha 1), otherwise the
-# plateau recipe's round (1,000 steps, strong augmentation and CutMix) at its chosen learning rate.
 # The offline rounds from the plateau (sessions 15-21) ran 1,000 steps, the plateau recipe's round length then.
 PLATEAU_OFFLINE_STEPS = 1000
 
 
+# An offline round from the plateau model: stored pseudo-labels (every pixel considered: alpha 1), otherwise the
+# plateau recipe's round (strong augmentation and CutMix) at its chosen learning rate, over 1,000 steps.
 def plateau_offline(alpha: float = 1.0) -> tuple[str, ...]:
     """The plateau's offline round on stored pseudo-labels at labeling ratio ``alpha``: 1,000 steps, pinned (the
     recipe's own round is the online one, 2,000 steps since session 22)."""
