@@ -182,6 +182,25 @@ def fixed_threshold_round(tau: float) -> tuple[str, ...]:
     return ("selftrain.method=threshold", "selftrain.rectified=false", f"pseudolabel.tau={tau}")
 
 
+def second_round(*sets: str) -> tuple[str, ...]:
+    """``--set`` options that run round 2 with ``sets`` (``selftrain.X=v`` / ``pseudolabel.X=v``) on top of round
+    1's settings (``selftrain.round_overrides``), and two rounds."""
+    own = [item.split("=", 1) for item in sets]
+    selftrain = [f"{key.removeprefix('selftrain.')}: {v}" for key, v in own if key.startswith("selftrain.")]
+    pseudolabel = [f"{key.removeprefix('pseudolabel.')}: {v}" for key, v in own if key.startswith("pseudolabel.")]
+    if len(selftrain) + len(pseudolabel) != len(own):
+        raise ValueError(f"second_round: only selftrain and pseudolabel settings, got {sets}")
+    entries = selftrain + ([f"pseudolabel: {{{', '.join(pseudolabel)}}}"] if pseudolabel else [])
+    return ("selftrain.rounds=2", f"selftrain.round_overrides={{2: {{{', '.join(entries)}}}}}")
+
+
+# Seed 000's two stages from an adapted model (session 23): its stage 1 is a domain-adapted model (AdaptSegNet
+# with the auxiliary head), not a source-only one. Here stage 1 is the plateau recipe's own round (the online
+# round over 2,000 steps, `plateau-online-lr4e-3-2000`, whose copy resumes at round 2), stage 2 the pair's
+# offline round on stage 1's pseudo-labels: the rectified loss against the fixed thresholds.
+ADAPTED = plateau_round(2000)
+
+
 CONFIGS: list[Config] = [
     Config("baseline", "baseline (pretrain)", BASE_RECIPE, "pretrain"),
     Config("oracle", "oracle (all target_train labeled)", BASE_RECIPE, "oracle"),
@@ -408,6 +427,21 @@ CONFIGS: list[Config] = [
             f"fixed threshold {tau} + CE, offline round from the plateau",
             PLATEAU_RECIPE,
             sets=(*PLATEAU_OFFLINE, *fixed_threshold_round(tau)),
+        )
+        for tau in TAUS
+    ),
+    Config(
+        "adapted-rectified",
+        "variance + rectified loss, offline round after the plateau's online round (seed 000's stage 2)",
+        PLATEAU_RECIPE,
+        sets=(*ADAPTED, *second_round(*PLATEAU_RECTIFIED)),
+    ),
+    *(
+        Config(
+            f"adapted-sweep-{tau}",
+            f"fixed threshold {tau} + CE, offline round after the plateau's online round",
+            PLATEAU_RECIPE,
+            sets=(*ADAPTED, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau))),
         )
         for tau in TAUS
     ),
@@ -926,6 +960,8 @@ def plateau_control(key: str) -> str:
     (also for the baseline, oracle and AdaBN rows, which have no round)."""
     if BY_KEY[key].kind != "selftrain":
         return PLATEAU_CONTROLS[0]
+    if key.startswith("adapted-"):  # stage 2's own control (both rounds without pseudo-labels) was not run:
+        return "plateau-control-2000"  # stage 1's, the same 2,000 steps without them
     schedule = {c: (s.lr, s.steps, s.rounds) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
     return next((c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key]), PLATEAU_CONTROLS[0])
 
@@ -1113,6 +1149,7 @@ def curve_panels(latest: Latest, protocol: str) -> list[tuple[str, list[str]]]:
         ("best round on target_val vs its control", [best, control_of(latest, protocol, best) if best else None]),
         ("000: rectified vs fixed thresholds, one round", [rectified, *(f"plateau-sweep-{tau}" for tau in TAUS)]),
         ("000: rectified vs fixed thresholds, two rounds", ["plateau-rectified-2r", *THRESHOLDS_2R]),
+        ("000 after the online round: rectified vs fixed thresholds", ["adapted-rectified", *THRESHOLDS_ADAPTED]),
         ("002: DARS vs threshold-ST (tau 0.9)", [dars, DARS_ST_PAIRS.get(dars)]),
         (
             "003: unreliable vs reliable-only negatives",
@@ -1255,6 +1292,9 @@ U2PL_WITHOUT_CONTRASTIVE = {"plateau-u2pl": "plateau-online-lr4e-3", "plateau-u2
 
 # The fixed thresholds run for two offline rounds from the plateau, the rectified loss's two rounds read against them.
 THRESHOLDS_2R = ["plateau-sweep-0.8-2r", "plateau-sweep-0.9-2r"]
+# Seed 000's stage 2 after the plateau's online round: the thresholds it is read against, and stage 1 itself.
+THRESHOLDS_ADAPTED = [f"adapted-sweep-{tau}" for tau in TAUS]
+ADAPTED_STAGE_1 = "plateau-online-lr4e-3-2000"
 
 
 def comparisons(latest: Latest, protocol: str, emit) -> None:
@@ -1272,6 +1312,8 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     rectified_key, rectified_val, _ = best_on_val(latest, protocol, RECTIFIED_FORMS)
     # The fixed threshold of the two-round sweep (the thresholds run for two rounds), chosen on target_val.
     tau_2r_key, tau_2r_val, _ = best_on_val(latest, protocol, THRESHOLDS_2R)
+    # The fixed threshold of seed 000's stage 2 after the online round, chosen on target_val.
+    adapted_tau_key, adapted_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_ADAPTED)
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -1285,6 +1327,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("U2PL's round length", u2pl_key, u2pl_val),
         ("The rectified loss's form", rectified_key, rectified_val),
         ("The fixed threshold over two rounds", tau_2r_key, tau_2r_val),
+        ("The fixed threshold of stage 2 after the online round", adapted_tau_key, adapted_tau_val),
     ):
         if len(val) > 1:
             chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
@@ -1401,6 +1444,15 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             tau_2r_key,
         ),
         ("rectified from the plateau: two rounds vs one", "", "plateau-rectified-2r", "plateau-rectified"),
+        (
+            "rectified vs the best fixed threshold (tau chosen on target_val), seed 000's stage 2 after the "
+            "plateau's online round (stage 1 an adapted model)",
+            "000 Table 5: +1.9",
+            "adapted-rectified",
+            adapted_tau_key,
+        ),
+        ("stage 2 with the rectified loss vs stage 1 (the online round)", "", "adapted-rectified", ADAPTED_STAGE_1),
+        ("stage 2 with the chosen fixed threshold vs stage 1 (the online round)", "", adapted_tau_key, ADAPTED_STAGE_1),
         ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
         ("threshold-ST from the plateau (tau 0.9): two rounds vs one", "", "plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),

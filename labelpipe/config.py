@@ -214,6 +214,7 @@ class SelftrainConfig(Section):
         "rectified_align_corners": False,
         "head_dropout": None,
         "terms": None,
+        "round_overrides": None,
     }
 
     rounds: int = Field(2, ge=1)
@@ -263,11 +264,46 @@ class SelftrainConfig(Section):
     steps: int | None = Field(None, ge=1)  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr
     ema_momentum: float = 0.99
+    # Settings of one round that differ from the others, by round number (1 = the first): selftrain keys, and
+    # `pseudolabel` with that section's keys (the threshold of a method). Seed 000's two stages in one run,
+    # for example: an online round that adapts the model, then an offline round with the rectified loss:
+    #   round_overrides: {2: {pseudo_source: stored, method: variance, rectified: true,
+    #                         pseudolabel: {tau: 0.8}}}
+    # A round's fingerprint holds its own settings only, so round 1 of such a run is the same round as a run
+    # without the overrides (a copy of it resumes at round 2).
+    round_overrides: dict[int, dict[str, Any]] | None = None
 
     @field_validator("method")
     @classmethod
     def _registered(cls, name: str) -> str:
         return registered_method(name)
+
+    @field_validator("round_overrides")
+    @classmethod
+    def _overrides_valid(cls, overrides: dict[int, dict[str, Any]] | None) -> dict[int, dict[str, Any]] | None:
+        for k, settings in (overrides or {}).items():
+            if k < 1:
+                raise ValueError(f"round {k}: rounds are numbered from 1")
+            if not isinstance(settings, dict):
+                raise ValueError(f"round {k}: expected a mapping of settings, got {settings!r}")
+            fixed = {"rounds", "round_overrides"} & settings.keys()
+            if fixed:
+                raise ValueError(f"round {k}: {', '.join(sorted(fixed))} cannot differ by round")
+            own = {key: v for key, v in settings.items() if key != "pseudolabel"}
+            try:
+                cls.model_validate(own)
+                PseudolabelConfig.model_validate(settings.get("pseudolabel") or {})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"round {k}: {where}: {err['msg']}") from None
+        return overrides
+
+    def for_round(self, k: int) -> SelftrainConfig:
+        """The settings round ``k`` runs with: these, then its ``round_overrides`` entry (without the
+        ``pseudolabel`` part, see :meth:`RunConfig.for_round`); the overrides themselves dropped."""
+        own = {key: v for key, v in ((self.round_overrides or {}).get(k) or {}).items() if key != "pseudolabel"}
+        return SelftrainConfig.model_validate({**self.model_dump(exclude={"round_overrides"}), **own})
 
 
 class EvaluateConfig(Section):
@@ -299,6 +335,17 @@ class RunConfig(Section):
         if v < 0:
             raise ValueError("seed must be >= 0")
         return v
+
+    def for_round(self, k: int) -> RunConfig:
+        """This config as self-training round ``k`` runs it: ``selftrain`` and ``pseudolabel`` with the
+        round's ``selftrain.round_overrides`` applied (no overrides: the same settings)."""
+        overrides = (self.selftrain.round_overrides or {}).get(k)
+        if not overrides and not self.selftrain.round_overrides:
+            return self
+        pseudolabel = self.pseudolabel
+        if overrides and overrides.get("pseudolabel"):
+            pseudolabel = PseudolabelConfig.model_validate({**pseudolabel.model_dump(), **overrides["pseudolabel"]})
+        return self.model_copy(update={"selftrain": self.selftrain.for_round(k), "pseudolabel": pseudolabel})
 
 
 RUN_DEFINING = ("seed", "data", "model", "train")

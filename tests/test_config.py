@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from labelpipe.config import resolve_config
 from labelpipe.errors import LabelpipeError
@@ -72,3 +73,37 @@ def test_head_dropout_is_a_round_setting_hashed_when_set():
     assert SelftrainConfig(head_dropout=0.5).fingerprint_fields()["head_dropout"] == 0.5
     with pytest.raises(ValidationError):
         SelftrainConfig(head_dropout=1.0)
+
+
+def test_round_overrides_give_each_round_its_settings_and_are_validated():
+    from labelpipe.config import RunConfig
+
+    config = RunConfig.model_validate(
+        {
+            "selftrain": {
+                "rounds": 2,
+                "pseudo_source": "teacher",
+                "method": "entropy",
+                "round_overrides": {2: {"pseudo_source": "stored", "method": "threshold", "pseudolabel": {"tau": 0.8}}},
+            },
+            "pseudolabel": {"tau": 0.9},
+        }
+    )
+    first, second = config.for_round(1), config.for_round(2)
+    assert first.selftrain.pseudo_source == "teacher" and first.pseudolabel.tau == 0.9
+    assert second.selftrain.pseudo_source == "stored" and second.selftrain.method == "threshold"
+    assert second.pseudolabel.tau == 0.8
+    # A round's fingerprint holds its own settings: round 1 is the run without the overrides.
+    plain = RunConfig.model_validate({"selftrain": {"rounds": 2, "pseudo_source": "teacher", "method": "entropy"}})
+    assert first.selftrain.fingerprint_fields() == plain.selftrain.fingerprint_fields()
+    assert "round_overrides" not in second.selftrain.fingerprint_fields()
+    assert RunConfig().for_round(1) == RunConfig()
+    for bad, message in (
+        ({0: {"lr": 0.1}}, "numbered from 1"),
+        ({2: {"rounds": 3}}, "cannot differ by round"),
+        ({2: {"no_such_key": 1}}, "round 2: no_such_key"),
+        ({2: {"pseudolabel": {"tau": 2}}}, "round 2: tau"),
+        ({2: {"method": "nope"}}, "round 2"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            RunConfig.model_validate({"selftrain": {"round_overrides": bad}})

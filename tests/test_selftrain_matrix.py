@@ -158,7 +158,33 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-rectified-2r",
         "plateau-sweep-0.8-2r",
         *(f"plateau-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
+        "adapted-rectified",
+        *(f"adapted-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
+    # Seed 000's pair after the plateau's online round (its stage 1 an adapted model): round 1 is the
+    # `plateau-online-lr4e-3-2000` round, round 2 the pair's offline round, by round_overrides.
+    online_2000 = sets(selftrains["plateau-online-lr4e-3-2000"])
+    assert sets(selftrains["adapted-rectified"]) == [
+        *online_2000,
+        "selftrain.rounds=2",
+        "selftrain.round_overrides={2: {pseudo_source: stored, alphas: [1.0], lr: 0.004, steps: 1000, "
+        "method: variance, rectified: true}}",
+    ]
+    assert sets(selftrains["adapted-sweep-0.8"])[-1] == (
+        "selftrain.round_overrides={2: {pseudo_source: stored, alphas: [1.0], lr: 0.004, steps: 1000, "
+        "method: threshold, rectified: false, pseudolabel: {tau: 0.8}}}"
+    )
+    from labelpipe.config import resolve_config
+
+    recipe = ROOT / "stages/digitscapes_source_only.yaml"
+    config = resolve_config(None, recipe, sets=sets(selftrains["adapted-sweep-0.8"]))
+    first, second = config.for_round(1), config.for_round(2)
+    assert (first.selftrain.pseudo_source, first.selftrain.steps) == ("teacher", 2000)
+    assert (second.selftrain.pseudo_source, second.selftrain.method, second.pseudolabel.tau) == (
+        "stored",
+        "threshold",
+        0.8,
+    )
     # Seed 000's pair from the plateau: one offline round (stored labels of every pixel) at the plateau round's
     # learning rate, the rectified loss on the variance labels or CE above a fixed threshold.
     offline = ["selftrain.pseudo_source=stored", "selftrain.alphas=[1.0]", "selftrain.lr=0.004", "selftrain.steps=1000"]

@@ -173,20 +173,26 @@ def _run_selftrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bo
     write_config(ctx)
     rounds: dict[str, Any] = {}
     previous = "pretrain"
-    pl_config = config.model_copy(update={"pseudolabel": config.pseudolabel.model_copy(update={"method": st.method})})
-    pl_ctx = replace(ctx, config=pl_config)  # the rounds label with selftrain's method
     for k in range(1, st.rounds + 1):
+        round_ctx = replace(ctx, config=config.for_round(k))  # selftrain.round_overrides applied
+        rst = round_ctx.config.selftrain
         round_dir = run_dir / "selftrain" / f"round-{k}"
         labels = None
-        if st.pseudo_source == "stored":
-            alpha = st.alphas[min(k - 1, len(st.alphas) - 1)]
-            store = predict_store(ctx, previous, round_dir / "predict")
+        if rst.pseudo_source == "stored":
+            alpha = rst.alphas[min(k - 1, len(rst.alphas) - 1)]
+            store = predict_store(round_ctx, previous, round_dir / "predict")
+            # The rounds label with selftrain's method.
+            pl_config = round_ctx.config.model_copy(
+                update={"pseudolabel": round_ctx.config.pseudolabel.model_copy(update={"method": rst.method})}
+            )
             settings = settings_from(pl_config, alpha)
-            labels = label_run_store(pl_ctx, settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main)
+            labels = label_run_store(
+                replace(ctx, config=pl_config), settings, store, round_dir / "pseudolabel", quiet=not runtime.is_main
+            )
             barrier()
         elif runtime.is_main:
             print(f"round {k}: online pseudo-labels from the mean teacher (no stored labels to predict)")
         init = checked_model_path(run_dir, previous)
-        rounds[f"round-{k}"] = train_round(ctx, k, init, labels, StageDir(round_dir / "train"))
+        rounds[f"round-{k}"] = train_round(round_ctx, k, init, labels, StageDir(round_dir / "train"))
         previous = f"round-{k}"
     return rounds

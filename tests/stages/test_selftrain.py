@@ -320,3 +320,36 @@ def test_head_dropout_reaches_the_round(run, tmp_path):
     manifests = [json.loads((r / train / "manifest.json").read_text()) for r in (run, plain)]
     assert manifests[0]["inputs"]["selftrain"]["head_dropout"] == 0.5
     assert "head_dropout" not in manifests[1]["inputs"]["selftrain"]
+
+
+def test_round_overrides_run_an_online_round_then_a_rectified_offline_one(run, tmp_path, capsys):
+    """``selftrain.round_overrides`` (seed 000's two stages in one run): round 1 online, round 2 on stored
+    variance labels with the rectified loss and its own threshold setting. Round 1 is the same round as the
+    run without the overrides (same fingerprint), so a copy of a plain one-round run resumes at round 2."""
+    base = ["--config", str(TINY_RECIPE), "--device", "cpu", "--steps", "2", "--pseudo-source", "teacher"]
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    assert run_cli(["selftrain", "--run", str(plain), *base, "--rounds", "1"]) == 0
+    overrides = (
+        "selftrain.round_overrides="
+        "{2: {pseudo_source: stored, method: threshold, rectified: true, pseudolabel: {tau: 0.6}}}"
+    )
+    shutil.rmtree(run)
+    shutil.copytree(plain, run)
+    capsys.readouterr()
+    assert run_cli(["selftrain", "--run", str(run), *base, "--rounds", "2", "--set", overrides]) == 0
+    out = capsys.readouterr().out
+    assert "round 1 train: up to date" in out  # the plain run's round 1, resumed at round 2
+    r1, r2 = (run / "selftrain" / f"round-{k}" for k in (1, 2))
+    assert sorted(p.name for p in r1.iterdir()) == ["train"]
+    assert sorted(p.name for p in r2.iterdir()) == ["predict", "pseudolabel", "train"]
+    inputs = json.loads((r2 / "train" / "manifest.json").read_text())["inputs"]
+    assert inputs["selftrain"]["rectified"] and inputs["selftrain"]["pseudo_source"] == "stored"
+    assert "round_overrides" not in inputs["selftrain"]
+    assert inputs["init"] == sha256_file(r1 / "train" / "model.safetensors")
+    report = json.loads((r2 / "pseudolabel" / "report.json").read_text())
+    assert report["method"] == "threshold"
+    pl_inputs = json.loads((r2 / "pseudolabel" / "manifest.json").read_text())["inputs"]
+    assert "0.6" in json.dumps(pl_inputs)  # the round's own pseudolabel settings were the ones labelled with
+    log = [json.loads(line) for line in (r2 / "train" / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(log) == 2 and all("loss_unsup" in r for r in log)

@@ -1,0 +1,196 @@
+"""How much each loss term of a self-training round moves the shared trunk, and how much the choice of
+U2PL's negatives changes the contrastive term's push (issue 14: "unreliable vs reliable-only negatives").
+
+It runs the first ``--steps`` steps of a round exactly as ``labelpipe selftrain`` builds it (the run's
+pretrained weights, the recipe's step, teacher, CutMix, optimizer and schedule) and, every step, takes the
+gradient of each term separately with respect to the parameters every term reaches (backbone, laterals,
+fuse: the trunk the predictions are read from). Beside the round's own contrastive term (unreliable
+negatives) a probe term runs on the same step tensors with reliable-only negatives: its own memory bank
+(filled the same way from the same batches), the same prototypes (read, not folded), its own random draws;
+it is weighted 0 in the loss, so the round trains as the recipe does.
+
+Per window of steps the table prints, averaged: each term's loss, the norm of its trunk gradient (as the
+loss weighs it: lambda_c included), its cosine with the supervised CE's, and the two negatives' contrastive
+gradients against each other: their cosine and ``|g_unreliable - g_reliable| / |g_total|``, the share of
+the trunk's whole update the choice of negatives changes.
+
+    OMP_NUM_THREADS=2 python benchmarks/term_gradients.py --run R --config stages/digitscapes_source_only.yaml \\
+        --set selftrain.contrastive=true selftrain.contrastive_anchors=64 selftrain.memory_capacity=5000 \\
+        --steps 200
+
+``R`` holds a pretrain (``labelpipe pretrain --run R --config ...``); nothing under it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from labelpipe.config import resolve_config
+from labelpipe.context import model_from_config, model_path, open_context
+from labelpipe.losses import u2pl_contrastive
+from labelpipe.losses.contrastive import MemoryBank
+from labelpipe.runtime import Runtime, seed_everything
+from labelpipe.store.checkpoint import load_model_weights
+from labelpipe.training.loop import build_optimizer, poly_schedule
+from labelpipe.training.selftrain_data import calibrate_representation, round_batches
+from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
+from labelpipe.training.setup import for_training, supervised_class_weights
+from labelpipe.training.terms import LossTerm
+
+TRUNK = ("backbone.", "laterals.", "fuse.")
+
+
+class Recorded:
+    """A term whose value each step is kept (``records[name]``); ``weight`` scales what enters the loss."""
+
+    def __init__(self, term, name: str, records: dict, weight: float = 1.0) -> None:
+        self.term, self.name, self.records, self.weight = term, name, records, weight
+
+    def __call__(self, t):
+        value, logs = self.term(t)
+        self.records[self.name] = value
+        return value * self.weight, logs
+
+    def __getattr__(self, attr):
+        return getattr(self.term, attr)
+
+
+class ReliableNegativesProbe(LossTerm):
+    """The round's contrastive term with reliable-only negatives, beside it: its own queue, the prototypes
+    the round's term folds (read only), its own generator."""
+
+    def __init__(self, setup, seed: int) -> None:
+        super().__init__(setup)
+        self.memory = MemoryBank(setup.num_classes, setup.rep_dim, setup.st.memory_capacity, device=setup.device)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, t):
+        st, setup = self.setup.st, self.setup
+        value, _ = u2pl_contrastive(
+            **contrastive_pixels(t.rep, t.t_l, t.t_u, t.y_l, t.y_u, setup.ignore_index, t.inside_u),
+            memory=self.memory,
+            prototypes=setup.prototypes,
+            num_anchors=st.contrastive_anchors,
+            num_negatives=st.contrastive_negatives,
+            temperature=st.contrastive_temperature,
+            r_l=st.contrastive_r_l,
+            r_h=st.contrastive_r_h,
+            anchor_threshold=st.contrastive_anchor_threshold,
+            generator=self.generator,
+            ignore_index=setup.ignore_index,
+            update_prototypes=False,
+            anchor_source=st.contrastive_anchor_source,
+            low_entropy_alpha=t.alpha_t,
+            average=st.contrastive_average,
+            negative_source="reliable",
+        )
+        return st.lambda_contrastive * value, {}
+
+
+def flat(grads, params) -> torch.Tensor:
+    pairs = zip(grads, params, strict=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in pairs])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else math.nan
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--set", nargs="*", default=[], dest="sets")
+    parser.add_argument("--steps", type=int, default=200, help="steps to run (of the round's schedule)")
+    parser.add_argument("--window", type=int, default=25, help="steps averaged per table row")
+    args = parser.parse_args(argv)
+
+    config = resolve_config(args.run, args.config, None, args.sets)
+    if not config.selftrain.contrastive:
+        sys.exit("term_gradients.py: the round has no contrastive term; pass --set selftrain.contrastive=true")
+    rt = Runtime(device=torch.device("cpu"), rank=0, world=1)
+    ctx = open_context(config, args.run, rt)
+    config = ctx.config
+    cfg, st = config.train, config.selftrain
+    if st.lr is not None:
+        cfg = cfg.model_copy(update={"lr": st.lr})
+    total = st.steps or cfg.steps
+
+    seed_everything(config.seed + 1)
+    model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
+    load_model_weights(model_path(args.run, "pretrain"), model)
+    net = for_training(model, rt, cfg, uses_rep=True)
+    calibrate_representation(ctx, model, ctx.source.split(ctx.roles["labeled"]), cfg)
+    step = SelftrainStep.build(
+        config.model_copy(update={"train": cfg}),
+        net,
+        model,
+        ctx.source.num_classes,
+        ctx.source.ignore_index,
+        rt.device,
+        round_index=1,
+        total_steps=total,
+        class_weights=supervised_class_weights(ctx, cfg, rt.device),
+    )
+    records: dict[str, torch.Tensor] = {}
+    names = [term.name or type(term).__name__ for term in step.terms]
+    step.terms = [Recorded(term, name, records) for term, name in zip(step.terms, names, strict=True)]
+    probe_setup = step.terms[names.index("contrastive")].setup
+    step.terms.append(Recorded(ReliableNegativesProbe(probe_setup, config.seed + 1000), "reliable", records, 0.0))
+    trunk = [p for n, p in model.named_parameters() if n.startswith(TRUNK) and p.requires_grad]
+    optimizer = build_optimizer(net, cfg)
+    scheduler = poly_schedule(optimizer, cfg.schedule_steps or total, cfg.poly_power, cfg.warmup_steps)
+    batches = round_batches(ctx, 1, None, cfg, total, weak_view=st.strong_aug)(0)
+
+    rows, window = [], []
+    print(f"terms: {names} + reliable-negatives probe (weight 0); trunk params {sum(p.numel() for p in trunk):,}")
+    for i in range(args.steps):
+        loss, _ = step(next(batches), i)
+        grads = {
+            name: flat(torch.autograd.grad(value, trunk, retain_graph=True, allow_unused=True), trunk)
+            for name, value in records.items()
+            if value.requires_grad
+        }
+        total_grad = sum(grads[n] for n in names if n in grads)
+        g_u, g_r = grads.get("contrastive"), grads.get("reliable")
+        window.append(
+            {
+                **{f"loss {n}": float(v.detach()) for n, v in records.items()},
+                **{f"|g| {n}": float(g.norm()) for n, g in grads.items()},
+                **{f"cos({n}, sup)": cosine(g, grads["supervised"]) for n, g in grads.items() if n != "supervised"},
+                "cos(unrel, rel)": cosine(g_u, g_r) if g_u is not None and g_r is not None else math.nan,
+                "|g_unrel-g_rel|/|g|": float((g_u - g_r).norm() / total_grad.norm())
+                if g_u is not None and g_r is not None
+                else math.nan,
+                "|g_con|/|g|": float(g_u.norm() / total_grad.norm()) if g_u is not None else math.nan,
+            }
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step.teacher is not None:
+            step.teacher.update(net, i)
+        records.clear()
+        if len(window) == args.window or i == args.steps - 1:
+            keys = list(window[0])
+            rows.append((i + 1, {k: sum(r.get(k, math.nan) for r in window) / len(window) for k in keys}))
+            window = []
+            print(f"  step {i + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[-1][1].items()), flush=True)
+
+    keys = list(rows[0][1])
+    print()
+    print("| steps | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for end, row in rows:
+        print(f"| {end - args.window + 1}-{end} | " + " | ".join(f"{row[k]:.3g}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
