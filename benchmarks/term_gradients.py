@@ -9,10 +9,11 @@ negatives) a probe term runs on the same step tensors with reliable-only negativ
 (filled the same way from the same batches), the same prototypes (read, not folded), its own random draws;
 it is weighted 0 in the loss, so the round trains as the recipe does.
 
-Per window of steps the table prints, averaged: each term's loss, the norm of its trunk gradient (as the
-loss weighs it: lambda_c included), its cosine with the supervised CE's, and the two negatives' contrastive
-gradients against each other: their cosine and ``|g_unreliable - g_reliable| / |g_total|``, the share of
-the trunk's whole update the choice of negatives changes.
+Per window of steps the table prints, averaged: each term's loss and the norm of its trunk gradient
+(``grad X``; as the loss weighs it: lambda_c included), its cosine with the supervised CE's, the contrastive
+term's share of the trunk gradient (``|g_contrastive| / |g_total|``), and the two negatives' contrastive
+gradients against each other: their cosine and ``unrel-rel share`` = ``|g_unreliable - g_reliable| /
+|g_total|``, the part of the trunk's whole gradient that the choice of negatives changes.
 
     OMP_NUM_THREADS=2 python benchmarks/term_gradients.py --run R --config stages/digitscapes_source_only.yaml \\
         --set selftrain.contrastive=true selftrain.contrastive_anchors=64 selftrain.memory_capacity=5000 \\
@@ -162,13 +163,13 @@ def main(argv: list[str] | None = None) -> None:
         window.append(
             {
                 **{f"loss {n}": float(v.detach()) for n, v in records.items()},
-                **{f"|g| {n}": float(g.norm()) for n, g in grads.items()},
+                **{f"grad {n}": float(g.norm()) for n, g in grads.items()},
                 **{f"cos({n}, sup)": cosine(g, grads["supervised"]) for n, g in grads.items() if n != "supervised"},
                 "cos(unrel, rel)": cosine(g_u, g_r) if g_u is not None and g_r is not None else math.nan,
-                "|g_unrel-g_rel|/|g|": float((g_u - g_r).norm() / total_grad.norm())
+                "unrel-rel share": float((g_u - g_r).norm() / total_grad.norm())
                 if g_u is not None and g_r is not None
                 else math.nan,
-                "|g_con|/|g|": float(g_u.norm() / total_grad.norm()) if g_u is not None else math.nan,
+                "contrastive share": float(g_u.norm() / total_grad.norm()) if g_u is not None else math.nan,
             }
         )
         optimizer.zero_grad(set_to_none=True)
