@@ -756,7 +756,8 @@ class Matrix:
             self.adabn(run)
         else:
             run, model = self.selftrain(config, protocol, seed)
-            online = round_settings(config, self.extra).pseudo_source == "teacher"
+            settings = round_settings(config, self.extra)
+            online = settings.for_round(settings.rounds).pseudo_source == "teacher"  # the last round's
         if self.dry_run:
             return None
         return self.record(config, protocol, seed, run, model, time.time() - t0, online)
