@@ -445,6 +445,21 @@ CONFIGS: list[Config] = [
         )
         for tau in TAUS
     ),
+    # Stage 2's control (round 2 = `adapted-sweep-0.9` with its pseudo-label loss weighted 0: what 1,000 more
+    # steps on the source with the unlabeled images through BatchNorm give) and DARS as stage 2 (seed 002's
+    # claim after the online round, read against `adapted-sweep-0.9`).
+    Config(
+        "adapted-control",
+        "control: stage 2 after the plateau's online round without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=(*ADAPTED, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(0.9), "selftrain.unsup_weight=0")),
+    ),
+    Config(
+        "adapted-dars-0.8",
+        "DARS (alpha 0.8) + CE, offline round after the plateau's online round",
+        PLATEAU_RECIPE,
+        sets=(*ADAPTED, *second_round(*plateau_offline(0.8), "selftrain.method=dars")),
+    ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
     *(
@@ -951,7 +966,13 @@ def family(key: str) -> tuple[str, str, str, str]:
 
 # The plateau family's controls: its rounds without pseudo-label loss, at the learning rates and lengths its rounds
 # ran (session 14's lr 2e-3 one first, what a round with no control of its own is read against).
-PLATEAU_CONTROLS = ("plateau-control", "plateau-control-lr4e-3", "plateau-control-2000", "plateau-control-lr4e-3-2r")
+PLATEAU_CONTROLS = (
+    "plateau-control",
+    "plateau-control-lr4e-3",
+    "plateau-control-2000",
+    "plateau-control-lr4e-3-2r",
+    "adapted-control",
+)
 
 
 @functools.cache
@@ -961,8 +982,8 @@ def plateau_control(key: str) -> str:
     (also for the baseline, oracle and AdaBN rows, which have no round)."""
     if BY_KEY[key].kind != "selftrain":
         return PLATEAU_CONTROLS[0]
-    if key.startswith("adapted-"):  # stage 2's own control (both rounds without pseudo-labels) was not run:
-        return "plateau-control-2000"  # stage 1's, the same 2,000 steps without them
+    if key.startswith("adapted-"):  # stage 2 after the online round: the same two rounds, round 2 without them
+        return "adapted-control"
     schedule = {c: (s.lr, s.steps, s.rounds) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
     return next((c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key]), PLATEAU_CONTROLS[0])
 
@@ -1284,6 +1305,7 @@ DARS_ST_PAIRS = {
     "plateau-dars": "plateau-sweep-0.9",
     "plateau-dars-0.8": "plateau-sweep-0.9",
     "plateau-dars-0.8-2r": "plateau-sweep-0.9-2r",
+    "adapted-dars-0.8": "adapted-sweep-0.9",
 }
 
 
