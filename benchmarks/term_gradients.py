@@ -33,15 +33,13 @@ import torch
 
 from labelpipe.config import resolve_config
 from labelpipe.context import model_from_config, model_path, open_context
-from labelpipe.losses import u2pl_contrastive
-from labelpipe.losses.contrastive import MemoryBank
 from labelpipe.runtime import Runtime, seed_everything
 from labelpipe.store.checkpoint import load_model_weights
 from labelpipe.training.loop import build_optimizer, poly_schedule
 from labelpipe.training.selftrain_data import calibrate_representation, round_batches
-from labelpipe.training.selftrain_step import SelftrainStep, contrastive_pixels
+from labelpipe.training.selftrain_step import SelftrainStep
 from labelpipe.training.setup import for_training, supervised_class_weights
-from labelpipe.training.terms import LossTerm
+from labelpipe.training.terms import Contrastive
 
 TRUNK = ("backbone.", "laterals.", "fuse.")
 
@@ -61,36 +59,19 @@ class Recorded:
         return getattr(self.term, attr)
 
 
-class ReliableNegativesProbe(LossTerm):
+class ReliableNegativesProbe(Contrastive):
     """The round's contrastive term with reliable-only negatives, beside it: its own queue, the prototypes
     the round's term folds (read only), its own generator."""
 
     def __init__(self, setup, seed: int) -> None:
-        super().__init__(setup)
-        self.memory = MemoryBank(setup.num_classes, setup.rep_dim, setup.st.memory_capacity, device=setup.device)
+        super().__init__(setup)  # its own memory bank
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def __call__(self, t):
-        st, setup = self.setup.st, self.setup
-        value, _ = u2pl_contrastive(
-            **contrastive_pixels(t.rep, t.t_l, t.t_u, t.y_l, t.y_u, setup.ignore_index, t.inside_u),
-            memory=self.memory,
-            prototypes=setup.prototypes,
-            num_anchors=st.contrastive_anchors,
-            num_negatives=st.contrastive_negatives,
-            temperature=st.contrastive_temperature,
-            r_l=st.contrastive_r_l,
-            r_h=st.contrastive_r_h,
-            anchor_threshold=st.contrastive_anchor_threshold,
-            generator=self.generator,
-            ignore_index=setup.ignore_index,
-            update_prototypes=False,
-            anchor_source=st.contrastive_anchor_source,
-            low_entropy_alpha=t.alpha_t,
-            average=st.contrastive_average,
-            negative_source="reliable",
+        value, _ = self.loss(
+            t, generator=self.generator, shared_generator=None, update_prototypes=False, negative_source="reliable"
         )
-        return st.lambda_contrastive * value, {}
+        return self.setup.st.lambda_contrastive * value, {}
 
 
 def flat(grads, params) -> torch.Tensor:

@@ -223,30 +223,36 @@ class Contrastive(LossTerm):
         self.memory = MemoryBank(setup.num_classes, setup.rep_dim, setup.st.memory_capacity, device=setup.device)
 
     def __call__(self, t: StepTensors) -> tuple[Tensor, dict[str, float]]:
+        contra, stats = self.loss(t)
+        logs = {"loss_contrastive": float(contra.detach()), "contrastive_classes": stats["classes"]}
+        return self.setup.st.lambda_contrastive * contra, logs
+
+    def loss(self, t: StepTensors, **options: Any) -> tuple[Tensor, dict[str, int]]:
+        """The unweighted ``L_c`` of the step and its stats; ``options`` replace :func:`u2pl_contrastive`'s
+        arguments (``benchmarks/term_gradients.py`` runs it with other negatives beside the round's)."""
         from labelpipe.training.selftrain_step import contrastive_pixels
 
         st, setup = self.setup.st, self.setup
-        contra, stats = u2pl_contrastive(
-            **contrastive_pixels(t.rep, t.t_l, t.t_u, t.y_l, t.y_u, setup.ignore_index, t.inside_u),
-            memory=self.memory,
-            prototypes=setup.prototypes,
-            num_anchors=st.contrastive_anchors,
-            num_negatives=st.contrastive_negatives,
-            temperature=st.contrastive_temperature,
-            r_l=st.contrastive_r_l,
-            r_h=st.contrastive_r_h,
-            anchor_threshold=st.contrastive_anchor_threshold,
-            generator=t.generator,
-            ignore_index=setup.ignore_index,
-            gather=setup.gather,
-            shared_generator=t.shared,
-            anchor_source=st.contrastive_anchor_source,
-            low_entropy_alpha=t.alpha_t,
-            average=st.contrastive_average,
-            negative_source=st.contrastive_negative_source,
-        )
-        logs = {"loss_contrastive": float(contra.detach()), "contrastive_classes": stats["classes"]}
-        return st.lambda_contrastive * contra, logs
+        arguments = {
+            "memory": self.memory,
+            "prototypes": setup.prototypes,
+            "num_anchors": st.contrastive_anchors,
+            "num_negatives": st.contrastive_negatives,
+            "temperature": st.contrastive_temperature,
+            "r_l": st.contrastive_r_l,
+            "r_h": st.contrastive_r_h,
+            "anchor_threshold": st.contrastive_anchor_threshold,
+            "generator": t.generator,
+            "ignore_index": setup.ignore_index,
+            "gather": setup.gather,
+            "shared_generator": t.shared,
+            "anchor_source": st.contrastive_anchor_source,
+            "low_entropy_alpha": t.alpha_t,
+            "average": st.contrastive_average,
+            "negative_source": st.contrastive_negative_source,
+        }
+        pixels = contrastive_pixels(t.rep, t.t_l, t.t_u, t.y_l, t.y_u, setup.ignore_index, t.inside_u)
+        return u2pl_contrastive(**pixels, **{**arguments, **options})
 
     def components(self) -> dict[str, Any]:
         return {"memory": self.memory}
