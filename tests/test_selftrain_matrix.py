@@ -1068,3 +1068,27 @@ def test_stage_2_after_the_online_round_is_read_against_its_own_control_and_pair
     assert sm.DARS_ST_PAIRS["adapted-dars-0.8"] == "adapted-sweep-0.9"
     # The other plateau rounds keep theirs.
     assert sm.plateau_control("plateau-online-lr4e-3-2000") == "plateau-control-2000"
+    # Two rounds over 12 minutes: read for seed 000's claim, never the best self-training.
+    assert all(sm.over_budget(k) for k in adapted) and not sm.over_budget("plateau-online-lr4e-3-2000")
+
+
+def test_report_reads_stage_2_against_its_thresholds_and_never_as_the_best_round(sm, capsys, tmp_path):
+    """The adapted rows (seed 000's stage 2 after the online round) take longer than 12 minutes: the rectified one
+    is read against the adapted sweep's threshold chosen on target_val, and the best self-training from the plateau
+    is chosen among the others even where an adapted row has the higher target_val."""
+    rows = []
+    for seed in range(3):
+        rows += [
+            record("baseline-plateau", seed, 0.37, 0.37),
+            record("plateau-online-lr4e-3-2000", seed, 0.53, 0.52),
+            record("adapted-rectified", seed, 0.52 + 0.01 * seed, 0.53),
+            record("adapted-sweep-0.5", seed, 0.55, 0.54),  # best on val, worse on test than 0.9
+            record("adapted-sweep-0.9", seed, 0.56, 0.535),
+        ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sm.main(["--report", "--protocols", "da", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "on **target_val**: **online round from the plateau, round lr 4e-3, 2,000 steps**" in text
+    line = next(t for t in text.splitlines() if t.startswith("| rectified vs the best fixed threshold (tau chosen"))
+    assert "(`adapted-rectified` - `adapted-sweep-0.5`)" in line
+    assert "| -2.0 ± 1.0 (3) |" in line  # 52 - 55, 53 - 55, 54 - 55
