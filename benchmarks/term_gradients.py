@@ -10,10 +10,11 @@ negatives) a probe term runs on the same step tensors with reliable-only negativ
 it is weighted 0 in the loss, so the round trains as the recipe does.
 
 Per window of steps the table prints, averaged: each term's loss and the norm of its trunk gradient
-(``grad X``), both as the round's loss weighs the term (lambda_c included: divide by it for L_c), its cosine with the supervised CE's, the contrastive
-term's share of the trunk gradient (``|g_contrastive| / |g_total|``), and the two negatives' contrastive
-gradients against each other: their cosine and ``unrel-rel share`` = ``|g_unreliable - g_reliable| /
-|g_total|``, the part of the trunk's whole gradient that the choice of negatives changes.
+(``grad X``), both as the round's loss weighs the term (lambda_c included: divide by it for L_c), its cosine
+with the supervised CE's, the contrastive term's share of the trunk gradient (``|g_contrastive| / |g_total|``),
+and the two negatives' contrastive gradients against each other: their cosine and ``unrel-rel share`` =
+``|g_unreliable - g_reliable| / |g_total|``, the part of the trunk's whole gradient that the choice of
+negatives changes.
 
     OMP_NUM_THREADS=2 python benchmarks/term_gradients.py --run R --config stages/digitscapes_source_only.yaml \\
         --set selftrain.contrastive=true selftrain.contrastive_anchors=64 selftrain.memory_capacity=5000 \\
