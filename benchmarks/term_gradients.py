@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 
 from labelpipe.config import resolve_config
-from labelpipe.context import model_from_config, model_path, open_context
-from labelpipe.runtime import Runtime, seed_everything
-from labelpipe.store.checkpoint import load_model_weights
+from labelpipe.context import model_path, open_context
+from labelpipe.runtime import Runtime
+from labelpipe.stages.selftrain import round_model, round_train_config
 from labelpipe.training.loop import build_optimizer, poly_schedule
-from labelpipe.training.selftrain_data import calibrate_representation, round_batches
-from labelpipe.training.selftrain_step import SelftrainStep
-from labelpipe.training.setup import for_training, supervised_class_weights
+from labelpipe.training.selftrain_data import round_batches
 from labelpipe.training.terms import Contrastive
 
 TRUNK = ("backbone.", "laterals.", "fuse.")
@@ -100,27 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     rt = Runtime(device=torch.device("cpu"), rank=0, world=1)
     ctx = open_context(config, args.run, rt)
     config = ctx.config
-    cfg, st = config.train, config.selftrain
-    if st.lr is not None:
-        cfg = cfg.model_copy(update={"lr": st.lr})
+    cfg, st = round_train_config(config), config.selftrain
     total = st.steps or cfg.steps
-
-    seed_everything(config.seed + 1)
-    model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
-    load_model_weights(model_path(args.run, "pretrain"), model)
-    net = for_training(model, rt, cfg, uses_rep=True)
-    calibrate_representation(ctx, model, ctx.source.split(ctx.roles["labeled"]), cfg)
-    step = SelftrainStep.build(
-        config.model_copy(update={"train": cfg}),
-        net,
-        model,
-        ctx.source.num_classes,
-        ctx.source.ignore_index,
-        rt.device,
-        round_index=1,
-        total_steps=total,
-        class_weights=supervised_class_weights(ctx, cfg, rt.device),
-    )
+    model, net, step = round_model(ctx, 1, model_path(args.run, "pretrain"))
     records: dict[str, torch.Tensor] = {}
     names = [term.name or type(term).__name__ for term in step.terms]
     step.terms = [Recorded(term, name, records) for term, name in zip(step.terms, names, strict=True)]

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from labelpipe.config import RunConfig
+from labelpipe.config import RunConfig, TrainConfig
 from labelpipe.context import (
     StageContext,
     checked_model_path,
@@ -54,9 +54,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path |
     round, labelled by its teacher); resumes a killed round, or reports it up to date. Returns the last
     validation's metrics."""
     config, rt = ctx.config, ctx.runtime
-    cfg, st = config.train, config.selftrain
-    if st.lr is not None:  # rounds fine-tune a trained model: often at a lower rate than pretraining
-        cfg = cfg.model_copy(update={"lr": st.lr})
+    cfg, st = round_train_config(config), config.selftrain
     steps = st.steps or cfg.steps
     if labels_path is not None:
         _check_round_labels(ctx, labels_path)
@@ -76,28 +74,7 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path |
     if rt.is_main:
         out.begin("selftrain-train", fingerprint, inputs)
 
-    seed_everything(config.seed + k)
-    model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
-    load_model_weights(init_model, model)
-    if st.head_dropout is not None:
-        model.set_head_dropout(st.head_dropout)
-    net = for_training(model, rt, cfg, uses_rep=SelftrainStep.needs_student_rep(st))
-    if SelftrainStep.needs_student_rep(st) or st.denoise:
-        calibrate_representation(ctx, model, ctx.source.split(ctx.roles["labeled"]), cfg)
-    objective = SelftrainStep.build(
-        config.model_copy(update={"train": cfg}),
-        net,
-        model,
-        ctx.source.num_classes,
-        ctx.source.ignore_index,
-        rt.device,
-        round_index=k,
-        total_steps=steps,
-        rank=rt.rank,
-        world=rt.world,
-        gather=all_gather_rows if rt.distributed else None,
-        class_weights=supervised_class_weights(ctx, cfg, rt.device),
-    )
+    model, net, objective = round_model(ctx, k, init_model)
     teacher = objective.teacher
 
     batches = round_batches(ctx, k, labels_path, cfg, steps, weak_view=teacher is not None and st.strong_aug)
@@ -134,6 +111,44 @@ def train_round(ctx: StageContext, k: int, init_model: Path, labels_path: Path |
         out.finish(["model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl"], last_val)
     barrier()
     return last_val
+
+
+def round_train_config(config: RunConfig) -> TrainConfig:
+    """The training settings of a round: ``train`` at ``selftrain.lr`` when set (rounds fine-tune a trained
+    model, often at a lower rate than pretraining)."""
+    lr = config.selftrain.lr
+    return config.train if lr is None else config.train.model_copy(update={"lr": lr})
+
+
+def round_model(ctx: StageContext, k: int, init_model: Path):
+    """Round ``k``'s plain model (from the weights ``init_model``), the module that trains (``for_training``)
+    and its step (:class:`SelftrainStep`), seeded as the round is."""
+    config, rt = ctx.config, ctx.runtime
+    cfg, st = round_train_config(config), config.selftrain
+    seed_everything(config.seed + k)
+    model = model_from_config(config, ctx.source.num_classes, with_backbone_weights=False)
+    load_model_weights(init_model, model)
+    if st.head_dropout is not None:
+        model.set_head_dropout(st.head_dropout)
+    rep = SelftrainStep.needs_student_rep(st)
+    net = for_training(model, rt, cfg, uses_rep=rep)
+    if rep or st.denoise:
+        calibrate_representation(ctx, model, ctx.source.split(ctx.roles["labeled"]), cfg)
+    objective = SelftrainStep.build(
+        config.model_copy(update={"train": cfg}),
+        net,
+        model,
+        ctx.source.num_classes,
+        ctx.source.ignore_index,
+        rt.device,
+        round_index=k,
+        total_steps=st.steps or cfg.steps,
+        rank=rt.rank,
+        world=rt.world,
+        gather=all_gather_rows if rt.distributed else None,
+        class_weights=supervised_class_weights(ctx, cfg, rt.device),
+    )
+    return model, net, objective
 
 
 def _check_round_labels(ctx: StageContext, labels_path: Path) -> None:
