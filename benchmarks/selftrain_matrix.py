@@ -445,13 +445,20 @@ CONFIGS: list[Config] = [
         )
         for tau in TAUS
     ),
-    # Stage 2's control: round 2 = `adapted-sweep-0.9` with its pseudo-label loss weighted 0 (what 1,000 more
-    # steps on the source, the unlabeled images through the student and its BatchNorm, give).
+    # Stage 2's control (round 2 = `adapted-sweep-0.9` with its pseudo-label loss weighted 0: what 1,000 more
+    # steps on the source with the unlabeled images through BatchNorm give) and DARS as stage 2 (seed 002's
+    # claim after the online round, read against `adapted-sweep-0.9`).
     Config(
         "adapted-control",
         "control: stage 2 after the plateau's online round without pseudo-label loss",
         PLATEAU_RECIPE,
         sets=(*ADAPTED, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(0.9), "selftrain.unsup_weight=0")),
+    ),
+    Config(
+        "adapted-dars-0.8",
+        "DARS (alpha 0.8) + CE, offline round after the plateau's online round",
+        PLATEAU_RECIPE,
+        sets=(*ADAPTED, *second_round(*plateau_offline(0.8), "selftrain.method=dars")),
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
@@ -1305,6 +1312,7 @@ DARS_ST_PAIRS = {
     "plateau-dars": "plateau-sweep-0.9",
     "plateau-dars-0.8": "plateau-sweep-0.9",
     "plateau-dars-0.8-2r": "plateau-sweep-0.9-2r",
+    "adapted-dars-0.8": "adapted-sweep-0.9",
 }
 
 

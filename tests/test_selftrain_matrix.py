@@ -161,6 +161,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "adapted-rectified",
         *(f"adapted-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
         "adapted-control",
+        "adapted-dars-0.8",
     }
     # Seed 000's pair after the plateau's online round (its stage 1 an adapted model): round 1 is the
     # `plateau-online-lr4e-3-2000` round, round 2 the pair's offline round, by round_overrides.
@@ -1059,11 +1060,12 @@ def test_report_curves_writes_the_figure_and_links_it(sm, capsys, tmp_path):
 
 def test_stage_2_after_the_online_round_is_read_against_its_own_control_and_pairs(sm):
     """Seed 000's stage 2 after the plateau's online round: every adapted row's control is the same two rounds
-    with round 2's pseudo-label loss weighted 0."""
+    with round 2's pseudo-label loss weighted 0; DARS there is read against the threshold 0.9 there."""
     adapted = [c.key for c in sm.CONFIGS if c.key.startswith("adapted-") and c.key != "adapted-control"]
-    assert len(adapted) == 6 and all(sm.plateau_control(k) == "adapted-control" for k in adapted)
+    assert len(adapted) == 7 and all(sm.plateau_control(k) == "adapted-control" for k in adapted)
     control = sm.round_settings(sm.BY_KEY["adapted-control"])
     assert control.for_round(2).unsup_weight == 0 and control.for_round(1).unsup_weight == 1
+    assert sm.DARS_ST_PAIRS["adapted-dars-0.8"] == "adapted-sweep-0.9"
     # The other plateau rounds keep theirs.
     assert sm.plateau_control("plateau-online-lr4e-3-2000") == "plateau-control-2000"
     # Two rounds over 12 minutes: read for seed 000's claim, never the best self-training.
