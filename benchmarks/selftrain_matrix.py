@@ -145,6 +145,10 @@ U2PL_CONTRASTIVE = (
 )
 
 
+# The authors' contrastive weight (their config), over the paper's 0.1 above.
+LAMBDA_C_1 = ("selftrain.lambda_contrastive=1.0",)
+
+
 # The offline rounds from the plateau (sessions 15-21) ran 1,000 steps, the plateau recipe's round length then.
 PLATEAU_OFFLINE_STEPS = 1000
 
@@ -333,6 +337,22 @@ CONFIGS: list[Config] = [
         "U2PL from the plateau, 2,000 steps, reliable-only negatives",
         PLATEAU_RECIPE,
         sets=plateau_round(2000, *U2PL_CONTRASTIVE, "selftrain.contrastive_negative_source=reliable"),
+    ),
+    # Session 24: the 1,000-step U2PL round at the authors' lambda_c 1 (their config; the paper's 0.1 above). At
+    # 0.1 the contrastive term is 3 % of the trunk's gradient and the choice of negatives changes 1-1.6 % of it;
+    # at 1, 24-28 % and 10-15 % (benchmarks/term_gradients.py, session 23): Table III's ablation where the
+    # negatives can move the model.
+    Config(
+        "plateau-u2pl-lc1",
+        "U2PL from the plateau, lambda_c 1 (the authors' config), unreliable negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(1000, *U2PL_CONTRASTIVE, *LAMBDA_C_1),
+    ),
+    Config(
+        "plateau-u2pl-lc1-reliable",
+        "U2PL from the plateau, lambda_c 1, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(1000, *U2PL_CONTRASTIVE, *LAMBDA_C_1, "selftrain.contrastive_negative_source=reliable"),
     ),
     Config(
         "plateau-control-2000",
@@ -1317,7 +1337,11 @@ DARS_ST_PAIRS = {
 
 
 # U2PL's rounds from the plateau and the same rounds without the contrastive loss (its "no contrastive" ablation).
-U2PL_WITHOUT_CONTRASTIVE = {"plateau-u2pl": "plateau-online-lr4e-3", "plateau-u2pl-2000": "plateau-online-lr4e-3-2000"}
+U2PL_WITHOUT_CONTRASTIVE = {
+    "plateau-u2pl": "plateau-online-lr4e-3",
+    "plateau-u2pl-2000": "plateau-online-lr4e-3-2000",
+    "plateau-u2pl-lc1": "plateau-online-lr4e-3",
+}
 
 
 # The fixed thresholds run for two offline rounds from the plateau, the rectified loss's two rounds read against them.
@@ -1536,6 +1560,18 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "003 Table III: +2.0",
             "plateau-u2pl",
             "plateau-u2pl-reliable",
+        ),
+        (
+            "U2PL from the plateau, lambda_c 1 (the authors' config): unreliable vs reliable-only negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl-lc1",
+            "plateau-u2pl-lc1-reliable",
+        ),
+        (
+            "U2PL from the plateau, unreliable negatives: lambda_c 1 vs 0.1",
+            "",
+            "plateau-u2pl-lc1",
+            "plateau-u2pl",
         ),
         (
             "U2PL from the plateau, 2,000 steps: unreliable vs reliable-only negatives",

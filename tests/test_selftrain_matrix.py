@@ -146,6 +146,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-reliable",
         "plateau-u2pl-2000",
         "plateau-u2pl-2000-reliable",
+        "plateau-u2pl-lc1",
+        "plateau-u2pl-lc1-reliable",
         "plateau-control-2000",
         "plateau-rectified",
         "plateau-rectified-authors",
@@ -242,6 +244,14 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         *sets(selftrains["plateau-u2pl-2000"]),
         "selftrain.contrastive_negative_source=reliable",
     ]
+    # The authors' lambda_c 1 (session 24): the 1,000-step U2PL round with the weight overridden, the same pair.
+    lambda_c_1 = "selftrain.lambda_contrastive=1.0"
+    assert sets(selftrains["plateau-u2pl-lc1"]) == [*sets(selftrains["plateau-u2pl"]), lambda_c_1]
+    assert sets(selftrains["plateau-u2pl-lc1-reliable"]) == [
+        *sets(selftrains["plateau-u2pl-lc1"]),
+        "selftrain.contrastive_negative_source=reliable",
+    ]
+    assert sm.round_settings(sm.BY_KEY["plateau-u2pl-lc1"]).lambda_contrastive == 1.0
     assert sets(selftrains["plateau-control-lr4e-3"]) == [
         *sets(selftrains["plateau-online-lr4e-3"]),
         "selftrain.unsup_weight=0",

@@ -14,6 +14,9 @@ the pseudo-label, with column C for "not kept" (pseudo-label 255).
 - kl_prior_pseudo = KL(r || r_pseudo) = sum_{c: r_c > 0} r_c (log r_c - log(r_pseudo_c + eps)),
   r the labeled prior, r_pseudo the class distribution of the kept pseudo-labels (seed 002, Figure 1).
 - uncertainty_gap = mean certainty of correct predictions - mean certainty of wrong ones (seed 000).
+- error_auroc = P(u_wrong > u_correct) + P(u_wrong = u_correct) / 2 over pairs of a wrong and a correct pixel:
+  how well an uncertainty ranks the pseudo-label's errors, free of its scale (0.5: chance, 1: every error
+  above every correct pixel), so confidence, entropy and the heads' variance can be compared.
 """
 
 from __future__ import annotations
@@ -37,6 +40,23 @@ def uncertainty_gap(certainty: np.ndarray, correct: np.ndarray) -> float:
         float(certainty[~correct].sum()),
         int((~correct).sum()),
     )
+
+
+def error_auroc(uncertainty: np.ndarray, wrong: np.ndarray) -> float:
+    """The area under the ROC curve of ``uncertainty`` as a detector of ``wrong`` pixels (the Mann-Whitney
+    statistic, ties counted half). uncertainty: (N,) float; wrong: (N,) bool. NaN when either group is empty.
+    Exact with ties (stored columns are float16, so many pixels share a value): O(N log N) by one sort."""
+    uncertainty = np.asarray(uncertainty).reshape(-1)
+    wrong = np.asarray(wrong, dtype=bool).reshape(-1)
+    same_length(uncertainty, wrong, "uncertainty", "wrong")
+    _, inverse, counts = np.unique(uncertainty, return_inverse=True, return_counts=True)
+    n_wrong = np.bincount(inverse.reshape(-1), weights=wrong, minlength=counts.size)
+    n_correct = counts - n_wrong
+    total_wrong, total_correct = n_wrong.sum(), n_correct.sum()
+    if total_wrong == 0 or total_correct == 0:
+        return float("nan")
+    correct_below = np.cumsum(n_correct) - n_correct  # correct pixels strictly less uncertain than each value
+    return float((n_wrong * (correct_below + 0.5 * n_correct)).sum() / (total_wrong * total_correct))
 
 
 def _gap(correct_sum: float, correct_n: int, wrong_sum: float, wrong_n: int) -> float:

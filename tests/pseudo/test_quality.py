@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from labelpipe.pseudo.quality import PseudoQualityAccumulator, pseudo_label_quality, uncertainty_gap
+from labelpipe.pseudo.quality import PseudoQualityAccumulator, error_auroc, pseudo_label_quality, uncertainty_gap
 
 from .synthetic import random_predictions
 
@@ -53,6 +53,24 @@ def test_gap_defaults_to_the_kept_pseudo_labels():
     # kept with gt: pixel 0 right (0.9), 2 right (0.8), 3 wrong (0.5)
     quality = pseudo_label_quality(PSEUDO, GT, PRIOR, 3, certainty=certainty)
     assert quality["uncertainty_gap"] == pytest.approx(0.85 - 0.5)
+
+
+def test_error_auroc_by_hand_and_against_every_pair():
+    # wrong pixels at 0.9 and 0.5; correct at 0.1, 0.5, 0.7: pairs (wrong > correct) 3 + 1, one tie (0.5, 0.5)
+    # counted half, 6 pairs in all -> (4 + 0.5) / 6.
+    u = np.array([0.9, 0.1, 0.5, 0.5, 0.7])
+    wrong = np.array([True, False, True, False, False])
+    assert error_auroc(u, wrong) == pytest.approx(4.5 / 6)
+    assert error_auroc(-u, wrong) == pytest.approx(1.5 / 6)  # the reversed ranking: 1 - AUROC
+    assert math.isnan(error_auroc(u, np.zeros(5, dtype=bool)))
+    # float16 values with many ties, against the definition over every (wrong, correct) pair.
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 20, size=300).astype(np.float16) / 7
+    wrong = rng.random(300) < u / 4
+    w, c = u[wrong].astype(float), u[~wrong].astype(float)
+    pairs = (w[:, None] > c[None, :]).mean() + 0.5 * (w[:, None] == c[None, :]).mean()
+    assert error_auroc(u, wrong) == pytest.approx(pairs)
+    assert error_auroc(u, wrong) > 0.6  # the errors were drawn more often at high u
 
 
 def test_streaming_accumulation_equals_one_shot():
