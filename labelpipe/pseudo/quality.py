@@ -16,7 +16,10 @@ the pseudo-label, with column C for "not kept" (pseudo-label 255).
 - uncertainty_gap = mean certainty of correct predictions - mean certainty of wrong ones (seed 000).
 - error_auroc = P(u_wrong > u_correct) + P(u_wrong = u_correct) / 2 over pairs of a wrong and a correct pixel:
   how well an uncertainty ranks the pseudo-label's errors, free of its scale (0.5: chance, 1: every error
-  above every correct pixel), so confidence, entropy and the heads' variance can be compared.
+  above every correct pixel), so confidence, entropy and the heads' variance can be compared. The
+  accumulator gives it for the certainty it is fed (conf, or exp(-variance)) over every judged pixel and per
+  predicted class (``error_auroc_per_class``: among the pixels predicted c, how well the certainty tells the
+  wrong ones), from counts per float16 value, so it streams and merges like the rest.
 """
 
 from __future__ import annotations
@@ -51,12 +54,30 @@ def error_auroc(uncertainty: np.ndarray, wrong: np.ndarray) -> float:
     same_length(uncertainty, wrong, "uncertainty", "wrong")
     _, inverse, counts = np.unique(uncertainty, return_inverse=True, return_counts=True)
     n_wrong = np.bincount(inverse.reshape(-1), weights=wrong, minlength=counts.size)
-    n_correct = counts - n_wrong
+    return ranked_auroc(n_wrong, counts - n_wrong)
+
+
+def ranked_auroc(n_wrong: np.ndarray, n_correct: np.ndarray) -> float:
+    """:func:`error_auroc` from counts: ``n_wrong[v]`` / ``n_correct[v]`` pixels at the v-th smallest uncertainty
+    (equal values share a v). NaN when either group is empty."""
+    n_wrong = np.asarray(n_wrong, dtype=np.float64)
+    n_correct = np.asarray(n_correct, dtype=np.float64)
     total_wrong, total_correct = n_wrong.sum(), n_correct.sum()
     if total_wrong == 0 or total_correct == 0:
         return float("nan")
     correct_below = np.cumsum(n_correct) - n_correct  # correct pixels strictly less uncertain than each value
     return float((n_wrong * (correct_below + 0.5 * n_correct)).sum() / (total_wrong * total_correct))
+
+
+# Certainty in [0, 1] ranked by its float16 bit pattern: order-preserving for non-negative values, so ties are
+# exact at float16 (the precision of the stored columns) and a (C, 2, 15361) count is the whole ranking.
+CERTAINTY_CODES = int(np.array(1.0, dtype=np.float16).view(np.uint16)) + 1
+
+
+def certainty_codes(certainty: np.ndarray) -> np.ndarray:
+    """(N,) int64 rank codes of certainties in [0, 1] (clipped; NaN as 0)."""
+    values = np.nan_to_num(np.asarray(certainty, dtype=np.float32), nan=0.0)
+    return np.clip(values, 0.0, 1.0).astype(np.float16).view(np.uint16).astype(np.int64)
 
 
 def _gap(correct_sum: float, correct_n: int, wrong_sum: float, wrong_n: int) -> float:
@@ -85,6 +106,7 @@ class PseudoQualityAccumulator:
         self.pseudo_counts = np.zeros(self.num_classes, dtype=np.int64)
         self.n_pixels = 0
         self._certainty = np.zeros(4)  # sum correct, count correct, sum wrong, count wrong
+        self._ranked: np.ndarray | None = None  # (C, 2, CERTAINTY_CODES): pixels by predicted class, right, certainty
 
     def merge(self, other: PseudoQualityAccumulator) -> None:
         """Add ``other``'s counts (another process's share of the same labelling) to this one's."""
@@ -92,6 +114,8 @@ class PseudoQualityAccumulator:
         self.pseudo_counts += other.pseudo_counts
         self.n_pixels += other.n_pixels
         self._certainty += other._certainty
+        if other._ranked is not None:
+            self._ranked = other._ranked.copy() if self._ranked is None else self._ranked + other._ranked
 
     def _checked(self, values: np.ndarray, name: str) -> np.ndarray:
         values = flat_labels(values, name)
@@ -133,6 +157,20 @@ class PseudoQualityAccumulator:
             correct = judged & (predicted == gt)
             wrong = judged & ~correct
             self._certainty += [certainty[correct].sum(), correct.sum(), certainty[wrong].sum(), wrong.sum()]
+            if self._ranked is None:
+                self._ranked = np.zeros((self.num_classes, 2, CERTAINTY_CODES), dtype=np.int64)
+            cells = (predicted[judged] * 2 + correct[judged]) * CERTAINTY_CODES + certainty_codes(certainty[judged])
+            np.add.at(self._ranked.reshape(-1), cells, 1)
+
+    def _error_ranking(self) -> dict[str, np.ndarray | float]:
+        """``error_auroc`` over every judged pixel and ``error_auroc_per_class`` (C,) among the pixels predicted
+        each class (NaN where a class has no wrong or no right pixel, or no certainty was given)."""
+        if self._ranked is None:
+            return {"error_auroc": float("nan"), "error_auroc_per_class": np.full(self.num_classes, np.nan)}
+        return {
+            "error_auroc": _ranking_of(self._ranked.sum(axis=0)),
+            "error_auroc_per_class": np.array([_ranking_of(r) for r in self._ranked]),
+        }
 
     def result(self) -> dict[str, np.ndarray | float]:
         """Per-class arrays (C,) float64 (NaN where undefined) and scalar floats; see the module."""
@@ -166,8 +204,14 @@ class PseudoQualityAccumulator:
             "pseudo_distribution": pseudo_distribution,
             "kl_prior_pseudo": kl,
             "uncertainty_gap": _gap(correct_sum, int(correct_n), wrong_sum, int(wrong_n)),
+            **self._error_ranking(),
             "confusion": self.confusion.copy(),
         }
+
+
+def _ranking_of(ranked: np.ndarray) -> float:
+    """(2, CODES) counts (wrong, right) by increasing certainty -> the error AUROC of uncertainty."""
+    return ranked_auroc(ranked[0, ::-1], ranked[1, ::-1])  # reversed: increasing uncertainty
 
 
 def pseudo_label_quality(

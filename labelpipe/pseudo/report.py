@@ -121,11 +121,16 @@ def build_report(
     dists = {"labeled prior": prior, "pseudo-labels": pseudo_dist}
     if quality is not None:
         q = quality.result()
+        v = gap_variance.result() if gap_variance else None
         report.update(
             pseudo_miou=q["miou"],
             pseudo_miou_kept=q["miou_kept"],
             uncertainty_gap_conf=q["uncertainty_gap"],
-            uncertainty_gap_variance=gap_variance.result()["uncertainty_gap"] if gap_variance else None,
+            uncertainty_gap_variance=v["uncertainty_gap"] if v else None,
+            # How well each uncertainty ranks the predictions' errors (AUROC, 0.5 = chance): whether the
+            # variance can tell the wrong labels better than the confidence on this data (seed 000's premise).
+            error_auroc_conf=q["error_auroc"],
+            error_auroc_variance=v["error_auroc"] if v else None,
             ece=calib.ece() if calib is not None else None,
         )
         for c, name in enumerate(classes):
@@ -133,6 +138,8 @@ def build_report(
                 precision=jsonable(q["precision"][c]),
                 coverage=jsonable(q["coverage"][c]),
                 iou=jsonable(q["iou"][c]),
+                error_auroc_conf=jsonable(q["error_auroc_per_class"][c]),
+                error_auroc_variance=jsonable(v["error_auroc_per_class"][c]) if v else None,
             )
         dists["ground truth"] = gt_counts / max(gt_counts.sum(), 1)
     if settings.plots:
@@ -198,6 +205,13 @@ def print_report(report: dict, classes: list[str], file: TextIO | None = None) -
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
+    ranked = report.get("error_auroc_conf") is not None
+    has_variance = report.get("error_auroc_variance") is not None
+    ranked_by = ("error_auroc_conf", "error_auroc_variance") if has_variance else ("error_auroc_conf",)
+
+    def ranking(pc: dict) -> str:  # the error AUROC of conf (/ variance), in % (50: chance)
+        return " / ".join(pct(pc.get(k)) for k in ranked_by)
+
     rows = []
     for c, name in enumerate(classes):
         pc = report["per_class"][name]
@@ -209,17 +223,25 @@ def print_report(report: dict, classes: list[str], file: TextIO | None = None) -
                 "-" if thresholds is None or thresholds[c] is None else f"{thresholds[c]:.4f}",
                 pct(pc.get("precision")),
                 pct(pc.get("coverage")),
+                *([ranking(pc)] if ranked else []),
             ]
         )
     title = (
         f"pseudo-labels: {report['method']} (kept {100 * report['kept_fraction']:.1f}%, "
         f"KL(prior||pseudo) {report['kl_prior_pseudo']:.3f})"
     )
-    lines = box_table(title, ["class", "prior %", "kept %", "threshold", "precision", "coverage"], rows)
+    headers = ["class", "prior %", "kept %", "threshold", "precision", "coverage"]
+    if ranked:
+        headers.append("errors ranked, conf" + (" / var" if has_variance else ""))
+    lines = box_table(title, headers, rows)
     if report.get("pseudo_miou") is not None:
         lines.append(
             f"pseudo-label mIoU {100 * report['pseudo_miou']:.1f}  "
             f"uncertainty gap (conf) {report['uncertainty_gap_conf']:.3f}"
+        )
+    if ranked:
+        lines.append(
+            f"errors ranked (AUROC %, 50 = chance; per class: among the pixels predicted it): {ranking(report)}"
         )
     print("\n".join(lines), file=file or sys.stdout)
 

@@ -73,6 +73,34 @@ def test_error_auroc_by_hand_and_against_every_pair():
     assert error_auroc(u, wrong) > 0.6  # the errors were drawn more often at high u
 
 
+def test_accumulator_ranks_the_errors_of_the_certainty_it_is_fed_overall_and_per_predicted_class():
+    rng = np.random.default_rng(1)
+    n, classes = 5000, 3
+    gt = rng.integers(0, classes, size=n).astype(np.uint8)
+    wrong = rng.random(n) < 0.25
+    pred = np.where(wrong, (gt + 1) % classes, gt).astype(np.uint8)
+    # class 0's certainty tells its errors, the others' is noise; float16 as the stores hold it.
+    informative = np.where(wrong, rng.uniform(0.2, 0.8, n), rng.uniform(0.5, 1.0, n))
+    certainty = np.where(pred == 0, informative, rng.uniform(0.0, 1.0, n)).astype(np.float16)
+    gt[::13] = 255  # no ground truth: not judged
+    judged = gt != 255
+    prior = np.full(classes, 1 / classes)
+    halves = [PseudoQualityAccumulator(classes, prior) for _ in range(2)]
+    for part, accumulator in zip((slice(0, 2000), slice(2000, n)), halves, strict=True):
+        accumulator.update(pred[part], gt[part], certainty=certainty[part], pred=pred[part])
+    halves[0].merge(halves[1])
+    q = halves[0].result()
+    u = 1.0 - certainty.astype(np.float64)
+    assert q["error_auroc"] == pytest.approx(error_auroc(u[judged], (pred != gt)[judged]))
+    for c in range(classes):
+        mine = judged & (pred == c)
+        assert q["error_auroc_per_class"][c] == pytest.approx(error_auroc(u[mine], (pred != gt)[mine]))
+    assert q["error_auroc_per_class"][0] > 0.8 and abs(q["error_auroc_per_class"][1] - 0.5) < 0.06
+    # Without a certainty there is nothing to rank.
+    plain = pseudo_label_quality(pred, gt, prior, classes)
+    assert math.isnan(plain["error_auroc"]) and np.isnan(plain["error_auroc_per_class"]).all()
+
+
 def test_streaming_accumulation_equals_one_shot():
     label, conf = random_predictions(2, 3000, 4)
     gt = np.where(np.random.default_rng(3).random(3000) < 0.8, label, np.uint8(1)).astype(np.uint8)

@@ -25,6 +25,7 @@ from labelpipe.pseudo import (
     threshold_pseudo_labels,
     variance_pseudo_labels,
 )
+from labelpipe.pseudo.quality import error_auroc
 from labelpipe.pseudo.registry import generator_names, get_generator
 from labelpipe.store.prediction_store import PartWriter, PredictionStore, merge_parts
 from tests.conftest import REPO, TINY_RECIPE
@@ -243,6 +244,18 @@ def check_stage_equals_in_memory(run: Path, method: str, tau: float) -> dict:
             ious.append(tp / union)
     assert report["has_ground_truth"] is True
     assert report["pseudo_miou"] == pytest.approx(np.mean(ious))
+    # How well conf and exp(-variance) (as float16, the report's resolution) rank the predictions' errors.
+    wrong = pred["label"] != gt
+    uncertain = {
+        "conf": 1.0 - pred["conf"].astype(np.float64),
+        "variance": -np.exp(-pred["variance"].astype(np.float32)).astype(np.float16).astype(np.float64),
+    }
+    for column, u in uncertain.items():
+        assert report[f"error_auroc_{column}"] == pytest.approx(error_auroc(u[valid], wrong[valid]))
+        for c, name in enumerate(source.classes):
+            mine = valid & (pred["label"] == c)
+            expected_c, got_c = error_auroc(u[mine], wrong[mine]), report["per_class"][name][f"error_auroc_{column}"]
+            assert (got_c is None and math.isnan(expected_c)) or got_c == pytest.approx(expected_c), (column, name)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "done" and set(manifest["outputs"]) == {"labels.h5", "report.json"}
     return report
