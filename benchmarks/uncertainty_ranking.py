@@ -13,6 +13,8 @@ For one store per run (the argmax labels, confidence, entropy and the main / aux
   variance used as a threshold would be used, keeping the same share as tau ranked by variance instead.
   Precision is given over all pixels and over the pixels labeled foreground.
 
+``labelpipe pseudolabel`` reports the same AUROCs per predicted class (report.json, ``error_auroc_conf`` /
+``error_auroc_variance``); this script adds the foreground pooled and what each selection hands the round.
 The variance here is the one the stage-1 model gives at predict time (eval mode, no augmentation): the value
 the rectified loss starts its round from, before the round's own updates move it.
 
