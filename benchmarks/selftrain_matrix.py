@@ -622,6 +622,9 @@ def pseudo_label_precision(run: Path, model: str) -> dict | None:
         "kept_fraction": report.get("kept_fraction"),
         # Seed 002's measure of the labels' head-class bias: KL(labeled prior || the kept labels' distribution).
         "kl_prior_pseudo": report.get("kl_prior_pseudo"),
+        # How well the confidence and the heads' variance rank the predictions' errors (AUROC; session 24).
+        "error_auroc_conf": report.get("error_auroc_conf"),
+        "error_auroc_variance": report.get("error_auroc_variance"),
         "per_class": {name: c.get("precision") for name, c in report.get("per_class", {}).items()},
     }
 

@@ -526,6 +526,8 @@ class FakeLabelpipe:
                 report = {
                     "kept_fraction": 0.2,
                     "kl_prior_pseudo": 0.03,
+                    "error_auroc_conf": 0.9,
+                    "error_auroc_variance": 0.6,
                     "per_class": {"background": {"precision": 1.0}, "digit-0": {}},
                 }
                 self.write(round_dir / "pseudolabel" / "report.json", json.dumps(report).encode())
@@ -563,6 +565,8 @@ def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_r
         0.2,
         0.03,
     )
+    labels = by_key["control"]["pseudo_labels"]
+    assert (labels["error_auroc_conf"], labels["error_auroc_variance"]) == (0.9, 0.6)  # the report's error ranking
     assert by_key["online"]["model"] == "round-1" and by_key["online"]["pseudo_labels"] is None  # online labels
     assert by_key["adabn"]["test_miou"] == 0.33
     control = tmp_path / "da-s0" / "digitscapes_dars" / "control"
