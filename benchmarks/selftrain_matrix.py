@@ -1361,7 +1361,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     plateau_tau_key, plateau_tau_val, plateau_seeds = best_on_val(
         latest, protocol, [f"plateau-sweep-{tau}" for tau in TAUS]
     )
-    # DARS's labeling ratio and number of rounds and U2PL's round length from the plateau, each chosen on
+    # DARS's labeling ratio and number of rounds and U2PL's round (length, lambda_c) from the plateau, each chosen on
     # target_val; DARS is then read against threshold-ST (tau 0.9) over as many rounds.
     dars_key, dars_val, _ = best_on_val(latest, protocol, list(DARS_ST_PAIRS))
     u2pl_key, u2pl_val, _ = best_on_val(latest, protocol, list(U2PL_WITHOUT_CONTRASTIVE))
@@ -1381,7 +1381,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     )
     for which, key, val in (
         ("DARS's labeling ratio and rounds", dars_key, dars_val),
-        ("U2PL's round length", u2pl_key, u2pl_val),
+        ("U2PL's round (length, lambda_c)", u2pl_key, u2pl_val),
         ("The rectified loss's form", rectified_key, rectified_val),
         ("The fixed threshold over two rounds", tau_2r_key, tau_2r_val),
         ("The fixed threshold of stage 2 after the online round", adapted_tau_key, adapted_tau_val),
@@ -1552,7 +1552,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             control_of(latest, protocol, plateau_key) if plateau_key else None,
         ),
         (
-            "U2PL from the plateau (round length chosen on target_val) vs the baseline at its plateau "
+            "U2PL from the plateau (round length and lambda_c chosen on target_val) vs the baseline at its plateau "
             "(supervised-only)",
             "001, 003: target >= +10, >= 1/3 of the oracle gap" if semi else "",
             u2pl_key,

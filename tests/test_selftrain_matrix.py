@@ -741,7 +741,7 @@ def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, cap
         for seed in range(3)
     ]
     text = run_report(sm, capsys, tmp_path, rows)
-    assert "U2PL's round length from the plateau chosen on **target_val** (`plateau-u2pl`: 36.0, " in text
+    assert "U2PL's round (length, lambda_c) from the plateau chosen on **target_val** (`plateau-u2pl`: 36.0, " in text
     assert "`plateau-u2pl-2000`: 40.0): **`plateau-u2pl-2000`**." in text
     claim = next(line for line in text.splitlines() if line.startswith("| U2PL from the plateau (round length"))
     assert "(`plateau-u2pl-2000` - `baseline-plateau`) | 001, 003: target >= +10" in claim
