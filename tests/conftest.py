@@ -55,6 +55,16 @@ def pretrained_run(data_cache, tmp_path_factory) -> Path:
     return run
 
 
+def load_benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args: list[str]) -> int:
     """Run ``labelpipe ARGS`` in-process; returns the exit status (0 when the command returns)."""
     from labelpipe.cli import main

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 
 import pytest
 
-from tests.conftest import REPO, TINY_RECIPE
-
-SCRIPT = REPO / "benchmarks" / "term_gradients.py"
+from tests.conftest import TINY_RECIPE, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def term_gradients():
-    spec = importlib.util.spec_from_file_location("term_gradients", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("term_gradients")
 
 
 def table(out: str) -> list[dict[str, float]]:

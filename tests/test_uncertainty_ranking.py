@@ -3,23 +3,17 @@ the labels (rectified weights, thresholds, a variance cut) hands the round."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_RECIPE, run_cli
-
-SCRIPT = REPO / "benchmarks" / "uncertainty_ranking.py"
+from tests.conftest import TINY_RECIPE, load_benchmark, run_cli
 
 
 @pytest.fixture(scope="module")
 def ur():
-    spec = importlib.util.spec_from_file_location("uncertainty_ranking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("uncertainty_ranking")
 
 
 def columns(**arrays):
