@@ -46,6 +46,7 @@ class Blend(str, Enum):
 class SourceStyle(str, Enum):
     textured = "textured"
     smooth = "smooth"
+    inked = "inked"
 
 
 def _method_option() -> Any:
@@ -484,7 +485,10 @@ def data_build(
     blend: Blend = Blend.alpha,
     source_style: Annotated[
         SourceStyle,
-        typer.Option(help="Source domain: procedural textures + distractor strokes, or format 1's smooth one."),
+        typer.Option(
+            help="Source domain: procedural textures + distractor strokes, the same with half the strokes in "
+            "textured ink (inked), or format 1's smooth one."
+        ),
     ] = SourceStyle.textured,
 ) -> None:
     """Build the embedded DigitScapes data set (real digits on real photos)."""

@@ -41,8 +41,9 @@ class DigitScapesConfig(Section):
     seed: int = 0
     size: Literal["tiny", "default"] = "default"
     blend: Literal["alpha", "diff"] = "alpha"
-    # The source domain: procedural textures + distractor strokes (format 2), or format 1's smooth one.
-    source_style: Literal["textured", "smooth"] = "textured"
+    # The source domain: procedural textures + distractor strokes (format 2), the same with textured ink
+    # on half the strokes (`inked`), or format 1's smooth one.
+    source_style: Literal["textured", "smooth", "inked"] = "textured"
 
 
 class DataConfig(Section):

@@ -8,9 +8,11 @@ band around each stroke (its anti-aliased edge). Two domains share the classes:
   ``textured`` (the default since format 2): procedural textures (multi-scale value noise, gratings,
   checkers, polygons and blobs, JPEG-like blockiness, blur, sensor noise) and non-digit distractor
   strokes drawn with the digits' own pen that stay background in the mask, so the only thing that
-  tells a digit from the rest is its shape; ``smooth`` (format 1's only source): smooth colour noise
-  plus a gradient, on which the only high-frequency structure is a digit. Both have flat-coloured
-  digits and no photograph or photo-derived pixel;
+  tells a digit from the rest is its shape; ``inked``: the same, but half the strokes (digits and
+  distractors alike) are drawn in a procedural texture instead of one colour, as rendered objects are
+  textured; ``smooth`` (format 1's only source): smooth colour noise plus a gradient, on which the only
+  high-frequency structure is a digit. ``textured`` and ``smooth`` draw flat-coloured digits; no style
+  holds a photograph or a photo-derived pixel;
 * **target** ("real"): random crops of the photographs bundled with scikit-image and scikit-learn,
   the digit blended in (``alpha``: ``(1 - a) * photo + a * colour``; ``diff``: MNIST-M's
   ``|photo - a * 255|``), where ``a`` is the digit's intensity.
@@ -99,7 +101,7 @@ PHOTO_NAMES = (
 FORMAT_VERSION = 3
 # semi-1_16-stratified: every digit in at least this many of the labeled images (all of them if fewer).
 STRATIFIED_MIN_IMAGES = 10
-SOURCE_STYLES = ("textured", "smooth")
+SOURCE_STYLES = ("textured", "smooth", "inked")
 
 
 @dataclass(frozen=True)
@@ -524,7 +526,12 @@ def _pen_stroke(rng: np.random.Generator, side: int, digit_px: tuple[int, int]) 
 
 
 def draw_distractors(
-    rng: np.random.Generator, canvas: np.ndarray, digit_ink: np.ndarray, digit_px: tuple[int, int], count: int
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    digit_ink: np.ndarray,
+    digit_px: tuple[int, int],
+    count: int,
+    textured_ink: bool = False,
 ) -> None:
     """Draw ``count`` pen strokes into ``canvas`` (in place), each in a colour that contrasts with what is
     under it, and kept 2 px clear of ``digit_ink`` (bool, any ink of a digit) so that no stroke touches
@@ -544,7 +551,7 @@ def draw_distractors(
         under = ink > 0.5
         if not under.any():
             continue
-        colour = _contrasting_colour(rng, canvas[under])
+        colour = _textured_ink(rng, canvas[under], side) if textured_ink else _contrasting_colour(rng, canvas[under])
         canvas += ink[:, :, None] * (colour - canvas)
 
 
@@ -571,6 +578,19 @@ def _contrasting_colour(rng: np.random.Generator, behind: np.ndarray) -> np.ndar
     return np.where(mean > 127, 0.0, 255.0).astype(np.float32)
 
 
+def _textured_ink(rng: np.random.Generator, behind: np.ndarray, side: int) -> np.ndarray:
+    """(side, side, 3) float32 0..255: the ``inked`` source's pen. Half the strokes are flat, as in ``textured``;
+    the other half carry a procedural texture (its mean moved to a colour that contrasts with ``behind``,
+    its amplitude scaled by 0.3-1), the way rendered objects are textured rather than flat. Digits and
+    distractor strokes draw their ink alike, so texture inside a stroke says nothing about its class."""
+    colour = _contrasting_colour(rng, behind)
+    if rng.random() < 0.5:
+        return np.broadcast_to(colour, (side, side, 3)).astype(np.float32)
+    texture = _texture(rng, side)
+    swing = np.float32(rng.uniform(0.3, 1.0))
+    return np.clip(colour + swing * (texture - texture.mean(axis=(0, 1))), 0, 255).astype(np.float32)
+
+
 def _boxes_overlap(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> bool:
     top, left, height, width = box
     for other_top, other_left, other_height, other_width in others:
@@ -589,7 +609,8 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     """One scene: (H, W, 3) uint8 image, (H, W) uint8 mask, and the digits drawn into it."""
     spec = kit.spec
     side = spec.canvas
-    textured = plan.domain == "source" and kit.source_style == "textured"
+    inked = plan.domain == "source" and kit.source_style == "inked"
+    textured = plan.domain == "source" and kit.source_style in ("textured", "inked")
     if plan.domain == "source":
         canvas = _textured_background(rng, side) if textured else _synthetic_background(rng, side)
     else:
@@ -626,6 +647,9 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
         weight = alpha[:, :, None]
         if plan.domain == "target" and kit.blend == "diff":
             region[:] = np.abs(region - weight * 255.0)
+        elif inked:
+            fill = _textured_ink(rng, region, max(height, width))[:height, :width]
+            region[:] = (1 - weight) * region + weight * fill
         else:
             colour = _contrasting_colour(rng, region)
             region[:] = (1 - weight) * region + weight * colour
@@ -637,7 +661,8 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     if textured:
         # Drawn last, but only where no digit is, so the order does not matter; the scene's own
         # generator continues, so the digits above are what the same scene's digits would be anyway.
-        draw_distractors(rng, canvas, digit_ink, spec.digit_px, int(rng.integers(0, spec.max_digits + 2)))
+        count = int(rng.integers(0, spec.max_digits + 2))
+        draw_distractors(rng, canvas, digit_ink, spec.digit_px, count, textured_ink=inked)
     image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
     return image, mask, drawn
 

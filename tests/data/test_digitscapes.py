@@ -318,6 +318,48 @@ def test_textured_source_has_texture_where_the_smooth_one_is_flat() -> None:
     assert energy["textured"] > 4 * energy["smooth"], energy
 
 
+def test_inked_source_textures_half_the_strokes_and_draws_distractors_with_the_same_ink() -> None:
+    """`inked`: the textured source's backgrounds and distractors, but the ink of digits and distractor strokes
+    alike is textured half the time, where `textured` draws every stroke flat; the masks stay the digits'."""
+    from scipy.ndimage import label
+
+    kits = {style: prepare_kit(0, "default", "alpha", style) for style in ("textured", "inked")}
+    textured_strokes = {}
+    for style, kit in kits.items():
+        spreads = []
+        for index in range(60):
+            image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
+            assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
+            stroke = (mask >= 1) & (mask <= 10)
+            # each digit's stroke interior (eroded by 1 px, so the anti-aliased edge does not count)
+            core = np.zeros_like(stroke)
+            core[1:-1, 1:-1] = stroke[1:-1, 1:-1] & stroke[:-2, 1:-1] & stroke[2:, 1:-1]
+            core[1:-1, 1:-1] &= stroke[1:-1, :-2] & stroke[1:-1, 2:]
+            components, count = label(stroke)
+            for component in range(1, count + 1):
+                inside = core & (components == component)
+                if inside.sum() >= 8:
+                    spreads.append(float(image[inside].astype(np.float64).std(axis=0).mean()))
+        textured_strokes[style] = float(np.mean(np.asarray(spreads) > 12))
+    # textured draws every stroke in one colour; inked textures half of them (some textures are faint)
+    assert textured_strokes["textured"] < 0.08, textured_strokes
+    assert 0.2 < textured_strokes["inked"] < 0.6, textured_strokes
+    # distractors draw from the same pen: a flat stroke's pixels all lie on one line from the grey canvas to its
+    # colour (their second singular value is 0); a textured stroke's do not
+    for textured_ink in (False, True):
+        rng = np.random.default_rng(3)
+        off_line = []
+        for _ in range(30):
+            canvas = np.full((64, 64, 3), 128.0, np.float32)
+            draw_distractors(rng, canvas, np.zeros((64, 64), bool), (18, 34), count=1, textured_ink=textured_ink)
+            changed = np.abs(canvas - 128).max(axis=2) > 1
+            if changed.sum() >= 8:
+                singular = np.linalg.svd(canvas[changed] - 128, compute_uv=False)
+                off_line.append(singular[1] / singular[0] > 0.05)
+        share = float(np.mean(off_line))
+        assert (share == 0.0) if not textured_ink else (0.15 < share < 0.7), (textured_ink, share)
+
+
 def test_the_source_never_reads_a_photograph() -> None:
     kit = prepare_kit(0, "tiny", "alpha", "textured")
     kit.photos, kit.photo_pools = (), {"train": [], "test": []}  # any photo access would fail
