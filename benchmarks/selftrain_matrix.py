@@ -49,6 +49,7 @@ so an interrupted matrix continues where it stopped.
     python benchmarks/selftrain_matrix.py --configs sweep rectified   # keys by prefix
     python benchmarks/selftrain_matrix.py --report               # the tables of what results.jsonl holds
     python benchmarks/selftrain_matrix.py --data-seed 1 --blend diff --out OUT   # on a build nothing was tuned on
+    python benchmarks/selftrain_matrix.py --source-style inked --out OUT          # another source domain
 
 ``--report`` prints, per protocol and in the issue's order, mean ± std over seeds (sample std) and paired
 gains (mean ± std of the per-seed differences) against the baseline, AdaBN and the control, the share of
@@ -665,18 +666,22 @@ class DataVariant:
 
     seed: int = 0
     blend: str = "alpha"
+    source_style: str = "textured"
 
     def sets(self) -> list[str]:
         """``--set`` options of every command: none for the recipes' own build."""
         sets = [] if self.seed == 0 else [f"data.digitscapes.seed={self.seed}"]
         sets += [] if self.blend == "alpha" else [f"data.digitscapes.blend={self.blend}"]
+        sets += [] if self.source_style == "textured" else [f"data.digitscapes.source_style={self.source_style}"]
         return [a for s in sets for a in ("--set", s)]
 
     def record(self) -> dict[str, object]:
-        return {"digitscapes_seed": self.seed, "blend": self.blend}
+        style = {} if self.source_style == "textured" else {"source_style": self.source_style}
+        return {"digitscapes_seed": self.seed, "blend": self.blend, **style}
 
     def describe(self) -> str:
-        return f"DigitScapes seed {self.seed}, {self.blend} blend"
+        style = "" if self.source_style == "textured" else f", {self.source_style} source"
+        return f"DigitScapes seed {self.seed}, {self.blend} blend{style}"
 
 
 class Matrix:
@@ -896,6 +901,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "matrix"))
     parser.add_argument("--data-seed", type=int, default=0, help="the DigitScapes build's seed (the recipes': 0)")
     parser.add_argument("--blend", choices=["alpha", "diff"], default="alpha", help="the DigitScapes target blend")
+    parser.add_argument(
+        "--source-style", choices=["textured", "inked", "smooth"], default="textured", help="the DigitScapes source"
+    )
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
     parser.add_argument("--dry-run", action="store_true", help="print every command in order; run nothing")
     parser.add_argument("--report", action="store_true", help="only print the tables of what --out holds")
@@ -928,7 +936,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = select(args.configs or list(BY_KEY))
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-    matrix = Matrix(out, args.dry_run, args.round_steps, data=DataVariant(args.data_seed, args.blend))
+    data = DataVariant(args.data_seed, args.blend, args.source_style)
+    matrix = Matrix(out, args.dry_run, args.round_steps, data=data)
     for protocol in args.protocols or ["da", "semi-1_16"]:
         for seed in args.seeds:
             for config in chosen:
@@ -975,7 +984,9 @@ def read_results(out: Path) -> Latest:
 def record_variant(rec: dict) -> DataVariant:
     """The build a record ran on (records before the ``data`` field: the recipes' own)."""
     data = rec.get("data") or {}
-    return DataVariant(int(data.get("digitscapes_seed", 0)), str(data.get("blend", "alpha")))
+    return DataVariant(
+        int(data.get("digitscapes_seed", 0)), str(data.get("blend", "alpha")), str(data.get("source_style", "textured"))
+    )
 
 
 def family(key: str) -> tuple[str, str, str, str]:

@@ -329,12 +329,16 @@ def test_another_digitscapes_build_reaches_every_command_and_its_records_are_nev
     assert {c[1] for c in cmds} == {"pretrain", "evaluate", "selftrain"}
     for c in cmds:
         assert {"data.digitscapes.seed=1", "data.digitscapes.blend=diff"} <= set(sets(c)), c
+    cmds = dry_run(sm, capsys, tmp_path / "inked", *args, "--source-style", "inked")  # another source domain
+    assert cmds and all("data.digitscapes.source_style=inked" in sets(c) for c in cmds)
+    assert sm.record_variant({"data": sm.DataVariant(0, "diff", "inked").record()}).source_style == "inked"
 
     fake = FakeLabelpipe()
     monkeypatch.setattr(sm.Matrix, "command", lambda self, argv, shown: fake(self, argv, shown))
     sm.main(["--out", str(tmp_path), *args[:5], "baseline", "--data-seed", "2"])
     rec = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert rec["data"] == {"digitscapes_seed": 2, "blend": "alpha"}
+    assert sm.record_variant(rec) == sm.DataVariant(2, "alpha", "textured")
     assert "DigitScapes seed 2, alpha blend. mIoU in %" in capsys.readouterr().out
 
     with (tmp_path / "results.jsonl").open("a") as fh:  # a record of the recipes' own build (no data field)
