@@ -281,6 +281,14 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(2000),
     ),
+    # Session 25: that round with the entropy split taken per class the teacher predicts (the alpha_t most uncertain
+    # of each class unreliable, not of the batch): DARS's class-balanced selection in U2PL's online regime.
+    Config(
+        "plateau-online-classwise-2000",
+        "online round from the plateau, 2,000 steps, class-wise entropy split",
+        PLATEAU_RECIPE,
+        sets=plateau_round(2000, "selftrain.online_split=class"),
+    ),
     # The control of the plateau family: the lr 2e-3 round (labeled source batches, the unlabeled images through
     # the student and its BatchNorm, CutMix, the EMA teacher) with the pseudo-label loss weighted 0.
     Config(
@@ -1604,6 +1612,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "",
             "plateau-online-lr4e-3-2000",
             "plateau-control-2000",
+        ),
+        (
+            "the 2,000-step round from the plateau: the entropy split per predicted class vs per batch",
+            "002 (class-balanced selection)",
+            "plateau-online-classwise-2000",
+            "plateau-online-lr4e-3-2000",
         ),
         (
             "U2PL from the plateau vs the same round without the contrastive loss",

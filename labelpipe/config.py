@@ -214,6 +214,7 @@ class SelftrainConfig(Section):
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
         "head_dropout": None,
+        "online_split": "batch",
         "terms": None,
         "round_overrides": None,
     }
@@ -259,6 +260,9 @@ class SelftrainConfig(Section):
     terms: list[str] | None = None
     denoise: bool = False
     pseudo_source: Literal["stored", "teacher"] = "stored"
+    # The online (teacher) labels' entropy split: the alpha_t most uncertain pixels of the batch unreliable
+    # (U2PL), or of each class the teacher predicts in it (class-balanced, as CBST / DARS select offline).
+    online_split: Literal["batch", "class"] = "batch"
     strong_aug: bool = True
     cutmix_p: float = Field(0.5, ge=0, le=1)  # per unlabeled image, with --strong-aug
     unsup_weight: float = 1.0

@@ -164,7 +164,13 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         *(f"adapted-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
         "adapted-control",
         "adapted-dars-0.8",
+        "plateau-online-classwise-2000",
     }
+    # The class-wise split (session 25): the 2,000-step round with one setting more.
+    assert sets(selftrains["plateau-online-classwise-2000"]) == [
+        *sets(selftrains["plateau-online-lr4e-3-2000"]),
+        "selftrain.online_split=class",
+    ]
     # Seed 000's pair after the plateau's online round (its stage 1 an adapted model): round 1 is the
     # `plateau-online-lr4e-3-2000` round, round 2 the pair's offline round, by round_overrides.
     online_2000 = sets(selftrains["plateau-online-lr4e-3-2000"])

@@ -23,7 +23,7 @@ _EXPORTS = {
     "cbst": ("cbst_pseudo_labels", "cbst_thresholds", "cbst_thresholds_from_histogram"),
     "dars": ("dars_pseudo_labels", "dars_target_counts", "dars_thresholds", "dars_thresholds_from_histogram"),
     "entropy": ("alpha_schedule", "entropy_pseudo_labels", "entropy_threshold", "entropy_threshold_from_histogram"),
-    "entropy_online": ("entropy_split_torch", "entropy_threshold_torch"),
+    "entropy_online": ("classwise_entropy_split_torch", "entropy_split_torch", "entropy_threshold_torch"),
     "histogram": ("Float16Histogram",),
     "quality": ("PseudoQualityAccumulator", "pseudo_label_quality", "uncertainty_gap"),
     "registry": ("Histogram", "PseudoLabelGenerator", "generator_names", "get_generator", "register_generator"),

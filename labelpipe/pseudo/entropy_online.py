@@ -38,3 +38,24 @@ def entropy_split_torch(entropy: torch.Tensor, alpha_t: float, valid_mask: torch
     if valid_mask is not None:
         reliable &= valid_mask.bool()
     return reliable
+
+
+def classwise_entropy_split_torch(
+    entropy: torch.Tensor, predicted: torch.Tensor, alpha_t: float, valid_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The split of Eq. 12 taken within each predicted class of the batch: (B, H, W) bool, True where valid and
+    ``H < gamma_t,c``, gamma_t,c the same order statistic over the valid pixels predicted ``c``. Each class keeps
+    its ``1 - alpha_t`` most certain pixels, so the unreliable share is ``alpha_t`` in every class instead of
+    falling mostly on the classes the model is least sure of (the rare ones): the class-balanced selection of
+    CBST / DARS (seed 002) applied to U2PL's online split. Not in U2PL; an option beside the paper's.
+    entropy: (B, H, W); predicted: (B, H, W) int64 argmax; valid_mask: (B, H, W) bool or None."""
+    if predicted.shape != entropy.shape:
+        raise ValueError(f"predicted shape {tuple(predicted.shape)} != entropy {tuple(entropy.shape)}")
+    valid = torch.ones_like(predicted, dtype=torch.bool) if valid_mask is None else valid_mask.bool()
+    values = entropy.detach().float().clamp_min(0.0)
+    reliable = torch.zeros_like(valid)
+    for c in torch.unique(predicted[valid]).tolist():
+        in_class = valid & (predicted == c)
+        gamma = entropy_threshold_torch(values, alpha_t, in_class)
+        reliable |= in_class & (values < gamma)
+    return reliable

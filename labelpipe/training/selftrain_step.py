@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from labelpipe.config import RunConfig, SelftrainConfig
 from labelpipe.data.dataset import item_seed
 from labelpipe.losses import PrototypeBank, denoise_pseudo_labels, fold_prototypes
-from labelpipe.pseudo import alpha_schedule, entropy_split_torch
+from labelpipe.pseudo import alpha_schedule, classwise_entropy_split_torch, entropy_split_torch
 from labelpipe.teacher import EMATeacher
 from labelpipe.training.terms import LOSS_TERMS, StepTensors, TermSetup, term_names
 
@@ -263,9 +263,14 @@ class SelftrainStep:
             probs_u = torch.softmax(t_u.main.float(), 1)
             if st.pseudo_source == "teacher":
                 # U2PL online labels: argmax of the teacher; the alpha_t most uncertain pixels of the
-                # batch (padding excluded from the percentile and from the labels) unreliable.
-                reliable = entropy_split_torch(pixel_entropy(probs_u), alpha_t, inside_u)
-                y_u = torch.where(reliable, probs_u.argmax(1), torch.full_like(y_u, ignore))
+                # batch (padding excluded from the percentile and from the labels) unreliable, or of
+                # each predicted class of the batch (online_split: class).
+                predicted = probs_u.argmax(1)
+                if st.online_split == "class":
+                    reliable = classwise_entropy_split_torch(pixel_entropy(probs_u), predicted, alpha_t, inside_u)
+                else:
+                    reliable = entropy_split_torch(pixel_entropy(probs_u), alpha_t, inside_u)
+                y_u = torch.where(reliable, predicted, torch.full_like(y_u, ignore))
             if st.denoise:
                 y_u = denoise_pseudo_labels(probs_u, t_u.rep, self.setup.prototypes, y_u, ignore)
 

@@ -12,7 +12,11 @@ from labelpipe.pseudo.entropy import (
     entropy_threshold,
     entropy_threshold_from_histogram,
 )
-from labelpipe.pseudo.entropy_online import entropy_split_torch, entropy_threshold_torch
+from labelpipe.pseudo.entropy_online import (
+    classwise_entropy_split_torch,
+    entropy_split_torch,
+    entropy_threshold_torch,
+)
 from labelpipe.pseudo.histogram import Float16Histogram
 
 from .synthetic import random_nonnegative_float16
@@ -111,3 +115,37 @@ def test_torch_split_with_no_valid_pixel_is_all_unreliable():
 def test_torch_split_does_not_track_gradients():
     entropy = torch.rand(2, 4, 4, requires_grad=True)
     assert not entropy_split_torch(entropy, 0.2).requires_grad
+
+
+def test_classwise_split_keeps_the_most_certain_of_each_class_by_hand():
+    # LABEL / ENTROPY above, alpha_t 0.2. Class 0 (6 pixels): k = floor(4.8) = 4, gamma = 5th smallest of
+    # (0.25, 0.5, 0.125, 1.0, 0.75, 2.0) = 1.0, so 1.0 and 2.0 are unreliable. Class 1 (0.0, 1.5, 0.375): k = 2,
+    # gamma = 1.5: 1.5 unreliable. Class 2 (one pixel): k = 0, gamma = its own 0.625: unreliable. The batch
+    # split instead drops 2.0 and 1.5 only (gamma 1.5, above), all of them class 0 and 1's.
+    entropy = torch.from_numpy(ENTROPY.astype(np.float32)).reshape(1, 1, 10)
+    predicted = torch.from_numpy(LABEL.astype(np.int64)).reshape(1, 1, 10)
+    reliable = classwise_entropy_split_torch(entropy, predicted, 0.2)
+    np.testing.assert_array_equal(reliable.reshape(-1).numpy(), [1, 1, 1, 0, 1, 0, 1, 0, 1, 0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), alpha_t=st.floats(0.0, 1.0), with_mask=st.booleans())
+def test_classwise_split_is_the_numpy_split_within_each_class(seed, alpha_t, with_mask):
+    rng = np.random.default_rng(seed)
+    entropy = random_nonnegative_float16(seed, 2 * 8 * 12).reshape(2, 8, 12)
+    predicted = rng.choice(4, size=entropy.shape, p=[0.7, 0.2, 0.08, 0.02])
+    valid = rng.random(entropy.shape) < 0.8 if with_mask else np.ones(entropy.shape, bool)
+    reliable = classwise_entropy_split_torch(
+        torch.from_numpy(entropy.astype(np.float32)),
+        torch.from_numpy(predicted),
+        alpha_t,
+        torch.from_numpy(valid) if with_mask else None,
+    ).numpy()
+    expected = np.zeros(entropy.shape, bool)
+    for c in range(4):
+        in_class = valid & (predicted == c)
+        if in_class.any():
+            gamma = entropy_threshold(entropy[in_class], alpha_t)
+            expected |= in_class & (entropy.astype(np.float32) < gamma)
+    np.testing.assert_array_equal(reliable, expected)
+    assert not (reliable & ~valid).any()

@@ -159,3 +159,30 @@ def test_a_toy_term_trains_a_real_round(toy_term, pretrained_run, tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert RepNorm.calls == 2
     assert any("loss_rep_norm" in r for r in records)
+
+
+def test_the_online_split_is_per_batch_by_default_and_per_predicted_class_when_asked(monkeypatch):
+    """``online_split: class`` labels the teacher's argmax where its entropy is below its own class's gamma_t."""
+    import labelpipe.training.selftrain_step as step_module
+
+    calls = []
+    real = step_module.classwise_entropy_split_torch
+
+    def spy(entropy, predicted, alpha_t, valid):
+        calls.append(alpha_t)
+        reliable = real(entropy, predicted, alpha_t, valid)
+        for c in predicted.unique().tolist():  # every predicted class keeps 1 - alpha_t of its pixels, give or take one
+            kept = int((reliable & (predicted == c)).sum())
+            total = int((predicted == c).sum())
+            assert abs(kept - (1 - alpha_t) * total) <= 1, (c, kept, total)
+        return reliable
+
+    monkeypatch.setattr(step_module, "classwise_entropy_split_torch", spy)
+    labeled, unlabeled = batch()
+    for split in ("batch", "class"):
+        step, _ = make_step(tiny_config(pseudo_source="teacher", online_split=split, strong_aug=False))
+        _, logs = step((labeled, unlabeled), 0)
+        assert logs["kept"] == pytest.approx(0.8, abs=0.02)  # alpha_t 0.2 at step 0 either way
+        assert len(calls) == (split == "class")
+    assert tiny_config(online_split="class").selftrain.fingerprint_fields()["online_split"] == "class"
+    assert "online_split" not in tiny_config().selftrain.fingerprint_fields()  # earlier runs stay up to date
