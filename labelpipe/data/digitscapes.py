@@ -647,12 +647,12 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
         weight = alpha[:, :, None]
         if plan.domain == "target" and kit.blend == "diff":
             region[:] = np.abs(region - weight * 255.0)
-        elif inked:
-            fill = _textured_ink(rng, region, max(height, width))[:height, :width]
-            region[:] = (1 - weight) * region + weight * fill
         else:
-            colour = _contrasting_colour(rng, region)
-            region[:] = (1 - weight) * region + weight * colour
+            if inked:
+                fill = _textured_ink(rng, region, max(height, width))[:height, :width]
+            else:
+                fill = _contrasting_colour(rng, region)
+            region[:] = (1 - weight) * region + weight * fill
         region_mask = mask[top : top + height, left : left + width]
         stroke, band = _stroke_and_band(alpha)
         region_mask[band] = IGNORE_INDEX
