@@ -126,9 +126,8 @@ def checked_model_path(run_dir: Path, name: str) -> Path:
 def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLabV3Plus, Path]:
     name = name or latest_model_name(ctx.run_dir)
     path = checked_model_path(ctx.run_dir, name)
-    import torch
-
     from labelpipe.models import build_model_from_metadata
+    from labelpipe.runtime import place
     from labelpipe.store.checkpoint import load_model_weights, read_model_metadata
 
     meta = read_model_metadata(path)
@@ -141,9 +140,7 @@ def load_trained_model(ctx: StageContext, name: str | None) -> tuple[str, DeepLa
     if "model" in meta:  # the architecture the weights were trained with wins over the current config
         model = build_model_from_metadata(ctx.source.num_classes, meta["model"])
     load_model_weights(path, model)
-    model.to(ctx.runtime.device).eval()
-    if ctx.runtime.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # NHWC convolution kernels, as in training
+    place(model, ctx.runtime.device, ctx.config.train.channels_last).eval()  # NHWC kernels, as in training
     return name, model, path
 
 

@@ -27,7 +27,7 @@ from labelpipe.errors import LabelpipeError
 from labelpipe.inference import predict_logits
 from labelpipe.models import SegmentationOutput
 from labelpipe.plots import colorize
-from labelpipe.runtime import Runtime, all_gather_objects
+from labelpipe.runtime import Runtime, all_gather_objects, place
 from labelpipe.store.atomic import temp_sibling
 
 DEFAULT_CROP = 512
@@ -126,11 +126,10 @@ def load_run_segmenter(run_dir: Path, model_name: str | None, device: torch.devi
     from labelpipe.context import load_run_model
 
     name, model, meta = load_run_model(run_dir, model_name)
-    model.to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # NHWC kernels, as in training
+    train = _run_config(run_dir).get("train", {})
+    place(model, device, bool(train.get("channels_last", True))).eval()  # NHWC kernels, as in training
     classes = meta.get("classes") or [f"class-{i}" for i in range(meta["num_classes"])]
-    amp = bool(_run_config(run_dir).get("train", {}).get("amp", True)) and device.type == "cuda"
+    amp = bool(train.get("amp", True)) and device.type == "cuda"
     return Segmenter(name, model, classes, run_palette(run_dir, len(classes)), _crop_of(run_dir, {}), amp)
 
 

@@ -13,7 +13,7 @@ from labelpipe.errors import LabelpipeError
 from labelpipe.inference.measure import measure
 from labelpipe.losses.class_balance import class_balance_weights
 from labelpipe.metrics import iou_per_class, mean_iou, pixel_accuracy
-from labelpipe.runtime import Runtime, unwrap
+from labelpipe.runtime import Runtime, place, unwrap
 
 
 def num_workers(config: RunConfig, device: torch.device) -> int:
@@ -97,14 +97,12 @@ def for_training(model: torch.nn.Module, rt: Runtime, cfg: TrainConfig, uses_rep
     ``uses_rep``: whether a loss reads the representation head; when none does, the head is frozen
     (its forward is skipped, see ``DeepLabV3Plus.forward``), which keeps DDP's gradient buckets exact.
 
-    On CUDA the weights go channels_last (convolutions run NHWC kernels; inputs follow the weights), under
+    With ``train.channels_last`` (the default) the weights go NHWC (``runtime.place``), under
     torchrun the model is wrapped in DDP, and with ``train.compile`` the whole (DDP) module is compiled,
     which lets DDP's optimizer split the graph at its gradient buckets.
     """
-    model.to(rt.device)
+    place(model, rt.device, cfg.channels_last)
     model.representation.requires_grad_(uses_rep)
-    if rt.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     net = wrap_ddp(model, rt, cfg.sync_bn)
     if cfg.compile != "off":
         if cfg.compile_backend == "inductor":
