@@ -3,10 +3,12 @@
 It sits above ``labelpipe.stages`` (as the CLI does), the one module besides ``labelpipe.cli`` that
 calls the verbs: no stage imports another.
 
-``evaluate`` evaluates the run's latest model at that point of the pipeline; when a later
-``evaluate`` sees a different model (e.g. ``[pretrain, evaluate, selftrain, evaluate]``), it also
-prints a before/after table against the first one. At the end ``RUN/report.html`` is written
-(``labelpipe report``).
+``evaluate`` evaluates the model the stages before it produced (``pretrain``'s, then the last round of
+``selftrain``), not whatever is newest on disk: a run that already holds rounds of other settings still
+compares its baseline with its new rounds (``evaluate.model``, when set, wins; an ``evaluate`` before any
+training stage takes the run's latest model). When a later ``evaluate`` sees a different model (e.g.
+``[pretrain, evaluate, selftrain, evaluate]``), it also prints a before/after table against the first one.
+At the end ``RUN/report.html`` is written (``labelpipe report``).
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ def run_pipeline(config: RunConfig, run_dir: Path, runtime: Runtime) -> None:
     from labelpipe.stages.pseudolabel import run_pseudolabel
     from labelpipe.stages.selftrain import run_selftrain
 
-    first = None
+    first = produced = None
     for stage in config.pipeline:
         if stage == "pretrain":
             run_pretrain(config, run_dir, runtime)
+            produced = "pretrain"
         elif stage == "predict":
             run_predict(config, run_dir, runtime)
         elif stage == "pseudolabel":
             run_pseudolabel(config, run_dir, runtime)
         elif stage == "selftrain":
             run_selftrain(config, run_dir, runtime)
+            produced = f"round-{config.selftrain.rounds}"
         elif stage == "evaluate":
-            metrics = run_evaluate(config, run_dir, runtime)
+            metrics = run_evaluate(config, run_dir, runtime, default_model=produced)
             if first is None:
                 first = metrics
             elif first["model"] != metrics["model"] and runtime.is_main:

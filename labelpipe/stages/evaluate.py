@@ -36,18 +36,19 @@ def print_table(metrics: dict, title: str, console: Console | None = None) -> No
     console.print(table)
 
 
-def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
-    """Evaluate while holding the ``evaluate`` lock of the run."""
+def run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime, default_model: str | None = None) -> dict:
+    """Evaluate while holding the ``evaluate`` lock of the run: ``evaluate.model``, else ``default_model`` (what
+    ``labelpipe run``'s earlier stages produced), else the run's latest model."""
     with run_lock(run_dir, "evaluate", enabled=runtime.is_main):
-        return _run_evaluate(config, run_dir, runtime)
+        return _run_evaluate(config, run_dir, runtime, default_model)
 
 
-def _run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime) -> dict:
+def _run_evaluate(config: RunConfig, run_dir: Path, runtime: Runtime, default_model: str | None = None) -> dict:
     ctx = open_context(config, run_dir, runtime)
     config = ctx.config  # with defaults that depend on the data resolved
     split = config.evaluate.split or ctx.roles["test"]
     samples = ctx.source.split(split)
-    name, model, weights = load_trained_model(ctx, config.evaluate.model)
+    name, model, weights = load_trained_model(ctx, config.evaluate.model or default_model)
     out_dir = run_dir / "evaluate" / name
     stage = StageDir(out_dir)
     preflight(samples)  # validate, then act
