@@ -129,7 +129,7 @@ class TrainConfig(Section):
     val_limit: int | None = None  # validate on the first N val images (None: all)
     num_workers: int | None = None  # None: 0 on CPU, 4 on CUDA
     # NHWC (channels_last) weights and activations on every device (runtime.place): the CPU scales train
-    # 1.3-1.6x faster; off only to compare. Results agree to float rounding, not bit for bit.
+    # 1.2-1.5x faster; off only to compare. Results agree to float rounding, not bit for bit.
     channels_last: bool = True
     log_every: int = Field(10, ge=1)
     # torch.compile the training model ("off", or a mode: default, reduce-overhead, max-autotune). Pays off

@@ -46,8 +46,8 @@ def place(model: torch.nn.Module, device: torch.device, channels_last: bool = Tr
     NHWC kernels (a convolution's output follows its weight's layout, the inputs need not be converted).
 
     Measured on the 2-core CPU (``benchmarks/train_throughput.py --layouts nhwc,nchw``): the EfficientNet-Lite
-    scales train 1.3-1.6x and infer 1.3-2.0x faster NHWC (depthwise convolutions), ResNets infer 1.2-1.3x faster
-    and train at the same speed; on CUDA NHWC is what AMP's tensor-core kernels want. ``model.safetensors`` is
+    scales train 1.2-1.5x and infer 1.4-1.5x faster NHWC (depthwise convolutions), ResNet-18 infers 1.14x faster
+    and trains at the same speed (0.96x); on CUDA NHWC is what AMP's tensor-core kernels want. ``model.safetensors`` is
     written contiguous either way (``save_model``), so a file does not depend on the layout it was trained in.
     """
     model.to(device)
