@@ -204,6 +204,10 @@ def second_round(*sets: str) -> tuple[str, ...]:
 # round over 2,000 steps, `plateau-online-lr4e-3-2000`, whose copy resumes at round 2), stage 2 the pair's
 # offline round on stage 1's pseudo-labels: the rectified loss against the fixed thresholds.
 ADAPTED = plateau_round(2000)
+# The same stage 1 with MRNet's memory regularisation (session 27): seed 000's stage 1 is MRNet, whose heads are
+# trained to agree on target images, so that the variance left marks ambiguous pixels; stage 2 as above (its
+# round without the term: the rectified loss holds its own mean(var), the thresholds are plain CE).
+MR_STAGE_1 = (*ADAPTED, "selftrain.terms=[supervised, unsupervised, consistency]")
 
 
 CONFIGS: list[Config] = [
@@ -488,6 +492,27 @@ CONFIGS: list[Config] = [
         "DARS (alpha 0.8) + CE, offline round after the plateau's online round",
         PLATEAU_RECIPE,
         sets=(*ADAPTED, *second_round(*plateau_offline(0.8), "selftrain.method=dars")),
+    ),
+    Config(
+        "mr-online",
+        "the plateau's online round with MRNet's head consistency (seed 000's stage 1)",
+        PLATEAU_RECIPE,
+        sets=MR_STAGE_1,
+    ),
+    Config(
+        "mr-rectified",
+        "variance + rectified loss, offline round after the online round with head consistency",
+        PLATEAU_RECIPE,
+        sets=(*MR_STAGE_1, *second_round(*PLATEAU_RECTIFIED, "selftrain.terms=null")),
+    ),
+    *(
+        Config(
+            f"mr-sweep-{tau}",
+            f"fixed threshold {tau} + CE, offline round after the online round with head consistency",
+            PLATEAU_RECIPE,
+            sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), "selftrain.terms=null")),
+        )
+        for tau in TAUS
     ),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
@@ -1043,7 +1068,7 @@ def over_budget(key: str) -> bool:
     """Rows read for a paper's claim that are not candidates for the best self-training, since they take longer
     than the 12 minutes a configuration (issue 14, item 5): seed 000's stage 2 after the 2,000-step online round
     (9 min 45 s + 4 min 17 s on 2 threads, session 23)."""
-    return key.startswith("adapted-")
+    return key.startswith(("adapted-", "mr-"))
 
 
 def is_plateau(key: str) -> bool:
@@ -1221,6 +1246,7 @@ def curve_panels(latest: Latest, protocol: str) -> list[tuple[str, list[str]]]:
         ("000: rectified vs fixed thresholds, one round", [rectified, *(f"plateau-sweep-{tau}" for tau in TAUS)]),
         ("000: rectified vs fixed thresholds, two rounds", ["plateau-rectified-2r", *THRESHOLDS_2R]),
         ("000 after the online round: rectified vs fixed thresholds", ["adapted-rectified", *THRESHOLDS_ADAPTED]),
+        ("000 after the online round with head consistency", ["mr-rectified", *THRESHOLDS_MR]),
         ("002: DARS vs threshold-ST (tau 0.9)", [dars, DARS_ST_PAIRS.get(dars)]),
         (
             "003: unreliable vs reliable-only negatives",
@@ -1370,6 +1396,7 @@ U2PL_WITHOUT_CONTRASTIVE = {
 THRESHOLDS_2R = ["plateau-sweep-0.8-2r", "plateau-sweep-0.9-2r"]
 # Seed 000's stage 2 after the plateau's online round: the thresholds it is read against, and stage 1 itself.
 THRESHOLDS_ADAPTED = [f"adapted-sweep-{tau}" for tau in TAUS]
+THRESHOLDS_MR = [f"mr-sweep-{tau}" for tau in TAUS]
 ADAPTED_STAGE_1 = "plateau-online-lr4e-3-2000"
 
 
@@ -1390,6 +1417,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     tau_2r_key, tau_2r_val, _ = best_on_val(latest, protocol, THRESHOLDS_2R)
     # The fixed threshold of seed 000's stage 2 after the online round, chosen on target_val.
     adapted_tau_key, adapted_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_ADAPTED)
+    mr_tau_key, mr_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_MR)
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -1404,6 +1432,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("The rectified loss's form", rectified_key, rectified_val),
         ("The fixed threshold over two rounds", tau_2r_key, tau_2r_val),
         ("The fixed threshold of stage 2 after the online round", adapted_tau_key, adapted_tau_val),
+        ("The fixed threshold of stage 2 after the online round with head consistency", mr_tau_key, mr_tau_val),
     ):
         if len(val) > 1:
             chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
@@ -1529,6 +1558,15 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ),
         ("stage 2 with the rectified loss vs stage 1 (the online round)", "", "adapted-rectified", ADAPTED_STAGE_1),
         ("stage 2 with the chosen fixed threshold vs stage 1 (the online round)", "", adapted_tau_key, ADAPTED_STAGE_1),
+        (
+            "rectified vs the best fixed threshold (tau chosen on target_val), seed 000's stage 2 after the "
+            "online round with MRNet's head consistency (stage 1 as the paper's: adapted, heads made to agree)",
+            "000 Table 5: +1.9",
+            "mr-rectified",
+            mr_tau_key,
+        ),
+        ("stage 1: the online round with head consistency vs without", "", "mr-online", ADAPTED_STAGE_1),
+        ("stage 2 with the rectified loss vs its stage 1 (with head consistency)", "", "mr-rectified", "mr-online"),
         ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
         ("threshold-ST from the plateau (tau 0.9): two rounds vs one", "", "plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),

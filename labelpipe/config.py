@@ -218,6 +218,7 @@ class SelftrainConfig(Section):
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
         "head_dropout": None,
+        "consistency_weight": 0.1,
         "online_split": "batch",
         "terms": None,
         "round_overrides": None,
@@ -259,6 +260,9 @@ class SelftrainConfig(Section):
     # Dropout before the main and auxiliary classifiers during the rounds (seed 000's "Ours + dropout 0.5":
     # it widens the heads' disagreement on wrong pixels); None: the model's own (main 0, auxiliary 0.1).
     head_dropout: float | None = Field(None, ge=0, lt=1)
+    # The `consistency` term's weight: MRNet's memory regularisation (seed 000's stage 1), the main and
+    # auxiliary heads' KL on the unlabeled images, so that the variance left afterwards marks ambiguity.
+    consistency_weight: float = Field(0.1, ge=0)
     # The round's loss terms by registered name (labelpipe.training.terms), in order; None: derived from the
     # flags above (supervised, then rectified or unsupervised CE/SCE, then contrastive when set).
     terms: list[str] | None = None

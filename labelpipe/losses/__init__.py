@@ -14,7 +14,7 @@ from labelpipe.losses.contrastive import (
     rank_below,
     u2pl_contrastive,
 )
-from labelpipe.losses.rectified import OftenBalance, prediction_variance, rectified_loss
+from labelpipe.losses.rectified import OftenBalance, head_consistency, prediction_variance, rectified_loss
 from labelpipe.losses.sce import masked_ce, symmetric_ce, unsupervised_ce_weight
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "contrastive_loss",
     "denoise_pseudo_labels",
     "fold_prototypes",
+    "head_consistency",
     "masked_ce",
     "negative_masks",
     "prediction_variance",

@@ -55,6 +55,21 @@ def prediction_variance(main_logits: Tensor, aux_logits: Tensor) -> Tensor:
     return _kl_per_pixel(F.log_softmax(main_logits.float(), 1), F.log_softmax(aux_logits.float(), 1))
 
 
+def head_consistency(main_logits: Tensor, aux_logits: Tensor, inside: Tensor | None = None) -> Tensor:
+    """Scalar mean of ``KL(p_main || p_aux)`` over the pixels of (B, C, h, w) logits, at the main head's size.
+
+    MRNet's memory regularisation (Zheng & Yang 2020; the stage 1 of seed 000): trained on unlabeled images it
+    makes the two heads agree wherever they can, so the variance that remains marks ambiguous pixels. ``inside``
+    (B, H, W) bool at the image's size leaves crop padding out (nearest-resized to the logits). Nothing is
+    detached: gradients reach both heads.
+    """
+    var = prediction_variance(main_logits, aux_logits)
+    if inside is None:
+        return var.mean()
+    keep = F.interpolate(inside[:, None].float(), size=var.shape[1:], mode="nearest")[:, 0] > 0.5
+    return torch.where(keep, var, torch.zeros_like(var)).sum() / keep.sum().clamp_min(1)
+
+
 def _rectified_term(
     log_p_self: Tensor,
     log_p_other: Tensor,

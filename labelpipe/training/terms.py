@@ -35,6 +35,7 @@ from labelpipe.losses import (
     MemoryBank,
     OftenBalance,
     PrototypeBank,
+    head_consistency,
     masked_ce,
     rectified_loss,
     symmetric_ce,
@@ -207,6 +208,16 @@ class Rectified(LossTerm):
 
     def components(self) -> dict[str, Any]:
         return {"often_balance": self.often_balance} if self.often_balance is not None else {}
+
+
+@register_term("consistency")
+class Consistency(LossTerm):
+    """MRNet's memory regularisation ``lambda_mr * mean KL(p_main || p_aux)`` on the unlabeled images (the crop
+    padding left out): the auxiliary head follows the main one where it can (seed 000's stage 1 trains so)."""
+
+    def __call__(self, t: StepTensors) -> tuple[Tensor, dict[str, float]]:
+        kl = head_consistency(t.main_u, t.aux_u, t.inside_u)
+        return self.setup.st.consistency_weight * kl, {"loss_consistency": float(kl.detach())}
 
 
 @register_term("contrastive")

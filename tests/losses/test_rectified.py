@@ -184,3 +184,24 @@ def test_often_balance_follows_the_authors_update_step_by_step():
     restored = OftenBalance(num_classes=3, max_value=7.0, min_pixels=4)
     restored.load_state_dict(balance.state_dict())  # the checkpointed state weights the next step the same
     assert torch.equal(restored(labels), balance(labels))
+
+
+def test_head_consistency_is_the_mean_kl_over_the_pixels_inside_the_crop():
+    """MRNet's memory regularisation: the heads' KL averaged over the pixels not on crop padding, the mask
+    nearest-resized from the image's size to the logits'."""
+    import numpy as np
+
+    from labelpipe.losses import head_consistency
+
+    g = torch.Generator().manual_seed(3)
+    main, aux = torch.randn(2, 5, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+    inside = torch.zeros(2, 8, 8, dtype=torch.bool)
+    inside[0] = True
+    inside[1, :4, :] = True  # image 1: its upper half (logit rows 0-1)
+    p = np.exp(main.double().numpy()) / np.exp(main.double().numpy()).sum(1, keepdims=True)
+    q = np.exp(aux.double().numpy()) / np.exp(aux.double().numpy()).sum(1, keepdims=True)
+    kl = (p * (np.log(p) - np.log(q))).sum(1)  # (2, 4, 4)
+    assert float(head_consistency(main, aux)) == pytest.approx(kl.mean(), rel=1e-5)
+    expected = np.concatenate([kl[0].ravel(), kl[1, :2].ravel()]).mean()
+    assert float(head_consistency(main, aux, inside)) == pytest.approx(expected, rel=1e-5)
+    assert float(head_consistency(main, main.clone(), inside)) == pytest.approx(0.0, abs=1e-6)

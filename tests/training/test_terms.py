@@ -186,3 +186,27 @@ def test_the_online_split_is_per_batch_by_default_and_per_predicted_class_when_a
         assert len(calls) == (split == "class")
     assert tiny_config(online_split="class").selftrain.fingerprint_fields()["online_split"] == "class"
     assert "online_split" not in tiny_config().selftrain.fingerprint_fields()  # earlier runs stay up to date
+
+
+def test_the_consistency_term_is_the_heads_kl_on_the_unlabeled_half_computed_by_hand():
+    """MRNet's memory regularisation: ``consistency_weight * mean KL(p_main || p_aux)`` over the unlabeled
+    images' pixels at the main head's size, added to the step's loss and reaching both heads."""
+    base = tiny_config(strong_aug=False)
+    with_mr = tiny_config(strong_aug=False, terms=["supervised", "unsupervised", "consistency"], consistency_weight=0.3)
+    step_a, model_a = make_step(base)
+    step_b, model_b = make_step(with_mr)
+    model_a.eval(), model_b.eval()
+    loss_a, _ = step_a(batch(), 0)
+    loss_b, logs = step_b(batch(), 0)
+    out = model_b(torch.cat([batch()[0]["image"], batch()[1]["image"]]), with_rep=False)
+    main, aux = out.main[2:].double(), out.aux[2:].double()
+    if aux.shape[2:] != main.shape[2:]:
+        aux = torch.nn.functional.interpolate(aux, size=main.shape[2:], mode="bilinear", align_corners=False)
+    p, log_p, log_q = main.softmax(1), main.log_softmax(1), aux.log_softmax(1)
+    kl = float((p * (log_p - log_q)).sum(1).mean().detach())
+    assert logs["loss_consistency"] == pytest.approx(kl, rel=1e-4)
+    assert torch.allclose(loss_b - loss_a, torch.tensor(0.3 * kl), atol=1e-5)
+    model_b.zero_grad()
+    (loss_b - loss_a.detach()).backward()
+    for head in (model_b.classifier, model_b.aux_classifier):
+        assert any(float(q.grad.abs().sum()) > 0 for q in head.parameters() if q.grad is not None)
