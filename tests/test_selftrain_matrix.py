@@ -165,6 +165,9 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "adapted-control",
         "adapted-dars-0.8",
         "plateau-online-classwise-2000",
+        "mr-online",
+        "mr-rectified",
+        *(f"mr-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
@@ -190,6 +193,14 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     config = resolve_config(None, recipe, sets=sets(selftrains["adapted-sweep-0.8"]))
     first, second = config.for_round(1), config.for_round(2)
     assert (first.selftrain.pseudo_source, first.selftrain.steps) == ("teacher", 2000)
+    # The same pair after a stage 1 with MRNet's head consistency (session 27): round 1 adds the term, round 2
+    # goes without it; the stage 1 alone is its own row.
+    mr = resolve_config(None, recipe, sets=sets(selftrains["mr-rectified"]))
+    assert mr.for_round(1).selftrain.terms == ["supervised", "unsupervised", "consistency"]
+    assert mr.for_round(1).selftrain.fingerprint_fields() == resolve_config(
+        None, recipe, sets=sets(selftrains["mr-online"])
+    ).for_round(1).selftrain.fingerprint_fields()
+    assert (mr.for_round(2).selftrain.terms, mr.for_round(2).selftrain.rectified) == (None, True)
     assert (second.selftrain.pseudo_source, second.selftrain.method, second.pseudolabel.tau) == (
         "stored",
         "threshold",
