@@ -91,6 +91,7 @@ DARS_RECIPE, RECTIFY_RECIPE, U2PL_RECIPE = "digitscapes_dars", "digitscapes_rect
 BASE_RECIPE = DARS_RECIPE  # the baseline, its AdaBN and its oracle
 RECTIFY_C3_RECIPE = "digitscapes_rectify_c3"  # the rectify recipe, its auxiliary head on c3
 PLATEAU_RECIPE = "digitscapes_source_only"  # the baseline's model trained 3x longer, to its target_val plateau
+PLATEAU_C3_RECIPE = "digitscapes_source_only_c3"  # the plateau recipe, its auxiliary head on c3
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 SPLITS = ("target_val", "target_test")  # every protocol's val and test roles
 # What a configuration may set: the round's sections only, so configurations of one recipe share its pretrain.
@@ -510,6 +511,29 @@ CONFIGS: list[Config] = [
             f"mr-sweep-{tau}",
             f"fixed threshold {tau} + CE, offline round after the online round with head consistency",
             PLATEAU_RECIPE,
+            sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), "selftrain.terms=null")),
+        )
+        for tau in TAUS
+    ),
+    # The same two stages with the auxiliary head on c3 (stride 8; session 27): its own plateau pretrain.
+    Config("c3mr-pretrain", "the plateau recipe's pretrain, aux head on c3", PLATEAU_C3_RECIPE, "pretrain"),
+    Config(
+        "c3mr-online",
+        "the online round with head consistency, aux head on c3 (seed 000's stage 1)",
+        PLATEAU_C3_RECIPE,
+        sets=MR_STAGE_1,
+    ),
+    Config(
+        "c3mr-rectified",
+        "variance + rectified loss after the online round with head consistency, aux head on c3",
+        PLATEAU_C3_RECIPE,
+        sets=(*MR_STAGE_1, *second_round(*PLATEAU_RECTIFIED, "selftrain.terms=null")),
+    ),
+    *(
+        Config(
+            f"c3mr-sweep-{tau}",
+            f"fixed threshold {tau} + CE after the online round with head consistency, aux head on c3",
+            PLATEAU_C3_RECIPE,
             sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), "selftrain.terms=null")),
         )
         for tau in TAUS
@@ -1068,7 +1092,7 @@ def over_budget(key: str) -> bool:
     """Rows read for a paper's claim that are not candidates for the best self-training, since they take longer
     than the 12 minutes a configuration (issue 14, item 5): seed 000's stage 2 after the 2,000-step online round
     (9 min 45 s + 4 min 17 s on 2 threads, session 23)."""
-    return key.startswith(("adapted-", "mr-"))
+    return key.startswith(("adapted-", "mr-", "c3mr-"))
 
 
 def is_plateau(key: str) -> bool:
@@ -1247,6 +1271,7 @@ def curve_panels(latest: Latest, protocol: str) -> list[tuple[str, list[str]]]:
         ("000: rectified vs fixed thresholds, two rounds", ["plateau-rectified-2r", *THRESHOLDS_2R]),
         ("000 after the online round: rectified vs fixed thresholds", ["adapted-rectified", *THRESHOLDS_ADAPTED]),
         ("000 after the online round with head consistency", ["mr-rectified", *THRESHOLDS_MR]),
+        ("000 after the online round with head consistency, aux on c3", ["c3mr-rectified", *THRESHOLDS_C3MR]),
         ("002: DARS vs threshold-ST (tau 0.9)", [dars, DARS_ST_PAIRS.get(dars)]),
         (
             "003: unreliable vs reliable-only negatives",
@@ -1397,6 +1422,7 @@ THRESHOLDS_2R = ["plateau-sweep-0.8-2r", "plateau-sweep-0.9-2r"]
 # Seed 000's stage 2 after the plateau's online round: the thresholds it is read against, and stage 1 itself.
 THRESHOLDS_ADAPTED = [f"adapted-sweep-{tau}" for tau in TAUS]
 THRESHOLDS_MR = [f"mr-sweep-{tau}" for tau in TAUS]
+THRESHOLDS_C3MR = [f"c3mr-sweep-{tau}" for tau in TAUS]
 ADAPTED_STAGE_1 = "plateau-online-lr4e-3-2000"
 
 
@@ -1418,6 +1444,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     # The fixed threshold of seed 000's stage 2 after the online round, chosen on target_val.
     adapted_tau_key, adapted_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_ADAPTED)
     mr_tau_key, mr_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_MR)
+    c3mr_tau_key, c3mr_tau_val, _ = best_on_val(latest, protocol, THRESHOLDS_C3MR)
     controls = {family(k)[3] for k in BY_KEY}  # each family's control is a row of its own, never a choice
     selftrain_keys = [c.key for c in CONFIGS if c.kind == "selftrain" and c.key not in controls]
     # Two choices on target_val: among the rounds from the 1,000-step baseline, and among those from the
@@ -1433,6 +1460,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ("The fixed threshold over two rounds", tau_2r_key, tau_2r_val),
         ("The fixed threshold of stage 2 after the online round", adapted_tau_key, adapted_tau_val),
         ("The fixed threshold of stage 2 after the online round with head consistency", mr_tau_key, mr_tau_val),
+        ("The same, the auxiliary head on c3", c3mr_tau_key, c3mr_tau_val),
     ):
         if len(val) > 1:
             chosen = ", ".join(f"`{k}`: {v:.1f}" for k, v in val.items())
@@ -1567,6 +1595,15 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         ),
         ("stage 1: the online round with head consistency vs without", "", "mr-online", ADAPTED_STAGE_1),
         ("stage 2 with the rectified loss vs its stage 1 (with head consistency)", "", "mr-rectified", "mr-online"),
+        (
+            "rectified vs the best fixed threshold (tau chosen on target_val), stage 2 after the online round with "
+            "head consistency, the auxiliary head on c3",
+            "000 Table 5: +1.9",
+            "c3mr-rectified",
+            c3mr_tau_key,
+        ),
+        ("the plateau pretrain: aux head on c3 vs on mid", "", "c3mr-pretrain", "baseline-plateau"),
+        ("stage 1 with head consistency: aux head on c3 vs on mid", "", "c3mr-online", "mr-online"),
         ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
         ("threshold-ST from the plateau (tau 0.9): two rounds vs one", "", "plateau-sweep-0.9-2r", "plateau-sweep-0.9"),
         ("U2PL: unreliable vs reliable-only negatives", "003 Table III: +2.0", "u2pl-unreliable", "u2pl-reliable"),

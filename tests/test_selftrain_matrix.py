@@ -69,6 +69,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             "oracle",
             "1",
         ),
+        (
+            str(out / "pretrains" / "digitscapes_source_only_c3-da-s1"),
+            "stages/digitscapes_source_only_c3.yaml",
+            "da",
+            "1",
+        ),
         (str(out / "pretrains" / "digitscapes_rectify-da-s1"), "stages/digitscapes_rectify.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_rectify_c3-da-s1"), "stages/digitscapes_rectify_c3.yaml", "da", "1"),
         (str(out / "pretrains" / "digitscapes_u2pl-da-s1"), "stages/digitscapes_u2pl.yaml", "da", "1"),
@@ -168,6 +174,9 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "mr-online",
         "mr-rectified",
         *(f"mr-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
+        "c3mr-online",
+        "c3mr-rectified",
+        *(f"c3mr-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
