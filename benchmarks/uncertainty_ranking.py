@@ -21,6 +21,11 @@ the rectified loss starts its round from, before the round's own updates move it
     python benchmarks/uncertainty_ranking.py --run R1 R2 R3 --store selftrain/round-2/predict/predictions.h5
 
 ``R`` is a run directory (its config.yaml names the data); nothing under it is written.
+
+A third table says where the variance sits (its mean per place, in nats): on pixels labeled a digit, right ones
+at the stroke's edge (within ``--edge`` // 2 pixels of the ground truth's background) and inside it, wrong ones;
+on pixels labeled background, right and wrong. A variance that marks errors is higher on the wrong rows than on
+the right ones; one that follows the strokes' geometry is higher at their edges, right or wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from labelpipe.config import resolve_config
 from labelpipe.context import open_context
@@ -46,19 +52,29 @@ SCORES = {
 }
 
 
-def read_store(run: Path, store: Path, recipe: Path | None = None) -> dict[str, np.ndarray]:
+def stroke_interior(gt: np.ndarray, edge: int) -> np.ndarray:
+    """(H, W) bool: ground-truth foreground (classes 1.., not ignore) farther than ``edge // 2`` pixels from
+    anything else (the foreground eroded by an ``edge`` x ``edge`` square)."""
+    foreground = (gt != 0) & (gt != IGNORE)
+    return ndimage.binary_erosion(foreground, np.ones((edge, edge), dtype=bool))
+
+
+def read_store(run: Path, store: Path, recipe: Path | None = None, edge: int = 5) -> dict[str, np.ndarray]:
     """Every pixel of ``run``'s store ``store`` (relative to the run) with its ground truth, flattened:
-    label, conf, entropy, variance and gt (255 where the mask has none)."""
+    label, conf, entropy, variance, gt (255 where the mask has none) and interior (:func:`stroke_interior`)."""
     config = resolve_config(run, recipe)
     ctx = open_context(config, run, Runtime(device=torch.device("cpu"), rank=0, world=1))
     with PredictionStore(run / store, ctx.source.num_classes, require=("label", "conf", "entropy", "variance")) as st:
         by_id = {s.id: s for s in ctx.source.split(st.attrs["split"])}
-        columns: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "conf", "entropy", "variance", "gt")}
+        names = ("label", "conf", "entropy", "variance", "gt", "interior")
+        columns: dict[str, list[np.ndarray]] = {k: [] for k in names}
         for image_id in st.ids:
             image = st.read(image_id, ("label", "conf", "entropy", "variance"))
             for name, values in image.items():
                 columns[name].append(values.reshape(-1))
-            columns["gt"].append(ctx.source.read_mask(by_id[image_id].mask).reshape(-1))
+            gt = ctx.source.read_mask(by_id[image_id].mask)
+            columns["gt"].append(gt.reshape(-1))
+            columns["interior"].append(stroke_interior(gt, edge).reshape(-1))
     return {name: np.concatenate(values) for name, values in columns.items()}
 
 
@@ -109,13 +125,35 @@ def selection(columns: dict[str, np.ndarray], taus: list[float]) -> dict[str, di
     return out
 
 
-def mean_std(values: list[float]) -> str:
+def places(columns: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """The variance's mean and the pixels' share per place (see the module docstring); NaN for an empty place."""
+    valid = columns["gt"] != IGNORE
+    right = valid & (columns["label"] == columns["gt"])
+    wrong = valid & ~right
+    digit = columns["label"] != 0
+    interior = columns["interior"]
+    variance = columns["variance"].astype(np.float64)
+    masks = {
+        "digit, right, stroke edge": right & digit & ~interior,
+        "digit, right, stroke inside": right & digit & interior,
+        "digit, wrong": wrong & digit,
+        "background, right": right & ~digit,
+        "background, wrong": wrong & ~digit,
+    }
+    n = max(int(valid.sum()), 1)
+    return {
+        place: (float(variance[m].mean()) if m.any() else float("nan"), float(m.sum()) / n)
+        for place, m in masks.items()
+    }
+
+
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
-    mean = 100 * float(np.mean(values))
-    std = 100 * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    mean = scale * float(np.mean(values))
+    std = scale * float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", type=Path, default=None, help="the recipe, when a run has no config.yaml")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    parser.add_argument("--edge", type=int, default=5, help="the stroke-edge band's width: an EDGE x EDGE erosion")
     args = parser.parse_args(argv)
 
-    ranks, selections = [], []
+    ranks, selections, where = [], [], []
     for run in args.run:
-        columns = read_store(run, args.store, args.config)
+        columns = read_store(run, args.store, args.config, args.edge)
         ranks.append(ranking(columns))
         selections.append(selection(columns, args.taus))
+        where.append(places(columns))
     n = len(args.run)
     print(f"error ranking (AUROC %, mean ± std over {n} run(s); 50 = chance), {args.store}")
     keys = list(ranks[0])
@@ -146,6 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     for way in selections[0]:
         cells = [mean_std([s[way][k] for s in selections]) for k in ("share", "precision", "fg precision")]
         print(f"| {way} | " + " | ".join(cells) + " |")
+    print()
+    print(f"where the variance sits (mean KL in nats, mean ± std over {n} run(s); stroke edge: {args.edge}x{args.edge})")
+    print("| pixels | variance | share of the pixels (%) |")
+    print("|---|---|---|")
+    for place in where[0]:
+        variance = mean_std([w[place][0] for w in where], scale=1.0, digits=3)
+        print(f"| {place} | {variance} | {mean_std([w[place][1] for w in where])} |")
 
 
 if __name__ == "__main__":

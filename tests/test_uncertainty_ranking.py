@@ -73,3 +73,28 @@ def test_reads_a_run_store_against_its_masks(ur, pretrained_run, tmp_path, capsy
     assert all_pixels.split("|")[2].strip() == "100.0 ± 0.0"
     assert all_pixels.split("|")[3].strip() == f"{100 * (1 - error):.1f} ± 0.0"
     assert "| tau 0.9 |" in out and "| variance, tau 0.5's share |" in out
+
+
+def test_places_split_the_variance_by_stroke_edge_inside_and_errors(ur):
+    # A 7 x 7 digit-1 square in a 9 x 9 image: with a 3 x 3 erosion its inside is the 5 x 5 centre.
+    gt = np.zeros((9, 9), dtype=np.uint8)
+    gt[1:8, 1:8] = 1
+    interior = ur.stroke_interior(gt, 3)
+    assert interior.sum() == 25 and interior[2:7, 2:7].all()
+    label = gt.copy()
+    label[0, 0] = 1  # a wrong digit label on the background
+    label[4, 4] = 0  # a wrong background label inside the stroke
+    variance = np.where(interior, 0.1, 0.5).astype(np.float32)
+    variance[0, 0], variance[4, 4] = 2.0, 3.0
+    c = {
+        "label": label.ravel(),
+        "gt": gt.ravel(),
+        "variance": variance.ravel(),
+        "interior": interior.ravel(),
+    }
+    got = ur.places(c)
+    assert got["digit, right, stroke edge"] == pytest.approx((0.5, 24 / 81))
+    assert got["digit, right, stroke inside"] == pytest.approx((0.1, 24 / 81))
+    assert got["digit, wrong"] == pytest.approx((2.0, 1 / 81))
+    assert got["background, wrong"] == pytest.approx((3.0, 1 / 81))
+    assert got["background, right"] == pytest.approx((0.5, 31 / 81))
