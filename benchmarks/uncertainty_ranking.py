@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = [mean_std([s[way][k] for s in selections]) for k in ("share", "precision", "fg precision")]
         print(f"| {way} | " + " | ".join(cells) + " |")
     print()
-    print(f"where the variance sits (mean KL in nats, mean ± std over {n} run(s); stroke edge: {args.edge}x{args.edge})")
+    band = f"{args.edge}x{args.edge}"
+    print(f"where the variance sits (mean KL in nats, mean ± std over {n} run(s); stroke edge: {band})")
     print("| pixels | variance | share of the pixels (%) |")
     print("|---|---|---|")
     for place in where[0]:

@@ -206,9 +206,10 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     # goes without it; the stage 1 alone is its own row.
     mr = resolve_config(None, recipe, sets=sets(selftrains["mr-rectified"]))
     assert mr.for_round(1).selftrain.terms == ["supervised", "unsupervised", "consistency"]
-    assert mr.for_round(1).selftrain.fingerprint_fields() == resolve_config(
-        None, recipe, sets=sets(selftrains["mr-online"])
-    ).for_round(1).selftrain.fingerprint_fields()
+    assert (
+        mr.for_round(1).selftrain.fingerprint_fields()
+        == resolve_config(None, recipe, sets=sets(selftrains["mr-online"])).for_round(1).selftrain.fingerprint_fields()
+    )
     assert (mr.for_round(2).selftrain.terms, mr.for_round(2).selftrain.rectified) == (None, True)
     assert (second.selftrain.pseudo_source, second.selftrain.method, second.pseudolabel.tau) == (
         "stored",
