@@ -1050,6 +1050,8 @@ def family(key: str) -> tuple[str, str, str, str]:
     """The baseline, oracle, AdaBN and control rows ``key`` is read against: those of the plateau recipe for its rows
     (item 2: self-training from the baseline at its plateau is measured against that baseline and the oracle
     trained as long), the 1,000-step ones for everything else."""
+    if key.startswith("c3mr-"):  # their own pretrain (the auxiliary head on c3) is their baseline
+        return "c3mr-pretrain", "oracle-plateau", "adabn-plateau", plateau_control(key)
     if is_plateau(key):
         return "baseline-plateau", "oracle-plateau", "adabn-plateau", plateau_control(key)
     return "baseline", "oracle", "adabn", "control"
@@ -1091,12 +1093,15 @@ def control_of(latest: Latest, protocol: str, key: str) -> str:
 def over_budget(key: str) -> bool:
     """Rows read for a paper's claim that are not candidates for the best self-training, since they take longer
     than the 12 minutes a configuration (issue 14, item 5): seed 000's stage 2 after the 2,000-step online round
-    (9 min 45 s + 4 min 17 s on 2 threads, session 23)."""
+    (9 min 45 s + 4 min 17 s on 2 threads, session 23); and session 27's ablations of seed 000's pair (a stage 1
+    with the heads' consistency term, `mr-`, and the same with the auxiliary head on c3, `c3mr-`, whose own
+    pretrain is not the plateau baseline the DA claim is read against)."""
     return key.startswith(("adapted-", "mr-", "c3mr-"))
 
 
 def is_plateau(key: str) -> bool:
-    return key in BY_KEY and BY_KEY[key].recipe == PLATEAU_RECIPE
+    """A row of the plateau family: the plateau recipe's, or its variant with the auxiliary head on c3."""
+    return key in BY_KEY and BY_KEY[key].recipe in (PLATEAU_RECIPE, PLATEAU_C3_RECIPE)
 
 
 def choose_best(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, list[str], int]:
