@@ -1607,6 +1607,7 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "c3mr-rectified",
             c3mr_tau_key,
         ),
+        ("stage 2, rectified vs its stage 1, the auxiliary head on c3", "", "c3mr-rectified", "c3mr-online"),
         ("the plateau pretrain: aux head on c3 vs on mid", "", "c3mr-pretrain", "baseline-plateau"),
         ("stage 1 with head consistency: aux head on c3 vs on mid", "", "c3mr-online", "mr-online"),
         ("DARS from the plateau (alpha 0.8): two rounds vs one", "", "plateau-dars-0.8-2r", "plateau-dars-0.8"),
