@@ -211,6 +211,36 @@ ADAPTED = plateau_round(2000)
 MR_STAGE_1 = (*ADAPTED, "selftrain.terms=[supervised, unsupervised, consistency]")
 
 
+def consistency_pair(prefix: str, recipe: str, where: str) -> list[Config]:
+    """Seed 000's two stages after a stage 1 with MRNet's head consistency (``MR_STAGE_1``) on ``recipe``'s
+    pretrain: stage 1 alone (``PREFIX-online``), then stage 2 with the rectified loss or a fixed threshold (round 2
+    without the term); ``where`` ends each label."""
+    stage_2 = ("selftrain.terms=null",)
+    return [
+        Config(
+            f"{prefix}-online",
+            f"the online round with head consistency (seed 000's stage 1){where}",
+            recipe,
+            sets=MR_STAGE_1,
+        ),
+        Config(
+            f"{prefix}-rectified",
+            f"variance + rectified loss after the online round with head consistency{where}",
+            recipe,
+            sets=(*MR_STAGE_1, *second_round(*PLATEAU_RECTIFIED, *stage_2)),
+        ),
+        *(
+            Config(
+                f"{prefix}-sweep-{tau}",
+                f"fixed threshold {tau} + CE after the online round with head consistency{where}",
+                recipe,
+                sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), *stage_2)),
+            )
+            for tau in TAUS
+        ),
+    ]
+
+
 CONFIGS: list[Config] = [
     Config("baseline", "baseline (pretrain)", BASE_RECIPE, "pretrain"),
     Config("oracle", "oracle (all target_train labeled)", BASE_RECIPE, "oracle"),
@@ -494,50 +524,10 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=(*ADAPTED, *second_round(*plateau_offline(0.8), "selftrain.method=dars")),
     ),
-    Config(
-        "mr-online",
-        "the plateau's online round with MRNet's head consistency (seed 000's stage 1)",
-        PLATEAU_RECIPE,
-        sets=MR_STAGE_1,
-    ),
-    Config(
-        "mr-rectified",
-        "variance + rectified loss, offline round after the online round with head consistency",
-        PLATEAU_RECIPE,
-        sets=(*MR_STAGE_1, *second_round(*PLATEAU_RECTIFIED, "selftrain.terms=null")),
-    ),
-    *(
-        Config(
-            f"mr-sweep-{tau}",
-            f"fixed threshold {tau} + CE, offline round after the online round with head consistency",
-            PLATEAU_RECIPE,
-            sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), "selftrain.terms=null")),
-        )
-        for tau in TAUS
-    ),
+    *consistency_pair("mr", PLATEAU_RECIPE, ""),
     # The same two stages with the auxiliary head on c3 (stride 8; session 27): its own plateau pretrain.
     Config("c3mr-pretrain", "the plateau recipe's pretrain, aux head on c3", PLATEAU_C3_RECIPE, "pretrain"),
-    Config(
-        "c3mr-online",
-        "the online round with head consistency, aux head on c3 (seed 000's stage 1)",
-        PLATEAU_C3_RECIPE,
-        sets=MR_STAGE_1,
-    ),
-    Config(
-        "c3mr-rectified",
-        "variance + rectified loss after the online round with head consistency, aux head on c3",
-        PLATEAU_C3_RECIPE,
-        sets=(*MR_STAGE_1, *second_round(*PLATEAU_RECTIFIED, "selftrain.terms=null")),
-    ),
-    *(
-        Config(
-            f"c3mr-sweep-{tau}",
-            f"fixed threshold {tau} + CE after the online round with head consistency, aux head on c3",
-            PLATEAU_C3_RECIPE,
-            sets=(*MR_STAGE_1, *second_round(*PLATEAU_OFFLINE, *fixed_threshold_round(tau), "selftrain.terms=null")),
-        )
-        for tau in TAUS
-    ),
+    *consistency_pair("c3mr", PLATEAU_C3_RECIPE, ", aux head on c3"),
     Config("pretrain-rectify", "pretrain of the rectify recipe (aux 0.5)", RECTIFY_RECIPE, "pretrain"),
     Config("rectified", "variance + rectified loss", RECTIFY_RECIPE),
     *(
