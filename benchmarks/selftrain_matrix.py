@@ -324,6 +324,15 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(2000, "selftrain.online_split=class"),
     ),
+    # Session 28: the round half as long again. Every 2,000-step round's target_val was still rising over its last
+    # quarter (DA +1 to +3 on both builds, semi 1/16 random +1 to +3); 3,000 steps is the longest that fits the
+    # 12 minutes a configuration (U2PL's round ~11 min alone on 2 threads, NHWC), target_val choosing the length.
+    Config(
+        "plateau-online-lr4e-3-3000",
+        "online round from the plateau, round lr 4e-3, 3,000 steps",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000),
+    ),
     # The control of the plateau family: the lr 2e-3 round (labeled source batches, the unlabeled images through
     # the student and its BatchNorm, CutMix, the EMA teacher) with the pseudo-label loss weighted 0.
     Config(
@@ -374,6 +383,12 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(2000, *U2PL_CONTRASTIVE),
     ),
+    Config(
+        "plateau-u2pl-3000",
+        "U2PL from the plateau, 3,000 steps (lr 4e-3 round + contrastive loss, unreliable negatives)",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, *U2PL_CONTRASTIVE),
+    ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
     Config(
@@ -403,6 +418,12 @@ CONFIGS: list[Config] = [
         "control: the lr 4e-3 2,000-step round from the plateau without pseudo-label loss",
         PLATEAU_RECIPE,
         sets=plateau_round(2000, "selftrain.unsup_weight=0"),
+    ),
+    Config(
+        "plateau-control-3000",
+        "control: the lr 4e-3 3,000-step round from the plateau without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, "selftrain.unsup_weight=0"),
     ),
     # Seed 000's claim from the plateau (session 15): one offline round on stored pseudo-labels of the plateau
     # model (its auxiliary head trained at weight 0.4), the plateau round's 1,000 steps at lr 4e-3 with its
@@ -1053,6 +1074,7 @@ PLATEAU_CONTROLS = (
     "plateau-control",
     "plateau-control-lr4e-3",
     "plateau-control-2000",
+    "plateau-control-3000",
     "plateau-control-lr4e-3-2r",
     "adapted-control",
 )
@@ -1408,6 +1430,7 @@ DARS_ST_PAIRS = {
 U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl": "plateau-online-lr4e-3",
     "plateau-u2pl-2000": "plateau-online-lr4e-3-2000",
+    "plateau-u2pl-3000": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-lc1": "plateau-online-lr4e-3",
 }
 

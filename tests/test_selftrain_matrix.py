@@ -145,6 +145,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr2e-3",
         "plateau-online-lr4e-3",
         "plateau-online-lr4e-3-2000",
+        "plateau-online-lr4e-3-3000",
         "plateau-control",
         "plateau-control-lr4e-3",
         "plateau-online-lr1e-3-1200",
@@ -155,6 +156,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-lc1",
         "plateau-u2pl-lc1-reliable",
         "plateau-control-2000",
+        "plateau-control-3000",
+        "plateau-u2pl-3000",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -288,6 +291,18 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         *sets(selftrains["plateau-online-lr4e-3-2000"]),
         "selftrain.unsup_weight=0",
     ]
+    # Session 28: the round 3,000 steps long, U2PL's and the control the same length.
+    online_3000 = sets(selftrains["plateau-online-lr4e-3-3000"])
+    assert online_3000 == [
+        *sets(selftrains["plateau-online-lr4e-3-2000"])[:4],
+        "selftrain.steps=3000",
+        "selftrain.lr=0.004",
+    ]
+    assert sets(selftrains["plateau-u2pl-3000"]) == [*online_3000, *contrastive]
+    assert sets(selftrains["plateau-control-3000"]) == [*online_3000, "selftrain.unsup_weight=0"]
+    assert sm.plateau_control("plateau-u2pl-3000") == sm.plateau_control("plateau-online-lr4e-3-3000")
+    assert sm.plateau_control("plateau-online-lr4e-3-3000") == "plateau-control-3000"
+    assert sm.U2PL_WITHOUT_CONTRASTIVE["plateau-u2pl-3000"] == "plateau-online-lr4e-3-3000"
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
     # Two online rounds: one alpha per round.
