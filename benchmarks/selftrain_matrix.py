@@ -201,8 +201,9 @@ def second_round(*sets: str) -> tuple[str, ...]:
 
 
 # Seed 000's two stages from an adapted model (session 23): its stage 1 is a domain-adapted model (AdaptSegNet
-# with the auxiliary head), not a source-only one. Here stage 1 is the plateau recipe's own round (the online
-# round over 2,000 steps, `plateau-online-lr4e-3-2000`, whose copy resumes at round 2), stage 2 the pair's
+# with the auxiliary head), not a source-only one. Here stage 1 is the plateau recipe's round as sessions 22-27 ran
+# it (the online round over 2,000 steps, `plateau-online-lr4e-3-2000`, whose copy resumes at round 2; the recipe's
+# round is 3,000 steps since session 28, and these rows keep the 2,000 their records ran), stage 2 the pair's
 # offline round on stage 1's pseudo-labels: the rectified loss against the fixed thresholds.
 ADAPTED = plateau_round(2000)
 # The same stage 1 with MRNet's memory regularisation (session 27): seed 000's stage 1 is MRNet, whose heads are

@@ -930,14 +930,14 @@ def test_the_u2pl_plateau_recipe_is_the_matrix_row_it_reports(sm):
 
 
 def test_the_plateau_recipes_round_is_the_row_chosen_on_target_val_and_offline_rows_stay_at_1000(sm):
-    """stages/digitscapes_source_only.yaml's own round is the `plateau-online-lr4e-3-2000` row (session 22's
+    """stages/digitscapes_source_only.yaml's own round is the `plateau-online-lr4e-3-3000` row (session 28's
     choice on target_val); the offline rows from the plateau keep the 1,000 steps their records ran."""
     from labelpipe.config import SelftrainConfig, load_yaml
 
     plateau = load_yaml(ROOT / "stages" / "digitscapes_source_only.yaml")
     recipe_round = SelftrainConfig.model_validate(plateau["selftrain"])
-    assert recipe_round == sm.round_settings(sm.BY_KEY["plateau-online-lr4e-3-2000"])
-    assert recipe_round.steps == 2000
+    assert recipe_round == sm.round_settings(sm.BY_KEY["plateau-online-lr4e-3-3000"])
+    assert recipe_round.steps == 3000
     offline = [c for c in sm.CONFIGS if c.recipe == sm.PLATEAU_RECIPE and "selftrain.pseudo_source=stored" in c.sets]
     assert len(offline) >= 10
     assert {sm.round_settings(c).steps for c in offline} == {1000}
