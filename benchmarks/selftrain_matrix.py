@@ -390,6 +390,21 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(3000, *U2PL_CONTRASTIVE),
     ),
+    # Session 29: the 3,000-step U2PL round with U2PL+'s pseudo-label denoising (prototype-weighted teacher
+    # probabilities, the journal version's Eq. 15-18), and with CutMix on every unlabeled image (the authors' code
+    # mixes the whole unlabeled batch; ALGORITHMS.md's p = 0.5 the default). Same schedule: the 3,000-step control.
+    Config(
+        "plateau-u2pl-3000-denoise",
+        "U2PL+ from the plateau, 3,000 steps: U2PL's round + prototype denoising of the pseudo-labels",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, *U2PL_CONTRASTIVE, "selftrain.denoise=true"),
+    ),
+    Config(
+        "plateau-u2pl-3000-cutmix1",
+        "U2PL from the plateau, 3,000 steps, CutMix on every unlabeled image (the authors' code)",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, *U2PL_CONTRASTIVE, "selftrain.cutmix_p=1.0"),
+    ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
     Config(
@@ -1432,6 +1447,8 @@ U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl": "plateau-online-lr4e-3",
     "plateau-u2pl-2000": "plateau-online-lr4e-3-2000",
     "plateau-u2pl-3000": "plateau-online-lr4e-3-3000",
+    "plateau-u2pl-3000-denoise": "plateau-online-lr4e-3-3000",
+    "plateau-u2pl-3000-cutmix1": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-lc1": "plateau-online-lr4e-3",
 }
 

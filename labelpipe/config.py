@@ -118,6 +118,11 @@ class TrainConfig(Section):
     # Supervised CE class weights p_c^-class_balance from the labeled split's class prior, mean weight 1
     # (labelpipe.losses.class_balance): 0 = plain CE; 0.5 lets a long tail's rare classes be learned.
     class_balance: float = Field(0.0, ge=0.0, le=1.0)
+    # Repeat-factor sampling of the labeled images (LVIS; labelpipe.data.repeat_factor): an image is seen
+    # max(1, sqrt(t / f_c)) times an epoch for its rarest class c (f_c: the fraction of labeled images with c),
+    # in pretrain and in selftrain's labeled batches. 0 = each image once; t is the image fraction from which
+    # a class is not repeated. Puts a few-shot class into more batches, where class_balance reweights it.
+    repeat_factor: float = Field(0.0, ge=0.0, le=1.0)
     # Photometric augmentation of the labeled images (colour jitter, grayscale, blur; strength as in
     # selftrain's strong_aug), in pretrain and in selftrain's labeled batches: 0 = off. A source that must
     # transfer learns shape rather than its own colours (domain generalisation).
@@ -155,6 +160,7 @@ class TrainConfig(Section):
         "schedule_steps": None,
         "warmup_steps": 0,
         "class_balance": 0.0,
+        "repeat_factor": 0.0,
         "photometric": 0.0,
     }
 

@@ -191,6 +191,39 @@ def class_prior(ctx: StageContext, split: str) -> np.ndarray:
     return prior
 
 
+def class_presence(ctx: StageContext, split: str) -> np.ndarray:
+    """(N, C) bool: which classes each image of ``split`` contains (255 excluded), in the split's order; cached in
+    the run beside the class prior (:func:`class_prior`), under the same key."""
+    cache = ctx.run_dir / "class_prior.json"
+    key = "presence|" + prior_cache_key(ctx, split)
+    stored: dict = {}
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError):
+            stored = {}  # class_prior reports and rebuilds an unreadable cache
+    num_classes = ctx.source.num_classes
+    samples = ctx.source.split(split)
+    if key in stored and len(stored[key]) == len(samples):
+        present = np.zeros((len(samples), num_classes), bool)
+        for row, classes in enumerate(stored[key]):
+            present[row, classes] = True
+        return present
+    present = np.zeros((len(samples), num_classes), bool)
+    for row, sample in enumerate(samples):
+        if sample.mask is None:
+            raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; class presence needs masks")
+        mask = ctx.source.read_mask(sample.mask)
+        counts = np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=num_classes)
+        present[row] = counts[:num_classes] > 0
+    stored[key] = [np.flatnonzero(row).tolist() for row in present]
+    if ctx.runtime.is_main:
+        atomic_write_json(cache, stored)
+    return present
+
+
 def load_run_model(run_dir: Path, name: str | None) -> tuple[str, torch.nn.Module, dict[str, Any]]:
     """(name, eval-mode model on CPU, metadata) from the weights file alone (no data set needed)."""
     from labelpipe.models import build_model_from_metadata

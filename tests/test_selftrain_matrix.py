@@ -158,6 +158,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-control-2000",
         "plateau-control-3000",
         "plateau-u2pl-3000",
+        "plateau-u2pl-3000-denoise",
+        "plateau-u2pl-3000-cutmix1",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -303,6 +305,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sm.plateau_control("plateau-u2pl-3000") == sm.plateau_control("plateau-online-lr4e-3-3000")
     assert sm.plateau_control("plateau-online-lr4e-3-3000") == "plateau-control-3000"
     assert sm.U2PL_WITHOUT_CONTRASTIVE["plateau-u2pl-3000"] == "plateau-online-lr4e-3-3000"
+    # Session 29: U2PL+'s denoising and the authors' CutMix on every image, one setting more each, same control.
+    u2pl_3000 = sets(selftrains["plateau-u2pl-3000"])
+    assert sets(selftrains["plateau-u2pl-3000-denoise"]) == [*u2pl_3000, "selftrain.denoise=true"]
+    assert sets(selftrains["plateau-u2pl-3000-cutmix1"]) == [*u2pl_3000, "selftrain.cutmix_p=1.0"]
+    for key in ("plateau-u2pl-3000-denoise", "plateau-u2pl-3000-cutmix1"):
+        assert sm.plateau_control(key) == "plateau-control-3000" and key in sm.U2PL_WITHOUT_CONTRASTIVE
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
     # Two online rounds: one alpha per round.

@@ -28,13 +28,28 @@ def item_seed(seed: int, epoch: int, position: int) -> int:
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields, for steps ``start .. total-1``, a batch of ``(dataset_index, augmentation_seed)``.
 
-    Under DDP each rank takes its ``rank::world`` share of every global batch.
+    Under DDP each rank takes its ``rank::world`` share of every global batch. With ``index_map`` an epoch
+    permutes those positions instead of ``range(n)`` (repeat-factor sampling: an image listed twice is seen
+    twice an epoch); a batch holds ``index_map[position]``.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        total: int,
+        rank: int = 0,
+        world: int = 1,
+        index_map: np.ndarray | None = None,
     ) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        if index_map is not None:
+            index_map = np.asarray(index_map, dtype=np.int64)
+            if index_map.size == 0 or index_map.min() < 0 or index_map.max() >= n:
+                raise ValueError(f"index_map must list indices of the {n} items")
+            n = index_map.size
+        self.n, self.batch_size, self.seed, self.index_map = n, batch_size, seed, index_map
         self.start, self.total, self.rank, self.world = start, total, rank, world
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -50,7 +65,10 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         for j in range(self.rank, self.batch_size, self.world):
             k = step * self.batch_size + j
             epoch, pos = divmod(k, self.n)
-            out.append((int(self._perm(epoch)[pos]), item_seed(self.seed, epoch, pos)))
+            index = int(self._perm(epoch)[pos])
+            if self.index_map is not None:
+                index = int(self.index_map[index])
+            out.append((index, item_seed(self.seed, epoch, pos)))
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

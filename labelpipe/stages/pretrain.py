@@ -25,6 +25,7 @@ from labelpipe.store.manifest import StageDir
 from labelpipe.training.loop import TrainJob, train
 from labelpipe.training.setup import (
     for_training,
+    labeled_index_map,
     make_validator,
     model_metadata,
     step_loader,
@@ -100,7 +101,9 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
                 stage_dir=stage.path,
                 model=net,
                 total_steps=cfg.steps,
-                batches=step_loader(ctx, dataset, cfg.batch_size, config.seed, cfg.steps),
+                batches=step_loader(
+                    ctx, dataset, cfg.batch_size, config.seed, cfg.steps, labeled_index_map(ctx, cfg, config.seed)
+                ),
                 objective=objective,
                 cfg=cfg,
                 runtime=runtime,

@@ -17,7 +17,7 @@ from labelpipe.context import StageContext
 from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import labeled_photometric, strong_photometric, weak_transform
 from labelpipe.store.prediction_store import escape_id
-from labelpipe.training.setup import step_loader
+from labelpipe.training.setup import labeled_index_map, step_loader
 
 Batches = Callable[[int], Iterator[Any]]  # start step -> iterator of batches
 
@@ -103,6 +103,7 @@ def round_batches(
         pad_mask=True,
         weak_view=weak_view,  # the teacher's view: the same crop before the photometric part, one read
     )
-    lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, config.seed + 7919 * k, steps)
+    lab_seed = config.seed + 7919 * k
+    lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, lab_seed, steps, labeled_index_map(ctx, cfg, lab_seed))
     unl_batches = step_loader(ctx, unlabeled_ds, cfg.batch_size, config.seed + 104729 * k, steps)
     return zip_batches(lab_batches, unl_batches)

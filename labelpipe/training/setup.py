@@ -3,12 +3,14 @@ metadata a saved model carries. Shared by ``pretrain`` and ``selftrain``."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from labelpipe.config import RunConfig, TrainConfig
-from labelpipe.context import StageContext, class_prior
+from labelpipe.context import StageContext, class_presence, class_prior
 from labelpipe.data.dataset import StepBatchSampler, collate
+from labelpipe.data.repeat_factor import image_repeat_factors, repeat_indices
 from labelpipe.errors import LabelpipeError
 from labelpipe.inference.measure import measure
 from labelpipe.losses.class_balance import class_balance_weights
@@ -22,8 +24,9 @@ def num_workers(config: RunConfig, device: torch.device) -> int:
     return 4 if device.type == "cuda" else 0
 
 
-def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: int):
-    """start step -> iterator of batches, rank-sharded, deterministic in (seed, step)."""
+def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: int, index_map=None):
+    """start step -> iterator of batches, rank-sharded, deterministic in (seed, step); ``index_map``: the
+    positions an epoch permutes (:func:`labeled_index_map`), None for each item once."""
     rt = ctx.runtime
     if batch_size < rt.world:
         raise LabelpipeError(
@@ -32,7 +35,7 @@ def step_loader(ctx: StageContext, dataset, batch_size: int, seed: int, total: i
         )
 
     def batches(start: int):
-        sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total, rt.rank, rt.world)
+        sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total, rt.rank, rt.world, index_map)
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -59,6 +62,21 @@ def make_validator(ctx: StageContext):
         return {"miou": mean_iou(iou_per_class(conf)), "pixel_accuracy": pixel_accuracy(conf), "ece": cal.ece()}
 
     return validate
+
+
+def labeled_index_map(ctx: StageContext, cfg: TrainConfig, seed: int) -> np.ndarray | None:
+    """The labeled split's epoch under repeat-factor sampling (``train.repeat_factor`` t > 0: each image
+    ``max(1, sqrt(t / f_c))`` times for its rarest class ``c``, in expectation); None samples each image once."""
+    if cfg.repeat_factor == 0.0:
+        return None
+    factors = image_repeat_factors(class_presence(ctx, ctx.roles["labeled"]), cfg.repeat_factor)
+    index_map = repeat_indices(factors, seed)
+    if ctx.runtime.is_main:
+        print(
+            f"repeat-factor sampling (t={cfg.repeat_factor}): {index_map.size} labeled positions an epoch for "
+            f"{factors.size} images (largest factor {factors.max():.2f})"
+        )
+    return index_map
 
 
 def supervised_class_weights(ctx: StageContext, cfg: TrainConfig, device: torch.device) -> torch.Tensor | None:
