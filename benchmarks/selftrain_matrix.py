@@ -405,6 +405,12 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(3000, *U2PL_CONTRASTIVE, "selftrain.cutmix_p=1.0"),
     ),
+    Config(
+        "plateau-u2pl-3000-denoise-cutmix1",
+        "U2PL+ from the plateau, 3,000 steps: prototype denoising and CutMix on every unlabeled image",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, *U2PL_CONTRASTIVE, "selftrain.denoise=true", "selftrain.cutmix_p=1.0"),
+    ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
     Config(
@@ -1449,6 +1455,7 @@ U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl-3000": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-denoise": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-cutmix1": "plateau-online-lr4e-3-3000",
+    "plateau-u2pl-3000-denoise-cutmix1": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-lc1": "plateau-online-lr4e-3",
 }
 

@@ -160,6 +160,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-3000",
         "plateau-u2pl-3000-denoise",
         "plateau-u2pl-3000-cutmix1",
+        "plateau-u2pl-3000-denoise-cutmix1",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -309,7 +310,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     u2pl_3000 = sets(selftrains["plateau-u2pl-3000"])
     assert sets(selftrains["plateau-u2pl-3000-denoise"]) == [*u2pl_3000, "selftrain.denoise=true"]
     assert sets(selftrains["plateau-u2pl-3000-cutmix1"]) == [*u2pl_3000, "selftrain.cutmix_p=1.0"]
-    for key in ("plateau-u2pl-3000-denoise", "plateau-u2pl-3000-cutmix1"):
+    assert sets(selftrains["plateau-u2pl-3000-denoise-cutmix1"]) == [
+        *u2pl_3000,
+        "selftrain.denoise=true",
+        "selftrain.cutmix_p=1.0",
+    ]
+    for key in ("plateau-u2pl-3000-denoise", "plateau-u2pl-3000-cutmix1", "plateau-u2pl-3000-denoise-cutmix1"):
         assert sm.plateau_control(key) == "plateau-control-3000" and key in sm.U2PL_WITHOUT_CONTRASTIVE
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
