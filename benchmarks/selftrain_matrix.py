@@ -411,6 +411,21 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(3000, *U2PL_CONTRASTIVE, "selftrain.denoise=true", "selftrain.cutmix_p=1.0"),
     ),
+    # The contrastive loss in the authors' form as well (ALGORITHMS.md: unlabeled anchors from the lowest alpha_t
+    # entropy percentile, the mean over every valid class), with their CutMix on every unlabeled image; lambda_c
+    # stays the paper's 0.1 (the authors' 1.0 was below it from the plateau, session 24).
+    Config(
+        "plateau-u2pl-3000-authors",
+        "U2PL from the plateau, 3,000 steps, the authors' code: low-entropy anchors, all-valid mean, CutMix on all",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            3000,
+            *U2PL_CONTRASTIVE,
+            "selftrain.cutmix_p=1.0",
+            "selftrain.contrastive_anchor_source=low_entropy",
+            "selftrain.contrastive_average=all_valid",
+        ),
+    ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
     Config(
@@ -1456,6 +1471,7 @@ U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl-3000-denoise": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-cutmix1": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-denoise-cutmix1": "plateau-online-lr4e-3-3000",
+    "plateau-u2pl-3000-authors": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-lc1": "plateau-online-lr4e-3",
 }
 

@@ -161,6 +161,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-3000-denoise",
         "plateau-u2pl-3000-cutmix1",
         "plateau-u2pl-3000-denoise-cutmix1",
+        "plateau-u2pl-3000-authors",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -315,7 +316,17 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.denoise=true",
         "selftrain.cutmix_p=1.0",
     ]
-    for key in ("plateau-u2pl-3000-denoise", "plateau-u2pl-3000-cutmix1", "plateau-u2pl-3000-denoise-cutmix1"):
+    assert sets(selftrains["plateau-u2pl-3000-authors"]) == [
+        *sets(selftrains["plateau-u2pl-3000-cutmix1"]),
+        "selftrain.contrastive_anchor_source=low_entropy",
+        "selftrain.contrastive_average=all_valid",
+    ]
+    for key in (
+        "plateau-u2pl-3000-denoise",
+        "plateau-u2pl-3000-cutmix1",
+        "plateau-u2pl-3000-denoise-cutmix1",
+        "plateau-u2pl-3000-authors",
+    ):
         assert sm.plateau_control(key) == "plateau-control-3000" and key in sm.U2PL_WITHOUT_CONTRASTIVE
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
