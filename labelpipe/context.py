@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,67 +161,67 @@ def prior_cache_key(ctx: StageContext, split: str) -> str:
     return f"{split}:{digest.hexdigest()}"
 
 
+def _read_stats_cache(ctx: StageContext) -> dict:
+    """The run's ``class_prior.json`` (the class prior and class presence of splits, by cache key); empty when
+    missing, and when unreadable (reported: it is rebuilt from the masks)."""
+    cache = ctx.run_dir / "class_prior.json"
+    if not cache.is_file():
+        return {}
+    try:
+        stored = json.loads(cache.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError("not a mapping")
+        return stored
+    except (OSError, ValueError) as exc:
+        print(f"note: {cache} is unreadable ({type(exc).__name__}); rebuilding it from the masks")
+        return {}
+
+
+def _image_class_counts(ctx: StageContext, split: str, needs: str) -> Iterator[np.ndarray]:
+    """(C,) int64 labeled-pixel counts per class (255 excluded) of each image of ``split``, in order."""
+    num_classes = ctx.source.num_classes
+    for sample in ctx.source.split(split):
+        if sample.mask is None:
+            raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; {needs} needs masks")
+        mask = ctx.source.read_mask(sample.mask)
+        yield np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=num_classes)[:num_classes]
+
+
 def class_prior(ctx: StageContext, split: str) -> np.ndarray:
     """Fraction of labeled pixels of each class (255 excluded), from the split's masks; cached in the run
     under :func:`prior_cache_key` (an unreadable cache is rebuilt)."""
-    cache = ctx.run_dir / "class_prior.json"
     key = prior_cache_key(ctx, split)
-    stored: dict = {}
-    if cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            if not isinstance(stored, dict):
-                raise ValueError("not a mapping")
-        except (OSError, ValueError) as exc:
-            print(f"note: {cache} is unreadable ({type(exc).__name__}); rebuilding it from the masks")
-            stored = {}
-        if key in stored:
-            return np.asarray(stored[key], np.float64)
+    stored = _read_stats_cache(ctx)
+    if key in stored:
+        return np.asarray(stored[key], np.float64)
     counts = np.zeros(ctx.source.num_classes, np.int64)
-    for sample in ctx.source.split(split):
-        if sample.mask is None:
-            raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; the class prior needs masks")
-        mask = ctx.source.read_mask(sample.mask)
-        counts += np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=ctx.source.num_classes)
+    for image_counts in _image_class_counts(ctx, split, "the class prior"):
+        counts += image_counts
     if counts.sum() == 0:
         raise LabelpipeError(f"split '{split}': masks contain no labeled pixels; the class prior is undefined")
     prior = counts / counts.sum()
     stored[key] = prior.tolist()
     if ctx.runtime.is_main:
-        atomic_write_json(cache, stored)
+        atomic_write_json(ctx.run_dir / "class_prior.json", stored)
     return prior
 
 
 def class_presence(ctx: StageContext, split: str) -> np.ndarray:
     """(N, C) bool: which classes each image of ``split`` contains (255 excluded), in the split's order; cached in
     the run beside the class prior (:func:`class_prior`), under the same key."""
-    cache = ctx.run_dir / "class_prior.json"
     key = "presence|" + prior_cache_key(ctx, split)
-    stored: dict = {}
-    if cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            if not isinstance(stored, dict):
-                raise ValueError("not a mapping")
-        except (OSError, ValueError):
-            stored = {}  # class_prior reports and rebuilds an unreadable cache
-    num_classes = ctx.source.num_classes
-    samples = ctx.source.split(split)
-    if key in stored and len(stored[key]) == len(samples):
-        present = np.zeros((len(samples), num_classes), bool)
+    stored = _read_stats_cache(ctx)
+    count = len(ctx.source.split(split))
+    present = np.zeros((count, ctx.source.num_classes), bool)
+    if key in stored and len(stored[key]) == count:
         for row, classes in enumerate(stored[key]):
             present[row, classes] = True
         return present
-    present = np.zeros((len(samples), num_classes), bool)
-    for row, sample in enumerate(samples):
-        if sample.mask is None:
-            raise LabelpipeError(f"{sample.image}: split '{split}' has no mask here; class presence needs masks")
-        mask = ctx.source.read_mask(sample.mask)
-        counts = np.bincount(mask[mask != ctx.source.ignore_index].ravel(), minlength=num_classes)
-        present[row] = counts[:num_classes] > 0
+    for row, image_counts in enumerate(_image_class_counts(ctx, split, "class presence")):
+        present[row] = image_counts > 0
     stored[key] = [np.flatnonzero(row).tolist() for row in present]
     if ctx.runtime.is_main:
-        atomic_write_json(cache, stored)
+        atomic_write_json(ctx.run_dir / "class_prior.json", stored)
     return present
 
 
