@@ -426,6 +426,22 @@ CONFIGS: list[Config] = [
             "selftrain.contrastive_average=all_valid",
         ),
     ),
+    # Session 30: target_val's choice among the 3,000-step U2PL rows (U2PL+ denoising, CutMix on every image) a third
+    # longer. Every 3,000-step U2PL curve on semi 1/16's random split still gained 3-6 points of target_val over its
+    # last quarter; 4,000 steps ran 10-11 min alone on 2 threads (timed in BENCHMARKS.md, session 30). Its control and
+    # its round without the contrastive loss are the same 4,000 steps.
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1",
+        "U2PL+ from the plateau, 4,000 steps: prototype denoising and CutMix on every unlabeled image",
+        PLATEAU_RECIPE,
+        sets=plateau_round(4000, *U2PL_CONTRASTIVE, "selftrain.denoise=true", "selftrain.cutmix_p=1.0"),
+    ),
+    Config(
+        "plateau-online-lr4e-3-4000",
+        "online round from the plateau, round lr 4e-3, 4,000 steps",
+        PLATEAU_RECIPE,
+        sets=plateau_round(4000),
+    ),
     # Session 17: the 2,000-step U2PL round's reliable-only ablation (seed 003's Table III on the regime where
     # U2PL reaches its claim), and that round's own control: the same lr and length without pseudo-label loss.
     Config(
@@ -461,6 +477,12 @@ CONFIGS: list[Config] = [
         "control: the lr 4e-3 3,000-step round from the plateau without pseudo-label loss",
         PLATEAU_RECIPE,
         sets=plateau_round(3000, "selftrain.unsup_weight=0"),
+    ),
+    Config(
+        "plateau-control-4000",
+        "control: the lr 4e-3 4,000-step round from the plateau without pseudo-label loss",
+        PLATEAU_RECIPE,
+        sets=plateau_round(4000, "selftrain.unsup_weight=0"),
     ),
     # Seed 000's claim from the plateau (session 15): one offline round on stored pseudo-labels of the plateau
     # model (its auxiliary head trained at weight 0.4), the plateau round's 1,000 steps at lr 4e-3 with its
@@ -1112,6 +1134,7 @@ PLATEAU_CONTROLS = (
     "plateau-control-lr4e-3",
     "plateau-control-2000",
     "plateau-control-3000",
+    "plateau-control-4000",
     "plateau-control-lr4e-3-2r",
     "adapted-control",
 )
@@ -1472,6 +1495,7 @@ U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl-3000-cutmix1": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-denoise-cutmix1": "plateau-online-lr4e-3-3000",
     "plateau-u2pl-3000-authors": "plateau-online-lr4e-3-3000",
+    "plateau-u2pl-4000-denoise-cutmix1": "plateau-online-lr4e-3-4000",
     "plateau-u2pl-lc1": "plateau-online-lr4e-3",
 }
 

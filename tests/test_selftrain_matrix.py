@@ -162,6 +162,9 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-3000-cutmix1",
         "plateau-u2pl-3000-denoise-cutmix1",
         "plateau-u2pl-3000-authors",
+        "plateau-u2pl-4000-denoise-cutmix1",
+        "plateau-online-lr4e-3-4000",
+        "plateau-control-4000",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -328,6 +331,16 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-3000-authors",
     ):
         assert sm.plateau_control(key) == "plateau-control-3000" and key in sm.U2PL_WITHOUT_CONTRASTIVE
+    # Session 30: target_val's choice among them a third longer; its control and its no-contrastive round as long.
+    online_4000 = sets(selftrains["plateau-online-lr4e-3-4000"])
+    assert online_4000 == [*online_3000[:4], "selftrain.steps=4000", "selftrain.lr=0.004"]
+    assert sets(selftrains["plateau-u2pl-4000-denoise-cutmix1"]) == [
+        *online_4000,
+        *sets(selftrains["plateau-u2pl-3000-denoise-cutmix1"])[len(online_3000) :],
+    ]
+    assert sets(selftrains["plateau-control-4000"]) == [*online_4000, "selftrain.unsup_weight=0"]
+    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1") == "plateau-control-4000"
+    assert sm.U2PL_WITHOUT_CONTRASTIVE["plateau-u2pl-4000-denoise-cutmix1"] == "plateau-online-lr4e-3-4000"
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
     # Two online rounds: one alpha per round.
