@@ -436,6 +436,19 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(4000, *U2PL_CONTRASTIVE, "selftrain.denoise=true", "selftrain.cutmix_p=1.0"),
     ),
+    # Seed 003's Table III ablation on that round: its negatives from reliable pixels only.
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1-reliable",
+        "U2PL+ from the plateau, 4,000 steps, denoising and CutMix on every image, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000,
+            *U2PL_CONTRASTIVE,
+            "selftrain.denoise=true",
+            "selftrain.cutmix_p=1.0",
+            "selftrain.contrastive_negative_source=reliable",
+        ),
+    ),
     Config(
         "plateau-online-lr4e-3-4000",
         "online round from the plateau, round lr 4e-3, 4,000 steps",
@@ -1759,6 +1772,13 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "003 Table III: +2.0",
             "plateau-u2pl-2000",
             "plateau-u2pl-2000-reliable",
+        ),
+        (
+            "U2PL+ from the plateau, 4,000 steps (denoising, CutMix on every image): unreliable vs reliable-only "
+            "negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl-4000-denoise-cutmix1",
+            "plateau-u2pl-4000-denoise-cutmix1-reliable",
         ),
         (
             "U2PL from the plateau, 2,000 steps, vs its control (the same round without pseudo-label loss)",

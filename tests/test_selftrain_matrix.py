@@ -165,6 +165,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-4000-denoise-cutmix1",
         "plateau-online-lr4e-3-4000",
         "plateau-control-4000",
+        "plateau-u2pl-4000-denoise-cutmix1-reliable",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -341,6 +342,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sets(selftrains["plateau-control-4000"]) == [*online_4000, "selftrain.unsup_weight=0"]
     assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1") == "plateau-control-4000"
     assert sm.U2PL_WITHOUT_CONTRASTIVE["plateau-u2pl-4000-denoise-cutmix1"] == "plateau-online-lr4e-3-4000"
+    assert sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-reliable"]) == [
+        *sets(selftrains["plateau-u2pl-4000-denoise-cutmix1"]),
+        "selftrain.contrastive_negative_source=reliable",
+    ]
+    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1-reliable") == "plateau-control-4000"
     assert sets(selftrains["plateau-online-lr1e-3-1200"])[4:] == ["selftrain.steps=1200", "selftrain.lr=0.001"]
     assert sets(selftrains["plateau-online-lr4e-3-2000"])[4:] == ["selftrain.steps=2000", "selftrain.lr=0.004"]
     # Two online rounds: one alpha per round.
