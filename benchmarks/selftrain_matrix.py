@@ -92,6 +92,7 @@ BASE_RECIPE = DARS_RECIPE  # the baseline, its AdaBN and its oracle
 RECTIFY_C3_RECIPE = "digitscapes_rectify_c3"  # the rectify recipe, its auxiliary head on c3
 PLATEAU_RECIPE = "digitscapes_source_only"  # the baseline's model trained 3x longer, to its target_val plateau
 PLATEAU_C3_RECIPE = "digitscapes_source_only_c3"  # the plateau recipe, its auxiliary head on c3
+ORACLE_LONG_RECIPE = "digitscapes_oracle_long"  # the plateau recipe twice as long, for the oracle only
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 SPLITS = ("target_val", "target_test")  # every protocol's val and test roles
 # What a configuration may set: the round's sections only, so configurations of one recipe share its pretrain.
@@ -251,6 +252,9 @@ CONFIGS: list[Config] = [
     # Its upper bound and its AdaBN: the same 3,000-step recipe on all target_train labels, and the plateau
     # model with BatchNorm re-estimated on the unlabeled split (the controls of the plateau family below).
     Config("oracle-plateau", "oracle trained like the plateau baseline (3,000 steps)", PLATEAU_RECIPE, "oracle"),
+    # Session 30: that oracle twice as long (its target_val still rose over its last quarter), the gap shares read
+    # against it as well.
+    Config("oracle-plateau-6000", "oracle trained twice as long (6,000 steps)", ORACLE_LONG_RECIPE, "oracle"),
     Config("adabn-plateau", "AdaBN of the baseline at its plateau", PLATEAU_RECIPE, "adabn"),
     # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
     # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does
@@ -1185,8 +1189,9 @@ def over_budget(key: str) -> bool:
 
 
 def is_plateau(key: str) -> bool:
-    """A row of the plateau family: the plateau recipe's, or its variant with the auxiliary head on c3."""
-    return key in BY_KEY and BY_KEY[key].recipe in (PLATEAU_RECIPE, PLATEAU_C3_RECIPE)
+    """A row of the plateau family: the plateau recipe's, its variant with the auxiliary head on c3, or the oracle
+    trained twice as long."""
+    return key in BY_KEY and BY_KEY[key].recipe in (PLATEAU_RECIPE, PLATEAU_C3_RECIPE, ORACLE_LONG_RECIPE)
 
 
 def choose_best(latest: Latest, protocol: str, keys: list[str]) -> tuple[str | None, list[str], int]:
@@ -1238,10 +1243,11 @@ def gain(latest: Latest, protocol: str, key: str, reference: str | None, field: 
     return f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.1f} ({len(d)})"
 
 
-def gap_share(latest: Latest, protocol: str, key: str) -> str:
+def gap_share(latest: Latest, protocol: str, key: str, oracle: str | None = None) -> str:
     """Per seed (x - baseline) / (oracle - baseline) of target_test mIoU, in %, mean ± std (``key``'s
-    family's baseline and oracle)."""
-    baseline, oracle, _, _ = family(key)
+    family's baseline and oracle, or ``oracle``)."""
+    baseline, family_oracle, _, _ = family(key)
+    oracle = oracle or family_oracle
     x, b, o = (values(latest, protocol, k, "test_miou") for k in (key, baseline, oracle))
     shares = [100 * (x[s] - b[s]) / (o[s] - b[s]) for s in sorted(x) if s in b and s in o and o[s] > b[s]]
     if key == baseline or not shares:
@@ -1499,6 +1505,10 @@ DARS_ST_PAIRS = {
 }
 
 
+# The oracle trained twice as long as the plateau family's (session 30); its gap shares are reported beside.
+LONG_ORACLE = "oracle-plateau-6000"
+
+
 # U2PL's rounds from the plateau and the same rounds without the contrastive loss (its "no contrastive" ablation).
 U2PL_WITHOUT_CONTRASTIVE = {
     "plateau-u2pl": "plateau-online-lr4e-3",
@@ -1587,7 +1597,13 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
     for key, oracle in (("baseline", "oracle"), ("baseline-plateau", "oracle-plateau")):
         if share := oracle_share(latest, protocol, key, oracle):
             emit(f"`{key}` as a share of `{oracle}` (target_test; item 0: <= 70 %), per seed: {share}.")
-    for key in ("baseline", "baseline-plateau", "oracle-plateau"):
+    # The gap to the oracle trained twice as long, for the best round from the plateau and U2PL's round.
+    u2pl_key = best_on_val(latest, protocol, list(U2PL_WITHOUT_CONTRASTIVE))[0]
+    if values(latest, protocol, LONG_ORACLE, "test_miou"):
+        for key in dict.fromkeys(k for k in (plateau_key, u2pl_key) if k):
+            short, long = gap_share(latest, protocol, key), gap_share(latest, protocol, key, LONG_ORACLE)
+            emit(f"`{key}`'s share of the gap: {long} to `{LONG_ORACLE}` ({short} to `oracle-plateau`).")
+    for key in ("baseline", "baseline-plateau", "oracle-plateau", LONG_ORACLE):
         gains = {
             seed: last_quarter_gain(r.get("val_curve") or [])
             for (p, seed, k), r in sorted(latest.items())

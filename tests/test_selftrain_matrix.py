@@ -70,6 +70,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             "1",
         ),
         (
+            str(out / "pretrains" / "digitscapes_oracle_long-oracle-s1"),
+            "stages/digitscapes_oracle_long.yaml",
+            "oracle",
+            "1",
+        ),
+        (
             str(out / "pretrains" / "digitscapes_source_only_c3-da-s1"),
             "stages/digitscapes_source_only_c3.yaml",
             "da",
@@ -808,6 +814,28 @@ def test_semi_reads_u2pl_from_the_plateau_against_its_claim_and_its_negatives(sm
     assert "`plateau-u2pl` - `plateau-u2pl-reliable`" in negatives and "| +1.0 ± 1.0 (3) |" in negatives
     without = next(line for line in semi.splitlines() if "without the contrastive loss (`plateau-u2pl`" in line)
     assert "| +2.0 ± 1.0 (3) |" in without
+
+
+def test_gap_shares_are_also_read_against_the_oracle_trained_twice_as_long(sm, capsys, tmp_path):
+    """Session 30: with the 6,000-step oracle recorded, U2PL's chosen round gets its share of the gap to that oracle
+    beside the share to the 3,000-step one, per seed, and the long oracle its own plateau check."""
+    tests = {
+        "baseline-plateau": (0.24, 0.25, 0.26),
+        "oracle-plateau": (0.60, 0.61, 0.62),
+        "oracle-plateau-6000": (0.64, 0.65, 0.66),
+        "plateau-u2pl": (0.36, 0.37, 0.38),
+    }
+    rows = [
+        {**record(key, seed, test, 0.3), "protocol": "oracle" if key.startswith("oracle") else "semi-1_16"}
+        for key, values in tests.items()
+        for seed, test in enumerate(values)
+    ]
+    rows[6]["val_curve"] = [[1500, 0.60], [4500, 0.62], [6000, 0.625]]  # the long oracle's seed 0
+    semi = run_report(sm, capsys, tmp_path, rows)
+    # 12/36 of the gap to the 3,000-step oracle, 12/40 to the one twice as long.
+    assert "`plateau-u2pl`'s share of the gap: 30 ± 0 % (3) to `oracle-plateau-6000` (33 ± 0 % (3) to" in semi
+    assert "Plateau check of `oracle-plateau-6000` (item 2: < 1 point): " in semi and "per seed: +0.5." in semi
+    assert table_row(semi, "plateau-u2pl")[9] == "33 ± 0 % (3)"  # the table keeps the oracle trained as long
 
 
 def test_the_u2pl_claim_reads_the_round_length_chosen_on_val_not_on_test(sm, capsys, tmp_path):
