@@ -432,7 +432,7 @@ CONFIGS: list[Config] = [
     ),
     # Session 30: target_val's choice among the 3,000-step U2PL rows (U2PL+ denoising, CutMix on every image) a third
     # longer. Every 3,000-step U2PL curve on semi 1/16's random split still gained 3-6 points of target_val over its
-    # last quarter; 4,000 steps ran 10-11 min alone on 2 threads (timed in BENCHMARKS.md, session 30). Its control and
+    # last quarter; 4,000 steps ran 10 min 33 s alone on 2 threads (BENCHMARKS.md, session 30). Its control and
     # its round without the contrastive loss are the same 4,000 steps.
     Config(
         "plateau-u2pl-4000-denoise-cutmix1",
