@@ -1826,6 +1826,13 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-u2pl-2000",
             "plateau-online-lr4e-3-2000",
         ),
+        (
+            "U2PL+ from the plateau, 4,000 steps (denoising, CutMix on every image), vs the round without them and "
+            "without the contrastive loss",
+            "",
+            "plateau-u2pl-4000-denoise-cutmix1",
+            "plateau-online-lr4e-3-4000",
+        ),
         *(
             (f"`{key}` vs the baseline at its plateau", "", key, "baseline-plateau")
             for key in selftrain_keys
