@@ -431,7 +431,7 @@ CONFIGS: list[Config] = [
         ),
     ),
     # Session 30: target_val's choice among the 3,000-step U2PL rows (U2PL+ denoising, CutMix on every image) a third
-    # longer. Every 3,000-step U2PL curve on semi 1/16's random split still gained 3-6 points of target_val over its
+    # longer. Every 3,000-step U2PL curve on semi 1/16's random split still gained 1.6-4.6 points of target_val over its
     # last quarter; 4,000 steps ran 10 min 33 s alone on 2 threads (BENCHMARKS.md, session 30). Its control and
     # its round without the contrastive loss are the same 4,000 steps.
     Config(
@@ -1598,7 +1598,6 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
         if share := oracle_share(latest, protocol, key, oracle):
             emit(f"`{key}` as a share of `{oracle}` (target_test; item 0: <= 70 %), per seed: {share}.")
     # The gap to the oracle trained twice as long, for the best round from the plateau and U2PL's round.
-    u2pl_key = best_on_val(latest, protocol, list(U2PL_WITHOUT_CONTRASTIVE))[0]
     if values(latest, protocol, LONG_ORACLE, "test_miou"):
         for key in dict.fromkeys(k for k in (plateau_key, u2pl_key) if k):
             short, long = gap_share(latest, protocol, key), gap_share(latest, protocol, key, LONG_ORACLE)
