@@ -79,6 +79,41 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return max(0, self.total - self.start)
 
 
+class DecodedCache:
+    """Decoded images and masks kept in memory, up to ``max_bytes``, first come (nothing is evicted): a
+    round reads each of its images many times (on DigitScapes' 1/16 split every labeled image ~250 times
+    in a 4,000-step round), and decoding a PNG is ~6 % of a CPU step. Entries are read-only arrays, keyed by
+    file paths; a read that fails is not kept. One cache per process (each DataLoader worker fills its own).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self._items: dict[tuple, tuple[np.ndarray | None, ...]] = {}
+
+    @classmethod
+    def of_mib(cls, mib: int) -> DecodedCache | None:
+        """A cache of ``mib`` MiB, None for 0 (every read decodes the file)."""
+        return cls(mib * 2**20) if mib > 0 else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple, read: Callable[[], tuple[np.ndarray | None, ...]]) -> tuple[np.ndarray | None, ...]:
+        """``key``'s arrays, from memory, or from ``read()`` (kept if they fit the budget)."""
+        hit = self._items.get(key)
+        if hit is not None:
+            return hit
+        value = read()
+        size = sum(a.nbytes for a in value if a is not None)
+        if self.used + size <= self.max_bytes:
+            for a in value:
+                if a is not None:
+                    a.flags.writeable = False  # a caller that wrote into one would change every later read
+            self._items[key] = value
+            self.used += size
+        return value
+
+
 class SegmentationDataset(Dataset):
     """Image (normalised float32, 3 x H x W), mask (int64, H x W, 255 ignore) and id.
 
@@ -87,7 +122,9 @@ class SegmentationDataset(Dataset):
     int (no augmentation) or ``(index, seed)`` (augmentation seeded per sample). With ``pad_mask`` an
     augmented item also has ``valid`` (bool, H x W): False on the crop's padding, which the mask
     cannot tell apart from ignored pixels (both 255). With ``weak_view`` it also has ``image_weak``: the
-    same crop before ``photometric`` (what a mean teacher sees), from the same read of the image.
+    same crop before ``photometric`` (what a mean teacher sees), from the same read of the image. With
+    ``cache`` the decoded image (and its on-disk mask) is read from memory after its first read; masks from
+    ``masks`` (pseudo-labels) are never cached.
     """
 
     def __init__(
@@ -101,8 +138,9 @@ class SegmentationDataset(Dataset):
         weights: Callable[[int], np.ndarray] | None = None,
         pad_mask: bool = False,
         weak_view: bool = False,
+        cache: DecodedCache | None = None,
     ) -> None:
-        self.source, self.samples = source, samples
+        self.source, self.samples, self.cache = source, samples, cache
         self.pad_mask, self.weak_view = pad_mask, weak_view
         self.transform, self.photometric = transform, photometric
         self.require_masks = require_masks
@@ -112,12 +150,15 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, key: tuple, read: Callable[[], tuple]) -> tuple:
+        return read() if self.cache is None else self.cache.get(key, read)
+
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         sample = self.samples[index]
         if self.masks is not None:  # pseudo-labels (or none): the disk's mask is not read
-            image, mask = self.source.read_image(sample), self.masks(index)
+            image, mask = self._read((sample.image,), lambda: (self.source.read_image(sample),))[0], self.masks(index)
         else:
-            image, mask = self.source.read_pair(sample)
+            image, mask = self._read((sample.image, sample.mask), lambda: self.source.read_pair(sample))
         if mask is None:
             if self.require_masks:
                 from labelpipe.errors import LabelpipeError

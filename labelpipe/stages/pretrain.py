@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from labelpipe.config import RunConfig
 from labelpipe.context import StageContext, class_prior, model_from_config, open_context, write_config
 from labelpipe.data.base import preflight
-from labelpipe.data.dataset import SegmentationDataset
+from labelpipe.data.dataset import DecodedCache, SegmentationDataset
 from labelpipe.data.transforms import labeled_photometric, weak_transform
 from labelpipe.errors import Interrupted
 from labelpipe.runtime import Runtime, barrier, seed_everything
@@ -78,6 +78,7 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
         samples,
         weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip),
         photometric=labeled_photometric(cfg.photometric),
+        cache=DecodedCache.of_mib(cfg.image_cache_mb),
     )
     ignore = ctx.source.ignore_index
     weight = supervised_class_weights(ctx, cfg, runtime.device)  # None: plain CE

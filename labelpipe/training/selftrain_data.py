@@ -14,7 +14,7 @@ import numpy as np
 
 from labelpipe.config import TrainConfig
 from labelpipe.context import StageContext
-from labelpipe.data.dataset import SegmentationDataset, collate, item_seed
+from labelpipe.data.dataset import DecodedCache, SegmentationDataset, collate, item_seed
 from labelpipe.data.transforms import labeled_photometric, strong_photometric, weak_transform
 from labelpipe.store.prediction_store import escape_id
 from labelpipe.training.setup import labeled_index_map, step_loader
@@ -91,7 +91,10 @@ def round_batches(
     strength = 1.0 + 0.5 * (k - 1)  # DARS IT: stronger augmentation in later rounds
     weak = weak_transform(cfg.crop_size, cfg.scale_range, cfg.hflip)
     reader = LabelStoreReader(labels_path, [s.id for s in unlabeled]) if labels_path is not None else None
-    labeled_ds = SegmentationDataset(ctx.source, labeled, weak, photometric=labeled_photometric(cfg.photometric))
+    cache = DecodedCache.of_mib(cfg.image_cache_mb)  # one budget for both streams
+    labeled_ds = SegmentationDataset(
+        ctx.source, labeled, weak, photometric=labeled_photometric(cfg.photometric), cache=cache
+    )
     unlabeled_ds = SegmentationDataset(
         ctx.source,
         unlabeled,
@@ -102,6 +105,7 @@ def round_batches(
         weights=reader.weight if reader is not None and reader.has_weights() else None,
         pad_mask=True,
         weak_view=weak_view,  # the teacher's view: the same crop before the photometric part, one read
+        cache=cache,
     )
     lab_seed = config.seed + 7919 * k
     lab_batches = step_loader(ctx, labeled_ds, cfg.batch_size, lab_seed, steps, labeled_index_map(ctx, cfg, lab_seed))
