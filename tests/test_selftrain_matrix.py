@@ -1001,6 +1001,22 @@ def test_the_u2pl_plateau_recipe_is_the_matrix_row_it_reports(sm):
     assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
 
 
+def test_the_u2pl_random_recipe_is_the_matrix_row_target_val_chose_on_the_random_split(sm):
+    """stages/digitscapes_u2pl_random.yaml is the plateau recipe with the `plateau-u2pl-4000-denoise-cutmix1` row's
+    round (U2PL+ over 4,000 steps), on the random 1/16 split the row ran on."""
+    from labelpipe.config import SelftrainConfig, load_yaml
+
+    recipe = load_yaml(ROOT / "stages" / "digitscapes_u2pl_random.yaml")
+    plateau = load_yaml(ROOT / "stages" / "digitscapes_source_only.yaml")
+    assert recipe["data"]["protocol"] == "semi-1_16"
+    for section in ("model", "train", "predict", "pseudolabel", "evaluate"):
+        assert recipe[section] == plateau[section], section
+    chosen = sm.round_settings(sm.BY_KEY["plateau-u2pl-4000-denoise-cutmix1"])
+    assert SelftrainConfig.model_validate(recipe["selftrain"]) == chosen
+    assert chosen.steps == 4000 and chosen.denoise and chosen.cutmix_p == 1.0 and chosen.contrastive
+    assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
+
+
 def test_the_plateau_recipes_round_is_the_row_chosen_on_target_val_and_offline_rows_stay_at_1000(sm):
     """stages/digitscapes_source_only.yaml's own round is the `plateau-online-lr4e-3-3000` row (session 28's
     choice on target_val); the offline rows from the plateau keep the 1,000 steps their records ran."""
