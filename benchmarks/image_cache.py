@@ -4,7 +4,7 @@ End to end (the default): ``labelpipe selftrain`` of U2PL's chosen round on semi
 ``plateau-u2pl-4000-denoise-cutmix1``'s settings) over ``--steps`` steps, each run in a fresh process from a copy
 of the same pretrained run, the cache off (``train.image_cache_mb=0``) and on (the default), interleaved
 ``--repeats`` times so that a drifting machine slows both alike. Wall time of the whole command (start-up,
-the round's own evaluation every 250 steps included) and its peak RSS (``resource.getrusage`` of the child).
+the round's own evaluation every 250 steps included) and its peak RSS (``os.wait4``'s usage of that child).
 
 ``--component``: the round's two datasets alone (labeled and unlabeled, as ``round_batches`` builds them),
 ``--items`` items each, milliseconds per item with and without the cache (after one pass that fills it).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -59,10 +58,13 @@ def one_round(pretrained: Path, steps: int, cache_mb: int, threads: int) -> tupl
         cmd += ["--protocol", "semi-1_16", *sets]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
         wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far (Linux: kB)
-    return wall, rss
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)}: exit {child.returncode}")
+    return wall, usage.ru_maxrss / 1024  # Linux: kB
 
 
 def end_to_end(args: argparse.Namespace) -> None:
@@ -76,7 +78,7 @@ def end_to_end(args: argparse.Namespace) -> None:
             print(f"repeat {r + 1}, cache {label}: {wall:.1f} s", flush=True)
     off = statistics.median(walls["off"])
     print(f"\n`labelpipe selftrain`, U2PL's chosen round, {args.steps} steps, {args.threads} threads, fresh processes")
-    print("\n| train.image_cache_mb | wall, median (runs) | vs off | largest peak RSS so far |")
+    print("\n| train.image_cache_mb | wall, median (runs) | vs off | peak RSS (last run) |")
     print("|---|---|---|---|")
     for label, mb in SETTINGS.items():
         med = statistics.median(walls[label])
