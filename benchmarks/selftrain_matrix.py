@@ -338,6 +338,15 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(3000),
     ),
+    # Session 32: that round with DACS's cross-domain ClassMix on every unlabeled image (half of the classes of the
+    # paired source image pasted with their ground truth): the augmentation modern DA self-training rests on, for
+    # the unseen build, whose source-only model paints photo texture as digits.
+    Config(
+        "plateau-online-lr4e-3-3000-classmix",
+        "online round from the plateau, round lr 4e-3, 3,000 steps, DACS ClassMix of the labeled images",
+        PLATEAU_RECIPE,
+        sets=plateau_round(3000, "selftrain.labeled_classmix_p=1.0"),
+    ),
     # The control of the plateau family: the lr 2e-3 round (labeled source batches, the unlabeled images through
     # the student and its BatchNorm, CutMix, the EMA teacher) with the pseudo-label loss weighted 0.
     Config(

@@ -224,6 +224,7 @@ class SelftrainConfig(Section):
         "contrastive_negative_source": "unreliable",
         "sce_log_zero": -4.0,
         "cutmix_p": 0.5,
+        "labeled_classmix_p": 0.0,
         "rectified_class_balance": False,
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
@@ -283,6 +284,9 @@ class SelftrainConfig(Section):
     online_split: Literal["batch", "class"] = "batch"
     strong_aug: bool = True
     cutmix_p: float = Field(0.5, ge=0, le=1)  # per unlabeled image, with --strong-aug
+    # DACS's cross-domain ClassMix (Tranheden et al. 2021), per unlabeled image: half of the classes of a labeled
+    # (in DA: source) image pasted over it with their ground truth, after CutMix; 0: off (the papers' rounds).
+    labeled_classmix_p: float = Field(0.0, ge=0, le=1)
     unsup_weight: float = 1.0
     steps: int | None = Field(None, ge=1)  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr

@@ -152,6 +152,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr4e-3",
         "plateau-online-lr4e-3-2000",
         "plateau-online-lr4e-3-3000",
+        "plateau-online-lr4e-3-3000-classmix",
         "plateau-control",
         "plateau-control-lr4e-3",
         "plateau-online-lr1e-3-1200",
@@ -195,6 +196,12 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "c3mr-rectified",
         *(f"c3mr-sweep-{tau}" for tau in (0.5, 0.7, 0.8, 0.9, 0.95)),
     }
+    # DACS's ClassMix (session 32): the 3,000-step round with one setting more, read against its control.
+    assert sets(selftrains["plateau-online-lr4e-3-3000-classmix"]) == [
+        *sets(selftrains["plateau-online-lr4e-3-3000"]),
+        "selftrain.labeled_classmix_p=1.0",
+    ]
+    assert sm.plateau_control("plateau-online-lr4e-3-3000-classmix") == "plateau-control-3000"
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
         *sets(selftrains["plateau-online-lr4e-3-2000"]),

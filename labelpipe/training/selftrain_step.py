@@ -5,6 +5,7 @@
     2. targets   y_u = stored | teacher's online labels (entropy split, alpha_t schedule)   (U2PL Eq. 12-13)
                  [denoise: argmax_c w_c p_c with prototype weights w]                       (U2PL+ Eq. 15-18)
     3. CutMix    x_u, y_u, weights, padding and the teacher's outputs mixed with the same boxes
+                 [+ DACS ClassMix: half the classes of the labeled (source) image pasted, ground truth kept]
     4. student   one forward of cat(x_l, x_u) (with the representation only when a term reads it)
     5. terms     loss = sum of the round's terms, in order (labelpipe.training.terms):
                  supervised + unsupervised (CE|SCE, Eq. 14) | rectified (seed 000) [+ contrastive (U2PL+)]
@@ -74,6 +75,59 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
         return torch.where(m, t[donor], t)
 
     return images, [None if t is None else mix(t) for t in targets]
+
+
+def classmix_labeled(
+    x_u: torch.Tensor,
+    targets_u: list[torch.Tensor | None],
+    x_l: torch.Tensor,
+    targets_l: list[torch.Tensor | float | None],
+    y_l: torch.Tensor,
+    generator: torch.Generator,
+    p: float,
+    ignore: int,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """DACS's cross-domain ClassMix: paste half of the classes of labeled image i into unlabeled image i.
+
+    With probability ``p`` per unlabeled image, the classes present in ``y_l[i]`` (``ignore`` excluded) are
+    shuffled and the first ``ceil(n / 2)`` kept; the pixels of those classes are copied from the labeled
+    image (a source image in DA) over the unlabeled one, and every unlabeled target takes the labeled value
+    there: ``targets_l`` pairs each entry of ``targets_u`` with a tensor of the same layout (the ground truth
+    for the pseudo-labels, the teacher's outputs on the labeled image for its outputs on the unlabeled one)
+    or a constant (1.0 for pixel weights, True for "inside the crop"); a ``None`` on either side leaves that
+    target as it is. The
+    mask is taken at the images' resolution and scaled to each target's by nearest neighbour. Returns the
+    mixed images and targets; pairs image i with labeled image ``i % B_l``.
+    """
+    b_u, b_l = x_u.shape[0], x_l.shape[0]
+    if b_l == 0 or p <= 0:
+        return x_u, targets_u
+    apply = torch.rand(b_u, generator=generator) < p
+    masks = []
+    for i in range(b_u):
+        y = y_l[i % b_l]
+        classes = torch.unique(y[y != ignore]).cpu()
+        n = len(classes)
+        if not apply[i] or n == 0:
+            masks.append(torch.zeros_like(y, dtype=torch.bool))
+            continue
+        chosen = classes[torch.randperm(n, generator=generator)[: (n + 1) // 2]].to(y.device)
+        masks.append(torch.isin(y, chosen))
+    mask = torch.stack(masks)  # (B_u, H, W)
+    donor = torch.arange(b_u, device=x_u.device) % b_l
+    images = torch.where(mask[:, None], x_l[donor], x_u)
+
+    def mix(t: torch.Tensor | None, src: torch.Tensor | float | None) -> torch.Tensor | None:
+        if t is None or src is None:  # nothing to paste (a teacher output no term reads): left as it was
+            return t
+        m = mask
+        if t.shape[-2:] != m.shape[-2:]:
+            m = F.interpolate(m[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
+        m = m.view(b_u, *([1] * (t.dim() - 3)), *m.shape[-2:])
+        value = src[donor].to(t.dtype) if isinstance(src, torch.Tensor) else torch.as_tensor(src, dtype=t.dtype)
+        return torch.where(m, value.to(t.device), t)
+
+    return images, [mix(t, src) for t, src in zip(targets_u, targets_l, strict=True)]
 
 
 def contrastive_pixels(
@@ -146,6 +200,7 @@ class SelftrainStep:
         self.rank, self.world = rank, world
         self.terms = [LOSS_TERMS[name](setup) for name in names]
         needs = set().union(*(term.needs for term in self.terms))
+        self.needs = needs
         self.student_rep = "student_rep" in needs
         self.teacher_rep = "teacher_rep" in needs or self.st.denoise
         self.uses_teacher = teacher is not None and (
@@ -280,6 +335,26 @@ class SelftrainStep:
             t_main, t_rep = (t_u.main, t_u.rep) if t_u is not None else (None, None)
             x_u, (y_u, w_u, inside_u, t_main, t_rep) = cutmix(
                 x_u, [y_u, w_u, inside_u, t_main, t_rep], gen, st.cutmix_p
+            )
+            if t_u is not None:
+                t_u = t_u._replace(main=t_main, rep=t_rep)
+
+        # 3b. DACS's ClassMix from the labeled (source) batch, on top: the pasted pixels keep their ground truth,
+        # and the teacher's outputs there are its outputs on the labeled image (computed when a term reads them).
+        if st.labeled_classmix_p > 0:
+            if t_u is not None and t_l is None and "teacher" in self.needs:
+                t_l = self.teacher(x_l, with_rep=self.teacher_rep)
+            t_main, t_rep = (t_u.main, t_u.rep) if t_u is not None else (None, None)
+            l_main, l_rep = (t_l.main, t_l.rep) if t_l is not None else (None, None)
+            x_u, (y_u, w_u, inside_u, t_main, t_rep) = classmix_labeled(
+                x_u,
+                [y_u, w_u, inside_u, t_main, t_rep],
+                x_l,
+                [y_l, 1.0, True, l_main, l_rep],
+                y_l,
+                gen,
+                st.labeled_classmix_p,
+                ignore,
             )
             if t_u is not None:
                 t_u = t_u._replace(main=t_main, rep=t_rep)
