@@ -90,9 +90,7 @@ def test_the_step_trains_on_the_pasted_ground_truth_and_the_setting_is_hashed_on
     assert logs["kept"] == pytest.approx(0.5, abs=0.2)  # half of four classes, about half the pixels
     assert logs["loss_unsup"] > 0 and torch.isfinite(loss)
     # With a teacher read by the contrastive term, the teacher's outputs are mixed too (t_l computed).
-    u2pl, _ = make_step(
-        tiny_config(strong_aug=True, contrastive=True, pseudo_source="teacher", labeled_classmix_p=1.0)
-    )
+    u2pl, _ = make_step(tiny_config(strong_aug=True, contrastive=True, pseudo_source="teacher", labeled_classmix_p=1.0))
     loss, _ = u2pl((labeled, unlabeled), 0)
     assert torch.isfinite(loss)
     assert tiny_config(labeled_classmix_p=1.0).selftrain.fingerprint_fields()["labeled_classmix_p"] == 1.0
