@@ -462,6 +462,20 @@ CONFIGS: list[Config] = [
             "selftrain.contrastive_negative_source=reliable",
         ),
     ),
+    # Session 32: that round with DACS's ClassMix of the labeled images on every unlabeled one: the 250 labeled scenes'
+    # digits (the rarest in 2-6 of them) pasted with their ground truth into unlabeled photographs.
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1-classmix",
+        "U2PL+ from the plateau, 4,000 steps, denoising and CutMix on every image, DACS ClassMix of the labeled images",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000,
+            *U2PL_CONTRASTIVE,
+            "selftrain.denoise=true",
+            "selftrain.cutmix_p=1.0",
+            "selftrain.labeled_classmix_p=1.0",
+        ),
+    ),
     Config(
         "plateau-online-lr4e-3-4000",
         "online round from the plateau, round lr 4e-3, 4,000 steps",

@@ -173,6 +173,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-online-lr4e-3-4000",
         "plateau-control-4000",
         "plateau-u2pl-4000-denoise-cutmix1-reliable",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -202,6 +203,11 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "selftrain.labeled_classmix_p=1.0",
     ]
     assert sm.plateau_control("plateau-online-lr4e-3-3000-classmix") == "plateau-control-3000"
+    assert sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-classmix"]) == [
+        *sets(selftrains["plateau-u2pl-4000-denoise-cutmix1"]),
+        "selftrain.labeled_classmix_p=1.0",
+    ]
+    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1-classmix") == "plateau-control-4000"
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
         *sets(selftrains["plateau-online-lr4e-3-2000"]),
