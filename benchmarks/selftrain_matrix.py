@@ -476,6 +476,16 @@ CONFIGS: list[Config] = [
             "selftrain.labeled_classmix_p=1.0",
         ),
     ),
+    # Its control: the same 4,000 steps, CutMix and ClassMix without pseudo-labels (the pasted labeled pixels the only
+    # labels of the unlabeled batch), so that what the pseudo-labels add and what pasting labeled digits adds separate.
+    Config(
+        "plateau-control-4000-classmix",
+        "control: the 4,000-step round with CutMix and ClassMix of the labeled images, without pseudo-labels",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000, "selftrain.cutmix_p=1.0", "selftrain.labeled_classmix_p=1.0", "selftrain.pseudo_labels=false"
+        ),
+    ),
     Config(
         "plateau-online-lr4e-3-4000",
         "online round from the plateau, round lr 4e-3, 4,000 steps",
@@ -1177,6 +1187,7 @@ PLATEAU_CONTROLS = (
     "plateau-control-4000",
     "plateau-control-lr4e-3-2r",
     "adapted-control",
+    "plateau-control-4000-classmix",
 )
 
 
@@ -1189,8 +1200,15 @@ def plateau_control(key: str) -> str:
         return PLATEAU_CONTROLS[0]
     if key.startswith("adapted-"):  # stage 2 after the online round: the same two rounds, round 2 without them
         return "adapted-control"
-    schedule = {c: (s.lr, s.steps, s.rounds) for c in (key, *PLATEAU_CONTROLS) for s in [round_settings(BY_KEY[c])]}
-    return next((c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key]), PLATEAU_CONTROLS[0])
+    # Rows with ClassMix have a control with it (session 32) where one ran at their schedule.
+    schedule = {
+        c: (s.lr, s.steps, s.rounds, s.labeled_classmix_p)
+        for c in (key, *PLATEAU_CONTROLS)
+        for s in [round_settings(BY_KEY[c])]
+    }
+    exact = (c for c in PLATEAU_CONTROLS if schedule[c] == schedule[key])
+    same_length = (c for c in PLATEAU_CONTROLS if schedule[c][:3] == schedule[key][:3])
+    return next(exact, next(same_length, PLATEAU_CONTROLS[0]))
 
 
 def control_of(latest: Latest, protocol: str, key: str) -> str:

@@ -225,6 +225,7 @@ class SelftrainConfig(Section):
         "sce_log_zero": -4.0,
         "cutmix_p": 0.5,
         "labeled_classmix_p": 0.0,
+        "pseudo_labels": True,
         "rectified_class_balance": False,
         "rectified_max_value": 7.0,
         "rectified_align_corners": False,
@@ -287,6 +288,9 @@ class SelftrainConfig(Section):
     # DACS's cross-domain ClassMix (Tranheden et al. 2021), per unlabeled image: half of the classes of a labeled
     # (in DA: source) image pasted over it with their ground truth, after CutMix; 0: off (the papers' rounds).
     labeled_classmix_p: float = Field(0.0, ge=0, le=1)
+    # False: every pseudo-label dropped before the mixing (the unlabeled images still pass through CutMix, ClassMix
+    # and the student): the control of a ClassMix round, whose only unlabeled-batch labels are the pasted ones.
+    pseudo_labels: bool = True
     unsup_weight: float = 1.0
     steps: int | None = Field(None, ge=1)  # per round; None: train.steps
     lr: float | None = None  # per round's poly schedule; None: train.lr

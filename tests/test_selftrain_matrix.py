@@ -174,6 +174,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-control-4000",
         "plateau-u2pl-4000-denoise-cutmix1-reliable",
         "plateau-u2pl-4000-denoise-cutmix1-classmix",
+        "plateau-control-4000-classmix",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -207,7 +208,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         *sets(selftrains["plateau-u2pl-4000-denoise-cutmix1"]),
         "selftrain.labeled_classmix_p=1.0",
     ]
-    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1-classmix") == "plateau-control-4000"
+    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1-classmix") == "plateau-control-4000-classmix"
+    assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1") == "plateau-control-4000"  # no ClassMix, its own
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
         *sets(selftrains["plateau-online-lr4e-3-2000"]),

@@ -329,6 +329,9 @@ class SelftrainStep:
             if st.denoise:
                 y_u = denoise_pseudo_labels(probs_u, t_u.rep, self.setup.prototypes, y_u, ignore)
 
+        if not st.pseudo_labels:  # the control: no pseudo-label reaches the loss, pasted labeled pixels still do
+            y_u = torch.full_like(y_u, ignore)
+
         # 3. CutMix: the teacher's outputs on the unlabeled images are mixed with the same boxes, since the
         # contrastive loss pairs them pixel by pixel with the student's features and the mixed labels.
         if st.strong_aug:

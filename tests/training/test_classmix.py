@@ -95,3 +95,17 @@ def test_the_step_trains_on_the_pasted_ground_truth_and_the_setting_is_hashed_on
     assert torch.isfinite(loss)
     assert tiny_config(labeled_classmix_p=1.0).selftrain.fingerprint_fields()["labeled_classmix_p"] == 1.0
     assert "labeled_classmix_p" not in tiny_config().selftrain.fingerprint_fields()  # earlier runs stay up to date
+
+
+def test_without_pseudo_labels_only_the_pasted_pixels_are_trained():
+    from tests.training.test_terms import batch, make_step, tiny_config
+
+    labeled, unlabeled = batch(b=2)  # three quarters of the pseudo-labels kept
+    control, _ = make_step(tiny_config(strong_aug=True, cutmix_p=0.0, pseudo_labels=False))
+    _, logs = control((labeled, unlabeled), 0)
+    assert logs["kept"] == 0 and logs["loss_unsup"] == 0
+    mixed, _ = make_step(tiny_config(strong_aug=True, cutmix_p=0.0, labeled_classmix_p=1.0, pseudo_labels=False))
+    _, logs = mixed((labeled, unlabeled), 0)
+    assert logs["kept"] == pytest.approx(0.5, abs=0.2) and logs["loss_unsup"] > 0  # the pasted half only
+    assert tiny_config(pseudo_labels=False).selftrain.fingerprint_fields()["pseudo_labels"] is False
+    assert "pseudo_labels" not in tiny_config().selftrain.fingerprint_fields()
