@@ -1032,6 +1032,21 @@ def test_the_u2pl_random_recipe_is_the_matrix_row_target_val_chose_on_the_random
     assert recipe["pipeline"] == ["pretrain", "evaluate", "selftrain", "evaluate"]
 
 
+def test_the_u2pl_random_classmix_recipe_is_its_matrix_row(sm):
+    """stages/digitscapes_u2pl_random_classmix.yaml is the U2PL+ random-split recipe with ClassMix of the labeled
+    images: the `plateau-u2pl-4000-denoise-cutmix1-classmix` row (session 32's choice on target_val)."""
+    from labelpipe.config import SelftrainConfig, load_yaml
+
+    recipe = load_yaml(ROOT / "stages" / "digitscapes_u2pl_random_classmix.yaml")
+    u2pl = load_yaml(ROOT / "stages" / "digitscapes_u2pl_random.yaml")
+    for section in ("data", "model", "train", "predict", "pseudolabel", "evaluate", "pipeline"):
+        assert recipe[section] == u2pl[section], section
+    chosen = sm.round_settings(sm.BY_KEY["plateau-u2pl-4000-denoise-cutmix1-classmix"])
+    assert SelftrainConfig.model_validate(recipe["selftrain"]) == chosen
+    assert chosen.labeled_classmix_p == 1.0
+    assert {k: v for k, v in recipe["selftrain"].items() if k != "labeled_classmix_p"} == u2pl["selftrain"]
+
+
 def test_the_plateau_recipes_round_is_the_row_chosen_on_target_val_and_offline_rows_stay_at_1000(sm):
     """stages/digitscapes_source_only.yaml's own round is the `plateau-online-lr4e-3-3000` row (session 28's
     choice on target_val); the offline rows from the plateau keep the 1,000 steps their records ran."""
