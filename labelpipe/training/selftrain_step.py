@@ -37,6 +37,14 @@ def pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
 
 
+def mask_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A (B, H, W) bool paste mask at ``t``'s resolution (nearest neighbour) and broadcastable against ``t``
+    ((B, H', W') or (B, K, H', W'))."""
+    if t.shape[-2:] != mask.shape[-2:]:
+        mask = F.interpolate(mask[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
+    return mask.view(mask.shape[0], *([1] * (t.dim() - 3)), *mask.shape[-2:])
+
+
 def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.Generator, p: float = 0.5):
     """Paste one random box from the next image of the batch into each image (probability ``p``).
 
@@ -67,14 +75,7 @@ def cutmix(images: torch.Tensor, targets: list[torch.Tensor], generator: torch.G
     donor = torch.roll(torch.arange(b), -1).to(images.device)
     images = torch.where(box[:, None], images[donor], images)
 
-    def mix(t: torch.Tensor) -> torch.Tensor:
-        m = box
-        if t.shape[-2:] != m.shape[-2:]:
-            m = F.interpolate(m[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
-        m = m.view(b, *([1] * (t.dim() - 3)), *m.shape[-2:])
-        return torch.where(m, t[donor], t)
-
-    return images, [None if t is None else mix(t) for t in targets]
+    return images, [None if t is None else torch.where(mask_like(box, t), t[donor], t) for t in targets]
 
 
 def classmix_labeled(
@@ -95,9 +96,8 @@ def classmix_labeled(
     there: ``targets_l`` pairs each entry of ``targets_u`` with a tensor of the same layout (the ground truth
     for the pseudo-labels, the teacher's outputs on the labeled image for its outputs on the unlabeled one)
     or a constant (1.0 for pixel weights, True for "inside the crop"); a ``None`` on either side leaves that
-    target as it is. The
-    mask is taken at the images' resolution and scaled to each target's by nearest neighbour. Returns the
-    mixed images and targets; pairs image i with labeled image ``i % B_l``.
+    target as it is. The mask is taken at the images' resolution and scaled to each target's by nearest
+    neighbour. Returns the mixed images and targets; pairs image i with labeled image ``i % B_l``.
     """
     b_u, b_l = x_u.shape[0], x_l.shape[0]
     if b_l == 0 or p <= 0:
@@ -120,12 +120,8 @@ def classmix_labeled(
     def mix(t: torch.Tensor | None, src: torch.Tensor | float | None) -> torch.Tensor | None:
         if t is None or src is None:  # nothing to paste (a teacher output no term reads): left as it was
             return t
-        m = mask
-        if t.shape[-2:] != m.shape[-2:]:
-            m = F.interpolate(m[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
-        m = m.view(b_u, *([1] * (t.dim() - 3)), *m.shape[-2:])
         value = src[donor].to(t.dtype) if isinstance(src, torch.Tensor) else torch.as_tensor(src, dtype=t.dtype)
-        return torch.where(m, value.to(t.device), t)
+        return torch.where(mask_like(mask, t), value.to(t.device), t)
 
     return images, [mix(t, src) for t, src in zip(targets_u, targets_l, strict=True)]
 
