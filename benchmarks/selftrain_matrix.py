@@ -476,6 +476,29 @@ CONFIGS: list[Config] = [
             "selftrain.labeled_classmix_p=1.0",
         ),
     ),
+    # Session 33: seed 003's Table III ablation and the round without the contrastive loss, on that round (the semi
+    # claim's choice): its negatives from reliable pixels only; no contrastive term (denoising, CutMix, ClassMix kept).
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
+        "U2PL+ from the plateau, 4,000 steps, denoising, CutMix and ClassMix, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000,
+            *U2PL_CONTRASTIVE,
+            "selftrain.denoise=true",
+            "selftrain.cutmix_p=1.0",
+            "selftrain.labeled_classmix_p=1.0",
+            "selftrain.contrastive_negative_source=reliable",
+        ),
+    ),
+    Config(
+        "plateau-online-4000-denoise-cutmix1-classmix",
+        "online round from the plateau, 4,000 steps, denoising, CutMix and ClassMix, no contrastive loss",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000, "selftrain.denoise=true", "selftrain.cutmix_p=1.0", "selftrain.labeled_classmix_p=1.0"
+        ),
+    ),
     # Its control: the same 4,000 steps, CutMix and ClassMix without pseudo-labels (the pasted labeled pixels the only
     # labels of the unlabeled batch), so that what the pseudo-labels add and what pasting labeled digits adds separate.
     Config(
@@ -1835,6 +1858,18 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "003 Table III: +2.0",
             "plateau-u2pl-4000-denoise-cutmix1",
             "plateau-u2pl-4000-denoise-cutmix1-reliable",
+        ),
+        (
+            "U2PL+ with ClassMix of the labeled images, 4,000 steps: unreliable vs reliable-only negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
+        ),
+        (
+            "U2PL+ with ClassMix of the labeled images, 4,000 steps: with vs without the contrastive loss",
+            "",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix",
+            "plateau-online-4000-denoise-cutmix1-classmix",
         ),
         (
             "U2PL from the plateau, 2,000 steps, vs its control (the same round without pseudo-label loss)",

@@ -175,6 +175,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-u2pl-4000-denoise-cutmix1-reliable",
         "plateau-u2pl-4000-denoise-cutmix1-classmix",
         "plateau-control-4000-classmix",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
+        "plateau-online-4000-denoise-cutmix1-classmix",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -210,6 +212,17 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     ]
     assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1-classmix") == "plateau-control-4000-classmix"
     assert sm.plateau_control("plateau-u2pl-4000-denoise-cutmix1") == "plateau-control-4000"  # no ClassMix, its own
+    # Session 33: the ClassMix round's negatives ablation and the same round without the contrastive loss.
+    classmix = sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-classmix"])
+    assert sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-classmix-reliable"]) == [
+        *classmix,
+        "selftrain.contrastive_negative_source=reliable",
+    ]
+    assert sets(selftrains["plateau-online-4000-denoise-cutmix1-classmix"]) == [
+        s for s in classmix if s not in sm.U2PL_CONTRASTIVE
+    ]
+    for key in ("plateau-u2pl-4000-denoise-cutmix1-classmix-reliable", "plateau-online-4000-denoise-cutmix1-classmix"):
+        assert sm.plateau_control(key) == "plateau-control-4000-classmix"
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
         *sets(selftrains["plateau-online-lr4e-3-2000"]),
