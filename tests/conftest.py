@@ -15,6 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "stages" / "tiny.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """TMPDIR of every subprocess the tests start: torchrun leaves a ``torchelastic_*`` log folder per launch in
+    the temporary directory, which goes under the session's base temp (pruned by pytest) instead of /tmp."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """LABELPIPE_DATA for the whole session, with the tiny DigitScapes built in it."""
