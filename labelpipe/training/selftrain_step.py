@@ -103,18 +103,19 @@ def classmix_labeled(
     if b_l == 0 or p <= 0:
         return x_u, targets_u
     apply = torch.rand(b_u, generator=generator) < p
-    masks = []
-    for i in range(b_u):
-        y = y_l[i % b_l]
-        classes = torch.unique(y[y != ignore]).cpu()
-        n = len(classes)
-        if not apply[i] or n == 0:
-            masks.append(torch.zeros_like(y, dtype=torch.bool))
-            continue
-        chosen = classes[torch.randperm(n, generator=generator)[: (n + 1) // 2]].to(y.device)
-        masks.append(torch.isin(y, chosen))
-    mask = torch.stack(masks)  # (B_u, H, W)
     donor = torch.arange(b_u, device=x_u.device) % b_l
+    # Which classes each labeled image holds (B_l, K + 1): one scatter over the batch, column K for ``ignore``.
+    valid = y_l != ignore
+    k = int(y_l[valid].max()) + 1 if valid.any() else 0
+    index = torch.where(valid, y_l, k).flatten(1)
+    present = torch.zeros(b_l, k + 1, dtype=torch.bool, device=y_l.device).scatter_(1, index, True)[:, :k].cpu()
+    chosen = torch.zeros(b_u, k + 1, dtype=torch.bool)  # the classes pasted into each unlabeled image
+    for i in range(b_u):  # tiny CPU tensors; the generator draws as many numbers per image as the class count
+        classes = present[i % b_l].nonzero()[:, 0]
+        n = len(classes)
+        if apply[i] and n:
+            chosen[i, classes[torch.randperm(n, generator=generator)[: (n + 1) // 2]]] = True
+    mask = torch.gather(chosen.to(y_l.device), 1, index[donor]).view(b_u, *y_l.shape[1:])  # (B_u, H, W)
     images = torch.where(mask[:, None], x_l[donor], x_u)
 
     def mix(t: torch.Tensor | None, src: torch.Tensor | float | None) -> torch.Tensor | None:

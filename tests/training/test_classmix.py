@@ -109,3 +109,52 @@ def test_without_pseudo_labels_only_the_pasted_pixels_are_trained():
     assert logs["kept"] == pytest.approx(0.5, abs=0.2) and logs["loss_unsup"] > 0  # the pasted half only
     assert tiny_config(pseudo_labels=False).selftrain.fingerprint_fields()["pseudo_labels"] is False
     assert "pseudo_labels" not in tiny_config().selftrain.fingerprint_fields()
+
+
+def reference_classmix(x_u, targets_u, x_l, targets_l, y_l, generator, p, ignore):
+    """The per-image form (session 32's): torch.unique of each labeled image's classes, torch.isin for the mask."""
+    b_u, b_l = x_u.shape[0], x_l.shape[0]
+    apply = torch.rand(b_u, generator=generator) < p
+    masks = []
+    for i in range(b_u):
+        y = y_l[i % b_l]
+        classes = torch.unique(y[y != ignore])
+        n = len(classes)
+        if not apply[i] or n == 0:
+            masks.append(torch.zeros_like(y, dtype=torch.bool))
+            continue
+        masks.append(torch.isin(y, classes[torch.randperm(n, generator=generator)[: (n + 1) // 2]]))
+    mask = torch.stack(masks)
+    donor = torch.arange(b_u) % b_l
+    mixed = []
+    for t, src in zip(targets_u, targets_l, strict=True):
+        m = F.interpolate(mask[:, None].float(), size=t.shape[-2:], mode="nearest")[:, 0].bool()
+        m = m.view(b_u, *([1] * (t.dim() - 3)), *m.shape[-2:])
+        value = src[donor].to(t.dtype) if isinstance(src, torch.Tensor) else torch.as_tensor(src, dtype=t.dtype)
+        mixed.append(torch.where(m, value, t))
+    return torch.where(mask[:, None], x_l[donor], x_u), mixed
+
+
+@pytest.mark.parametrize("b_u, b_l, p", [(6, 3, 1.0), (5, 5, 0.5), (4, 6, 0.7)])
+def test_the_batched_class_sets_equal_the_per_image_form_draw_for_draw(b_u, b_l, p):
+    """One scatter of the classes present replaces unique / isin per image; the generator's draws (and so every
+    mixed batch of a seeded round) stay those of the per-image form, for any class count, batch pairing and p."""
+    data = torch.Generator().manual_seed(b_u * 10 + b_l)
+    h = 12
+    y_l = torch.randint(0, 11, (b_l, h, h), generator=data)
+    y_l[y_l % 3 == 1] = 0  # unequal class counts per image
+    y_l[:, :, -3:] = IGNORE
+    y_l[-1] = IGNORE  # one labeled image with nothing to paste
+    x_l, x_u = torch.randn(b_l, 3, h, h, generator=data), torch.randn(b_u, 3, h, h, generator=data)
+    y_u = torch.randint(0, 11, (b_u, h, h), generator=data)
+    t_u, t_l = torch.randn(b_u, 4, 3, 3, generator=data), torch.randn(b_l, 4, 3, 3, generator=data)
+    for seed in range(5):
+        got = classmix_labeled(
+            x_u, [y_u, t_u], x_l, [y_l, t_l], y_l, torch.Generator().manual_seed(seed), p=p, ignore=IGNORE
+        )
+        want = reference_classmix(
+            x_u, [y_u, t_u], x_l, [y_l, t_l], y_l, torch.Generator().manual_seed(seed), p=p, ignore=IGNORE
+        )
+        assert torch.equal(got[0], want[0])
+        for a, b in zip(got[1], want[1], strict=True):
+            assert torch.equal(a, b)
