@@ -148,6 +148,10 @@ U2PL_CONTRASTIVE = (
 )
 
 
+# U2PL+'s round with ClassMix of the labeled images (session 32's semi choice), after the contrastive settings.
+CLASSMIX_ROUND = ("selftrain.denoise=true", "selftrain.cutmix_p=1.0", "selftrain.labeled_classmix_p=1.0")
+
+
 # The authors' contrastive weight (their config), over the paper's 0.1 above.
 LAMBDA_C_1 = ("selftrain.lambda_contrastive=1.0",)
 
@@ -468,13 +472,7 @@ CONFIGS: list[Config] = [
         "plateau-u2pl-4000-denoise-cutmix1-classmix",
         "U2PL+ from the plateau, 4,000 steps, denoising and CutMix on every image, DACS ClassMix of the labeled images",
         PLATEAU_RECIPE,
-        sets=plateau_round(
-            4000,
-            *U2PL_CONTRASTIVE,
-            "selftrain.denoise=true",
-            "selftrain.cutmix_p=1.0",
-            "selftrain.labeled_classmix_p=1.0",
-        ),
+        sets=plateau_round(4000, *U2PL_CONTRASTIVE, *CLASSMIX_ROUND),
     ),
     # Session 33: seed 003's Table III ablation and the round without the contrastive loss, on that round (the semi
     # claim's choice): its negatives from reliable pixels only; no contrastive term (denoising, CutMix, ClassMix kept).
@@ -482,22 +480,13 @@ CONFIGS: list[Config] = [
         "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
         "U2PL+ from the plateau, 4,000 steps, denoising, CutMix and ClassMix, reliable-only negatives",
         PLATEAU_RECIPE,
-        sets=plateau_round(
-            4000,
-            *U2PL_CONTRASTIVE,
-            "selftrain.denoise=true",
-            "selftrain.cutmix_p=1.0",
-            "selftrain.labeled_classmix_p=1.0",
-            "selftrain.contrastive_negative_source=reliable",
-        ),
+        sets=plateau_round(4000, *U2PL_CONTRASTIVE, *CLASSMIX_ROUND, "selftrain.contrastive_negative_source=reliable"),
     ),
     Config(
         "plateau-online-4000-denoise-cutmix1-classmix",
         "online round from the plateau, 4,000 steps, denoising, CutMix and ClassMix, no contrastive loss",
         PLATEAU_RECIPE,
-        sets=plateau_round(
-            4000, "selftrain.denoise=true", "selftrain.cutmix_p=1.0", "selftrain.labeled_classmix_p=1.0"
-        ),
+        sets=plateau_round(4000, *CLASSMIX_ROUND),
     ),
     # Its control: the same 4,000 steps, CutMix and ClassMix without pseudo-labels (the pasted labeled pixels the only
     # labels of the unlabeled batch), so that what the pseudo-labels add and what pasting labeled digits adds separate.
