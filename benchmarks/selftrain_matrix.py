@@ -488,6 +488,22 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(4000, *CLASSMIX_ROUND),
     ),
+    # Session 34: that ablation again at the authors' contrastive weight (lambda_c 1, their config), where the choice of
+    # negatives changes 10-15 % of the trunk's gradient instead of 1-1.6 % (benchmarks/term_gradients.py, session 23).
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+        "U2PL+ from the plateau, 4,000 steps, denoising, CutMix and ClassMix, lambda_c 1, unreliable negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(4000, *U2PL_CONTRASTIVE, *CLASSMIX_ROUND, *LAMBDA_C_1),
+    ),
+    Config(
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable",
+        "U2PL+ from the plateau, 4,000 steps, denoising, CutMix and ClassMix, lambda_c 1, reliable-only negatives",
+        PLATEAU_RECIPE,
+        sets=plateau_round(
+            4000, *U2PL_CONTRASTIVE, *CLASSMIX_ROUND, *LAMBDA_C_1, "selftrain.contrastive_negative_source=reliable"
+        ),
+    ),
     # Its control: the same 4,000 steps, CutMix and ClassMix without pseudo-labels (the pasted labeled pixels the only
     # labels of the unlabeled batch), so that what the pseudo-labels add and what pasting labeled digits adds separate.
     Config(
@@ -1859,6 +1875,19 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "",
             "plateau-u2pl-4000-denoise-cutmix1-classmix",
             "plateau-online-4000-denoise-cutmix1-classmix",
+        ),
+        (
+            "U2PL+ with ClassMix of the labeled images, 4,000 steps, lambda_c 1 (the authors' config): unreliable vs "
+            "reliable-only negatives",
+            "003 Table III: +2.0",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable",
+        ),
+        (
+            "U2PL+ with ClassMix of the labeled images, 4,000 steps, unreliable negatives: lambda_c 1 vs 0.1",
+            "",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix",
         ),
         (
             "U2PL from the plateau, 2,000 steps, vs its control (the same round without pseudo-label loss)",

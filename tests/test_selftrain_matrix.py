@@ -177,6 +177,8 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         "plateau-control-4000-classmix",
         "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
         "plateau-online-4000-denoise-cutmix1-classmix",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable",
         "plateau-rectified",
         "plateau-rectified-authors",
         "plateau-rectified-authors-unbalanced",
@@ -221,7 +223,24 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
     assert sets(selftrains["plateau-online-4000-denoise-cutmix1-classmix"]) == [
         s for s in classmix if s not in sm.U2PL_CONTRASTIVE
     ]
-    for key in ("plateau-u2pl-4000-denoise-cutmix1-classmix-reliable", "plateau-online-4000-denoise-cutmix1-classmix"):
+    # Session 34: the same ablation at the authors' lambda_c 1, set after (so over) the paper's 0.1.
+    lc1 = sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-classmix-lc1"])
+    assert lc1 == [*classmix, "selftrain.lambda_contrastive=1.0"]
+    for key in (
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable",
+    ):
+        assert sm.round_settings(sm.BY_KEY[key]).lambda_contrastive == 1.0
+    assert sets(selftrains["plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable"]) == [
+        *lc1,
+        "selftrain.contrastive_negative_source=reliable",
+    ]
+    for key in (
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable",
+        "plateau-online-4000-denoise-cutmix1-classmix",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable",
+    ):
         assert sm.plateau_control(key) == "plateau-control-4000-classmix"
     # The class-wise split (session 25): the 2,000-step round with one setting more.
     assert sets(selftrains["plateau-online-classwise-2000"]) == [
