@@ -1890,6 +1890,12 @@ def comparisons(latest: Latest, protocol: str, emit) -> None:
             "plateau-u2pl-4000-denoise-cutmix1-classmix",
         ),
         (
+            "U2PL+ with ClassMix of the labeled images, 4,000 steps, lambda_c 1: with vs without the contrastive loss",
+            "",
+            "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
+            "plateau-online-4000-denoise-cutmix1-classmix",
+        ),
+        (
             "U2PL from the plateau, 2,000 steps, vs its control (the same round without pseudo-label loss)",
             "",
             "plateau-u2pl-2000",

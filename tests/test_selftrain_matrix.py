@@ -1302,3 +1302,33 @@ def test_report_reads_stage_2_against_its_thresholds_and_never_as_the_best_round
     line = next(t for t in text.splitlines() if t.startswith("| rectified vs the best fixed threshold (tau chosen"))
     assert "(`adapted-rectified` - `adapted-sweep-0.5`)" in line
     assert "| -2.0 ± 1.0 (3) |" in line  # 52 - 55, 53 - 55, 54 - 55
+
+
+def test_the_classmix_rounds_negatives_and_contrastive_weight_are_read_in_pairs(sm, capsys, tmp_path):
+    """Sessions 33-34: on the semi claim's ClassMix round, unreliable vs reliable-only negatives at lambda_c 0.1 and
+    at the authors' 1, lambda_c 1 vs 0.1, and with vs without the contrastive loss, each paired by seed."""
+    tests = {
+        "baseline-plateau": 0.24,
+        "plateau-u2pl-4000-denoise-cutmix1-classmix": 0.40,
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-reliable": 0.39,
+        "plateau-online-4000-denoise-cutmix1-classmix": 0.38,
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1": 0.43,
+        "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable": 0.45,
+    }
+    rows = [
+        {**record(key, seed, test + (seed / 100 if key.endswith("lc1") else 0), test), "protocol": "semi-1_16"}
+        for key, test in tests.items()
+        for seed in range(3)
+    ]
+    text = run_report(sm, capsys, tmp_path, rows)
+
+    def pair(title: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith(f"| {title}"))
+
+    classmix = "U2PL+ with ClassMix of the labeled images, 4,000 steps"
+    assert "| 003 Table III: +2.0 | +1.0 ± 0.0 (3) |" in pair(f"{classmix}: unreliable vs reliable-only")
+    lc1 = pair(f"{classmix}, lambda_c 1 (the authors' config): unreliable vs reliable-only")
+    assert "`plateau-u2pl-4000-denoise-cutmix1-classmix-lc1-reliable`) | 003 Table III: +2.0 | -1.0 ± 1.0 (3) |" in lc1
+    assert "| +4.0 ± 1.0 (3) |" in pair(f"{classmix}, unreliable negatives: lambda_c 1 vs 0.1")
+    assert "| +6.0 ± 1.0 (3) |" in pair(f"{classmix}, lambda_c 1: with vs without the contrastive loss")
+    assert "| +2.0 ± 0.0 (3) |" in pair(f"{classmix}: with vs without the contrastive loss")
