@@ -1066,17 +1066,21 @@ def test_the_u2pl_random_recipe_is_the_matrix_row_target_val_chose_on_the_random
 
 def test_the_u2pl_random_classmix_recipe_is_its_matrix_row(sm):
     """stages/digitscapes_u2pl_random_classmix.yaml is the U2PL+ random-split recipe with ClassMix of the labeled
-    images: the `plateau-u2pl-4000-denoise-cutmix1-classmix` row (session 32's choice on target_val)."""
+    images at the authors' lambda_c 1: the `plateau-u2pl-4000-denoise-cutmix1-classmix-lc1` row (session 34's choice
+    on target_val; session 32's ClassMix row at the paper's 0.1 before it)."""
     from labelpipe.config import SelftrainConfig, load_yaml
 
     recipe = load_yaml(ROOT / "stages" / "digitscapes_u2pl_random_classmix.yaml")
     u2pl = load_yaml(ROOT / "stages" / "digitscapes_u2pl_random.yaml")
     for section in ("data", "model", "train", "predict", "pseudolabel", "evaluate", "pipeline"):
         assert recipe[section] == u2pl[section], section
-    chosen = sm.round_settings(sm.BY_KEY["plateau-u2pl-4000-denoise-cutmix1-classmix"])
+    chosen = sm.round_settings(sm.BY_KEY["plateau-u2pl-4000-denoise-cutmix1-classmix-lc1"])
     assert SelftrainConfig.model_validate(recipe["selftrain"]) == chosen
-    assert chosen.labeled_classmix_p == 1.0
-    assert {k: v for k, v in recipe["selftrain"].items() if k != "labeled_classmix_p"} == u2pl["selftrain"]
+    assert chosen.labeled_classmix_p == 1.0 and chosen.lambda_contrastive == 1.0
+    own = {"labeled_classmix_p", "lambda_contrastive"}
+    assert {k: v for k, v in recipe["selftrain"].items() if k not in own} == {
+        k: v for k, v in u2pl["selftrain"].items() if k not in own
+    }
 
 
 def test_the_plateau_recipes_round_is_the_row_chosen_on_target_val_and_offline_rows_stay_at_1000(sm):
