@@ -148,7 +148,8 @@ U2PL_CONTRASTIVE = (
 )
 
 
-# U2PL+'s round with ClassMix of the labeled images (session 32's semi choice), after the contrastive settings.
+# U2PL+'s round with ClassMix of the labeled images (session 32's semi choice; at lambda_c 1, session 34's), after the
+# contrastive settings.
 CLASSMIX_ROUND = ("selftrain.denoise=true", "selftrain.cutmix_p=1.0", "selftrain.labeled_classmix_p=1.0")
 
 
