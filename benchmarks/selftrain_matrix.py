@@ -489,8 +489,8 @@ CONFIGS: list[Config] = [
         PLATEAU_RECIPE,
         sets=plateau_round(4000, *CLASSMIX_ROUND),
     ),
-    # Session 34: that ablation again at the authors' contrastive weight (lambda_c 1, their config), where the choice of
-    # negatives changes 10-15 % of the trunk's gradient instead of 1-1.6 % (benchmarks/term_gradients.py, session 23).
+    # Session 34: that ablation again at the authors' contrastive weight (lambda_c 1, their config); on DA's round the
+    # choice of negatives changed 10-15 % of the trunk's gradient there against 1-1.6 % at 0.1 (term_gradients.py).
     Config(
         "plateau-u2pl-4000-denoise-cutmix1-classmix-lc1",
         "U2PL+ from the plateau, 4,000 steps, denoising, CutMix and ClassMix, lambda_c 1, unreliable negatives",
