@@ -1108,7 +1108,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="the DigitScapes build's seed (the recipes': 0)")
     parser.add_argument("--blend", choices=["alpha", "diff"], default="alpha", help="the DigitScapes target blend")
     parser.add_argument(
-        "--source-style", choices=["textured", "inked", "smooth"], default="textured", help="the DigitScapes source"
+        "--source-style",
+        choices=["textured", "inked", "blended", "smooth"],
+        default="textured",
+        help="the DigitScapes source",
     )
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
     parser.add_argument("--dry-run", action="store_true", help="print every command in order; run nothing")

@@ -47,6 +47,7 @@ class SourceStyle(str, Enum):
     textured = "textured"
     smooth = "smooth"
     inked = "inked"
+    blended = "blended"
 
 
 def _method_option() -> Any:
@@ -487,7 +488,7 @@ def data_build(
         SourceStyle,
         typer.Option(
             help="Source domain: procedural textures + distractor strokes, the same with half the strokes in "
-            "textured ink (inked), or format 1's smooth one."
+            "textured ink (inked) or composited by the difference operator (blended), or format 1's smooth one."
         ),
     ] = SourceStyle.textured,
 ) -> None:

@@ -42,8 +42,9 @@ class DigitScapesConfig(Section):
     size: Literal["tiny", "default"] = "default"
     blend: Literal["alpha", "diff"] = "alpha"
     # The source domain: procedural textures + distractor strokes (format 2), the same with textured ink
-    # on half the strokes (`inked`), or format 1's smooth one.
-    source_style: Literal["textured", "smooth", "inked"] = "textured"
+    # on half the strokes (`inked`), the same with half the strokes composited by the difference operator
+    # (`blended`), or format 1's smooth one.
+    source_style: Literal["textured", "smooth", "inked", "blended"] = "textured"
 
 
 class DataConfig(Section):

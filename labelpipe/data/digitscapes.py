@@ -10,7 +10,10 @@ band around each stroke (its anti-aliased edge). Two domains share the classes:
   strokes drawn with the digits' own pen that stay background in the mask, so the only thing that
   tells a digit from the rest is its shape; ``inked``: the same, but half the strokes (digits and
   distractors alike) are drawn in a procedural texture instead of one colour, as rendered objects are
-  textured; ``smooth`` (format 1's only source): smooth colour noise plus a gradient, on which the only
+  textured; ``blended``: the textured source with half the strokes (digits and distractors alike)
+  composited with the difference operator (``|background - 255 a|``, the stroke inverts the procedural
+  texture under it) instead of painted over it, as renderers composite with more than one operator;
+  ``smooth`` (format 1's only source): smooth colour noise plus a gradient, on which the only
   high-frequency structure is a digit. ``textured`` and ``smooth`` draw flat-coloured digits; no style
   holds a photograph or a photo-derived pixel;
 * **target** ("real"): random crops of the photographs bundled with scikit-image and scikit-learn,
@@ -101,7 +104,9 @@ PHOTO_NAMES = (
 FORMAT_VERSION = 3
 # semi-1_16-stratified: every digit in at least this many of the labeled images (all of them if fewer).
 STRATIFIED_MIN_IMAGES = 10
-SOURCE_STYLES = ("textured", "smooth", "inked")
+SOURCE_STYLES = ("textured", "smooth", "inked", "blended")
+# ``blended``: the share of source strokes (digits and distractors alike) composited with the difference operator.
+DIFFERENCE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -532,10 +537,12 @@ def draw_distractors(
     digit_px: tuple[int, int],
     count: int,
     textured_ink: bool = False,
+    difference: float = 0.0,
 ) -> None:
     """Draw ``count`` pen strokes into ``canvas`` (in place), each in a colour that contrasts with what is
     under it, and kept 2 px clear of ``digit_ink`` (bool, any ink of a digit) so that no stroke touches
-    a digit and changes its shape; the mask is not touched (the strokes are background)."""
+    a digit and changes its shape; the mask is not touched (the strokes are background). With probability
+    ``difference`` a stroke is composited with the difference operator instead (``|canvas - 255 ink|``)."""
     clear = digit_ink.copy()
     for _ in range(2):  # grow the digits' ink by 2 px (4-neighbourhood)
         grown = clear.copy()
@@ -550,6 +557,9 @@ def draw_distractors(
         ink[clear] = 0
         under = ink > 0.5
         if not under.any():
+            continue
+        if difference > 0 and rng.random() < difference:
+            canvas[:] = np.abs(canvas - ink[:, :, None] * 255.0)
             continue
         colour = _textured_ink(rng, canvas[under], side) if textured_ink else _contrasting_colour(rng, canvas[under])
         canvas += ink[:, :, None] * (colour - canvas)
@@ -610,7 +620,8 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     spec = kit.spec
     side = spec.canvas
     inked = plan.domain == "source" and kit.source_style == "inked"
-    textured = plan.domain == "source" and kit.source_style in ("textured", "inked")
+    textured = plan.domain == "source" and kit.source_style in ("textured", "inked", "blended")
+    difference = DIFFERENCE_SHARE if plan.domain == "source" and kit.source_style == "blended" else 0.0
     if plan.domain == "source":
         canvas = _textured_background(rng, side) if textured else _synthetic_background(rng, side)
     else:
@@ -645,7 +656,7 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
         top, left = box[0], box[1]
         region = canvas[top : top + height, left : left + width]
         weight = alpha[:, :, None]
-        if plan.domain == "target" and kit.blend == "diff":
+        if (plan.domain == "target" and kit.blend == "diff") or (difference > 0 and rng.random() < difference):
             region[:] = np.abs(region - weight * 255.0)
         else:
             if inked:
@@ -662,7 +673,7 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
         # Drawn last, but only where no digit is, so the order does not matter; the scene's own
         # generator continues, so the digits above are what the same scene's digits would be anyway.
         count = int(rng.integers(0, spec.max_digits + 2))
-        draw_distractors(rng, canvas, digit_ink, spec.digit_px, count, textured_ink=inked)
+        draw_distractors(rng, canvas, digit_ink, spec.digit_px, count, textured_ink=inked, difference=difference)
     image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
     return image, mask, drawn
 
@@ -861,7 +872,7 @@ def build_digitscapes(
 ) -> Path:
     """Build DigitScapes into ``root`` in the generic folder layout and return ``root``.
 
-    ``source_style`` picks the source domain (``textured`` or format 1's ``smooth``); the target
+    ``source_style`` picks the source domain (``textured``, ``inked``, ``blended`` or format 1's ``smooth``); the target
     domain does not depend on it. A no-op when ``root`` already holds the same complete build (same
     format version too). Raises :class:`LabelpipeError` when it holds anything else, an older
     format's build included (the default cache folder names the format, so it rebuilds elsewhere).

@@ -405,3 +405,37 @@ def test_the_default_cache_folder_names_the_format_and_a_non_default_source() ->
     smooth = DataConfig(digitscapes={"source_style": "smooth"}).resolved_root().name
     assert default == f"digitscapes-v{FORMAT_VERSION}-default-alpha-s0"
     assert smooth == f"digitscapes-v{FORMAT_VERSION}-default-alpha-smooth-s0"
+
+
+def test_blended_source_composites_half_the_strokes_by_the_difference_operator() -> None:
+    """`blended`: the textured source, but digits and distractor strokes alike are composited with the
+    difference operator half the time (the stroke inverts the texture under it, so its pixels vary with the
+    background); `textured` paints every stroke in one flat colour. The masks stay the digits'."""
+    from scipy.ndimage import label
+
+    varied = {}
+    for style in ("textured", "blended"):
+        kit = prepare_kit(0, "default", "alpha", style)
+        spreads = []
+        for index in range(60):
+            image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
+            assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
+            stroke = (mask >= 1) & (mask <= 10)
+            core = np.zeros_like(stroke)
+            core[1:-1, 1:-1] = stroke[1:-1, 1:-1] & stroke[:-2, 1:-1] & stroke[2:, 1:-1]
+            core[1:-1, 1:-1] &= stroke[1:-1, :-2] & stroke[1:-1, 2:]
+            components, count = label(stroke)
+            for component in range(1, count + 1):
+                inside = core & (components == component)
+                if inside.sum() >= 8:
+                    spreads.append(float(image[inside].astype(np.float64).std(axis=0).mean()))
+        varied[style] = float(np.mean(np.asarray(spreads) > 12))
+    assert varied["textured"] < 0.08, varied
+    assert 0.2 < varied["blended"] < 0.7, varied
+    # a distractor drawn by the difference operator inverts what is under its full-strength ink
+    canvas = np.full((64, 64, 3), 100.0, np.float32)
+    draw_distractors(np.random.default_rng(5), canvas, np.zeros((64, 64), bool), (18, 34), count=1, difference=1.0)
+    changed = np.abs(canvas - 100).max(axis=2) > 1
+    assert changed.sum() >= 8
+    assert np.isclose(canvas.max(), 155.0, atol=0.5) and canvas.min() >= 0
+    assert np.allclose(canvas[changed], canvas[changed][:, :1])  # grey in, grey out: no colour is painted
