@@ -468,9 +468,10 @@ def test_another_digitscapes_build_reaches_every_command_and_its_records_are_nev
     assert {c[1] for c in cmds} == {"pretrain", "evaluate", "selftrain"}
     for c in cmds:
         assert {"data.digitscapes.seed=1", "data.digitscapes.blend=diff"} <= set(sets(c)), c
-    cmds = dry_run(sm, capsys, tmp_path / "inked", *args, "--source-style", "inked")  # another source domain
-    assert cmds and all("data.digitscapes.source_style=inked" in sets(c) for c in cmds)
-    assert sm.record_variant({"data": sm.DataVariant(0, "diff", "inked").record()}).source_style == "inked"
+    for style in ("inked", "blended"):  # another source domain
+        cmds = dry_run(sm, capsys, tmp_path / style, *args, "--source-style", style)
+        assert cmds and all(f"data.digitscapes.source_style={style}" in sets(c) for c in cmds)
+        assert sm.record_variant({"data": sm.DataVariant(0, "diff", style).record()}).source_style == style
 
     fake = FakeLabelpipe()
     monkeypatch.setattr(sm.Matrix, "command", lambda self, argv, shown: fake(self, argv, shown))
