@@ -318,29 +318,33 @@ def test_textured_source_has_texture_where_the_smooth_one_is_flat() -> None:
     assert energy["textured"] > 4 * energy["smooth"], energy
 
 
+def _share_of_varied_strokes(style: str) -> float:
+    """The share of a source style's digit strokes whose interior varies in colour (per-channel std > 12) over
+    60 scenes; each scene's mask is checked to hold only the digits it drew."""
+    from scipy.ndimage import label
+
+    kit = prepare_kit(0, "default", "alpha", style)
+    spreads = []
+    for index in range(60):
+        image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
+        assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
+        stroke = (mask >= 1) & (mask <= 10)
+        # each digit's stroke interior (eroded by 1 px, so the anti-aliased edge does not count)
+        core = np.zeros_like(stroke)
+        core[1:-1, 1:-1] = stroke[1:-1, 1:-1] & stroke[:-2, 1:-1] & stroke[2:, 1:-1]
+        core[1:-1, 1:-1] &= stroke[1:-1, :-2] & stroke[1:-1, 2:]
+        components, count = label(stroke)
+        for component in range(1, count + 1):
+            inside = core & (components == component)
+            if inside.sum() >= 8:
+                spreads.append(float(image[inside].astype(np.float64).std(axis=0).mean()))
+    return float(np.mean(np.asarray(spreads) > 12))
+
+
 def test_inked_source_textures_half_the_strokes_and_draws_distractors_with_the_same_ink() -> None:
     """`inked`: the textured source's backgrounds and distractors, but the ink of digits and distractor strokes
     alike is textured half the time, where `textured` draws every stroke flat; the masks stay the digits'."""
-    from scipy.ndimage import label
-
-    kits = {style: prepare_kit(0, "default", "alpha", style) for style in ("textured", "inked")}
-    textured_strokes = {}
-    for style, kit in kits.items():
-        spreads = []
-        for index in range(60):
-            image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
-            assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
-            stroke = (mask >= 1) & (mask <= 10)
-            # each digit's stroke interior (eroded by 1 px, so the anti-aliased edge does not count)
-            core = np.zeros_like(stroke)
-            core[1:-1, 1:-1] = stroke[1:-1, 1:-1] & stroke[:-2, 1:-1] & stroke[2:, 1:-1]
-            core[1:-1, 1:-1] &= stroke[1:-1, :-2] & stroke[1:-1, 2:]
-            components, count = label(stroke)
-            for component in range(1, count + 1):
-                inside = core & (components == component)
-                if inside.sum() >= 8:
-                    spreads.append(float(image[inside].astype(np.float64).std(axis=0).mean()))
-        textured_strokes[style] = float(np.mean(np.asarray(spreads) > 12))
+    textured_strokes = {style: _share_of_varied_strokes(style) for style in ("textured", "inked")}
     # textured draws every stroke in one colour; inked textures half of them (some textures are faint)
     assert textured_strokes["textured"] < 0.08, textured_strokes
     assert 0.2 < textured_strokes["inked"] < 0.6, textured_strokes
@@ -411,25 +415,7 @@ def test_blended_source_composites_half_the_strokes_by_the_difference_operator()
     """`blended`: the textured source, but digits and distractor strokes alike are composited with the
     difference operator half the time (the stroke inverts the texture under it, so its pixels vary with the
     background); `textured` paints every stroke in one flat colour. The masks stay the digits'."""
-    from scipy.ndimage import label
-
-    varied = {}
-    for style in ("textured", "blended"):
-        kit = prepare_kit(0, "default", "alpha", style)
-        spreads = []
-        for index in range(60):
-            image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
-            assert drawn and set(np.unique(mask).tolist()) <= {0, IGNORE_INDEX} | {1 + d for d in drawn}
-            stroke = (mask >= 1) & (mask <= 10)
-            core = np.zeros_like(stroke)
-            core[1:-1, 1:-1] = stroke[1:-1, 1:-1] & stroke[:-2, 1:-1] & stroke[2:, 1:-1]
-            core[1:-1, 1:-1] &= stroke[1:-1, :-2] & stroke[1:-1, 2:]
-            components, count = label(stroke)
-            for component in range(1, count + 1):
-                inside = core & (components == component)
-                if inside.sum() >= 8:
-                    spreads.append(float(image[inside].astype(np.float64).std(axis=0).mean()))
-        varied[style] = float(np.mean(np.asarray(spreads) > 12))
+    varied = {style: _share_of_varied_strokes(style) for style in ("textured", "blended")}
     assert varied["textured"] < 0.08, varied
     assert 0.2 < varied["blended"] < 0.7, varied
     # a distractor drawn by the difference operator inverts what is under its full-strength ink
