@@ -924,7 +924,7 @@ class Matrix:
     def pretrain(self, recipe: str, protocol: str, seed: int) -> Path:
         """``RUN/pretrains/<recipe>-<protocol>-s<seed>``, trained and evaluated on both splits; its row (the
         recipe's pretrain row: ``baseline`` for the base recipe) recorded once per call, whichever
-        configuration needed it first."""
+        configuration needed it first, and not again when results.jsonl already ends on the same result."""
         run = self.out / "pretrains" / f"{recipe}-{protocol}-s{seed}"
         if ("pretrain", run) in self.done:
             return run
@@ -1037,9 +1037,30 @@ class Matrix:
             "pseudo_labels": None if model == "pretrain" or online else pseudo_label_precision(run, model),
             "val_curve": val_curve(run, model),
         }
-        with (self.out / "results.jsonl").open("a") as fh:
+        path = self.out / "results.jsonl"
+        previous = latest_record(path, rec)
+        if previous is not None and all(previous.get(k) == rec[k] for k in SAME_RESULT):
+            return previous  # the same weights evaluated again (a resumed call): recorded once, with its first wall
+        with path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         return rec
+
+
+# What makes two records of one (protocol, seed, build, configuration) the same result; the wall times differ
+# when a call resumes a finished run.
+SAME_RESULT = ("run", "model", "val_miou", "val_tail_miou", "test_miou", "test_tail_miou", "test_per_class_iou")
+
+
+def latest_record(path: Path, rec: dict) -> dict | None:
+    """The last record in ``path`` of ``rec``'s (protocol, seed, build, configuration): the one the report reads."""
+    if not path.exists():
+        return None
+    key = (rec["protocol"], rec["seed"], record_variant(rec), rec["config"])
+    for line in reversed(path.read_text().splitlines()):
+        old = json.loads(line)
+        if (old.get("protocol"), old.get("seed"), record_variant(old), old.get("config")) == key:
+            return old
+    return None
 
 
 def val_curve(run: Path, model: str) -> list[list[float]]:

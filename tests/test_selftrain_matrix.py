@@ -639,6 +639,7 @@ class FakeLabelpipe:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.weights = b"pretrained"
+        self.shift = 0.0  # added to every mIoU an evaluation reports
 
     @staticmethod
     def write(path: Path, content: bytes) -> None:
@@ -677,7 +678,7 @@ class FakeLabelpipe:
                 self.write(round_dir / "pseudolabel" / "report.json", json.dumps(report).encode())
         elif shown[1] == "evaluate":
             model, split = opt(shown, "--model"), opt(shown, "--split")
-            miou = {"target_val": 0.3, "target_test": 0.4}[split] + (0.05 if model != "pretrain" else 0.0)
+            miou = {"target_val": 0.3, "target_test": 0.4}[split] + (0.05 if model != "pretrain" else 0.0) + self.shift
             (run / "evaluate" / model).mkdir(parents=True, exist_ok=True)
             metrics = {"split": split, "model": model, "miou": miou, "tail_miou": 0.1, "per_class_iou": {}}
             (run / "evaluate" / model / "metrics.json").write_text(json.dumps(metrics))
@@ -719,14 +720,16 @@ def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_r
     assert "| control: the rounds without pseudo-label loss (`control`) |" in text
     assert "on **target_val**: **online mean teacher" in text  # the control (as high on val) is no candidate
 
-    # Continued: stages are asked again (each skips itself when up to date), evaluations and AdaBN are not.
+    # Continued: stages are asked again (each skips itself when up to date), evaluations and AdaBN are not, and
+    # the same results are not recorded twice.
     fake.calls.clear()
     sm.main(args)
     assert sorted({c[1] for c in fake.calls}) == ["pretrain", "selftrain"]
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
 
     # The shared pretrain redone (say its recipe changed): the configurations that copied it start again.
     fake.weights = b"pretrained again"
+    fake.shift = 0.01  # and its models score otherwise
     fake.calls.clear()
     (control / "stale").write_text("")
     sm.main(args)
@@ -734,6 +737,13 @@ def test_a_matrix_records_both_splits_resumes_and_restarts_configurations_of_a_r
     assert (control / "pretrain" / "model.safetensors").read_bytes() == b"pretrained again"
     evaluated = {(Path(opt(c, "--run")).name, opt(c, "--split")) for c in fake.calls if c[1] == "evaluate"}
     assert evaluated == {(n, s) for n in ("digitscapes_dars-da-s0", "control", "online") for s in sm.SPLITS}
+    # the changed results are recorded after the first ones (the report reads the last record of each)
+    added = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()[len(records) :]]
+    assert sorted((r["config"], round(r["test_miou"], 2)) for r in added) == [
+        ("baseline", 0.41),
+        ("control", 0.46),
+        ("online", 0.46),
+    ]
 
 
 def test_threshold_choice_compares_the_sweep_on_the_seeds_every_threshold_ran(sm, capsys, tmp_path):
