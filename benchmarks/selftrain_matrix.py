@@ -924,7 +924,7 @@ class Matrix:
     def pretrain(self, recipe: str, protocol: str, seed: int) -> Path:
         """``RUN/pretrains/<recipe>-<protocol>-s<seed>``, trained and evaluated on both splits; its row (the
         recipe's pretrain row: ``baseline`` for the base recipe) recorded once per call, whichever
-        configuration needed it first, and not again when results.jsonl already ends on the same result."""
+        configuration needed it first, and not again when its last record in results.jsonl is the same result."""
         run = self.out / "pretrains" / f"{recipe}-{protocol}-s{seed}"
         if ("pretrain", run) in self.done:
             return run
