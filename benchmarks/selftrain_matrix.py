@@ -1056,7 +1056,7 @@ def latest_record(path: Path, rec: dict) -> dict | None:
     if not path.exists():
         return None
     key = (rec["protocol"], rec["seed"], record_variant(rec), rec["config"])
-    for line in reversed(path.read_text().splitlines()):
+    for line in reversed([line for line in path.read_text().splitlines() if line.strip()]):  # as read_results
         old = json.loads(line)
         if (old.get("protocol"), old.get("seed"), record_variant(old), old.get("config")) == key:
             return old
