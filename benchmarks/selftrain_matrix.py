@@ -873,21 +873,25 @@ class DataVariant:
     seed: int = 0
     blend: str = "alpha"
     source_style: str = "textured"
+    difference_share: float | None = None  # ``blended`` only; None: its own share (0.5)
 
     def sets(self) -> list[str]:
         """``--set`` options of every command: none for the recipes' own build."""
         sets = [] if self.seed == 0 else [f"data.digitscapes.seed={self.seed}"]
         sets += [] if self.blend == "alpha" else [f"data.digitscapes.blend={self.blend}"]
         sets += [] if self.source_style == "textured" else [f"data.digitscapes.source_style={self.source_style}"]
+        sets += [] if self.difference_share is None else [f"data.digitscapes.difference_share={self.difference_share}"]
         return [a for s in sets for a in ("--set", s)]
 
     def record(self) -> dict[str, object]:
         style = {} if self.source_style == "textured" else {"source_style": self.source_style}
-        return {"digitscapes_seed": self.seed, "blend": self.blend, **style}
+        share = {} if self.difference_share is None else {"difference_share": self.difference_share}
+        return {"digitscapes_seed": self.seed, "blend": self.blend, **style, **share}
 
     def describe(self) -> str:
         style = "" if self.source_style == "textured" else f", {self.source_style} source"
-        return f"DigitScapes seed {self.seed}, {self.blend} blend{style}"
+        share = "" if self.difference_share is None else f" ({self.difference_share:g} by difference)"
+        return f"DigitScapes seed {self.seed}, {self.blend} blend{style}{share}"
 
 
 class Matrix:
@@ -1134,6 +1138,12 @@ def main(argv: list[str] | None = None) -> None:
         default="textured",
         help="the DigitScapes source",
     )
+    parser.add_argument(
+        "--difference-share",
+        type=float,
+        default=None,
+        help="with --source-style blended: the share of its strokes composited by difference (default 0.5)",
+    )
     parser.add_argument("--quick", action="store_true", help="DA, seed 0, rounds of 100 steps, into OUT-quick")
     parser.add_argument("--dry-run", action="store_true", help="print every command in order; run nothing")
     parser.add_argument("--report", action="store_true", help="only print the tables of what --out holds")
@@ -1166,7 +1176,10 @@ def main(argv: list[str] | None = None) -> None:
     chosen = select(args.configs or list(BY_KEY))
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-    data = DataVariant(args.data_seed, args.blend, args.source_style)
+    if args.difference_share is not None and args.source_style != "blended":
+        parser.error("--difference-share needs --source-style blended")
+    share = None if args.difference_share in (None, 0.5) else args.difference_share
+    data = DataVariant(args.data_seed, args.blend, args.source_style, share)
     matrix = Matrix(out, args.dry_run, args.round_steps, data=data)
     for protocol in args.protocols or ["da", "semi-1_16"]:
         for seed in args.seeds:
@@ -1214,8 +1227,12 @@ def read_results(out: Path) -> Latest:
 def record_variant(rec: dict) -> DataVariant:
     """The build a record ran on (records before the ``data`` field: the recipes' own)."""
     data = rec.get("data") or {}
+    share = data.get("difference_share")
     return DataVariant(
-        int(data.get("digitscapes_seed", 0)), str(data.get("blend", "alpha")), str(data.get("source_style", "textured"))
+        int(data.get("digitscapes_seed", 0)),
+        str(data.get("blend", "alpha")),
+        str(data.get("source_style", "textured")),
+        None if share is None else float(share),
     )
 
 

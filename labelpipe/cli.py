@@ -491,18 +491,37 @@ def data_build(
             "textured ink (inked) or composited by the difference operator (blended), or format 1's smooth one."
         ),
     ] = SourceStyle.textured,
+    difference_share: Annotated[
+        float | None,
+        typer.Option(help="With --source-style blended: the share of strokes composited by difference (default 0.5)."),
+    ] = None,
 ) -> None:
     """Build the embedded DigitScapes data set (real digits on real photos)."""
     if name != "digitscapes":
         raise LabelpipeError(f"data build {name}: unknown data set; only 'digitscapes' can be built")
+    from pydantic import ValidationError
+
     from labelpipe.config import DataConfig
     from labelpipe.data.digitscapes import build_digitscapes
 
     if root is None:
         params = {"seed": seed, "size": size.value, "blend": blend.value, "source_style": source_style.value}
-        root = DataConfig(digitscapes=params).resolved_root()
-    out = build_digitscapes(root, seed=seed, size=size.value, blend=blend.value, source_style=source_style.value)
-    print(f"DigitScapes ({size.value}, blend={blend.value}, source={source_style.value}, seed={seed}) at {out}")
+        if difference_share is not None:
+            params["difference_share"] = difference_share
+        try:
+            root = DataConfig(digitscapes=params).resolved_root()
+        except ValidationError as error:
+            raise LabelpipeError(f"data build: {error.errors()[0]['msg']} (--difference-share)") from None
+    out = build_digitscapes(
+        root,
+        seed=seed,
+        size=size.value,
+        blend=blend.value,
+        source_style=source_style.value,
+        difference_share=difference_share,
+    )
+    share = "" if difference_share is None else f", difference share {difference_share:g}"
+    print(f"DigitScapes ({size.value}, blend={blend.value}, source={source_style.value}{share}, seed={seed}) at {out}")
 
 
 @data_app.command("show", epilog="Example: labelpipe data show ~/data/streets --split train")

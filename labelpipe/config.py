@@ -45,6 +45,14 @@ class DigitScapesConfig(Section):
     # on half the strokes (`inked`), the same with half the strokes composited by the difference operator
     # (`blended`), or format 1's smooth one.
     source_style: Literal["textured", "smooth", "inked", "blended"] = "textured"
+    # `blended` only: the share of its strokes composited by the difference operator (None: half of them).
+    difference_share: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _share_needs_blended(self) -> "DigitScapesConfig":
+        if self.difference_share is not None and self.source_style != "blended":
+            raise ValueError("difference_share needs source_style=blended")
+        return self
 
 
 class DataConfig(Section):
@@ -52,6 +60,13 @@ class DataConfig(Section):
     kind: Literal["folder", "cityscapes", "voc", "gta5", "synthia"] | None = None
     protocol: str | None = None
     digitscapes: DigitScapesConfig = Field(default_factory=DigitScapesConfig)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        fields = super().fingerprint_fields()
+        # Added later: at `blended`'s own share (None or 0.5) the runs before it stay up to date.
+        if fields["digitscapes"].get("difference_share") in (None, 0.5):
+            del fields["digitscapes"]["difference_share"]
+        return fields
 
     def resolved_root(self) -> Path:
         if self.root is not None:
@@ -61,6 +76,8 @@ class DataConfig(Section):
 
         d = self.digitscapes
         style = "" if d.source_style == "textured" else f"-{d.source_style}"
+        if d.difference_share is not None and d.difference_share != 0.5:  # 0.5: `blended`'s own share
+            style += f"{d.difference_share:g}"
         return cache / f"digitscapes-v{FORMAT_VERSION}-{d.size}-{d.blend}{style}-s{d.seed}"
 
 

@@ -35,6 +35,7 @@ def open_source(
             size=params.get("size", "default"),
             blend=params.get("blend", "alpha"),
             source_style=params.get("source_style", "textured"),
+            difference_share=params.get("difference_share"),
         )
         kind = "folder"
     if kind in (None, "folder") and (Path(root) / "dataset.yaml").is_file():

@@ -105,7 +105,8 @@ FORMAT_VERSION = 3
 # semi-1_16-stratified: every digit in at least this many of the labeled images (all of them if fewer).
 STRATIFIED_MIN_IMAGES = 10
 SOURCE_STYLES = ("textured", "smooth", "inked", "blended")
-# ``blended``: the share of source strokes (digits and distractors alike) composited with the difference operator.
+# ``blended``: the share of source strokes (digits and distractors alike) composited with the difference operator,
+# unless a build names another (``difference_share``).
 DIFFERENCE_SHARE = 0.5
 
 
@@ -248,6 +249,7 @@ class SceneKit:
     photo_pools: dict[str, list[int]]
     train_probabilities: np.ndarray  # (10,)
     source_style: str = "textured"
+    difference_share: float = DIFFERENCE_SHARE  # ``blended`` only
 
 
 def _digit_alpha(image: np.ndarray, longest_side: int) -> np.ndarray:
@@ -621,7 +623,7 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     side = spec.canvas
     inked = plan.domain == "source" and kit.source_style == "inked"
     textured = plan.domain == "source" and kit.source_style in ("textured", "inked", "blended")
-    difference = DIFFERENCE_SHARE if plan.domain == "source" and kit.source_style == "blended" else 0.0
+    difference = kit.difference_share if plan.domain == "source" and kit.source_style == "blended" else 0.0
     if plan.domain == "source":
         canvas = _textured_background(rng, side) if textured else _synthetic_background(rng, side)
     else:
@@ -678,7 +680,9 @@ def render_scene(kit: SceneKit, plan: SplitPlan, rng: np.random.Generator) -> tu
     return image, mask, drawn
 
 
-def prepare_kit(seed: int, size: str, blend: str, source_style: str = "textured") -> SceneKit:
+def prepare_kit(
+    seed: int, size: str, blend: str, source_style: str = "textured", difference_share: float | None = None
+) -> SceneKit:
     """Load digits and photographs and split both into disjoint train and test pools."""
     digits, labels = load_digit_images()
     order = np.random.default_rng([seed, 102]).permutation(len(labels))
@@ -697,6 +701,7 @@ def prepare_kit(seed: int, size: str, blend: str, source_style: str = "textured"
         photo_pools=photo_pools(len(photos)),
         train_probabilities=training_class_probabilities(seed),
         source_style=source_style,
+        difference_share=DIFFERENCE_SHARE if difference_share is None else difference_share,
     )
 
 
@@ -752,8 +757,10 @@ def stratified_subset(present: np.ndarray, count: int, min_images: int, rng: np.
     return np.flatnonzero(chosen)
 
 
-def _write_build(folder: Path, seed: int, size: str, blend: str, source_style: str) -> None:
-    kit = prepare_kit(seed, size, blend, source_style)
+def _write_build(
+    folder: Path, seed: int, size: str, blend: str, source_style: str, difference_share: float | None
+) -> None:
+    kit = prepare_kit(seed, size, blend, source_style, difference_share)
     spec = kit.spec
     for sub in ("images", "masks", "splits"):
         (folder / sub).mkdir(parents=True)
@@ -810,6 +817,7 @@ def _write_build(folder: Path, seed: int, size: str, blend: str, source_style: s
             "size": size,
             "blend": blend,
             "source_style": source_style,
+            **({} if difference_share is None else {"difference_share": difference_share}),
             "format": FORMAT_VERSION,
             "rho": RHO,
             "canvas": spec.canvas,
@@ -828,7 +836,11 @@ def _write_build(folder: Path, seed: int, size: str, blend: str, source_style: s
     )
 
 
-def _build_parameters(seed: int, size: str, blend: str, source_style: str) -> dict[str, object]:
+def _build_parameters(
+    seed: int, size: str, blend: str, source_style: str, difference_share: float | None
+) -> dict[str, object]:
+    # The default share is left out, so the builds made before the share could be set stay up to date.
+    share = {} if difference_share is None else {"difference_share": difference_share}
     return {
         "dataset": "digitscapes",
         "format": FORMAT_VERSION,
@@ -836,8 +848,24 @@ def _build_parameters(seed: int, size: str, blend: str, source_style: str) -> di
         "size": size,
         "blend": blend,
         "source_style": source_style,
+        **share,
         "rho": RHO,
     }
+
+
+def resolve_difference_share(source_style: str, difference_share: float | None) -> float | None:
+    """The share a build records: None for the style's own (``blended``: DIFFERENCE_SHARE); raises on a share
+    outside (0, 1] or one given to a style that composites no stroke by difference."""
+    if difference_share is None:
+        return None
+    if source_style != "blended":
+        raise LabelpipeError(
+            f"DigitScapes: difference_share={difference_share} needs source_style=blended (got '{source_style}')"
+        )
+    share = float(difference_share)
+    if not 0.0 < share <= 1.0:
+        raise LabelpipeError(f"DigitScapes: difference_share must be in (0, 1], got {difference_share!r}")
+    return None if share == DIFFERENCE_SHARE else share
 
 
 def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
@@ -855,7 +883,11 @@ def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
         if found == parameters:
             return True
         shown = (
-            ", ".join(f"{key}={found.get(key)}" for key in ("format", "seed", "size", "blend", "source_style"))
+            ", ".join(
+                f"{key}={found.get(key)}"
+                for key in ("format", "seed", "size", "blend", "source_style", "difference_share")
+                if key != "difference_share" or key in found
+            )
             if isinstance(found, dict)
             else "unreadable parameters"
         )
@@ -868,11 +900,17 @@ def _is_same_complete_build(root: Path, parameters: dict[str, object]) -> bool:
 
 
 def build_digitscapes(
-    root: Path, seed: int = 0, size: str = "default", blend: str = "alpha", source_style: str = "textured"
+    root: Path,
+    seed: int = 0,
+    size: str = "default",
+    blend: str = "alpha",
+    source_style: str = "textured",
+    difference_share: float | None = None,
 ) -> Path:
     """Build DigitScapes into ``root`` in the generic folder layout and return ``root``.
 
-    ``source_style`` picks the source domain (``textured``, ``inked``, ``blended`` or format 1's ``smooth``); the target
+    ``source_style`` picks the source domain (``textured``, ``inked``, ``blended`` or format 1's ``smooth``), and
+    ``difference_share`` the share of ``blended``'s strokes drawn by the difference operator (None: 0.5); the target
     domain does not depend on it. A no-op when ``root`` already holds the same complete build (same
     format version too). Raises :class:`LabelpipeError` when it holds anything else, an older
     format's build included (the default cache folder names the format, so it rebuilds elsewhere).
@@ -888,7 +926,8 @@ def build_digitscapes(
         )
     if not isinstance(seed, int) or seed < 0:
         raise LabelpipeError(f"DigitScapes: seed must be a non-negative integer, got {seed!r}")
-    parameters = _build_parameters(seed, size, blend, source_style)
+    difference_share = resolve_difference_share(source_style, difference_share)
+    parameters = _build_parameters(seed, size, blend, source_style, difference_share)
     if _is_same_complete_build(root, parameters):
         return root
 
@@ -897,7 +936,7 @@ def build_digitscapes(
     if staging.exists():
         shutil.rmtree(staging)  # left over by an interrupted build of this process id
     try:
-        _write_build(staging, seed, size, blend, source_style)
+        _write_build(staging, seed, size, blend, source_style, difference_share)
         (staging / ".complete").write_text(json.dumps(parameters, sort_keys=True) + "\n")
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
