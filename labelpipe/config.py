@@ -49,7 +49,7 @@ class DigitScapesConfig(Section):
     difference_share: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _share_needs_blended(self) -> "DigitScapesConfig":
+    def _share_needs_blended(self) -> DigitScapesConfig:
         if self.difference_share is not None and self.source_style != "blended":
             raise ValueError("difference_share needs source_style=blended")
         return self

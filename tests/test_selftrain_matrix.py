@@ -472,6 +472,17 @@ def test_another_digitscapes_build_reaches_every_command_and_its_records_are_nev
         cmds = dry_run(sm, capsys, tmp_path / style, *args, "--source-style", style)
         assert cmds and all(f"data.digitscapes.source_style={style}" in sets(c) for c in cmds)
         assert sm.record_variant({"data": sm.DataVariant(0, "diff", style).record()}).source_style == style
+    cmds = dry_run(sm, capsys, tmp_path / "q", *args, "--source-style", "blended", "--difference-share", "0.25")
+    assert cmds and all(
+        {"data.digitscapes.source_style=blended", "data.digitscapes.difference_share=0.25"} <= set(sets(c))
+        for c in cmds
+    )
+    quarter = sm.DataVariant(0, "diff", "blended", 0.25)
+    assert sm.record_variant({"data": quarter.record()}) == quarter != sm.DataVariant(0, "diff", "blended")
+    cmds = dry_run(sm, capsys, tmp_path / "h", *args, "--source-style", "blended", "--difference-share", "0.5")
+    assert cmds and not any("difference_share" in s for c in cmds for s in sets(c))  # blended's own share
+    with pytest.raises(SystemExit):
+        sm.main(["--dry-run", "--out", str(tmp_path / "x"), *args, "--difference-share", "0.25"])
 
     fake = FakeLabelpipe()
     monkeypatch.setattr(sm.Matrix, "command", lambda self, argv, shown: fake(self, argv, shown))

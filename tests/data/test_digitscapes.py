@@ -318,12 +318,12 @@ def test_textured_source_has_texture_where_the_smooth_one_is_flat() -> None:
     assert energy["textured"] > 4 * energy["smooth"], energy
 
 
-def _share_of_varied_strokes(style: str) -> float:
+def _share_of_varied_strokes(style: str, difference_share: float | None = None) -> float:
     """The share of a source style's digit strokes whose interior varies in colour (per-channel std > 12) over
     60 scenes; each scene's mask is checked to hold only the digits it drew."""
     from scipy.ndimage import label
 
-    kit = prepare_kit(0, "default", "alpha", style)
+    kit = prepare_kit(0, "default", "alpha", style, difference_share)
     spreads = []
     for index in range(60):
         image, mask, drawn = render_scene(kit, SPLIT_PLANS[0], np.random.default_rng([11, index]))
@@ -425,3 +425,55 @@ def test_blended_source_composites_half_the_strokes_by_the_difference_operator()
     assert changed.sum() >= 8
     assert np.isclose(canvas.max(), 155.0, atol=0.5) and canvas.min() >= 0
     assert np.allclose(canvas[changed], canvas[changed][:, :1])  # grey in, grey out: no colour is painted
+
+
+def test_the_blended_sources_difference_share_sets_how_many_strokes_invert_what_is_under_them() -> None:
+    """``difference_share``: a quarter of the strokes by difference varies inside about half as often as
+    ``blended``'s own half; the same generator draws the same scenes, so only the compositing changes."""
+    quarter, half = _share_of_varied_strokes("blended", 0.25), _share_of_varied_strokes("blended")
+    assert 0.05 < quarter < 0.75 * half, (quarter, half)
+    kits = {share: prepare_kit(0, "tiny", "alpha", "blended", share) for share in (0.25, None)}
+    differ = 0
+    for index in range(10):
+        scenes = {s: render_scene(kit, SPLIT_PLANS[0], np.random.default_rng(index)) for s, kit in kits.items()}
+        assert np.array_equal(scenes[0.25][1], scenes[None][1]) and scenes[0.25][2] == scenes[None][2]
+        differ += not np.array_equal(scenes[0.25][0], scenes[None][0])
+    assert differ >= 3, differ
+
+
+def test_a_difference_share_is_validated_named_in_the_cache_folder_and_left_out_of_old_fingerprints(
+    tmp_path: Path,
+) -> None:
+    from pydantic import ValidationError
+
+    from labelpipe.config import DataConfig
+
+    with pytest.raises(LabelpipeError, match="needs source_style=blended"):
+        build_digitscapes(tmp_path / "x", size="tiny", difference_share=0.25)
+    with pytest.raises(LabelpipeError, match=r"must be in \(0, 1\]"):
+        build_digitscapes(tmp_path / "x", size="tiny", source_style="blended", difference_share=1.5)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValidationError, match="needs source_style=blended"):
+        DataConfig(digitscapes={"difference_share": 0.25})
+    with pytest.raises(ValidationError):
+        DataConfig(digitscapes={"source_style": "blended", "difference_share": 0.0})
+    blended = DataConfig(digitscapes={"source_style": "blended"})
+    quarter = DataConfig(digitscapes={"source_style": "blended", "difference_share": 0.25})
+    half = DataConfig(digitscapes={"source_style": "blended", "difference_share": 0.5})
+    assert quarter.resolved_root().name == f"digitscapes-v{FORMAT_VERSION}-default-alpha-blended0.25-s0"
+    assert half.resolved_root() == blended.resolved_root()
+    # runs made before the share existed (and at blended's own share) keep their fingerprints
+    assert "difference_share" not in blended.fingerprint_fields()["digitscapes"]
+    assert half.fingerprint_fields() == blended.fingerprint_fields()
+    assert quarter.fingerprint_fields()["digitscapes"]["difference_share"] == 0.25
+
+
+@pytest.mark.slow
+def test_a_build_records_its_difference_share_and_refuses_another(tmp_path: Path) -> None:
+    root = build_digitscapes(tmp_path / "q", seed=0, size="tiny", source_style="blended", difference_share=0.25)
+    assert json.loads((root / ".complete").read_text())["difference_share"] == 0.25
+    assert build_digitscapes(root, size="tiny", source_style="blended", difference_share=0.25) == root  # a no-op
+    with pytest.raises(LabelpipeError, match="difference_share=0.25"):
+        build_digitscapes(root, size="tiny", source_style="blended")
+    half = build_digitscapes(tmp_path / "h", size="tiny", source_style="blended", difference_share=0.5)
+    assert "difference_share" not in json.loads((half / ".complete").read_text())  # blended's own share
