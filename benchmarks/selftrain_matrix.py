@@ -1157,6 +1157,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --report: the claims' target_val curves from the plateau, OUT/curves-PROTOCOL.png",
     )
+    parser.add_argument(
+        "--oracles-from",
+        type=Path,
+        default=None,
+        help="with --report: a results.jsonl whose oracle rows of the same DigitScapes seed and blend (any source "
+        "style: the oracle never reads the source) fill the oracle rows OUT lacks",
+    )
     parser.add_argument("--adabn", type=Path, default=None, help=argparse.SUPPRESS)  # one AdaBN evaluation
     args = parser.parse_args(argv)
     if args.adabn is not None:
@@ -1165,10 +1172,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     if args.report:
         only = [c.key for c in select(args.configs)] if args.configs else None
-        report(out, per_class=args.per_class, only=only, protocols=args.protocols, curves=args.curves)
+        report(
+            out,
+            per_class=args.per_class,
+            only=only,
+            protocols=args.protocols,
+            curves=args.curves,
+            oracles_from=args.oracles_from,
+        )
         return
-    if args.per_class or args.curves:
-        parser.error("--per-class and --curves are options of --report")
+    if args.per_class or args.curves or args.oracles_from:
+        parser.error("--per-class, --curves and --oracles-from are options of --report")
     if args.quick:
         args.protocols, args.seeds = ["da"], [0]
         args.round_steps = args.round_steps or 100
@@ -1202,7 +1216,10 @@ def main(argv: list[str] | None = None) -> None:
 Latest = dict[tuple[str, int, str], dict]
 
 
-def read_results(out: Path) -> Latest:
+def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
+    """The last record of each (protocol, seed, configuration) in ``out``/results.jsonl; with ``oracles_from``, a
+    results.jsonl whose oracle rows of the same DigitScapes seed and blend stand in for missing ones (the oracle
+    trains on the target alone, so another source style's records of it are the same experiment)."""
     path = out / "results.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: no results; run the matrix first (python benchmarks/selftrain_matrix.py)")
@@ -1217,6 +1234,19 @@ def read_results(out: Path) -> Latest:
     # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
     oracle_keys = [c.key for c in CONFIGS if c.kind == "oracle"]
     oracles = {(s, k): r for (_, s, k), r in sorted(latest.items()) if k in oracle_keys}
+    if oracles_from is not None:
+        if not oracles_from.is_file():
+            raise SystemExit(f"{oracles_from}: no such results file (--oracles-from)")
+        target = record_variant(records[0]) if records else None
+        for line in oracles_from.read_text().splitlines():
+            r = json.loads(line) if line.strip() else None
+            if r is None or r["config"] not in oracle_keys:
+                continue
+            other = record_variant(r)
+            if target is None or (other.seed, other.blend) != (target.seed, target.blend):
+                ours = target.describe() if target else "no build"
+                raise SystemExit(f"{oracles_from}: an oracle of {other.describe()}; the records are of {ours}")
+            oracles.setdefault((int(r["seed"]), r["config"]), r)  # this build's own oracle runs win
     for protocol, seed in {(p, s) for (p, s, _) in latest}:
         for key in oracle_keys:
             if (seed, key) in oracles:
@@ -1404,12 +1434,13 @@ def report(
     only: list[str] | None = None,
     protocols: list[str] | None = None,
     curves: bool = False,
+    oracles_from: Path | None = None,
 ) -> None:
     """Per protocol (those of ``protocols`` when given): the study's table in the issue's order, then the claims'
     comparisons; with ``per_class``, the per-class table of the configurations that ran (of ``only``'s keys); with
     ``curves``, the claims' target_val curves as ``out``/curves-PROTOCOL.png."""
     file = file or sys.stdout
-    latest = read_results(out)
+    latest = read_results(out, oracles_from)
     known = [c.key for c in CONFIGS]
     extra = sorted({k for (_, _, k) in latest if k not in BY_KEY})
     recorded = {p for (p, _, _) in latest if protocols is None or p in protocols}
@@ -1422,7 +1453,8 @@ def report(
         present = [k for k in [*known, *extra] if values(latest, protocol, k, "test_miou")]
         emit(f"### {protocol}")
         emit()
-        emit(f"{record_variant(next(iter(latest.values()))).describe()}. {preamble(present)}")
+        borrowed = f" Oracle rows this build lacks: those of {oracles_from}." if oracles_from else ""
+        emit(f"{record_variant(next(iter(latest.values()))).describe()}. {preamble(present)}{borrowed}")
         emit()
         emit(
             "| configuration | recipe | seeds | target_val mIoU | target_test mIoU | target_test tail mIoU | "

@@ -1358,3 +1358,35 @@ def test_the_classmix_rounds_negatives_and_contrastive_weight_are_read_in_pairs(
     assert "| +4.0 ± 1.0 (3) |" in pair(f"{classmix}, unreliable negatives: lambda_c 1 vs 0.1")
     assert "| +6.0 ± 1.0 (3) |" in pair(f"{classmix}, lambda_c 1: with vs without the contrastive loss")
     assert "| +2.0 ± 0.0 (3) |" in pair(f"{classmix}: with vs without the contrastive loss")
+
+
+def test_report_borrows_missing_oracle_rows_of_the_same_build_from_another_source_style(sm, capsys, tmp_path):
+    """--oracles-from: a source style's report reads the oracle (which never sees the source) from the textured
+    source's records of the same seed and blend; its own oracle rows win, and another build's are refused."""
+    quarter = {"data": sm.DataVariant(1, "diff", "blended", 0.25).record()}
+    textured = {"data": sm.DataVariant(1, "diff").record()}
+    (tmp_path / "own").mkdir()
+    rows = [record("baseline", s, 0.30 + s / 100, 0.3, **quarter) for s in range(3)]
+    (tmp_path / "own" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    others = [record("oracle", s, 0.50, 0.5, **textured) for s in range(3)]
+    others[0]["protocol"] = "semi-1_16"  # an oracle run recorded by a semi call serves DA too
+    (tmp_path / "oracles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in others))
+    sm.main(["--report", "--out", str(tmp_path / "own")])
+    assert table_row(capsys.readouterr().out, "baseline")[9] == "-"  # no oracle: no share of the gap
+    sm.main(["--report", "--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "oracles.jsonl")])
+    text = capsys.readouterr().out
+    assert table_row(text, "oracle")[4] == "50.0 ± 0.0"
+    assert f"Oracle rows this build lacks: those of {tmp_path / 'oracles.jsonl'}" in text
+    assert "DigitScapes seed 1, diff blend, blended source (0.25 by difference)" in text
+    # the build's own oracle runs win over the borrowed ones
+    own_oracle = record("oracle", 0, 0.56, 0.5, **quarter)
+    with (tmp_path / "own" / "results.jsonl").open("a") as fh:
+        fh.write(json.dumps(own_oracle) + "\n")
+    sm.main(["--report", "--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "oracles.jsonl")])
+    assert table_row(capsys.readouterr().out, "oracle")[4] == "52.0 ± 3.5"  # 56, 50, 50
+    # an oracle of another build would pair a seed with a different target
+    (tmp_path / "alpha.jsonl").write_text(json.dumps(record("oracle", 0, 0.6, 0.6)) + "\n")
+    with pytest.raises(SystemExit, match="an oracle of DigitScapes seed 0, alpha blend"):
+        sm.main(["--report", "--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "alpha.jsonl")])
+    with pytest.raises(SystemExit):
+        sm.main(["--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "alpha.jsonl")])
