@@ -48,6 +48,12 @@ class DigitScapesConfig(Section):
     # `blended` only: the share of its strokes composited by the difference operator (None: half of them).
     difference_share: float | None = Field(default=None, gt=0.0, le=1.0)
 
+    @field_validator("difference_share")
+    @classmethod
+    def _own_share_is_none(cls, share: float | None) -> float | None:
+        # `blended`'s own share (digitscapes.DIFFERENCE_SHARE) is its build, folder and fingerprint of before.
+        return None if share == 0.5 else share
+
     @model_validator(mode="after")
     def _share_needs_blended(self) -> DigitScapesConfig:
         if self.difference_share is not None and self.source_style != "blended":
@@ -63,8 +69,8 @@ class DataConfig(Section):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         fields = super().fingerprint_fields()
-        # Added later: at `blended`'s own share (None or 0.5) the runs before it stay up to date.
-        if fields["digitscapes"].get("difference_share") in (None, 0.5):
+        # Added later: at `blended`'s own share (None) the runs before it stay up to date.
+        if fields["digitscapes"].get("difference_share") is None:
             del fields["digitscapes"]["difference_share"]
         return fields
 
@@ -76,7 +82,7 @@ class DataConfig(Section):
 
         d = self.digitscapes
         style = "" if d.source_style == "textured" else f"-{d.source_style}"
-        if d.difference_share is not None and d.difference_share != 0.5:  # 0.5: `blended`'s own share
+        if d.difference_share is not None:
             style += f"{d.difference_share:g}"
         return cache / f"digitscapes-v{FORMAT_VERSION}-{d.size}-{d.blend}{style}-s{d.seed}"
 

@@ -462,6 +462,9 @@ def test_a_difference_share_is_validated_named_in_the_cache_folder_and_left_out_
     half = DataConfig(digitscapes={"source_style": "blended", "difference_share": 0.5})
     assert quarter.resolved_root().name == f"digitscapes-v{FORMAT_VERSION}-default-alpha-blended0.25-s0"
     assert half.resolved_root() == blended.resolved_root()
+    from labelpipe.data.digitscapes import DIFFERENCE_SHARE
+
+    assert DIFFERENCE_SHARE == 0.5  # the share the config reads as `blended`'s own (None)
     # runs made before the share existed (and at blended's own share) keep their fingerprints
     assert "difference_share" not in blended.fingerprint_fields()["digitscapes"]
     assert half.fingerprint_fields() == blended.fingerprint_fields()
