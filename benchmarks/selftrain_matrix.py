@@ -1060,8 +1060,7 @@ def latest_record(path: Path, rec: dict) -> dict | None:
     if not path.exists():
         return None
     key = (rec["protocol"], rec["seed"], record_variant(rec), rec["config"])
-    for line in reversed([line for line in path.read_text().splitlines() if line.strip()]):  # as read_results
-        old = json.loads(line)
+    for old in reversed(read_records(path)):
         if (old.get("protocol"), old.get("seed"), record_variant(old), old.get("config")) == key:
             return old
     return None
@@ -1216,6 +1215,11 @@ def main(argv: list[str] | None = None) -> None:
 Latest = dict[tuple[str, int, str], dict]
 
 
+def read_records(path: Path) -> list[dict]:
+    """Every record of a results.jsonl, in the order written (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
     """The last record of each (protocol, seed, configuration) in ``out``/results.jsonl; with ``oracles_from``, a
     results.jsonl whose oracle rows of the same DigitScapes seed and blend stand in for missing ones (the oracle
@@ -1224,7 +1228,7 @@ def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
     if not path.exists():
         raise SystemExit(f"{path}: no results; run the matrix first (python benchmarks/selftrain_matrix.py)")
     latest: Latest = {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     for r in records:
         latest[(r["protocol"], int(r["seed"]), r["config"])] = r
     builds = sorted({record_variant(r).describe() for r in records})  # every record, superseded ones too
@@ -1238,9 +1242,8 @@ def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
         if not oracles_from.is_file():
             raise SystemExit(f"{oracles_from}: no such results file (--oracles-from)")
         target = record_variant(records[0]) if records else None
-        for line in oracles_from.read_text().splitlines():
-            r = json.loads(line) if line.strip() else None
-            if r is None or r["config"] not in oracle_keys:
+        for r in read_records(oracles_from):
+            if r["config"] not in oracle_keys:
                 continue
             other = record_variant(r)
             if target is None or (other.seed, other.blend) != (target.seed, target.blend):
