@@ -1159,9 +1159,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--oracles-from",
         type=Path,
+        nargs="+",
         default=None,
-        help="with --report: a results.jsonl whose oracle rows of the same DigitScapes seed and blend (any source "
-        "style: the oracle never reads the source) fill the oracle rows OUT lacks",
+        help="with --report: results.jsonl files whose oracle rows of the same DigitScapes seed and blend (any "
+        "source style: the oracle never reads the source) fill the oracle rows OUT lacks (the first file's win)",
     )
     parser.add_argument("--adabn", type=Path, default=None, help=argparse.SUPPRESS)  # one AdaBN evaluation
     args = parser.parse_args(argv)
@@ -1220,9 +1221,9 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
-    """The last record of each (protocol, seed, configuration) in ``out``/results.jsonl; with ``oracles_from``, a
-    results.jsonl whose oracle rows of the same DigitScapes seed and blend stand in for missing ones (the oracle
+def read_results(out: Path, oracles_from: list[Path] | None = None) -> Latest:
+    """The last record of each (protocol, seed, configuration) in ``out``/results.jsonl; with ``oracles_from``,
+    results.jsonl files whose oracle rows of the same DigitScapes seed and blend stand in for missing ones (the oracle
     trains on the target alone, so another source style's records of it are the same experiment)."""
     path = out / "results.jsonl"
     if not path.exists():
@@ -1238,17 +1239,17 @@ def read_results(out: Path, oracles_from: Path | None = None) -> Latest:
     # oracle record of its own (recorded by a call that ran only the other protocol) reads the other's.
     oracle_keys = [c.key for c in CONFIGS if c.kind == "oracle"]
     oracles = {(s, k): r for (_, s, k), r in sorted(latest.items()) if k in oracle_keys}
-    if oracles_from is not None:
-        if not oracles_from.is_file():
-            raise SystemExit(f"{oracles_from}: no such results file (--oracles-from)")
-        target = record_variant(records[0]) if records else None
-        for r in read_records(oracles_from):
+    target = record_variant(records[0]) if records else None
+    for source in oracles_from or []:
+        if not source.is_file():
+            raise SystemExit(f"{source}: no such results file (--oracles-from)")
+        for r in read_records(source):
             if r["config"] not in oracle_keys:
                 continue
             other = record_variant(r)
             if target is None or (other.seed, other.blend) != (target.seed, target.blend):
                 ours = target.describe() if target else "no build"
-                raise SystemExit(f"{oracles_from}: an oracle of {other.describe()}; the records are of {ours}")
+                raise SystemExit(f"{source}: an oracle of {other.describe()}; the records are of {ours}")
             oracles.setdefault((int(r["seed"]), r["config"]), r)  # this build's own oracle runs win
     for protocol, seed in {(p, s) for (p, s, _) in latest}:
         for key in oracle_keys:
@@ -1437,7 +1438,7 @@ def report(
     only: list[str] | None = None,
     protocols: list[str] | None = None,
     curves: bool = False,
-    oracles_from: Path | None = None,
+    oracles_from: list[Path] | None = None,
 ) -> None:
     """Per protocol (those of ``protocols`` when given): the study's table in the issue's order, then the claims'
     comparisons; with ``per_class``, the per-class table of the configurations that ran (of ``only``'s keys); with
@@ -1456,7 +1457,9 @@ def report(
         present = [k for k in [*known, *extra] if values(latest, protocol, k, "test_miou")]
         emit(f"### {protocol}")
         emit()
-        borrowed = f" Oracle rows this build lacks: those of {oracles_from}." if oracles_from else ""
+        borrowed = (
+            f" Oracle rows this build lacks: those of {', '.join(map(str, oracles_from))}." if oracles_from else ""
+        )
         emit(f"{record_variant(next(iter(latest.values()))).describe()}. {preamble(present)}{borrowed}")
         emit()
         emit(

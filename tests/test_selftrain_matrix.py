@@ -1390,3 +1390,24 @@ def test_report_borrows_missing_oracle_rows_of_the_same_build_from_another_sourc
         sm.main(["--report", "--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "alpha.jsonl")])
     with pytest.raises(SystemExit):
         sm.main(["--out", str(tmp_path / "own"), "--oracles-from", str(tmp_path / "alpha.jsonl")])
+
+
+def test_oracles_from_reads_several_files_and_the_first_wins(sm, capsys, tmp_path):
+    """--oracles-from FILE FILE: each file may hold another oracle (3,000 steps in one, 6,000 in the other); where
+    both hold the same oracle of a seed, the first file's row is the one read."""
+    quarter = {"data": sm.DataVariant(1, "diff", "blended", 0.25).record()}
+    textured = {"data": sm.DataVariant(1, "diff").record()}
+    (tmp_path / "own").mkdir()
+    rows = [record("baseline", s, 0.30, 0.3, **quarter) for s in range(3)]
+    (tmp_path / "own" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = [record("oracle", s, 0.50, 0.5, **textured) for s in range(3)]
+    second = [record("oracle", s, 0.60, 0.6, **textured) for s in range(3)]
+    second += [record("oracle-plateau-6000", s, 0.54, 0.54, **textured) for s in range(3)]
+    for name, recs in (("first.jsonl", first), ("second.jsonl", second)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    files = [str(tmp_path / "first.jsonl"), str(tmp_path / "second.jsonl")]
+    sm.main(["--report", "--out", str(tmp_path / "own"), "--oracles-from", *files])
+    text = capsys.readouterr().out
+    assert table_row(text, "oracle")[4] == "50.0 ± 0.0"  # the first file's, not the second's 60
+    assert table_row(text, "oracle-plateau-6000")[4] == "54.0 ± 0.0"
+    assert f"those of {files[0]}, {files[1]}." in text
