@@ -8,6 +8,7 @@ The resolved config is written next to every stage's outputs.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -368,6 +369,36 @@ class EvaluateConfig(Section):
     num_samples: int = Field(8, ge=0)
 
 
+SELECTION_FILE = Path("select") / "selection.json"  # under the run: which candidate the pretrain chose
+SELECTABLE = ("data", "model", "train")  # what a candidate may set: what the pretrain trains on and how
+
+
+class SelectConfig(Section):
+    """Settings chosen on the validation split before the rest of the pipeline runs: ``pretrain`` trains one
+    model per candidate (each in ``RUN/select/NAME``, a run of its own), keeps the one whose last validation
+    (the protocol's val split, the first ``train.val_limit`` images) has the highest mIoU, and every later
+    stage runs with that candidate's settings. A recipe names two renderings of a synthetic source, say, and
+    each DigitScapes build gets the one its own target_val prefers; nothing is chosen on a test split."""
+
+    # name -> settings over the recipe's, as nested sections (``{data: {digitscapes: {source_style: blended}}}``)
+    candidates: dict[str, dict[str, Any]]
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_valid(cls, candidates: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if len(candidates) < 2:
+            raise ValueError("select needs at least two candidates")
+        for name, settings in candidates.items():
+            if not name or not all(ch.isalnum() or ch in "-_" for ch in name):
+                raise ValueError(f"candidate name {name!r}: use letters, digits, '-' and '_' (it names a folder)")
+            if not isinstance(settings, dict):
+                raise ValueError(f"candidate {name}: expected a mapping of sections, e.g. {{data: {{...}}}}")
+            other = sorted(set(settings) - set(SELECTABLE))
+            if other:
+                raise ValueError(f"candidate {name}: sets {', '.join(other)}; a candidate sets {', '.join(SELECTABLE)}")
+        return candidates
+
+
 class RunConfig(Section):
     seed: int = RUN_SEED_DEFAULT
     # What `labelpipe run RECIPE` executes, in order; each stage is skipped when up to date; a later
@@ -383,6 +414,7 @@ class RunConfig(Section):
     pseudolabel: PseudolabelConfig = Field(default_factory=PseudolabelConfig)
     selftrain: SelftrainConfig = Field(default_factory=SelftrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    select: SelectConfig | None = None
 
     @field_validator("seed")
     @classmethod
@@ -401,6 +433,42 @@ class RunConfig(Section):
         if overrides and overrides.get("pseudolabel"):
             pseudolabel = PseudolabelConfig.model_validate({**pseudolabel.model_dump(), **overrides["pseudolabel"]})
         return self.model_copy(update={"selftrain": self.selftrain.for_round(k), "pseudolabel": pseudolabel})
+
+    def candidate(self, name: str) -> RunConfig:
+        """The config of ``select`` candidate ``name``: its settings over this one's, without ``select``."""
+        if self.select is None or name not in self.select.candidates:
+            known = ", ".join(self.select.candidates) if self.select else "none"
+            raise LabelpipeError(f"select: no candidate {name!r} (candidates: {known})")
+        raw = self.model_dump(mode="json", exclude={"select"})
+        return validate(deep_merge(raw, self.select.candidates[name]), f"select candidate {name}")
+
+    def chosen(self, run_dir: Path | None) -> RunConfig:
+        """This config as the run's pretrain chose it (``RUN/select/selection.json``); itself without ``select``
+        or before the choice is made."""
+        if self.select is None or run_dir is None:
+            return self
+        try:
+            record = json.loads((run_dir / SELECTION_FILE).read_text())
+            choice = record["chosen"]
+        except FileNotFoundError:
+            return self
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LabelpipeError(
+                f"{run_dir / SELECTION_FILE}: unreadable ({exc}); delete it and rerun `labelpipe pretrain`"
+            ) from exc
+        if choice not in self.select.candidates or record.get("candidates") != self.candidate_fingerprints():
+            return self  # the candidates (or what they share) changed since: the pretrain chooses again
+        return self.candidate(choice)
+
+    def candidate_fingerprints(self) -> dict[str, str]:
+        """Per ``select`` candidate, a hash of what defines its pretrain (seed, data, model, train)."""
+        from labelpipe.store.atomic import sha256_json
+
+        assert self.select is not None
+        return {
+            name: sha256_json(self.candidate(name).model_dump(mode="json", include=set(RUN_DEFINING)))
+            for name in self.select.candidates
+        }
 
 
 RUN_DEFINING = ("seed", "data", "model", "train")
@@ -486,7 +554,7 @@ def resolve_config(
         raw = deep_merge(raw, overrides)
     for item in sets or []:
         raw = deep_merge(raw, parse_set_option(item))
-    return validate(raw, "config")
+    return validate(raw, "config").chosen(run_dir)
 
 
 def config_to_yaml(config: RunConfig) -> str:

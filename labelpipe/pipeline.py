@@ -8,7 +8,8 @@ calls the verbs: no stage imports another.
 compares its baseline with its new rounds (``evaluate.model``, when set, wins; an ``evaluate`` before any
 training stage takes the run's latest model). When a later ``evaluate`` sees a different model (e.g.
 ``[pretrain, evaluate, selftrain, evaluate]``), it also prints a before/after table against the first one.
-At the end ``RUN/report.html`` is written (``labelpipe report``).
+At the end ``RUN/report.html`` is written (``labelpipe report``). With ``select`` in the recipe, ``pretrain``
+trains one model per candidate and the stages after it run the one the validation split chose.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, runtime: Runtime) -> None:
     for stage in config.pipeline:
         if stage == "pretrain":
             run_pretrain(config, run_dir, runtime)
+            config = config.chosen(run_dir)  # after ``select``: the later stages run the chosen candidate
             produced = "pretrain"
         elif stage == "predict":
             run_predict(config, run_dir, runtime)

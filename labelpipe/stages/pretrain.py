@@ -6,17 +6,18 @@ Loss: CE on the main head + ``aux_weight`` x CE on the auxiliary head (ignore 25
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch.nn.functional as F
 
-from labelpipe.config import RunConfig
+from labelpipe.config import SELECTION_FILE, RunConfig
 from labelpipe.context import StageContext, class_prior, model_from_config, open_context, write_config
 from labelpipe.data.base import preflight
 from labelpipe.data.dataset import DecodedCache, SegmentationDataset
 from labelpipe.data.transforms import labeled_photometric, weak_transform
-from labelpipe.errors import Interrupted
+from labelpipe.errors import Interrupted, LabelpipeError
 from labelpipe.runtime import Runtime, barrier, seed_everything
 from labelpipe.store.atomic import atomic_write_json, sha256_json
 from labelpipe.store.checkpoint import save_model
@@ -34,6 +35,8 @@ from labelpipe.training.setup import (
 
 
 def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
+    if config.select is not None:
+        return _select(config, run_dir, runtime, force)
     ctx = open_context(config, run_dir, runtime)
     with run_lock(run_dir, "pretrain", enabled=runtime.is_main):
         return _pretrain(ctx, run_dir, runtime, force)
@@ -123,3 +126,58 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
         stage.finish(["model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl"], last_val)
     barrier()  # a next stage in this process (``labelpipe run``) reads the model rank 0 has just written
     return last_val
+
+
+def _select(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool) -> dict:
+    """``select``: one pretrain per candidate in ``RUN/select/NAME`` (each resumable on its own), the one with
+    the highest last-validation mIoU (ties: the first listed) copied into ``RUN/pretrain``, the choice recorded
+    in ``RUN/select/selection.json``, and ``RUN/config.yaml`` written with the chosen settings, so that every
+    later stage and command trains and evaluates what was chosen."""
+    assert config.select is not None
+    names = list(config.select.candidates)
+    scores: dict[str, float] = {}
+    for name in names:
+        if runtime.is_main:
+            print(f"pretrain: select candidate {name}")
+        summary = run_pretrain(config.candidate(name), run_dir / "select" / name, runtime, force)
+        if "miou" not in summary:
+            raise LabelpipeError(
+                f"{run_dir / 'select' / name / 'pretrain'}: no validation mIoU to choose by; "
+                "set train.val_every so that the pretrain validates"
+            )
+        scores[name] = float(summary["miou"])
+    chosen = max(names, key=lambda name: scores[name])  # max keeps the first of equals
+    chosen_config = config.candidate(chosen)
+    record = {
+        "chosen": chosen,
+        "by": "mIoU of the pretrain's last validation (the protocol's val split)",
+        "scores": scores,
+        "candidates": config.candidate_fingerprints(),
+    }
+    if runtime.is_main:
+        with run_lock(run_dir, "pretrain"):
+            _install(run_dir / "select" / chosen / "pretrain", run_dir / "pretrain")
+            write_config(open_context(chosen_config, run_dir, runtime))
+            atomic_write_json(run_dir / SELECTION_FILE, record)
+        table = ", ".join(f"{name} {100 * score:.1f}" for name, score in scores.items())
+        print(f"pretrain: validation mIoU {table}; chosen: {chosen}")
+    barrier()  # no rank goes on before the chosen model is in place
+    return StageDir(run_dir / "pretrain").manifest().get("summary", {})
+
+
+def _install(candidate: Path, target: Path) -> None:
+    """Copy a candidate's finished pretrain into the run's ``pretrain/`` unless it is already there: into a
+    temporary sibling, then renamed into place, so a killed copy leaves the old stage or none."""
+    source = StageDir(candidate)
+    manifest = source.manifest() or {}
+    installed = StageDir(target).manifest() or {}
+    if installed.get("fingerprint") == manifest.get("fingerprint") and StageDir(target).is_up_to_date(
+        installed.get("fingerprint", "")
+    ):
+        return
+    staging = target.with_name(f".{target.name}.installing")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(candidate, staging)
+    json.loads((staging / "manifest.json").read_text())  # a readable manifest, or fail before replacing anything
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
