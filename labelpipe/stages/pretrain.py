@@ -156,7 +156,7 @@ def _select(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool) -> 
     }
     if runtime.is_main:
         with run_lock(run_dir, "pretrain"):
-            _install(run_dir / "select" / chosen / "pretrain", run_dir / "pretrain")
+            _install(run_dir / "select" / chosen / "pretrain", run_dir / "pretrain", force)
             write_config(open_context(chosen_config, run_dir, runtime))
             atomic_write_json(run_dir / SELECTION_FILE, record)
         table = ", ".join(f"{name} {100 * score:.1f}" for name, score in scores.items())
@@ -165,15 +165,11 @@ def _select(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool) -> 
     return StageDir(run_dir / "pretrain").manifest().get("summary", {})
 
 
-def _install(candidate: Path, target: Path) -> None:
-    """Copy a candidate's finished pretrain into the run's ``pretrain/`` unless it is already there: into a
-    temporary sibling, then renamed into place, so a killed copy leaves the old stage or none."""
-    source = StageDir(candidate)
-    manifest = source.manifest() or {}
-    installed = StageDir(target).manifest() or {}
-    if installed.get("fingerprint") == manifest.get("fingerprint") and StageDir(target).is_up_to_date(
-        installed.get("fingerprint", "")
-    ):
+def _install(candidate: Path, target: Path, force: bool) -> None:
+    """Copy a candidate's finished pretrain into the run's ``pretrain/`` unless it is already there (``force``:
+    always): into a temporary sibling, then renamed into place, so a killed copy leaves the old stage or none."""
+    fingerprint = (StageDir(candidate).manifest() or {}).get("fingerprint")
+    if not force and fingerprint is not None and StageDir(target).is_up_to_date(fingerprint):
         return
     staging = target.with_name(f".{target.name}.installing")
     shutil.rmtree(staging, ignore_errors=True)
