@@ -321,3 +321,17 @@ def test_temperature_fit_on_two_ranks_equals_one_process(pretrained_run, data_ca
     double = json.loads(manifest.read_text())["summary"]
     assert double["temperature"] == pytest.approx(single["temperature"], rel=1e-5)
     assert double["nll_before"] == pytest.approx(single["nll_before"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_select_on_two_ranks_trains_each_candidate_and_installs_the_chosen(data_cache, tmp_path):
+    run = tmp_path / "run"
+    candidates = "select={candidates: {low: {train: {lr: 0.0001}}, high: {train: {lr: 0.01}}}}"
+    out = torchrun(tiny("pretrain", run, "--steps", "4", "--set", candidates), data_cache)
+    record = json.loads((run / "select" / "selection.json").read_text())
+    assert set(record["scores"]) == {"low", "high"} and f"chosen: {record['chosen']}" in out
+    fingerprint = json.loads((run / "select" / record["chosen"] / "pretrain" / "manifest.json").read_text())[
+        "fingerprint"
+    ]
+    installed = json.loads((run / "pretrain" / "manifest.json").read_text())
+    assert (installed["status"], installed["fingerprint"]) == ("done", fingerprint)
