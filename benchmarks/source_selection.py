@@ -54,19 +54,31 @@ def read_records(paths: list[Path]) -> tuple[dict, dict]:
     return rows, oracles
 
 
-def last_validation(record: dict) -> float:
-    """What ``select`` compares: the pretrain's last validation mIoU."""
+def validation_at(record: dict, decide_at: float = 1.0) -> tuple[int, float]:
+    """What ``select`` compares: ``(step, mIoU)`` of the pretrain's last validation at or before ``decide_at``
+    of its steps (``select.decide_at``; 1: the last validation)."""
     curve = record.get("val_curve")
     if not curve:
         raise ValueError(f"{record.get('run', record['config'])}: no val_curve to choose by")
-    return float(curve[-1][1])
+    limit = decide_at * curve[-1][0]
+    before = [(int(step), float(miou)) for step, miou in curve if step <= limit]
+    if not before:
+        raise ValueError(
+            f"{record.get('run', record['config'])}: no validation in the first {decide_at:g} of the steps"
+        )
+    return before[-1]
 
 
-def choices(rows_of_build: dict) -> dict[int, str]:
+def last_validation(record: dict) -> float:
+    """The pretrain's last validation mIoU (``select`` with ``decide_at`` 1)."""
+    return validation_at(record)[1]
+
+
+def choices(rows_of_build: dict, decide_at: float = 1.0) -> dict[int, str]:
     """Per training seed with a baseline of every style, the style ``select`` keeps."""
     baselines = {style: rows_of_build[style][BASELINE] for style in STYLES}
     seeds = sorted(set.intersection(*(set(b) for b in baselines.values())))
-    return {seed: max(STYLES, key=lambda style: last_validation(baselines[style][seed])) for seed in seeds}
+    return {seed: max(STYLES, key=lambda style: validation_at(baselines[style][seed], decide_at)[1]) for seed in seeds}
 
 
 def _stat(values: list[float]) -> str:
@@ -82,12 +94,24 @@ def _gain(per_seed: dict[int, dict], key: str, reference: str) -> str:
     return _stat([a["test_miou"] - b["test_miou"] for a, b in pairs])
 
 
-def build_table(build: Build, rows_of_build: dict, oracles_of_build: dict) -> list[str]:
-    chosen = choices(rows_of_build)
-    lines = [f"DigitScapes seed {build[0]} / {build[1]}: choice per training seed (last target_val of each pretrain)"]
+def build_table(build: Build, rows_of_build: dict, oracles_of_build: dict, decide_at: float = 1.0) -> list[str]:
+    chosen = choices(rows_of_build, decide_at)
+    final = choices(rows_of_build)
+    when = "last target_val" if decide_at >= 1 else f"last target_val at or before {decide_at:g} of the steps"
+    lines = [f"DigitScapes seed {build[0]} / {build[1]}: choice per training seed ({when} of each pretrain)"]
     for seed, style in chosen.items():
-        scores = ", ".join(f"{s} {100 * last_validation(rows_of_build[s][BASELINE][seed]):.1f}" for s in STYLES)
-        lines.append(f"- seed {seed}: {scores} -> {style}")
+        at = {s: validation_at(rows_of_build[s][BASELINE][seed], decide_at) for s in STYLES}
+        scores = ", ".join(f"{s} {100 * miou:.1f} (step {step})" for s, (step, miou) in at.items())
+        same = (
+            ""
+            if decide_at >= 1
+            else (
+                " (the final validations agree)"
+                if final[seed] == style
+                else f" (the final validations choose {final[seed]})"
+            )
+        )
+        lines.append(f"- seed {seed}: {scores} -> {style}{same}")
     oracle = {
         k: np.mean([r["test_miou"] for r in oracles_of_build[k].values()]) for k in ORACLES if oracles_of_build.get(k)
     }
@@ -117,11 +141,14 @@ def build_table(build: Build, rows_of_build: dict, oracles_of_build: dict) -> li
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("records", nargs="+", type=Path, help="results.jsonl files of selftrain_matrix.py")
+    parser.add_argument(
+        "--decide-at", type=float, default=1.0, help="select.decide_at: choose at that fraction of the steps"
+    )
     args = parser.parse_args(argv)
     rows, oracles = read_records(args.records)
     for build in sorted(rows):
         if all(rows[build][style][BASELINE] for style in STYLES):
-            print("\n".join(build_table(build, rows[build], oracles[build])), end="\n\n")
+            print("\n".join(build_table(build, rows[build], oracles[build], args.decide_at)), end="\n\n")
 
 
 if __name__ == "__main__":

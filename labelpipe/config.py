@@ -375,13 +375,32 @@ SELECTABLE = ("data", "model", "train")  # what a candidate may set: what the pr
 
 class SelectConfig(Section):
     """Settings chosen on the validation split before the rest of the pipeline runs: ``pretrain`` trains one
-    model per candidate (each in ``RUN/select/NAME``, a run of its own), keeps the one whose last validation
-    (the protocol's val split, the first ``train.val_limit`` images) has the highest mIoU, and every later
-    stage runs with that candidate's settings. A recipe names two renderings of a synthetic source, say, and
-    each DigitScapes build gets the one its own target_val prefers; nothing is chosen on a test split."""
+    model per candidate (each in ``RUN/select/NAME``, a run of its own), keeps the one whose validation (the
+    protocol's val split, the first ``train.val_limit`` images) has the highest mIoU, and every later stage
+    runs with that candidate's settings. A recipe names two renderings of a synthetic source, say, and each
+    DigitScapes build gets the one its own target_val prefers; nothing is chosen on a test split.
+
+    ``decide_at`` < 1 chooses early: every candidate trains to the last validation at or before that fraction
+    of its steps and pauses there (checkpointed); the best at that validation trains on to the end, resuming
+    the same run (its poly schedule spans all the steps), so the chosen model is the one a full-length
+    candidate would have been; the others stay paused. 1 compares the candidates' final validations."""
 
     # name -> settings over the recipe's, as nested sections (``{data: {digitscapes: {source_style: blended}}}``)
     candidates: dict[str, dict[str, Any]]
+    decide_at: float = Field(1.0, gt=0.0, le=1.0)
+
+    def decision_step(self, train: TrainConfig) -> int:
+        """The step whose validation the candidates are compared at: the last validation at or before
+        ``decide_at`` of ``train.steps`` (the final step when that is all of them)."""
+        if self.decide_at >= 1.0:
+            return train.steps
+        step = int(self.decide_at * train.steps) // train.val_every * train.val_every
+        if step <= 0:
+            raise LabelpipeError(
+                f"select.decide_at={self.decide_at:g}: no validation falls in the first {self.decide_at:g} of "
+                f"{train.steps} steps (train.val_every={train.val_every}); raise decide_at or lower train.val_every"
+            )
+        return min(step, train.steps)
 
     @field_validator("candidates")
     @classmethod
@@ -456,8 +475,12 @@ class RunConfig(Section):
             raise LabelpipeError(
                 f"{run_dir / SELECTION_FILE}: unreadable ({exc}); delete it and rerun `labelpipe pretrain`"
             ) from exc
-        if choice not in self.select.candidates or record.get("candidates") != self.candidate_fingerprints():
-            return self  # the candidates (or what they share) changed since: the pretrain chooses again
+        if (
+            choice not in self.select.candidates
+            or record.get("candidates") != self.candidate_fingerprints()
+            or record.get("decide_at", 1.0) != self.select.decide_at
+        ):
+            return self  # the candidates (or what they share, or when to decide) changed: the pretrain chooses again
         return self.candidate(choice)
 
     def candidate_fingerprints(self) -> dict[str, str]:

@@ -326,10 +326,14 @@ def test_temperature_fit_on_two_ranks_equals_one_process(pretrained_run, data_ca
 @pytest.mark.slow
 def test_select_on_two_ranks_trains_each_candidate_and_installs_the_chosen(data_cache, tmp_path):
     run = tmp_path / "run"
-    candidates = "select={candidates: {low: {train: {lr: 0.0001}}, high: {train: {lr: 0.01}}}}"
-    out = torchrun(tiny("pretrain", run, "--steps", "4", "--set", candidates), data_cache)
+    # Chosen at step 3 of 6 (decide_at 0.5): the other candidate pauses there on both ranks.
+    candidates = "select={decide_at: 0.5, candidates: {low: {train: {lr: 0.0001}}, high: {train: {lr: 0.01}}}}"
+    out = torchrun(tiny("pretrain", run, "--steps", "6", "--set", candidates), data_cache)
     record = json.loads((run / "select" / "selection.json").read_text())
     assert set(record["scores"]) == {"low", "high"} and f"chosen: {record['chosen']}" in out
+    other = ({"low", "high"} - {record["chosen"]}).pop()
+    paused = json.loads((run / "select" / other / "pretrain" / "manifest.json").read_text())
+    assert (paused["status"], paused["paused_at"], record["step"][other]) == ("paused", 3, 3)
     fingerprint = json.loads((run / "select" / record["chosen"] / "pretrain" / "manifest.json").read_text())[
         "fingerprint"
     ]

@@ -52,4 +52,23 @@ def test_each_seed_gets_the_style_its_last_validation_prefers(tmp_path, capsys):
     assert cells[1] == "32.5 +- 3.5 (2)" and cells[2] == "65 %"
     assert cells[4] == "44.0 +- 4.2 (2)" and cells[5] == "11.5 +- 0.7 (2)"
     selection.main([str(path)])
-    assert "- seed 1: textured 33.0, blended 33.0 -> textured" in capsys.readouterr().out
+    assert "- seed 1: textured 33.0 (step 3000), blended 33.0 (step 3000) -> textured\n" in capsys.readouterr().out
+
+
+def test_an_early_choice_reads_the_last_validation_in_that_fraction_and_says_whether_it_agrees(tmp_path, capsys):
+    early = {"val_curve": [[750, 0.20], [1500, 0.30], [3000, 0.30]]}
+    records = [
+        {**_record("baseline-plateau", 0, 0.30, 0.0), **early},  # textured: 30 at step 1500 and at the end
+        {**_record("baseline-plateau", 0, 0.35, 0.0, "blended"), "val_curve": [[1500, 0.25], [3000, 0.36]]},
+    ]
+    assert selection.validation_at(records[0], 0.5) == (1500, 0.30)
+    assert selection.validation_at(records[0], 0.4) == (750, 0.20)
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    rows, _ = selection.read_records([path])
+    assert selection.choices(rows[(1, "diff")], 0.5) == {0: "textured"}
+    assert selection.choices(rows[(1, "diff")]) == {0: "blended"}
+    selection.main([str(path), "--decide-at", "0.5"])
+    out = capsys.readouterr().out
+    choice = "textured 30.0 (step 1500), blended 25.0 (step 1500) -> textured"
+    assert f"{choice} (the final validations choose blended)" in out

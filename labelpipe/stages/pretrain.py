@@ -34,15 +34,19 @@ from labelpipe.training.setup import (
 )
 
 
-def run_pretrain(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False) -> dict:
+def run_pretrain(
+    config: RunConfig, run_dir: Path, runtime: Runtime, force: bool = False, pause_at: int | None = None
+) -> dict:
+    """Train (or resume) the supervised model of ``config`` in ``run_dir/pretrain``; with ``pause_at`` (a
+    step before the end) stop there, checkpointed and marked paused, and return that step's validation."""
     if config.select is not None:
         return _select(config, run_dir, runtime, force)
     ctx = open_context(config, run_dir, runtime)
     with run_lock(run_dir, "pretrain", enabled=runtime.is_main):
-        return _pretrain(ctx, run_dir, runtime, force)
+        return _pretrain(ctx, run_dir, runtime, force, pause_at)
 
 
-def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -> dict:
+def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool, pause_at: int | None = None) -> dict:
     config = ctx.config  # with defaults that depend on the data resolved
     cfg = config.train
     labeled = ctx.roles["labeled"]
@@ -61,6 +65,11 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
     if not force and stage.is_up_to_date(fingerprint):
         if runtime.is_main:
             print(f"pretrain: up to date ({stage.path}); use --force to redo")
+        return stage.manifest().get("summary", {})
+    paused = stage.paused_at(fingerprint)
+    if not force and pause_at is not None and paused is not None and paused >= pause_at:
+        if runtime.is_main:
+            print(f"pretrain: paused at step {paused} ({stage.path}); up to date for a choice at step {pause_at}")
         return stage.manifest().get("summary", {})
     # Validate, then act: the data is checked before --force removes anything.
     preflight(samples)
@@ -114,12 +123,18 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
                 fingerprint=fingerprint,
                 validate=make_validator(ctx),
                 description="pretrain",
+                stop_at=pause_at,
             )
         )
     except BaseException as exc:
         if runtime.is_main and not isinstance(exc, KeyboardInterrupt | Interrupted):
             stage.fail(f"{type(exc).__name__}: {exc}")
         raise
+    if pause_at is not None and pause_at < cfg.steps:
+        if runtime.is_main:
+            stage.pause(pause_at, last_val)
+        barrier()
+        return last_val
     if runtime.is_main:
         save_model(stage.path / "model.safetensors", model, model_metadata(config, ctx, "pretrain"))
         atomic_write_json(stage.path / "metrics.json", last_val)
@@ -130,27 +145,32 @@ def _pretrain(ctx: StageContext, run_dir: Path, runtime: Runtime, force: bool) -
 
 def _select(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool) -> dict:
     """``select``: one pretrain per candidate in ``RUN/select/NAME`` (each resumable on its own), the one with
-    the highest last-validation mIoU (ties: the first listed) copied into ``RUN/pretrain``, the choice recorded
-    in ``RUN/select/selection.json``, and ``RUN/config.yaml`` written with the chosen settings, so that every
+    the highest validation mIoU at the decision step (the last validation, or the last at ``decide_at`` of the
+    steps; ties: the first listed) trained to the end and copied into ``RUN/pretrain``, the choice recorded in
+    ``RUN/select/selection.json``, and ``RUN/config.yaml`` written with the chosen settings, so that every
     later stage and command trains and evaluates what was chosen."""
     assert config.select is not None
     names = list(config.select.candidates)
+    candidates = {name: config.candidate(name) for name in names}
+    at = {name: config.select.decision_step(candidates[name].train) for name in names}
     scores: dict[str, float] = {}
     for name in names:
         if runtime.is_main:
             print(f"pretrain: select candidate {name}")
-        summary = run_pretrain(config.candidate(name), run_dir / "select" / name, runtime, force)
-        if "miou" not in summary:
-            raise LabelpipeError(
-                f"{run_dir / 'select' / name / 'pretrain'}: no validation mIoU to choose by; "
-                "set train.val_every so that the pretrain validates"
-            )
-        scores[name] = float(summary["miou"])
+        pause = at[name] if at[name] < candidates[name].train.steps else None
+        run_pretrain(candidates[name], run_dir / "select" / name, runtime, force, pause_at=pause)
+        scores[name] = _validation_at(run_dir / "select" / name / "pretrain", at[name])
     chosen = max(names, key=lambda name: scores[name])  # max keeps the first of equals
-    chosen_config = config.candidate(chosen)
+    chosen_config = candidates[chosen]
+    if at[chosen] < chosen_config.train.steps:
+        if runtime.is_main:
+            print(f"pretrain: {chosen} chosen at step {at[chosen]}; training it to the end")
+        run_pretrain(chosen_config, run_dir / "select" / chosen, runtime)  # resumes the paused run
     record = {
         "chosen": chosen,
-        "by": "mIoU of the pretrain's last validation (the protocol's val split)",
+        "by": "mIoU of the pretrain's validation at the decision step (the protocol's val split)",
+        "decide_at": config.select.decide_at,
+        "step": at,
         "scores": scores,
         "candidates": config.candidate_fingerprints(),
     }
@@ -159,10 +179,37 @@ def _select(config: RunConfig, run_dir: Path, runtime: Runtime, force: bool) -> 
             _install(run_dir / "select" / chosen / "pretrain", run_dir / "pretrain", force)
             write_config(open_context(chosen_config, run_dir, runtime))
             atomic_write_json(run_dir / SELECTION_FILE, record)
-        table = ", ".join(f"{name} {100 * score:.1f}" for name, score in scores.items())
+        table = ", ".join(f"{name} {100 * score:.1f} (step {at[name]})" for name, score in scores.items())
         print(f"pretrain: validation mIoU {table}; chosen: {chosen}")
     barrier()  # no rank goes on before the chosen model is in place
     return StageDir(run_dir / "pretrain").manifest().get("summary", {})
+
+
+def _validation_at(stage: Path, step: int) -> float:
+    """The validation mIoU a pretrain logged after ``step`` steps (``log.jsonl``; every rank reads it once
+    rank 0 has written it)."""
+    barrier()
+    for line in reversed(_log_lines(stage / "log.jsonl")):
+        if line.get("step") == step and "val_miou" in line:
+            return float(line["val_miou"])
+    raise LabelpipeError(
+        f"{stage / 'log.jsonl'}: no validation mIoU at step {step} to choose by; set train.val_every so that the "
+        "pretrain validates there (or delete the candidate's folder to train it again)"
+    )
+
+
+def _log_lines(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+    return lines
 
 
 def _install(candidate: Path, target: Path, force: bool) -> None:

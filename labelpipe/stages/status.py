@@ -11,7 +11,7 @@ from rich.table import Table
 from labelpipe.errors import LabelpipeError
 from labelpipe.store.run_summary import collect
 
-STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
+STYLE = {"done": "green", "running": "yellow", "paused": "cyan", "failed": "red", "interrupted": "magenta"}
 
 
 def show_status(run_dir: Path) -> None:

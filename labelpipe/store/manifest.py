@@ -78,7 +78,7 @@ class StageDir:
             return None  # missing or torn: the stage is redone (or resumed from its checkpoint)
 
     def status(self) -> str:
-        """done / running / failed / interrupted (running, but its process on this host is gone) / missing."""
+        """done / running / paused / failed / interrupted (running, but its process on this host is gone) / missing."""
         manifest = self.manifest()
         return effective_status(manifest) if manifest else "missing"
 
@@ -156,6 +156,20 @@ class StageDir:
             wall_s=round(time.time() - getattr(self, "_t0", time.time()), 2),
         )
         atomic_write_json(self.manifest_path, manifest)
+
+    def pause(self, step: int, summary: dict[str, Any] | None = None) -> None:
+        """Mark the stage paused after ``step`` steps on purpose (a ``select`` candidate that was not chosen):
+        not done, resumable from its checkpoint, and not "interrupted" once its process is gone."""
+        manifest = self.manifest() or {}
+        manifest.update(status="paused", paused_at=step, summary=summary or {})
+        atomic_write_json(self.manifest_path, manifest)
+
+    def paused_at(self, fingerprint: str) -> int | None:
+        """The step a paused stage of this fingerprint stopped at (None: not paused, or other settings)."""
+        manifest = self.manifest() or {}
+        if manifest.get("status") != "paused" or manifest.get("fingerprint") != fingerprint:
+            return None
+        return manifest.get("paused_at")
 
     def fail(self, error: str) -> None:
         """Mark the stage failed, best effort: on a full or read-only disk the manifest stays as it was

@@ -28,6 +28,8 @@ def collect(run_dir: Path) -> list[dict]:
         )
         if status in ("running", "interrupted") and (manifest.parent / "checkpoint.pt").is_file():
             note = "resumable from checkpoint"
+        elif status == "paused":
+            note = f"paused at step {m.get('paused_at')} (a select candidate not chosen); resumable from checkpoint"
         elif status == "interrupted":
             note = "its process is gone; run its command again to resume"
         else:

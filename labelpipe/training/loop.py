@@ -81,6 +81,9 @@ class TrainJob:
     description: str = "train"
     # Extra per-round numbers for curves.png (self-training: kept fraction, pseudo-label precision).
     curve_rounds: Callable[[], list[dict[str, Any]]] | None = None
+    # Pause after this many steps (validated and checkpointed there; the poly schedule still spans
+    # ``total_steps``), so that a later call with ``stop_at=None`` continues the very same run.
+    stop_at: int | None = None
 
 
 def _first(rng: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
@@ -364,11 +367,12 @@ class _RunRecords:
             self.log_file.close()
             self.log_file = None
 
-    def finish(self) -> None:
-        """At the end of the run: the final curves (unless the last validation drew them) and TensorBoard."""
+    def finish(self, last_step: int) -> None:
+        """At the end of the run (or a pause after ``last_step``): the final curves (unless the last
+        validation drew them) and TensorBoard."""
         if self.job.runtime.is_main:
             self.close()
-            if self.curves_at != self.job.total_steps or not (self.job.stage_dir / "curves.png").is_file():
+            if self.curves_at != last_step or not (self.job.stage_dir / "curves.png").is_file():
                 _refresh_curves(self.job)
         if self.writer is not None:
             self.writer.close()
@@ -424,7 +428,7 @@ def _validate(job: TrainJob, ckpt: _Checkpoints, records: _RunRecords, step: int
 
 
 def train(job: TrainJob) -> dict[str, Any]:
-    """Run (or resume) training to ``total_steps``; returns the last validation metrics.
+    """Run (or resume) training to ``total_steps`` (or to ``stop_at``, a pause); returns the last validation metrics.
 
     Every ``log_every`` steps a train record, every ``val_every`` a validation (rank 0 redraws
     ``curves.png`` after each and at the end), every ``checkpoint_every`` a checkpoint. A first Ctrl-C
@@ -432,26 +436,29 @@ def train(job: TrainJob) -> dict[str, Any]:
     or weights stop the run with a one-line error naming the last good checkpoint.
     """
     cfg, model, total = job.cfg, job.model, job.total_steps
+    end = total if job.stop_at is None else min(job.stop_at, total)  # this call's last step
     opt = _Optimization.build(job)
     _seed_rank(job.runtime)  # before the resume, which restores each rank's stream
     ckpt = _Checkpoints(job, opt)
     start, last_val = ckpt.resume()
+    if start >= end and end < total:
+        return last_val  # already paused there (or past it): nothing to train before the pause
     records = _RunRecords(job, start)
     progress = _progress_bar(job.runtime.is_main)
     model.train()
     with progress, _stop_on_sigint(not job.runtime.distributed) as stop:
         task = progress.add_task(job.description, total=total, completed=start, info="")
-        for step, batch in zip(range(start, total), job.batches(start), strict=False):
+        for step, batch in zip(range(start, end), job.batches(start), strict=False):
             loss, logs = _optimizer_step(job, opt, ckpt, batch, step)
             records.count_images(logs.pop("images", 0))
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
+            if done % cfg.log_every == 0 or done == end:
                 record = records.train(done, loss, logs, opt.lr)
                 progress.update(task, info=f"loss {record['loss']:.3f}")
-            if job.validate is not None and (done % cfg.val_every == 0 or done == total):
+            if job.validate is not None and (done % cfg.val_every == 0 or done == end):
                 last_val = _validate(job, ckpt, records, done)
                 progress.update(task, info=f"loss {float(loss.detach()):.3f} val mIoU {last_val.get('miou', 0):.3f}")
-            if done % cfg.checkpoint_every == 0 or done == total or stop.requested:
+            if done % cfg.checkpoint_every == 0 or done == end or stop.requested:
                 ckpt.save(done, last_val)
             _test_kill_after_step(done)
             progress.update(task, completed=done)
@@ -462,5 +469,5 @@ def train(job: TrainJob) -> dict[str, Any]:
                     f"{ckpt.path}; run the same command again to resume"
                 )
     _sync_buffers(model, job.runtime)  # every rank ends with the weights rank 0 saves
-    records.finish()
+    records.finish(end)
     return last_val
