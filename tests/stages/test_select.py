@@ -4,6 +4,10 @@ later stage and command runs with the chosen candidate's settings."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 from labelpipe.config import SELECTION_FILE, resolve_config, validate
 from labelpipe.errors import LabelpipeError
 from labelpipe.store.run_summary import collect
-from tests.conftest import TINY_RECIPE, run_cli
+from tests.conftest import REPO, TINY_RECIPE, run_cli
 
 
 def _recipe(tmp_path, candidates: dict, pipeline: str = "[pretrain, evaluate]"):
@@ -135,7 +139,8 @@ def test_decide_at_picks_the_last_validation_in_that_fraction_of_the_steps():
 @pytest.mark.slow
 def test_an_early_choice_pauses_the_others_and_trains_the_chosen_one_to_the_end(data_cache, tmp_path, capsys):
     # Tiny: 6 steps, a validation every 3: decide_at 0.5 compares the candidates at step 3. The chosen candidate
-    # resumes its own run, so its model is bit-identical to a full-length pretrain of its settings.
+    # resumes its own run, so its model is bit-identical to a full-length pretrain of its settings, also when
+    # the process is killed while the chosen one trains on (SIGKILL after step 5, the last checkpoint at 4).
     candidates = {"slow": {"train": {"lr": 0.0001}}, "fast": {"train": {"lr": 0.01}}}
     raw = yaml.safe_load(_recipe(tmp_path, candidates).read_text())
     raw["select"]["decide_at"] = 0.5
@@ -143,7 +148,17 @@ def test_an_early_choice_pauses_the_others_and_trains_the_chosen_one_to_the_end(
     recipe.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
     args = ["pretrain", "--config", str(recipe), "--run", str(run), "--device", "cpu"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LABELPIPE_TEST_KILL")}
+    killed = subprocess.run(
+        [sys.executable, "-m", "labelpipe", *args],
+        env={**clean, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "LABELPIPE_TEST_KILL_AFTER_STEP": "5"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / SELECTION_FILE).exists()
     assert run_cli(args) == 0
+    assert "resuming pretrain from step 4" in capsys.readouterr().out
     record = json.loads((run / SELECTION_FILE).read_text())
     assert (record["decide_at"], record["step"]) == (0.5, {"slow": 3, "fast": 3})
     for name in candidates:
