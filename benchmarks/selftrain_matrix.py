@@ -260,6 +260,9 @@ CONFIGS: list[Config] = [
     # Session 30: that oracle twice as long (its target_val still rose over its last quarter), the gap shares read
     # against it as well.
     Config("oracle-plateau-6000", "oracle trained twice as long (6,000 steps)", ORACLE_LONG_RECIPE, "oracle"),
+    # Session 41: the source-only model twice as long, where the 3,000-step one still rose over its last quarter
+    # (the blended source): is 3,000 its plateau, and how much of a round's gain is the baseline's short schedule?
+    Config("baseline-plateau-6000", "baseline trained twice as long (6,000 steps)", ORACLE_LONG_RECIPE, "pretrain"),
     Config("adabn-plateau", "AdaBN of the baseline at its plateau", PLATEAU_RECIPE, "adabn"),
     # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
     # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does

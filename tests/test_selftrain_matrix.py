@@ -75,6 +75,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
             "oracle",
             "1",
         ),
+        (str(out / "pretrains" / "digitscapes_oracle_long-da-s1"), "stages/digitscapes_oracle_long.yaml", "da", "1"),
         (
             str(out / "pretrains" / "digitscapes_source_only_c3-da-s1"),
             "stages/digitscapes_source_only_c3.yaml",
