@@ -161,7 +161,12 @@ class StageDir:
         """Mark the stage paused after ``step`` steps on purpose (a ``select`` candidate that was not chosen):
         not done, resumable from its checkpoint, and not "interrupted" once its process is gone."""
         manifest = self.manifest() or {}
-        manifest.update(status="paused", paused_at=step, summary=summary or {})
+        manifest.update(
+            status="paused",
+            paused_at=step,
+            summary=summary or {},
+            wall_s=round(time.time() - getattr(self, "_t0", time.time()), 2),  # this attempt's, like finish()
+        )
         atomic_write_json(self.manifest_path, manifest)
 
     def paused_at(self, fingerprint: str) -> int | None:
