@@ -263,6 +263,13 @@ CONFIGS: list[Config] = [
     # Session 41: the source-only model twice as long, where the 3,000-step one still rose over its last quarter
     # (the blended source): is 3,000 its plateau, and how much of a round's gain is the baseline's short schedule?
     Config("baseline-plateau-6000", "baseline trained twice as long (6,000 steps)", ORACLE_LONG_RECIPE, "pretrain"),
+    # ... and the recipe's online round from it (3,000 steps at lr 4e-3, as from the 3,000-step model).
+    Config(
+        "long-online-lr4e-3-3000",
+        "online round from the baseline trained twice as long, round lr 4e-3, 3,000 steps",
+        ORACLE_LONG_RECIPE,
+        sets=plateau_round(3000),
+    ),
     Config("adabn-plateau", "AdaBN of the baseline at its plateau", PLATEAU_RECIPE, "adabn"),
     # The control: the same rounds (labeled batches, unlabeled images through the model and its BatchNorm
     # statistics, schedule, augmentation) with the pseudo-label loss weighted 0. A configuration that does
@@ -1332,8 +1339,9 @@ def over_budget(key: str) -> bool:
     than the 12 minutes a configuration (issue 14, item 5): seed 000's stage 2 after the 2,000-step online round
     (9 min 45 s + 4 min 17 s on 2 threads, session 23); and session 27's ablations of seed 000's pair (a stage 1
     with the heads' consistency term, `mr-`, and the same with the auxiliary head on c3, `c3mr-`, whose own
-    pretrain is not the plateau baseline the DA claim is read against)."""
-    return key.startswith(("adapted-", "mr-", "c3mr-"))
+    pretrain is not the plateau baseline the DA claim is read against); and session 41's round from the baseline
+    trained twice as long (`long-`: a 6,000-step pretrain, ~8 min, before the round's ~9.5)."""
+    return key.startswith(("adapted-", "mr-", "c3mr-", "long-"))
 
 
 def is_plateau(key: str) -> bool:

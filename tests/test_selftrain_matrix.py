@@ -146,6 +146,7 @@ def test_dry_run_lists_the_study_of_one_protocol_and_seed(sm, capsys, tmp_path):
         assert pretrain < cmds.index(c)
     assert set(selftrains) == {
         *expected,
+        "long-online-lr4e-3-3000",
         "online",
         "online-1200",
         "plateau-online-2r",
