@@ -23,7 +23,7 @@ from labelpipe.store.atomic import atomic_write_json, sha256_json
 from labelpipe.store.checkpoint import save_model
 from labelpipe.store.lock import run_lock
 from labelpipe.store.manifest import StageDir
-from labelpipe.training.loop import TrainJob, train
+from labelpipe.training.loop import TrainJob, read_log, train
 from labelpipe.training.setup import (
     for_training,
     labeled_index_map,
@@ -189,27 +189,14 @@ def _validation_at(stage: Path, step: int) -> float:
     """The validation mIoU a pretrain logged after ``step`` steps (``log.jsonl``; every rank reads it once
     rank 0 has written it)."""
     barrier()
-    for line in reversed(_log_lines(stage / "log.jsonl")):
-        if line.get("step") == step and "val_miou" in line:
-            return float(line["val_miou"])
+    for line in reversed(read_log(stage / "log.jsonl", step)):
+        record = json.loads(line)
+        if record.get("step") == step and "val_miou" in record:
+            return float(record["val_miou"])
     raise LabelpipeError(
         f"{stage / 'log.jsonl'}: no validation mIoU at step {step} to choose by; set train.val_every so that the "
         "pretrain validates there (or delete the candidate's folder to train it again)"
     )
-
-
-def _log_lines(path: Path) -> list[dict]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    lines = []
-    for raw in text.splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            break  # a torn last line from a kill
-    return lines
 
 
 def _install(candidate: Path, target: Path, force: bool) -> None:

@@ -91,7 +91,8 @@ def _first(rng: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     return rng[0] if isinstance(rng, list) else rng
 
 
-def _read_log(path: Path, until_step: int) -> list[str]:
+def read_log(path: Path, until_step: int) -> list[str]:
+    """The lines of a run's ``log.jsonl`` up to ``until_step`` (none past a torn last line)."""
     if not path.is_file():
         return []
     keep = []
@@ -318,7 +319,7 @@ class _RunRecords:
         self.log_file = None
         if job.runtime.is_main:  # drop records past the checkpoint we resume from, then append live
             log_path = job.stage_dir / "log.jsonl"
-            kept = _read_log(log_path, start)
+            kept = read_log(log_path, start)
             log_path.write_text("".join(line + "\n" for line in kept))
             self.log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed by close()
         self.writer = _tensorboard(job.stage_dir, job.runtime.is_main)
