@@ -147,7 +147,8 @@ def training_curves(records: list[dict], path: Path, rounds: list[dict] | None =
             ax_loss.plot(*zip(*points, strict=True), label=key, lw=1.2 if key == "loss" else 0.9)
     if loss_keys and all(r.get(k, 1) > 0 for r in train for k in loss_keys if isinstance(r.get(k), (int, float))):
         ax_loss.set_yscale("log")
-    ax_loss.legend(fontsize=6)
+    if ax_loss.lines:  # none before the first logged step (a stage killed early, a run of a few steps)
+        ax_loss.legend(fontsize=6)
     ax_lr.plot(steps, [r.get("lr", np.nan) for r in train], color="tab:green")
     ax_speed.plot(steps, [r.get("images_per_s", np.nan) for r in train], color="tab:purple")
     for key in val_keys:
