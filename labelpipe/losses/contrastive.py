@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype=None) -> Tensor:
@@ -82,6 +83,8 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torc
     if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or not sys.platform.startswith("linux"):
         return torch.zeros(shape, dtype=dtype, device=device)
     raw = torch.empty(numel + HUGE_PAGE_BYTES // itemsize, dtype=dtype)  # room to align to a huge page
+    if is_fake(raw):  # traced without memory (the GPU memory estimate): no address to advise
+        return torch.zeros(shape, dtype=dtype, device=device)
     offset = (-raw.data_ptr()) % HUGE_PAGE_BYTES // itemsize
     buffer = raw[offset : offset + numel]
     try:
